@@ -1,0 +1,36 @@
+"""mmm: cheaper matrix multiplications for Transformers, and what they cost.
+
+Importing mmm never initialises CUDA.
+"""
+
+from .configs import (
+    BlockDiagConfig,
+    CirculantConfig,
+    DenseConfig,
+    KroneckerConfig,
+    LDRConfig,
+    LowRankConfig,
+    MonarchConfig,
+    StructureConfig,
+    ToeplitzConfig,
+    config_from_dict,
+)
+from . import structures  # registers every structure
+from .linear import StructuredLinear, project
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StructureConfig",
+    "DenseConfig",
+    "LowRankConfig",
+    "BlockDiagConfig",
+    "MonarchConfig",
+    "KroneckerConfig",
+    "CirculantConfig",
+    "ToeplitzConfig",
+    "LDRConfig",
+    "config_from_dict",
+    "StructuredLinear",
+    "project",
+]
