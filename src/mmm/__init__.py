@@ -17,6 +17,7 @@ from .configs import (
 )
 from . import structures  # registers every structure
 from .linear import StructuredLinear, project
+from .convert import ConversionReport, convert_, load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
 
@@ -33,4 +34,8 @@ __all__ = [
     "config_from_dict",
     "StructuredLinear",
     "project",
+    "convert_",
+    "ConversionReport",
+    "save_pretrained",
+    "load_pretrained",
 ]
