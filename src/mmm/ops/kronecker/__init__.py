@@ -1,0 +1,3 @@
+from .op import kron_matmul
+
+__all__ = ["kron_matmul"]
