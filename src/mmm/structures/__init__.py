@@ -3,5 +3,8 @@
 from .base import Structure, build_structure, structure_class
 from .dense import Dense
 from .lowrank import LowRank
+from .blockdiag import BlockDiag
+from .monarch import Monarch
+from .kronecker import Kronecker
 
-__all__ = ["Structure", "build_structure", "structure_class", "Dense", "LowRank"]
+__all__ = ["Structure", "build_structure", "structure_class", "Dense", "LowRank", "BlockDiag", "Monarch", "Kronecker"]
