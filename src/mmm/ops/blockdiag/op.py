@@ -1,0 +1,144 @@
+"""Block-diagonal product as torch.library ops backed by the Triton kernels, with autograd, and the
+public `blockdiag_matmul` that checks its inputs and dispatches.
+
+Ops: mmm::blockdiag_fwd(x, weight) -> y and mmm::blockdiag_bwd(dy, x, weight) -> (dx, dweight).
+They are `triton_op`s (kernels launched through `wrap_triton`), so torch.compile(fullgraph=True) traces
+through them and sees the kernels; the fake (meta) implementation is the same Python run on fake tensors.
+
+Dispatch (`use_kernel`): the Triton op for fp16/bf16/fp32 tensors on CUDA, or on CPU under
+TRITON_INTERPRET=1; the naive PyTorch reference otherwise (fp64, CPU, no Triton, zero tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..._checks import check_float_tensor
+from . import naive
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+try:
+    from torch.library import triton_op
+
+    from .kernels import INTERPRET, new_output, rows_of, stage_backward, stage_forward
+
+    HAVE_TRITON = True
+except ImportError:  # CPU installs without triton use the reference
+    HAVE_TRITON = False
+    INTERPRET = False
+
+
+def use_kernel(x: torch.Tensor) -> bool:
+    """Whether tensors like x go to the Triton kernels (else to the naive PyTorch path)."""
+    if not HAVE_TRITON or x.dtype not in KERNEL_DTYPES or x.numel() == 0:
+        return False
+    return x.is_cuda or (INTERPRET and x.device.type == "cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# When to multiply by the pre-merged dense matrix instead
+# --------------------------------------------------------------------------------------------------
+# For very few tokens a structured product is two or three kernel launches over tiny tensors, and a
+# layer that keeps a dense copy of itself (inference) could do one GEMV instead. Whether that wins
+# depends on the layer size: at d = 16384 the dense copy is 512 MB and reading it once (~120 us on an
+# H200) costs far more than the structured launches (~10 us), while at d = 1024 (2 MB) it may save a
+# launch. So the answer is measured, not guessed: scripts/gpu_block_kernels.py measures the crossover
+# and prints entries for this table, keyed (structure, in_features, out_features, nblocks, dtype).
+# A layer that is not in the table is never merged: merging also costs in*out memory, and without a
+# measurement there is no evidence that it pays for it.
+MERGED_DENSE_MAX_TOKENS: dict[tuple[str, int, int, int, str], int] = {}
+
+
+def merged_dense_max_tokens(structure: str, in_features: int, out_features: int, nblocks: int,
+                            dtype: torch.dtype) -> int:
+    """Largest token count for which the pre-merged dense product measured faster (0: never)."""
+    key = (structure, in_features, out_features, nblocks, str(dtype).removeprefix("torch."))
+    return MERGED_DENSE_MAX_TOKENS.get(key, 0)
+
+
+def prefer_merged_dense(num_tokens: int, structure: str, in_features: int, out_features: int,
+                        nblocks: int, dtype: torch.dtype) -> bool:
+    return num_tokens <= merged_dense_max_tokens(structure, in_features, out_features, nblocks, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# checks shared with Monarch
+# --------------------------------------------------------------------------------------------------
+
+def check_weight_rank(name: str, w: torch.Tensor, layout: str) -> None:
+    check_float_tensor(name, w)
+    if w.dim() != 3:
+        raise ValueError(f"{name} must be 3-D {layout}, got shape {tuple(w.shape)}")
+
+
+def check_input(x: torch.Tensor, in_features: int, weights: dict[str, torch.Tensor]) -> None:
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have last dimension {in_features} (in_features), got shape {tuple(x.shape)}")
+    for name, w in weights.items():
+        if w.device != x.device:
+            raise ValueError(f"x is on {x.device} but {name} is on {w.device}; move them to one device")
+        if w.dtype != x.dtype:
+            raise TypeError(f"x is {x.dtype} but {name} is {w.dtype}; use one dtype (or torch.autocast)")
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under torch.autocast, compute in the autocast dtype (as nn.Linear would)."""
+    dev = tensors[0].device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dt) if t.is_floating_point() else t for t in tensors)
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------------
+# ops
+# --------------------------------------------------------------------------------------------------
+
+if HAVE_TRITON:
+
+    @triton_op("mmm::blockdiag_fwd", mutates_args=())
+    def blockdiag_fwd(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [N, b*p], weight [b, s, p] -> y [N, b*s]."""
+        b, s, p = weight.shape
+        N = x.shape[0]
+        y = new_output((N, b * s), x)
+        stage_forward(rows_of(x, p), weight, rows_of(y, s), N)
+        return y
+
+    @triton_op("mmm::blockdiag_bwd", mutates_args=())
+    def blockdiag_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of blockdiag_fwd: (dx [N, b*p], dweight [b, s, p])."""
+        b, s, p = weight.shape
+        N = x.shape[0]
+        dx = new_output((N, b * p), x)
+        dw = stage_backward(rows_of(dy, s), rows_of(x, p), weight, rows_of(dx, p), N)
+        return dx, dw
+
+    def _setup(ctx, inputs, output):
+        x, weight = inputs
+        ctx.save_for_backward(x, weight)
+
+    def _backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx, dw = blockdiag_bwd(dy, x, weight)
+        return dx, dw
+
+    blockdiag_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def blockdiag_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y[..., k*s + j] = sum_i weight[k, j, i] * x[..., k*p + i]: x [..., b*p] times the block-diagonal
+    matrix with blocks weight [b, s, p], giving [..., b*s]. Differentiable in x and weight."""
+    check_weight_rank("weight", weight, "[nblocks, out_features/nblocks, in_features/nblocks]")
+    b, s, p = weight.shape
+    check_float_tensor("x", x)
+    x, weight = autocast_inputs(x, weight)
+    check_input(x, b * p, {"weight": weight})
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, b * p)
+    if use_kernel(x2):
+        y = blockdiag_fwd(x2, weight)
+    else:
+        y = naive.blockdiag_matmul(x2, weight)
+    return y.reshape(*lead, b * s)

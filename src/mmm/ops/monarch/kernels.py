@@ -1,0 +1,63 @@
+"""Monarch as two block stages of the shared kernels (../blockdiag/kernels.py), with the shuffle in the
+addressing: no permute copy in forward or backward.
+
+The middle activations live in one buffer `mid` [b, b*c, N] (c = block rank) holding
+    mid[k, l*c + t, n] = y[n, k, l*c + t] = z[n, l, k*c + t],
+i.e. *token-minor*: tokens are the contiguous dimension. Why not store z itself (token-major, as the
+PyTorch reference does)? Stage 1 (one program per input block k) writes y_k, stage 2 (one per output
+block l) reads z_l; the two meet only along the token axis. Row-major z makes one of them touch runs of
+just c elements, which for the rank-1 blocks of large b (c = 1 at d = 16384, b = 128) means 2-byte
+scattered accesses, ~16x the memory transactions. With tokens contiguous, every program reads and
+writes runs of a whole token tile (BM elements) for any c:
+  stage 1 writes  y_k[n, j]        at k*(b*c*N) + j*N + n                        (plain column stride N)
+  stage 2 reads   z_l[n, k*c + t]  at k*(b*c*N) + l*(c*N) + t*N + n              (split column: k, t)
+Backward uses the same two views of a second buffer dmid: stage 2's data gradient dz_l is written
+through the split view (that is the inverse shuffle) and stage 1 reads dy_k through the plain one.
+
+mid is written by the forward anyway, so autograd keeps it: recomputing it in backward would cost an
+extra read of x and write of mid (2 x the bytes of mid) to save nothing but memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..blockdiag.kernels import Operand, new_output, rows_of, stage_backward, stage_forward
+
+
+def mid_by_input_block(mid: torch.Tensor) -> Operand:
+    """y_k [N, b*c] for input block k (the plain view)."""
+    _, m, N = mid.shape
+    return Operand(mid, m * N, 1, N)
+
+
+def mid_by_output_block(mid: torch.Tensor, block_rank: int) -> Operand:
+    """z_l [N, b*c] for output block l: column k*c + t sits at k*(b*c*N) + t*N (the split view)."""
+    _, m, N = mid.shape
+    return Operand(mid, block_rank * N, 1, N, sc_hi=m * N, split=block_rank)
+
+
+def monarch_forward(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank: int):
+    """x [N, b*p] -> (out [N, b*s], mid [b, b*c, N])."""
+    N = x.shape[0]
+    b, m, p = L.shape
+    s = R.shape[1]
+    mid = new_output((b, m, N), x)
+    out = new_output((N, b * s), x)
+    stage_forward(rows_of(x, p), L, mid_by_input_block(mid), N)
+    stage_forward(mid_by_output_block(mid, block_rank), R, rows_of(out, s), N)
+    return out, mid
+
+
+def monarch_backward(dout: torch.Tensor, x: torch.Tensor, mid: torch.Tensor, L: torch.Tensor,
+                     R: torch.Tensor, block_rank: int):
+    """Gradients (dx, dL, dR) of monarch_forward given dout [N, b*s]."""
+    N = x.shape[0]
+    b, m, p = L.shape
+    s = R.shape[1]
+    dmid = new_output(mid.shape, mid)
+    dR = stage_backward(rows_of(dout, s), mid_by_output_block(mid, block_rank), R,
+                        mid_by_output_block(dmid, block_rank), N)
+    dx = new_output((N, b * p), x)
+    dL = stage_backward(mid_by_input_block(dmid), rows_of(x, p), L, rows_of(dx, p), N)
+    return dx, dL, dR

@@ -1,0 +1,95 @@
+"""Monarch product as torch.library ops backed by the Triton kernels, with autograd, and the public
+`monarch_matmul` that checks its inputs and dispatches.
+
+Ops: mmm::monarch_fwd(x, L, R, block_rank) -> (out, mid) and
+     mmm::monarch_bwd(dout, x, mid, L, R, block_rank) -> (dx, dL, dR).
+`mid` is the token-minor middle buffer (see kernels.py); it is an output only so that autograd can keep
+it for backward. Both are `triton_op`s, so torch.compile(fullgraph=True) traces through them.
+Dispatch is `use_kernel` (shared with the block-diagonal op).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..blockdiag.op import (
+    HAVE_TRITON,
+    autocast_inputs,
+    check_input,
+    check_weight_rank,
+    merged_dense_max_tokens,
+    prefer_merged_dense,
+    use_kernel,
+)
+from . import naive
+from ..._checks import check_float_tensor
+
+if HAVE_TRITON:
+    from torch.library import triton_op
+
+    from .kernels import monarch_backward, monarch_forward
+
+    @triton_op("mmm::monarch_fwd", mutates_args=())
+    def monarch_fwd(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, b*p], L [b, b*c, p], R [b, s, b*c] -> (out [N, b*s], mid [b, b*c, N])."""
+        return monarch_forward(x, L, R, block_rank)
+
+    @triton_op("mmm::monarch_bwd", mutates_args=())
+    def monarch_bwd(dout: torch.Tensor, x: torch.Tensor, mid: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
+                    block_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of monarch_fwd's `out`: (dx, dL, dR)."""
+        return monarch_backward(dout, x, mid, L, R, block_rank)
+
+    def _setup(ctx, inputs, output):
+        x, L, R, block_rank = inputs
+        _, mid = output
+        ctx.mark_non_differentiable(mid)
+        ctx.set_materialize_grads(False)  # mid's gradient is never used; don't allocate zeros for it
+        ctx.save_for_backward(x, L, R, mid)
+        ctx.block_rank = block_rank
+
+    def _backward(ctx, dout, _dmid):
+        x, L, R, mid = ctx.saved_tensors
+        if dout is None:
+            return None, None, None, None
+        dx, dL, dR = monarch_bwd(dout, x, mid, L, R, ctx.block_rank)
+        return dx, dL, dR, None
+
+    monarch_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def check_monarch(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank: int) -> None:
+    if isinstance(block_rank, bool) or not isinstance(block_rank, int) or block_rank < 1:
+        raise ValueError(f"block_rank must be a positive int, got {block_rank!r}")
+    check_weight_rank("L", L, "[nblocks, nblocks*block_rank, in_features/nblocks]")
+    check_weight_rank("R", R, "[nblocks, out_features/nblocks, nblocks*block_rank]")
+    b, m, _ = L.shape
+    if m != b * block_rank:
+        raise ValueError(
+            f"L must have shape [nblocks, nblocks*block_rank, in/nblocks] = [{b}, {b * block_rank}, ...] "
+            f"for nblocks={b}, block_rank={block_rank}; got {tuple(L.shape)}")
+    if R.shape[0] != b or R.shape[2] != m:
+        raise ValueError(
+            f"R must have shape [nblocks, out/nblocks, nblocks*block_rank] = [{b}, ..., {m}] to match "
+            f"L {tuple(L.shape)}; got {tuple(R.shape)}")
+
+
+def monarch_matmul(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank: int) -> torch.Tensor:
+    """Monarch product of x [..., b*p] with L [b, b*c, p] and R [b, s, b*c] (c = block_rank), giving
+    [..., b*s]; the layout is spelled out in naive.py. Differentiable in x, L and R."""
+    check_float_tensor("x", x)
+    check_monarch(x, L, R, block_rank)
+    x, L, R = autocast_inputs(x, L, R)
+    b, m, p = L.shape
+    s = R.shape[1]
+    check_input(x, b * p, {"L": L, "R": R})
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, b * p)
+    if use_kernel(x2):
+        out = monarch_fwd(x2, L, R, block_rank)[0]
+    else:
+        out = naive.monarch_matmul(x2, L, R, block_rank)
+    return out.reshape(*lead, b * s)
+
+
+__all__ = ["monarch_matmul", "check_monarch", "use_kernel", "merged_dense_max_tokens", "prefer_merged_dense"]
