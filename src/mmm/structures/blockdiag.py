@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..configs import BlockDiagConfig
+from ..ops.blockdiag.op import blockdiag_matmul
 from .base import Structure, register
 
 
@@ -35,6 +36,8 @@ class BlockDiag(Structure):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # Triton kernels; see mmm/ops/blockdiag
+            return blockdiag_matmul(x, self.weight)
         lead = x.shape[:-1]
         xb = x.reshape(-1, self.nblocks, self.in_features // self.nblocks).transpose(0, 1)  # [b, N, in/b]
         y = torch.bmm(xb, self.weight.mT)  # [b, N, out/b]

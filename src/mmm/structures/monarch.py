@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..configs import MonarchConfig
+from ..ops.monarch.op import monarch_matmul
 from .base import Structure, register
 
 # Subspace iteration stops once one more step would raise the captured energy ||A_r||_F^2 by less
@@ -148,6 +149,8 @@ class Monarch(Structure):
         nn.init.normal_(self.R, std=1.0 / math.sqrt(3.0 * b * c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # fused Triton kernels (no permute copies); see mmm/ops/monarch
+            return monarch_matmul(x, self.L, self.R, self.block_rank)
         b, c = self.nblocks, self.block_rank
         lead = x.shape[:-1]
         xb = x.reshape(-1, b, self.in_features // b).transpose(0, 1)  # [b, N, p]
