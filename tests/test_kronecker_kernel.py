@@ -11,7 +11,7 @@ from conftest import rel_err
 SHAPES = [  # (N, terms, o1, i1, o2, i2)
     (5, 1, 4, 4, 4, 4),
     (7, 2, 3, 5, 6, 2),
-    (1, 3, 8, 16, 20, 40),   # second factor wider than one tile: loops over i2 and o2
+    (1, 3, 8, 16, 40, 40),   # second factor wider than one tile: several o2 and p tiles
     (33, 1, 16, 12, 9, 7),
 ]
 
