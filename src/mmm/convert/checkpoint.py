@@ -49,7 +49,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"}, force_contiguous=True)
         with open(tmp / CONFIG_NAME, "w") as f:
             json.dump({"format_version": FORMAT_VERSION, "layers": layers}, f, indent=2)
             f.write("\n")
@@ -85,9 +85,10 @@ def load_pretrained(path: str | os.PathLike, base_model: nn.Module) -> nn.Module
         raise ValueError(f"{config_file}: format_version {found!r} is not supported (this mmm reads {FORMAT_VERSION})")
 
     # Check every saved layer against the model before changing anything.
+    saved_layers = meta.get("layers", {})
     modules = dict(base_model.named_modules())
     problems, plan = [], []
-    for name, entry in meta.get("layers", {}).items():
+    for name, entry in saved_layers.items():
         try:
             config = config_from_dict(entry["config"])
             saved_shape = (int(entry["in_features"]), int(entry["out_features"]))
@@ -110,6 +111,9 @@ def load_pretrained(path: str | os.PathLike, base_model: nn.Module) -> nn.Module
         if (module.bias is not None) != saved_bias:
             problems.append(f"{name}: bias={module.bias is not None} in the model, bias={saved_bias} in the checkpoint")
         plan.append((name, module, config, saved_bias))
+    for name, m in modules.items():
+        if isinstance(m, StructuredLinear) and name not in saved_layers:
+            problems.append(f"{name}: structured in the model but not in the checkpoint (load into an unconverted base model)")
     if problems:
         raise ValueError(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(_listing(problems)))
 
