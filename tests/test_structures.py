@@ -157,7 +157,7 @@ def test_config_round_trip():
     "cfg,shape,match",
     [
         (mmm.MonarchConfig(nblocks=5), (16, 16), "values that work: 1, 2, 4, 8, 16"),
-        (mmm.BlockDiagConfig(nblocks=3), (12, 16), "must divide out_features"),
+        (mmm.BlockDiagConfig(nblocks=3), (12, 16), "must divide out_features=16 .and the other dimension.; values that work: 1, 2, 4"),
         (mmm.LowRankConfig(rank=9), (8, 16), "at most"),
         (mmm.KroneckerConfig(in_factors=(3, 5)), (16, 16), "pairs that work"),
         (mmm.CirculantConfig(block_size=5), (12, 18), "values that work: 1, 2, 3, 6"),

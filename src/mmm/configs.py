@@ -43,13 +43,14 @@ def _positive_int(cls_name: str, field: str, value: Any, allow_none: bool = Fals
         raise ValueError(f"{cls_name}.{field} must be a positive int, got {value!r}")
 
 
-def _check_divides(cfg_name: str, field: str, value: int, dim_name: str, dim: int) -> None:
-    if dim % value != 0:
-        options = ", ".join(str(d) for d in divisors(dim) if d <= 4096)
-        raise ValueError(
-            f"{cfg_name}({field}={value}) cannot take {dim_name}={dim}: {field} must divide "
-            f"{dim_name}; values that work: {options}"
-        )
+def _check_nblocks(cfg_name: str, nblocks: int, in_features: int, out_features: int) -> None:
+    for dim_name, dim in (("in_features", in_features), ("out_features", out_features)):
+        if dim % nblocks != 0:
+            options = ", ".join(str(d) for d in divisors(math.gcd(in_features, out_features)) if d <= 4096)
+            raise ValueError(
+                f"{cfg_name}(nblocks={nblocks}) cannot take a {out_features}x{in_features} layer: nblocks "
+                f"must divide {dim_name}={dim} (and the other dimension); values that work: {options}"
+            )
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,7 @@ class BlockDiagConfig(StructureConfig):
 
     def check_shape(self, in_features: int, out_features: int) -> None:
         super().check_shape(in_features, out_features)
-        _check_divides("BlockDiagConfig", "nblocks", self.nblocks, "in_features", in_features)
-        _check_divides("BlockDiagConfig", "nblocks", self.nblocks, "out_features", out_features)
+        _check_nblocks("BlockDiagConfig", self.nblocks, in_features, out_features)
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,7 @@ class MonarchConfig(StructureConfig):
 
     def check_shape(self, in_features: int, out_features: int) -> None:
         super().check_shape(in_features, out_features)
-        _check_divides("MonarchConfig", "nblocks", self.nblocks, "in_features", in_features)
-        _check_divides("MonarchConfig", "nblocks", self.nblocks, "out_features", out_features)
+        _check_nblocks("MonarchConfig", self.nblocks, in_features, out_features)
 
     def resolved_block_rank(self, in_features: int, out_features: int) -> int:
         if self.block_rank is not None:
