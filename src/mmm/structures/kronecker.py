@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..configs import KroneckerConfig
+from ..ops.kronecker.op import kernel_applies, kron_matmul
 from .base import Structure, register
 from .monarch import best_rank_factors
 
@@ -46,6 +47,8 @@ class Kronecker(Structure):
         return i1 * o2 * (i2 + o1) <= o1 * i2 * (i1 + o2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and kernel_applies(x, self.A, self.B):  # fused Triton kernels; see mmm/ops/kronecker
+            return kron_matmul(x, self.A, self.B)
         lead = x.shape[:-1]
         xm = x.reshape(-1, *self.in_factors)  # [N, i1, i2]
         if self._b_first():

@@ -52,6 +52,11 @@ if HAVE_TRITON:
     kron_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+def kernel_applies(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether kron_matmul runs the Triton kernels for these tensors (dtype, device, factor sizes)."""
+    return HAVE_TRITON and use_kernel(x) and supported(A, B)
+
+
 def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """y = x @ (sum_j kron(A[j], B[j]))^T for x [..., i1*i2], A [r, o1, i1], B [r, o2, i2] -> [..., o1*o2].
     Differentiable in x, A and B."""
@@ -67,7 +72,7 @@ def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
     check_input(x, in_features, {"A": A, "B": B})
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    if use_kernel(x2) and supported(A, B):
+    if kernel_applies(x2, A, B):
         y = kron_fwd(x2.contiguous(), A.contiguous(), B.contiguous())
     else:
         y = naive.kron_matmul(x2, A, B)
