@@ -17,6 +17,9 @@ from .configs import (
 )
 from . import structures  # registers every structure
 from .linear import StructuredLinear, project
+from . import attention  # a callable package: mmm.attention(q, k, v, ...)
+from .attention import attention_error
+from . import nn
 from .convert import ConversionReport, convert_, load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
@@ -34,6 +37,9 @@ __all__ = [
     "config_from_dict",
     "StructuredLinear",
     "project",
+    "attention",
+    "attention_error",
+    "nn",
     "convert_",
     "ConversionReport",
     "save_pretrained",

@@ -1,0 +1,203 @@
+"""`attention` (one entry point for every path) and `attention_error` (what an approximation costs).
+
+Layout everywhere: q [batch, seq, heads, head_dim], k [batch, seq, kv_heads, head_dim],
+v [batch, seq, kv_heads, v_dim]; output [batch, seq, heads, v_dim]. kv_heads must divide heads
+(grouped-query attention: query head h reads kv head h // (heads // kv_heads)). q and k have the same
+sequence length (self-attention; for decoding token by token see `mmm.attention.decode`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .._checks import check_float_tensor
+from ._layout import compute_dtype, group_kv, group_q, ungroup
+from .exact import exact_attention
+from .feature_maps import FEATURE_MAPS, FeatureMap, HedgehogFeatureMap, make_feature_map
+from .hybrid import hybrid_attention
+from .linear import DEFAULT_CHUNK, linear_attention
+from .window import window_attention
+
+METHODS = ("exact", "window", "linear", "hybrid", "auto")
+APPROXIMATIONS = ("window", "linear", "hybrid")
+# method="auto" runs exact attention below this sequence length and the approximation at or above it.
+AUTO_CROSSOVER = 2048
+DEFAULT_WINDOW = 512
+DEFAULT_EPS = 1e-6
+ERROR_ROW_BLOCK = 2**25  # elements of exact-attention scores alive at once in attention_error
+
+
+def check_qkv(q: object, k: object, v: object) -> None:
+    """Raise a clear error unless q, k, v fit the layout of this module's docstring."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (b, t, h, d), (bk, tk, hk, dk), (bv, tv, hv, dv) = q.shape, k.shape, v.shape
+    if not (b == bk == bv):
+        raise ValueError(f"q, k, v must have the same batch size (dim 0), got {b}, {bk}, {bv}")
+    if not (t == tk == tv):
+        raise ValueError(f"q, k, v must have the same sequence length (dim 1), got {t}, {tk}, {tv}")
+    if t < 1 or b < 1:
+        raise ValueError(f"batch and sequence length must be at least 1, got q of shape {tuple(q.shape)}")
+    if hk != hv:
+        raise ValueError(f"k and v must have the same number of heads (dim 2), got {hk} and {hv}")
+    if hk < 1 or h % hk != 0:
+        raise ValueError(
+            f"k/v heads ({hk}) must divide q heads ({h}) (grouped-query attention), got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if d != dk or d < 1 or dv < 1:
+        raise ValueError(f"q and k must have the same head_dim (dim 3) >= 1, got {d} and {dk} (v: {dv})")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_method(method: object, long_method: object = "hybrid") -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+    if method == "auto" and long_method not in APPROXIMATIONS:
+        raise ValueError(f"long_method must be one of {list(APPROXIMATIONS)} (what 'auto' runs at long lengths), got {long_method!r}")
+
+
+@functools.lru_cache(maxsize=32)
+def _fixed_map(name: str, head_dim: int, device: torch.device) -> FeatureMap:
+    """Maps without learned parameters, built once (FAVOR+ draws its features from seed 0)."""
+    return make_feature_map(name, head_dim).to(device)
+
+
+def resolve_feature_map(feature_map: str | FeatureMap, head_dim: int, device: torch.device) -> FeatureMap:
+    """A FeatureMap module for a name or a module. The name 'hedgehog' gives an untrained map (shared
+    across heads); pass a trained `HedgehogFeatureMap` (see `train_hedgehog`) to use a learned one."""
+    if isinstance(feature_map, FeatureMap):
+        return make_feature_map(feature_map, head_dim)
+    if feature_map == "hedgehog":
+        return HedgehogFeatureMap(head_dim).to(device)
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {sorted(FEATURE_MAPS)} or a FeatureMap module")
+    return _fixed_map(feature_map, head_dim, device)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: str = "exact",
+    *,
+    causal: bool = True,
+    window: int = DEFAULT_WINDOW,
+    feature_map: str | FeatureMap = "elu",
+    normalize: bool = True,
+    eps: float = DEFAULT_EPS,
+    chunk_size: int = DEFAULT_CHUNK,
+    long_method: str = "hybrid",
+    crossover: int | None = None,
+) -> torch.Tensor:
+    """Attention of q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv] -> [B, T, H, Dv].
+
+    method:
+      'exact'  softmax attention (PyTorch SDPA; `exact_backend` says which kernel).
+      'window' softmax over the last `window` keys incl. the query's own (causal) or |i - j| < window:
+               exact softmax on a banded mask, an approximation of full attention. O(T window).
+      'linear' kernel attention with `feature_map` (elu, relu, favor, taylor, hedgehog or a FeatureMap
+               module), `normalize`d or not: a different operator, an approximation of softmax
+               attention, never lossless. O(T F Dv).
+      'hybrid' softmax for the nearest `window` keys, the feature-map kernel for the rest, one shared
+               normaliser: an approximation of softmax attention, never lossless.
+      'auto'   'exact' when T < crossover (default AUTO_CROSSOVER), else `long_method`.
+    Measure any approximation on your own inputs with `attention_error`. The formulas are in the
+    docstrings of mmm.attention.window / linear / hybrid.
+    eps: added to the linear / hybrid normaliser. chunk_size: chunk of the causal linear path.
+    """
+    check_qkv(q, k, v)
+    check_method(method, long_method)
+    if not isinstance(causal, bool) or not isinstance(normalize, bool):
+        raise TypeError(f"causal and normalize must be bool, got {causal!r} and {normalize!r}")
+    if method == "auto":
+        crossover = AUTO_CROSSOVER if crossover is None else crossover
+        _check_positive_int("crossover", crossover)
+        method = "exact" if q.shape[1] < crossover else long_method
+    if method == "exact":
+        return exact_attention(q, k, v, causal)
+    _check_positive_int("window", window)
+    if method == "window":
+        return window_attention(q, k, v, window, causal)
+    _check_positive_int("chunk_size", chunk_size)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    fmap = resolve_feature_map(feature_map, q.shape[-1], q.device)
+    if method == "linear":
+        return linear_attention(q, k, v, fmap, causal, normalize, float(eps), chunk_size)
+    if not normalize:
+        raise ValueError("method='hybrid' is always normalised (one shared normaliser); pass normalize=True")
+    return hybrid_attention(q, k, v, fmap, window, causal, float(eps))
+
+
+def sample_query_rows(seq_len: int, sample_rows: int | None, seed: int, device) -> torch.Tensor:
+    """Sorted distinct query rows, one drawn uniformly from each of `sample_rows` equal strata of
+    positions (all rows if sample_rows is None or >= seq_len). Stratified because causal attention's
+    early rows weigh most in the norm: spreading the sample over positions halves the spread of the
+    estimate compared with rows drawn uniformly at random."""
+    if sample_rows is None or sample_rows >= seq_len:
+        return torch.arange(seq_len, device=device)
+    _check_positive_int("sample_rows", sample_rows)
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(sample_rows, generator=gen, dtype=torch.float64)
+    rows = ((torch.arange(sample_rows, dtype=torch.float64) + u) * (seq_len / sample_rows)).long()
+    return rows.clamp_max(seq_len - 1).to(device)
+
+
+def exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Exact softmax attention for the query rows `rows` only, [B, R, H, Dv], in fp32 (fp64 for fp64
+    inputs): O(R T d) time, scores built for a block of rows at a time."""
+    dt = compute_dtype(q)
+    hk, t = k.shape[2], k.shape[1]
+    kg, vg = group_kv(k.to(dt)), group_kv(v.to(dt))
+    step = max(1, ERROR_ROW_BLOCK // (q.shape[0] * q.shape[2] * t))
+    outs = []
+    for start in range(0, rows.numel(), step):
+        r = rows[start : start + step]
+        qg = group_q(q[:, r].to(dt), hk)  # [B, Hk, g, R, D]
+        logits = (qg @ kg.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if causal:
+            logits = logits.masked_fill(torch.arange(t, device=q.device) > r[:, None], -torch.inf)
+        outs.append(ungroup(torch.softmax(logits, dim=-1) @ vg))
+    return torch.cat(outs, dim=1)
+
+
+@torch.no_grad()
+def attention_error(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: str = "exact",
+    *,
+    sample_rows: int | None = 1024,
+    seed: int = 0,
+    **kwargs,
+) -> float:
+    """Relative error ||O - O_exact|| / ||O_exact|| (Frobenius, over batch, heads and the sampled query
+    rows) of `attention(q, k, v, method, **kwargs)` against exact softmax attention.
+
+    O is computed by the method in the inputs' dtype, as it would run; O_exact only for `sample_rows`
+    query rows spread over the positions (`sample_query_rows`, from `seed`), in fp32 (fp64 for fp64 inputs), so it
+    stays cheap at long T (O(sample_rows T d)). sample_rows=None uses every row. Near 0 for 'exact'
+    (rounding only); > 0 for every approximation.
+    """
+    out = attention(q, k, v, method, **kwargs)
+    rows = sample_query_rows(q.shape[1], sample_rows, seed, q.device)
+    ref = exact_rows(q, k, v, rows, kwargs.get("causal", True))
+    diff = (out[:, rows].to(ref.dtype) - ref).norm()
+    norm = ref.norm()
+    if float(norm) == 0.0:
+        return 0.0 if float(diff) == 0.0 else math.inf
+    return float(diff / norm)

@@ -1,0 +1,103 @@
+"""Hybrid attention: exact softmax weights for the nearest `window` keys, a linear-attention kernel for
+the keys further away, and ONE normaliser over both (as in Based / LoLCATs).
+
+An approximation of softmax attention (exact only where every visible key is in the window, i.e. T <= w
+when causal); never lossless. Measure it with `mmm.attention_error`.
+
+Semantics. s_ij = q_i.k_j / sqrt(d), kappa_ij = phi(q_i).phi(k_j) (the feature map's stand-in for
+exp(s_ij)), near N(i) = {j : 0 <= i - j < w} (causal) or {j : |i - j| < w} (two-sided), far F(i) = the
+other visible keys (j <= i - w when causal):
+
+    o_i = (sum_{N(i)} exp(s_ij) v_j + sum_{F(i)} kappa_ij v_j) / (sum_{N(i)} exp(s_ij) + sum_{F(i)} kappa_ij + eps)
+
+Near keys get weight exp(s) and far keys kappa: both stand for exp(s), so the shared normaliser weighs
+near against far consistently only for maps whose kappa is calibrated to exp(s): favor (unbiased) and
+taylor (1 + s + s^2/2). elu, relu and hedgehog kernels have their own scale, so their near/far balance is
+whatever that scale makes it.
+
+Computation. Numerator and denominator are multiplied by exp(-r_i), r_i = max(m_i, l_i), m_i =
+max_{N(i)} s_ij, l_i = log of the feature map's per-query factor (phi(q) = phi_s(q) exp(l), 0 for maps
+without one):
+
+    num_i = sum_N exp(s_ij - r_i) v_j + exp(l_i - r_i) (phi_s(q_i) S_i^far)
+    den_i = sum_N exp(s_ij - r_i)     + exp(l_i - r_i) (phi_s(q_i) . z_i^far) + eps exp(-r_i)
+    o_i   = num_i / den_i                     (identical to the formula above; r_i cancels exactly)
+
+Every exponent is <= 0, so nothing overflows. S^far, z^far are the linear-attention sums over far keys:
+keys in chunks <= c-2 through the running fp32 state, far keys of chunk c-1 (and c+1) through the masked
+block (chunks of size C = min(w, T)). Costs O(T w d) for the window plus O(T F Dv) for the far part.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._layout import chunk, compute_dtype, group_kv, group_q, ungroup, unchunk
+from .feature_maps import FeatureMap
+from .linear import chunk_groups, exclusive_cumsum, linear_features
+from .window import band_blocks, band_logits, band_masks
+
+
+def combine(logits, near, v_near, far_num, far_den, log_scale, eps: float) -> torch.Tensor:
+    """The shared normaliser. For rows of queries: logits [.., R, K] and near mask [R, K] over near-key
+    candidates with values v_near [.., K, Dv]; far_num [.., R, Dv] = phi_s(q).sum_far phi(k) v^T and
+    far_den [.., R] = phi_s(q).sum_far phi(k); log_scale [.., R] (zeros for maps without one)."""
+    m = logits.detach().masked_fill(~near, torch.finfo(logits.dtype).min).amax(-1)
+    r = torch.maximum(m, log_scale)  # exp(s - r) <= 1 and exp(l - r) <= 1: nothing overflows
+    p = torch.exp((logits - r.unsqueeze(-1)).masked_fill(~near, -torch.inf))
+    far_scale = torch.exp(log_scale - r)
+    num = p @ v_near + far_scale.unsqueeze(-1) * far_num
+    den = p.sum(-1) + far_scale * far_den + eps * torch.exp(-r)
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
+
+
+def block_far_sums(fq, fk_blk, v_blk, far, s_far, z_far):
+    """Far sums for chunks: far keys inside the block (mask `far` [G, C, K]) plus the state of the far
+    keys outside it (s_far [.., G, F, Dv], z_far [.., G, F]); fq [.., G, C, F]."""
+    kappa = (fq @ fk_blk.transpose(-1, -2)).masked_fill(~far, 0.0)
+    return fq @ s_far + kappa @ v_blk, (fq @ z_far.unsqueeze(-1)).squeeze(-1) + kappa.sum(-1)
+
+
+def hybrid_attention(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float) -> torch.Tensor:
+    """[B, T, H, D] in and out (inputs already checked by `mmm.attention`)."""
+    dt = compute_dtype(q)
+    t, hk = q.shape[1], k.shape[2]
+    size = min(window, t)
+    fq, log_scale, fk, vg = linear_features(q, k, v, fmap)
+    logits = band_logits(group_q(q.to(dt), hk), group_kv(k.to(dt)), size, causal)  # [B, Hk, g, N, C, K]
+    near, far = band_masks(t, size, window, causal, q.device)
+    fq_c = chunk(fq, size)
+    ls_c = chunk((torch.zeros_like(fq[..., 0]) if log_scale is None else log_scale).unsqueeze(-1), size).squeeze(-1)
+    fk_blk, v_blk = band_blocks(fk, size, causal), band_blocks(vg, size, causal)  # [B, Hk, 1, N, K, X]
+
+    def block_state(rows: slice, chunks: slice):
+        """Per chunk, the linear-attention state of the given rows of its block (rows :C are chunk c-1,
+        rows -C: are chunk c+1): ([B, Hk, 1, G, F, Dv], [B, Hk, 1, G, F])."""
+        fk_ = fk_blk[..., chunks, rows, :]
+        return fk_.transpose(-1, -2) @ v_blk[..., chunks, rows, :], fk_.sum(-2)
+
+    b, n, f, dv = q.shape[0], fq_c.shape[-3], fq.shape[-1], vg.shape[-1]
+    zero_s, zero_z = fq.new_zeros(b, hk, 1, f, dv), fq.new_zeros(b, hk, 1, f)
+    prev = slice(0, size)
+    if causal:
+        # Far keys outside the block are chunks <= c-2: an exclusive prefix over chunk c-1's states,
+        # carried across groups of chunks so that only a group's states are alive at once.
+        s, z, outs = zero_s, zero_z, []
+        for sl in chunk_groups(n, b * hk * f * dv):
+            kv_prev, z_prev = block_state(prev, sl)
+            s_far, s = exclusive_cumsum(kv_prev, s, dim=-3)
+            z_far, z = exclusive_cumsum(z_prev, z, dim=-2)
+            far_num, far_den = block_far_sums(fq_c[..., sl, :, :], fk_blk[..., sl, :, :], v_blk[..., sl, :, :], far[sl], s_far, z_far)
+            outs.append(combine(logits[..., sl, :, :], near[sl], v_blk[..., sl, :, :], far_num, far_den, ls_c[..., sl, :], eps))
+        o = torch.cat(outs, dim=-3)
+    else:
+        # Two-sided (no decoding, so all chunk states at once): chunks <= c-2 as above plus chunks >= c+2,
+        # an exclusive suffix over chunk c+1's states.
+        everything = slice(0, n)
+        kv_prev, z_prev = block_state(prev, everything)
+        kv_next, z_next = block_state(slice(-size, None), everything)
+        s_far = exclusive_cumsum(kv_prev, zero_s, -3)[0] + exclusive_cumsum(kv_next.flip(-3), zero_s, -3)[0].flip(-3)
+        z_far = exclusive_cumsum(z_prev, zero_z, -2)[0] + exclusive_cumsum(z_next.flip(-2), zero_z, -2)[0].flip(-2)
+        far_num, far_den = block_far_sums(fq_c, fk_blk, v_blk, far, s_far, z_far)
+        o = combine(logits, near, v_blk, far_num, far_den, ls_c, eps)
+    return ungroup(unchunk(o, t)).to(q.dtype)

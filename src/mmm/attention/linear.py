@@ -1,0 +1,126 @@
+"""Linear attention: softmax's exp(q.k/sqrt(d)) replaced by a kernel phi(q).phi(k).
+
+This is a different operator from softmax attention, an approximation of it at best; it is never
+lossless. Measure what it costs on your inputs with `mmm.attention_error`.
+
+With phi from `feature_maps` (F features), for query i and its visible keys J(i) (j <= i when causal,
+all j otherwise):
+
+    normalised:    o_i = sum_{j in J(i)} (phi(q_i).phi(k_j)) v_j / (sum_{j in J(i)} phi(q_i).phi(k_j) + eps)
+    unnormalised:  o_i = sum_{j in J(i)} (phi(q_i).phi(k_j)) v_j
+
+computed as phi(q_i) S / (phi(q_i).z + eps) with S = sum_j phi(k_j)^T v_j [F, Dv], z = sum_j phi(k_j) [F],
+features, states and the normaliser in fp32 (fp64 for fp64 inputs), output cast to the input dtype.
+Causal: chunked, O(T (C + F) Dv + T C F) for chunk size C: within a chunk the masked quadratic form, across
+chunks the running state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._layout import chunk, compute_dtype, group_kv, group_q, ungroup, unchunk
+from .feature_maps import EluFeatureMap, FeatureMap, ReluFeatureMap
+
+DEFAULT_CHUNK = 64
+# Causal paths keep at most this many elements of per-chunk states alive at once (then loop over chunk
+# groups), so that inference with big feature maps (taylor: F = 1 + d + d^2) stays in memory at long T.
+STATE_BUDGET = 2**26
+# Switch for the Triton kernel in mmm.ops.linear_attention (used only where `_triton_linear` says).
+USE_TRITON_KERNEL = True
+
+
+def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps: float):
+    """The one dispatch point to the Triton kernel: CUDA inputs with elu/relu maps go to
+    `mmm.ops.linear_attention.linear_attention` when it imports; None means "use the PyTorch path".
+
+    Contract of the kernel: q, k, v of one shape [B, T, H, D] (GQA heads are repeated here, v_dim must
+    equal head_dim, head_dim in its SUPPORTED_HEAD_DIMS), phi applied elementwise by the kernel (elu(x)+1
+    or relu(x)) to the inputs as given, fp32 state, the formulas of this module's docstring."""
+    if not (USE_TRITON_KERNEL and q.is_cuda and type(fmap) in (EluFeatureMap, ReluFeatureMap)):
+        return None
+    try:
+        from mmm.ops.linear_attention import SUPPORTED_HEAD_DIMS, linear_attention as kernel
+    except ImportError:
+        return None
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1] or q.dtype == torch.float64:
+        return None
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    s = q.shape[-1] ** -0.25  # the feature maps' input scaling, applied here since the kernel does not
+    return kernel(q * s, k * s, v, feature_map=fmap.name, normalize=normalize, causal=causal, eps=eps)
+
+
+def exclusive_cumsum(x: torch.Tensor, start: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start + sum of the entries before each one along `dim`, start + sum of all)."""
+    inclusive = x.cumsum(dim) + start.unsqueeze(dim)
+    before = torch.cat([start.unsqueeze(dim), inclusive.narrow(dim, 0, x.shape[dim] - 1)], dim)
+    return before, inclusive.select(dim, -1)
+
+
+def chunk_groups(n_chunks: int, state_elements: int) -> list[slice]:
+    """Slices of chunk indices, each small enough for STATE_BUDGET."""
+    size = max(1, STATE_BUDGET // max(1, state_elements))
+    return [slice(s, min(s + size, n_chunks)) for s in range(0, n_chunks, size)]
+
+
+def causal_sums(fq, fk, v, chunk_size: int, state=None):
+    """Causal numerator and denominator of grouped features fq [B, Hk, g, T, F], fk [B, Hk, 1, T, F] and
+    v [B, Hk, 1, T, Dv]: num_i = sum_{j<=i} (fq_i.fk_j) v_j, den_i = sum_{j<=i} fq_i.fk_j, plus the final
+    state (S [B, Hk, 1, F, Dv], z [B, Hk, 1, F]). `state` (S, z) adds keys that came before."""
+    t = fq.shape[-2]
+    size = min(chunk_size, t)
+    qc, kc, vc = chunk(fq, size), chunk(fk, size), chunk(v, size)  # [..., N, C, X]; padding features are 0
+    b, hk, _, _, f = fk.shape
+    if state is None:
+        state = (fk.new_zeros(b, hk, 1, f, v.shape[-1]), fk.new_zeros(b, hk, 1, f))
+    s, z = state
+    tril = torch.ones(size, size, dtype=torch.bool, device=fq.device).tril()
+    nums, dens = [], []
+    for sl in chunk_groups(qc.shape[-3], b * hk * f * v.shape[-1]):
+        q_, k_, v_ = qc[..., sl, :, :], kc[..., sl, :, :], vc[..., sl, :, :]
+        s_before, s = exclusive_cumsum(k_.transpose(-1, -2) @ v_, s, dim=-3)
+        z_before, z = exclusive_cumsum(k_.sum(-2), z, dim=-2)
+        a = (q_ @ k_.transpose(-1, -2)).masked_fill(~tril, 0.0)  # [B, Hk, g, G, C, C]
+        nums.append(q_ @ s_before + a @ v_)
+        dens.append((q_ @ z_before.unsqueeze(-1)).squeeze(-1) + a.sum(-1))
+    num = unchunk(torch.cat(nums, dim=-3), t)
+    den = torch.cat(dens, dim=-2).flatten(-2)[..., :t]
+    return num, den, (s, z)
+
+
+def finish(num, den, log_scale, normalize: bool, eps: float) -> torch.Tensor:
+    """o = num / (den + eps) or num, for features phi(q) = phi_s(q) exp(log_scale) given as phi_s: in
+    the normalised form exp(log_scale) cancels except against eps, which is scaled to match."""
+    if normalize:
+        eps_s = eps if log_scale is None else eps * torch.exp(-log_scale)
+        return num / (den + eps_s).clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
+    return num if log_scale is None else num * log_scale.exp().unsqueeze(-1)
+
+
+def linear_features(q, k, v, fmap: FeatureMap):
+    """Grouped fp32/fp64 features: fq [B, Hk, g, T, F], log_scale [B, Hk, g, T] or None,
+    fk [B, Hk, 1, T, F], v [B, Hk, 1, T, Dv]."""
+    dt = compute_dtype(q)
+    hk = k.shape[2]
+    fq, log_scale = fmap.features(q.to(dt), True)
+    fk, key_log_scale = fmap.features(k.to(dt), False)
+    if key_log_scale is not None:
+        raise ValueError(f"{type(fmap).__name__} returned a log scale for keys; key features must be returned unscaled")
+    log_scale = None if log_scale is None else group_q(log_scale, hk)
+    return group_q(fq, hk), log_scale, group_kv(fk), group_kv(v.to(dt))
+
+
+def linear_attention(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps: float, chunk_size: int) -> torch.Tensor:
+    """[B, T, H, D] in and out (inputs already checked by `mmm.attention`)."""
+    out = _triton_linear(q, k, v, fmap, causal, normalize, eps)
+    if out is not None:
+        return out
+    fq, log_scale, fk, vg = linear_features(q, k, v, fmap)
+    if causal:
+        num, den, _ = causal_sums(fq, fk, vg, chunk_size)
+    else:
+        num = fq @ (fk.transpose(-1, -2) @ vg)
+        den = (fq @ fk.sum(-2).unsqueeze(-1)).squeeze(-1)
+    return ungroup(finish(num, den, log_scale, normalize, eps)).to(q.dtype)

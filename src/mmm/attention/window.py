@@ -1,0 +1,56 @@
+"""Sliding-window softmax attention: exact softmax restricted to a band of keys.
+
+    causal:     o_i = sum_{j in W(i)} softmax_j(q_i . k_j / sqrt(d)) v_j,  W(i) = {j : 0 <= i - j < w}
+    two-sided:  W(i) = {j : |i - j| < w}
+
+This is exactly softmax attention on a banded mask, not full attention: it equals full softmax attention
+only when w >= T. Compared with full attention it is an approximation; `mmm.attention_error` measures it.
+
+Blockwise, O(T w) time and memory: the sequence is cut into chunks of C = min(w, T) rows; chunk c attends
+to chunks c-1, c (and c+1 when two-sided), which hold every key of its band. No T x T mask is built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._layout import chunk, compute_dtype, group_kv, group_q, ungroup, unchunk
+
+
+def band_blocks(x: torch.Tensor, size: int, causal: bool) -> torch.Tensor:
+    """[..., T, X] -> [..., N, K, X]: for each chunk of `size` rows, the rows of chunks c-1, c (and c+1
+    when two-sided), K = 2 or 3 times `size`, zero rows outside the sequence."""
+    n = -(-x.shape[-2] // size)
+    padded = chunk(x, size, front=1, back=0 if causal else 1)
+    return torch.cat([padded[..., i : i + n, :, :] for i in range(padded.shape[-3] - n + 1)], dim=-2)
+
+
+def band_masks(t: int, size: int, window: int, causal: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean [N, C, K] masks over the keys of `band_blocks`: `near` = in the window, `far` = in the
+    sequence, visible (j <= i when causal) and outside the window."""
+    n = -(-t // size)
+    idx = torch.arange(n, device=device)
+    q_pos = idx[:, None] * size + torch.arange(size, device=device)  # [N, C]
+    key_pos = (idx[:, None] - 1) * size + torch.arange((2 if causal else 3) * size, device=device)  # [N, K]
+    rel = q_pos[:, :, None] - key_pos[:, None, :]  # i - j
+    visible = ((key_pos >= 0) & (key_pos < t))[:, None, :] & (rel >= 0 if causal else True)
+    near = rel.abs() < window
+    return visible & near, visible & ~near
+
+
+def band_logits(q: torch.Tensor, k: torch.Tensor, size: int, causal: bool) -> torch.Tensor:
+    """q . k / sqrt(d) between each chunk of grouped q [B, Hk, g, T, D] and its band block of grouped
+    k [B, Hk, 1, T, D]: [B, Hk, g, N, C, K]."""
+    return (chunk(q, size) @ band_blocks(k, size, causal).transpose(-1, -2)) * q.shape[-1] ** -0.5
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
+    """[B, T, H, D] in and out (inputs already checked by `mmm.attention`)."""
+    dt = compute_dtype(q)
+    t = q.shape[1]
+    size = min(window, t)
+    logits = band_logits(group_q(q.to(dt), k.shape[2]), group_kv(k.to(dt)), size, causal)
+    near, _ = band_masks(t, size, window, causal, q.device)
+    # A finite fill (not -inf) keeps the padding rows past T, which see no key, free of NaN.
+    p = torch.softmax(logits.masked_fill(~near, torch.finfo(dt).min), dim=-1)
+    return ungroup(unchunk(p @ band_blocks(group_kv(v.to(dt)), size, causal), t)).to(q.dtype)

@@ -1,0 +1,307 @@
+"""mmm.attention: every method and feature map against the fp64 quadratic references in
+mmm.attention.naive, forward and every gradient; input errors; attention_error; mmm.nn.Attention."""
+
+import math
+
+import pytest
+import torch
+
+import mmm
+from mmm.attention import api, linear as linear_mod, naive
+from mmm.attention.feature_maps import FEATURE_MAPS, FavorFeatureMap, HedgehogFeatureMap, TaylorFeatureMap, make_feature_map
+
+from conftest import rel_err
+
+B, T, H, HK, D, DV = 2, 37, 4, 2, 8, 6  # odd length, GQA (2 query heads per kv head), v_dim != head_dim
+WINDOW, CHUNK = 8, 16
+
+
+def qkv(dtype=torch.float64, t=T, h=H, hk=HK, d=D, dv=DV, scale=1.0, requires_grad=True):
+    q = (scale * torch.randn(B, t, h, d, dtype=dtype)).requires_grad_(requires_grad)
+    k = (scale * torch.randn(B, t, hk, d, dtype=dtype)).requires_grad_(requires_grad)
+    v = torch.randn(B, t, hk, dv, dtype=dtype).requires_grad_(requires_grad)
+    return q, k, v
+
+
+def fmap_for(name, d=D):
+    """A map with parameters away from their init (hedgehog), so nothing about it is special."""
+    if name == "hedgehog":
+        fmap = HedgehogFeatureMap(d, num_features=6, num_heads=H, num_kv_heads=HK).double()
+        with torch.no_grad():
+            for p in fmap.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        return fmap
+    if name == "favor":
+        return FavorFeatureMap(d, num_features=24, seed=1).double()
+    return make_feature_map(name, d).double()
+
+
+def reference(method, q, k, v, causal, fmap=None, normalize=True, window=WINDOW, eps=1e-6):
+    if method == "exact":
+        return naive.naive_exact(q, k, v, causal)
+    if method == "window":
+        return naive.naive_window(q, k, v, window, causal)
+    if method == "linear":
+        return naive.naive_linear(q, k, v, fmap, causal, normalize, eps)
+    return naive.naive_hybrid(q, k, v, fmap, window, causal, eps)
+
+
+def check_against_reference(method, causal, fmap=None, normalize=True, window=WINDOW, dtype=torch.float64, tol=1e-9, **inputs):
+    q, k, v = qkv(**inputs)
+    kwargs = dict(causal=causal, window=window, chunk_size=CHUNK, normalize=normalize)
+    if fmap is not None:
+        kwargs["feature_map"] = fmap
+    params = [q, k, v] + (list(fmap.parameters()) if fmap is not None else [])
+    out = mmm.attention(q.to(dtype), k.to(dtype), v.to(dtype), method, **kwargs)
+    ref = reference(method, q, k, v, causal, fmap, normalize, window)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel_err(out, ref) < tol, f"forward error {rel_err(out, ref)}"
+    grad_out = torch.randn_like(ref)
+    got = torch.autograd.grad(out, params, grad_out.to(dtype))
+    want = torch.autograd.grad(ref, params, grad_out)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.isfinite(g).all()
+        assert rel_err(g, w) < tol * 10, f"gradient {i} error {rel_err(g, w)}"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("method", ["exact", "window"])
+def test_softmax_methods_match_reference(method, causal):
+    check_against_reference(method, causal)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
+def test_linear_matches_reference(name, causal, normalize):
+    check_against_reference("linear", causal, fmap_for(name), normalize)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
+def test_hybrid_matches_reference(name, causal):
+    check_against_reference("hybrid", causal, fmap_for(name))
+
+
+@pytest.mark.parametrize("method", ["window", "linear", "hybrid"])
+def test_fp32_close_to_fp64_reference(method):
+    fmap = None if method == "window" else fmap_for("elu")
+    check_against_reference(method, True, fmap, dtype=torch.float32, tol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 5, 36, 37, 100])
+@pytest.mark.parametrize("method", ["window", "hybrid"])
+def test_window_edge_sizes(method, window):
+    for causal in (True, False):
+        check_against_reference(method, causal, None if method == "window" else fmap_for("taylor"), window=window)
+
+
+def test_window_covering_everything_is_exact():
+    q, k, v = qkv(requires_grad=False)
+    for causal in (True, False):
+        assert rel_err(mmm.attention(q, k, v, "window", window=T, causal=causal), mmm.attention(q, k, v, "exact", causal=causal)) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["linear", "hybrid"])
+def test_causal_chunk_groups(method, monkeypatch):
+    """A tiny state budget forces one chunk per group: the carried state must give the same result."""
+    monkeypatch.setattr(linear_mod, "STATE_BUDGET", 1)
+    check_against_reference(method, True, fmap_for("favor"))
+
+
+def test_single_token_and_no_gqa():
+    check_against_reference("linear", True, fmap_for("elu"), t=1)
+    check_against_reference("hybrid", True, fmap_for("elu"), t=1)
+    check_against_reference("hybrid", True, fmap_for("elu"), hk=H)
+
+
+def test_non_contiguous_inputs():
+    q, k, v = qkv(requires_grad=False)
+    # Same values, strange strides: transposed storage and every other element of a wider tensor.
+    qs = q.transpose(1, 2).contiguous().transpose(1, 2)
+    ks = torch.cat([k, torch.full_like(k, float("nan"))], dim=-1)[..., :D]
+    vs = torch.stack([v, v], dim=-1)[..., 0]
+    assert not (qs.is_contiguous() or ks.is_contiguous() or vs.is_contiguous())
+    for method in ("exact", "window", "linear", "hybrid"):
+        want = mmm.attention(q, k, v, method, window=WINDOW, chunk_size=CHUNK)
+        got = mmm.attention(qs, ks, vs, method, window=WINDOW, chunk_size=CHUNK)
+        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-12, method
+
+
+def test_feature_map_kernels():
+    """Taylor is exactly 1 + s + s^2/2; FAVOR+ with many features is close to exp(s)."""
+    x, y = 0.5 * torch.randn(1, 5, 1, D, dtype=torch.float64), 0.5 * torch.randn(1, 7, 1, D, dtype=torch.float64)
+    s = torch.einsum("bihd,bjhd->bij", x, y) / math.sqrt(D)
+    taylor = TaylorFeatureMap(D)
+    kappa = torch.einsum("bihf,bjhf->bij", taylor(x, True), taylor(y, False))
+    assert rel_err(kappa, 1 + s + s * s / 2) < 1e-12
+    favor = FavorFeatureMap(D, num_features=8192, seed=3).double()
+    kappa = torch.einsum("bihf,bjhf->bij", favor(x, True), favor(y, False))
+    assert rel_err(kappa, s.exp()) < 0.05
+
+
+def test_favor_redraw():
+    f = FavorFeatureMap(D, seed=5)
+    w = f.projection.clone()
+    f.redraw(seed=5)
+    assert torch.equal(f.projection, w)
+    f.redraw(seed=6)
+    assert not torch.allclose(f.projection, w)
+    f.redraw()
+    assert torch.isfinite(f.projection).all()
+    # Rows are orthogonal within each block of head_dim rows.
+    block = f.projection[:D].double()
+    gram = block @ block.T
+    assert (gram - torch.diag(gram.diagonal())).abs().max() < 1e-4 * gram.diagonal().max()
+
+
+def test_hybrid_with_calibrated_map_is_close_to_exact():
+    """With small logits taylor's kernel is exp(s) to O(s^3): the shared normaliser must then give
+    nearly exact attention (a mis-scaled far part would not)."""
+    q, k, v = qkv(requires_grad=False, scale=0.3, t=96)
+    hybrid = mmm.attention_error(q, k, v, "hybrid", window=8, feature_map="taylor", sample_rows=None)
+    linear_elu = mmm.attention_error(q, k, v, "linear", feature_map="elu", sample_rows=None)
+    assert hybrid < 1e-3 < linear_elu
+
+
+def test_auto_switches_at_crossover():
+    q, k, v = qkv(requires_grad=False)
+    exact = mmm.attention(q, k, v, "exact")
+    assert torch.equal(mmm.attention(q, k, v, "auto", crossover=T + 1), exact)
+    below = mmm.attention(q, k, v, "auto", crossover=T, long_method="linear", feature_map="relu")
+    assert torch.equal(below, mmm.attention(q, k, v, "linear", feature_map="relu"))
+    assert api.AUTO_CROSSOVER == 2048
+
+
+def test_exact_backend_names():
+    q, k, v = qkv(dtype=torch.float32, requires_grad=False)
+    assert mmm.attention.exact_backend(q, k, v) in ("flash", "math", "efficient", "cudnn")
+    assert "math" in mmm.attention.exact_backends_available(q, k, v)
+
+
+def test_fp16_large_inputs_long_sequence_stay_finite():
+    t = 2048
+    q = (300 * torch.randn(1, t, 2, 16)).half()
+    k = (300 * torch.randn(1, t, 2, 16)).half()
+    v = (300 * torch.randn(1, t, 2, 16)).half()
+    for name in sorted(FEATURE_MAPS):
+        out = mmm.attention(q, k, v, "linear", feature_map=name)
+        assert out.dtype == torch.float16 and torch.isfinite(out).all(), name
+        # Normalised with positive kernels: each output is a weighted mean of values, so within their range.
+        assert out.float().abs().max() <= v.float().abs().max() * 1.01, name
+    out = mmm.attention(q, k, v, "hybrid", window=64, feature_map="favor")
+    assert torch.isfinite(out).all()
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = qkv(requires_grad=False)
+    with pytest.raises(ValueError, match="4-D"):
+        mmm.attention(q[0], k, v)
+    with pytest.raises(ValueError, match="same head_dim"):
+        mmm.attention(q, k[..., :-1], v)
+    with pytest.raises(ValueError, match="must divide q heads"):
+        mmm.attention(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1))
+    with pytest.raises(ValueError, match="k and v must have the same number of heads"):
+        mmm.attention(q, k, v[:, :, :1])
+    with pytest.raises(ValueError, match="sequence length"):
+        mmm.attention(q, k[:, :-1], v[:, :-1])
+    with pytest.raises(ValueError, match="batch size"):
+        mmm.attention(q, k[:1], v[:1])
+    with pytest.raises(TypeError, match="one dtype"):
+        mmm.attention(q, k.float(), v)
+    with pytest.raises(TypeError, match="float16, bfloat16"):
+        mmm.attention(q, k.long(), v)
+    with pytest.raises(ValueError, match=r"unknown method 'fast'.*'exact', 'window', 'linear', 'hybrid', 'auto'"):
+        mmm.attention(q, k, v, "fast")
+    with pytest.raises(ValueError, match=r"unknown feature_map 'gelu'.*'elu', 'favor', 'hedgehog', 'relu', 'taylor'"):
+        mmm.attention(q, k, v, "linear", feature_map="gelu")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            mmm.attention(q, k, v, "window", window=bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mmm.attention(q, k, v, "linear", chunk_size=0)
+    with pytest.raises(ValueError, match="long_method"):
+        mmm.attention(q, k, v, "auto", long_method="exact")
+    with pytest.raises(ValueError, match="always normalised"):
+        mmm.attention(q, k, v, "hybrid", normalize=False)
+    with pytest.raises(ValueError, match="head_dim=16"):
+        mmm.attention(q, k, v, "linear", feature_map=make_feature_map("elu", 16))
+    with pytest.raises(ValueError, match="eps"):
+        mmm.attention(q, k, v, "linear", eps=-1.0)
+
+
+# --- attention_error --------------------------------------------------------------------------------
+
+
+def test_attention_error_exact_is_zero_approximations_positive():
+    q, k, v = qkv(requires_grad=False)
+    assert mmm.attention_error(q, k, v, "exact") < 1e-13
+    for causal in (True, False):
+        for method, extra in (("window", {}), ("linear", {"feature_map": "elu"}), ("hybrid", {"feature_map": "favor"})):
+            err = mmm.attention_error(q, k, v, method, causal=causal, window=WINDOW, **extra)
+            assert 1e-3 < err < 10, (method, causal, err)
+
+
+def test_attention_error_matches_direct_computation():
+    q, k, v = qkv(requires_grad=False)
+    for causal in (True, False):
+        out = mmm.attention(q, k, v, "linear", causal=causal, feature_map="relu")
+        want = rel_err(out, naive.naive_exact(q, k, v, causal))
+        assert abs(mmm.attention_error(q, k, v, "linear", causal=causal, feature_map="relu", sample_rows=None) - want) < 1e-12
+
+
+def test_attention_error_sampled_estimate_is_close(monkeypatch):
+    monkeypatch.setattr(api, "ERROR_ROW_BLOCK", 300_000)  # several blocks of rows
+    q, k, v = qkv(dtype=torch.float32, requires_grad=False, t=1024)
+    kw = dict(window=32, feature_map="elu")
+    full = mmm.attention_error(q, k, v, "hybrid", sample_rows=None, **kw)
+    rows = api.sample_query_rows(1024, 512, seed=1, device="cpu")
+    assert rows.unique().numel() == 512 and 0 <= rows.min() and rows.max() < 1024
+    sampled = mmm.attention_error(q, k, v, "hybrid", sample_rows=512, seed=1, **kw)
+    out, ref = mmm.attention(q, k, v, "hybrid", **kw)[:, rows], naive.naive_exact(q, k, v)[:, rows]
+    assert abs(sampled - rel_err(out, ref)) < 1e-5 * sampled  # exactly the error on those rows
+    assert abs(sampled - full) < 0.1 * full  # and a close estimate of the full one
+
+
+# --- mmm.nn.Attention -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "proj_config,method,feature_map",
+    [
+        (None, "exact", "elu"),
+        (None, "window", "elu"),
+        (mmm.LowRankConfig(rank=4), "linear", "hedgehog"),
+        (mmm.LowRankConfig(rank=4), "hybrid", "favor"),
+        (None, "auto", "taylor"),
+    ],
+)
+def test_nn_attention_forward_backward(proj_config, method, feature_map):
+    layer = mmm.nn.Attention(32, 4, n_kv_heads=2, method=method, window=8, feature_map=feature_map,
+                             proj_config=proj_config, crossover=16)
+    x = torch.randn(2, 37, 32, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    if proj_config is not None:
+        assert layer.q_proj.config == proj_config
+    err = layer.attention_error(x, sample_rows=16)
+    assert (err < 1e-5) if method == "exact" else (err > 1e-4)
+
+
+def test_nn_attention_bad_arguments():
+    with pytest.raises(ValueError, match="must divide d_model"):
+        mmm.nn.Attention(30, 4)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        mmm.nn.Attention(32, 4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown method"):
+        mmm.nn.Attention(32, 4, method="sparse")
+    with pytest.raises(ValueError, match="3-D"):
+        mmm.nn.Attention(32, 4)(torch.randn(2, 3, 4, 8))
