@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         cases = select_cases(patterns or None, args.quick)
     except UnknownCaseError as exc:
         return _fail(str(exc))
+    if not cases:
+        return _fail(f"no {'quick' if args.quick else 'full-size'} bench cases are registered")
     if device.type == "cpu" and not args.quick and not patterns:
         return _fail("the full-size cases (n=8192, d up to 32768) would take hours on a CPU; "
                      "use --quick, or name the cases to run with --cases")
@@ -88,24 +90,28 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     header = machine_header(device, dtype, args.quick)
     print("\n".join(report.header_lines(header)), flush=True)
-    results_cases = run_cases(cases, device, dtype, args.quick, header, progress=not args.no_progress,
-                              on_case_done=lambda case: tqdm.write("\n" + report.case_table(case)))
     timer = QUICK if args.quick else FULL
     results = {
         "header": header,
         "settings": {"quick": args.quick, "device": str(device), "warmup_ms": timer.warmup_ms,
-                     "rep_ms": timer.rep_ms, "min_reps": timer.min_reps,
-                     "wall_s": round(time.perf_counter() - start, 1)},
-        "cases": results_cases,
+                     "rep_ms": timer.rep_ms, "min_reps": timer.min_reps, "wall_s": None},
+        "cases": [],
     }
-    written = []
-    for path, write in ((args.json, report.write_json), (args.markdown, report.write_markdown),
-                        (args.plot, report.write_plot)):
-        if path:
+    outputs = [(path, write) for path, write in ((args.json, report.write_json), (args.markdown, report.write_markdown),
+                                                 (args.plot, report.write_plot)) if path]
+
+    def case_done(case: dict) -> None:
+        # outputs are rewritten after every case, so a run cut short still leaves what it measured
+        results["cases"].append(case)
+        results["settings"]["wall_s"] = round(time.perf_counter() - start, 1)
+        tqdm.write("\n" + report.case_table(case))
+        for path, write in outputs:
             write(results, path)
-            written.append(path)
-    rows = [r for c in results_cases for r in c["rows"]]
-    failed = sum(1 for r in rows if r["error"]) + sum(1 for c in results_cases if c["error"])
-    print(f"\n{len(results_cases)} case(s), {len(rows)} variant(s), {failed} error(s), "
-          f"{results['settings']['wall_s']} s" + (f"; wrote {', '.join(written)}" if written else ""))
+
+    run_cases(cases, device, dtype, args.quick, header, progress=not args.no_progress, on_case_done=case_done)
+    rows = [r for c in results["cases"] for r in c["rows"]]
+    failed = sum(1 for r in rows if r["error"]) + sum(1 for c in results["cases"] if c["error"])
+    written = ", ".join(path for path, _ in outputs)
+    print(f"\n{len(results['cases'])} case(s), {len(rows)} variant(s), {failed} error(s), "
+          f"{results['settings']['wall_s']} s" + (f"; wrote {written}" if written else ""))
     return 0

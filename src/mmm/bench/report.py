@@ -128,7 +128,7 @@ def write_json(results: dict, path: str) -> None:
             return [walk(v) for v in obj]
         return clean(obj)
 
-    _write_text(path, json.dumps(walk(results), indent=1) + "\n")
+    _write_text(path, json.dumps(walk(results), indent=1, default=str) + "\n")
 
 
 def write_markdown(results: dict, path: str) -> None:

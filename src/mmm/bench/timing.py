@@ -1,7 +1,7 @@
 """Median wall time of a callable, in milliseconds.
 
-Same protocol on both devices: one untimed call (allocation, lazy init, compilation), a few timed calls
-to estimate the cost, warmup for `warmup_ms`, then at least `min_reps` timed calls (more if they fit in
+Same protocol on both devices: one untimed call (allocation, lazy init, compilation), two calls to
+estimate the cost, warmup up to `warmup_ms`, then at least `min_reps` timed calls (more if they fit in
 `rep_ms`); the median is returned because it ignores the odd preempted run.
 
 CUDA: CUDA events around each call, with the L2 cache overwritten before every call so each run reads
@@ -30,7 +30,7 @@ class TimerSettings:
 
 
 FULL = TimerSettings()
-QUICK = TimerSettings(warmup_ms=2.0, rep_ms=15.0, min_reps=3, max_reps=30)
+QUICK = TimerSettings(warmup_ms=0.0, rep_ms=15.0, min_reps=3, max_reps=30)
 
 _L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100/H200: 50-60 MB)
 _flush_buffers: dict[torch.device, torch.Tensor] = {}
@@ -96,7 +96,7 @@ def median_ms(
         raise ValueError(f"device must be 'cpu' or 'cuda[:index]', got {str(device)!r}")
 
     times(1)  # untimed: allocation, autotuning, compilation
-    estimate = max(statistics.median(times(3)), 1e-4)
-    times(min(settings.max_reps, max(1, int(settings.warmup_ms / estimate))))
+    estimate = max(statistics.median(times(2)), 1e-4)  # these two calls count as warmup
+    times(min(settings.max_reps, max(0, int(settings.warmup_ms / estimate) - 2)))
     n = min(settings.max_reps, max(settings.min_reps, int(settings.rep_ms / estimate)))
     return statistics.median(times(n))
