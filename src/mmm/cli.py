@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # module paths whose add_parser(subparsers) defines a subcommand, in --help order
-SUBCOMMANDS = ["mmm.bench.cli", "mmm.info"]
+SUBCOMMANDS = ["mmm.bench.cli", "mmm.info", "mmm.train.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
