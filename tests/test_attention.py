@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mmm
-from mmm.attention import api, linear as linear_mod, naive
+from mmm.attention import _layout, api, naive
 from mmm.attention.feature_maps import FEATURE_MAPS, FavorFeatureMap, HedgehogFeatureMap, TaylorFeatureMap, make_feature_map
 
 from conftest import rel_err
@@ -102,11 +102,12 @@ def test_window_covering_everything_is_exact():
         assert rel_err(mmm.attention(q, k, v, "window", window=T, causal=causal), mmm.attention(q, k, v, "exact", causal=causal)) < 1e-12
 
 
-@pytest.mark.parametrize("method", ["linear", "hybrid"])
-def test_causal_chunk_groups(method, monkeypatch):
-    """A tiny state budget forces one chunk per group: the carried state must give the same result."""
-    monkeypatch.setattr(linear_mod, "STATE_BUDGET", 1)
-    check_against_reference(method, True, fmap_for("favor"))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("method", ["window", "linear", "hybrid"])
+def test_chunk_groups(method, causal, monkeypatch):
+    """A tiny budget forces one chunk per group: carried states must give the same result."""
+    monkeypatch.setattr(_layout, "GROUP_BUDGET", 1)
+    check_against_reference(method, causal, None if method == "window" else fmap_for("favor"))
 
 
 def test_single_token_and_no_gqa():
@@ -193,6 +194,15 @@ def test_fp16_large_inputs_long_sequence_stay_finite():
     assert torch.isfinite(out).all()
 
 
+def test_autocast_does_not_lower_precision():
+    q, k, v = qkv(dtype=torch.float32, requires_grad=False)
+    for method in ("window", "linear", "hybrid"):
+        want = mmm.attention(q, k, v, method, window=WINDOW, feature_map="favor")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = mmm.attention(q, k, v, method, window=WINDOW, feature_map="favor")
+        assert got.dtype == torch.float32 and rel_err(got, want) < 1e-6, method
+
+
 # --- errors -----------------------------------------------------------------------------------------
 
 
@@ -231,6 +241,8 @@ def test_bad_inputs_raise_clear_errors():
         mmm.attention(q, k, v, "linear", feature_map=make_feature_map("elu", 16))
     with pytest.raises(ValueError, match="eps"):
         mmm.attention(q, k, v, "linear", eps=-1.0)
+    with pytest.raises(ValueError, match="feature_map is on meta"):
+        mmm.attention(q, k, v, "linear", feature_map=mmm.attention.FavorFeatureMap(D).to("meta"))
 
 
 # --- attention_error --------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import torch
 
+# The chunked paths process chunks in groups, keeping about this many elements of per-chunk tensors
+# (window logits, chunk states) alive at once, so inference at 128k tokens stays in memory even with
+# big feature maps (taylor: F = 1 + d + d^2). Under autograd every group's tensors are kept anyway.
+GROUP_BUDGET = 2**26
+
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """fp64 stays fp64 (tests); everything else is computed in fp32."""
@@ -46,3 +51,9 @@ def chunk(x: torch.Tensor, size: int, front: int = 0, back: int = 0) -> torch.Te
 def unchunk(x: torch.Tensor, t: int) -> torch.Tensor:
     """[..., N, size, X] -> [..., T, X] (drops the padding rows)."""
     return x.flatten(-3, -2)[..., :t, :]
+
+
+def chunk_groups(n_chunks: int, elements_per_chunk: int) -> list[slice]:
+    """Consecutive slices of chunk indices, each holding about GROUP_BUDGET elements or one chunk."""
+    size = max(1, GROUP_BUDGET // max(1, elements_per_chunk))
+    return [slice(s, min(s + size, n_chunks)) for s in range(0, n_chunks, size)]

@@ -79,6 +79,9 @@ def resolve_feature_map(feature_map: str | FeatureMap, head_dim: int, device: to
     """A FeatureMap module for a name or a module. The name 'hedgehog' gives an untrained map (shared
     across heads); pass a trained `HedgehogFeatureMap` (see `train_hedgehog`) to use a learned one."""
     if isinstance(feature_map, FeatureMap):
+        for t in list(feature_map.parameters()) + list(feature_map.buffers()):
+            if t.device != device:
+                raise ValueError(f"feature_map is on {t.device} but q is on {device}; move it with .to({str(device)!r})")
         return make_feature_map(feature_map, head_dim)
     if feature_map == "hedgehog":
         return HedgehogFeatureMap(head_dim).to(device)
@@ -129,17 +132,24 @@ def attention(
     if method == "exact":
         return exact_attention(q, k, v, causal)
     _check_positive_int("window", window)
-    if method == "window":
-        return window_attention(q, k, v, window, causal)
     _check_positive_int("chunk_size", chunk_size)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
-    fmap = resolve_feature_map(feature_map, q.shape[-1], q.device)
-    if method == "linear":
-        return linear_attention(q, k, v, fmap, causal, normalize, float(eps), chunk_size)
-    if not normalize:
+    if method == "hybrid" and not normalize:
         raise ValueError("method='hybrid' is always normalised (one shared normaliser); pass normalize=True")
-    return hybrid_attention(q, k, v, fmap, window, causal, float(eps))
+    fmap = None if method == "window" else resolve_feature_map(feature_map, q.shape[-1], q.device)
+    with full_precision(q):
+        if method == "window":
+            return window_attention(q, k, v, window, causal)
+        if method == "linear":
+            return linear_attention(q, k, v, fmap, causal, normalize, float(eps), chunk_size)
+        return hybrid_attention(q, k, v, fmap, window, causal, float(eps))
+
+
+def full_precision(t: torch.Tensor):
+    """Autocast off: the approximate paths cast to fp32 themselves and must keep their sums, states
+    and normalisers in fp32 under mixed-precision training too."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def sample_query_rows(seq_len: int, sample_rows: int | None, seed: int, device) -> torch.Tensor:
@@ -195,7 +205,8 @@ def attention_error(
     """
     out = attention(q, k, v, method, **kwargs)
     rows = sample_query_rows(q.shape[1], sample_rows, seed, q.device)
-    ref = exact_rows(q, k, v, rows, kwargs.get("causal", True))
+    with full_precision(q):
+        ref = exact_rows(q, k, v, rows, kwargs.get("causal", True))
     diff = (out[:, rows].to(ref.dtype) - ref).norm()
     norm = ref.norm()
     if float(norm) == 0.0:

@@ -21,7 +21,7 @@ import dataclasses
 
 import torch
 
-from .api import DEFAULT_EPS, DEFAULT_WINDOW, _check_positive_int, attention, check_qkv, resolve_feature_map
+from .api import DEFAULT_EPS, DEFAULT_WINDOW, _check_positive_int, attention, check_qkv, full_precision, resolve_feature_map
 from .feature_maps import FeatureMap
 from .hybrid import combine
 from .linear import finish
@@ -105,18 +105,24 @@ def prefill(
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
     out = attention(q, k, v, method, causal=True, window=window, feature_map=state.feature_map,
                     normalize=normalize, eps=eps, **extra)
-    dt = state.s.dtype
+    with full_precision(q):
+        return out, _prefill_state(state, k, v)
+
+
+def _prefill_state(state: DecodeState, k: torch.Tensor, v: torch.Tensor) -> DecodeState:
+    """The state after the keys and values of a prompt."""
+    dt, method, t, window = state.s.dtype, state.method, k.shape[1], state.window
     n_far = t if method == "linear" else max(0, t - window)  # tokens already in S
     fk, _ = state.feature_map.features(k[:, :n_far].to(dt), False)  # [B, n_far, Hk, F]
     s = torch.einsum("bthf,bthe->bhfe", fk, v[:, :n_far].to(dt))
     z = fk.sum(1)
     k_buf, v_buf = state.k_buf, state.v_buf
     if method == "hybrid":
-        slots = torch.arange(n_far, t, device=q.device) % window
+        slots = torch.arange(n_far, t, device=k.device) % window
         k_buf, v_buf = k_buf.clone(), v_buf.clone()
         k_buf[:, :, slots] = k[:, n_far:].to(dt).transpose(1, 2)
         v_buf[:, :, slots] = v[:, n_far:].to(dt).transpose(1, 2)
-    return out, dataclasses.replace(state, s=s, z=z, k_buf=k_buf, v_buf=v_buf, pos=t)
+    return dataclasses.replace(state, s=s, z=z, k_buf=k_buf, v_buf=v_buf, pos=t)
 
 
 def _state_dtype(x: torch.Tensor) -> torch.dtype:
@@ -125,6 +131,11 @@ def _state_dtype(x: torch.Tensor) -> torch.dtype:
 
 def step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
     """One token: q_t [B, H, D], k_t [B, Hk, D], v_t [B, Hk, Dv] -> (o_t [B, H, Dv], new state)."""
+    with full_precision(state.s):
+        return _step(q_t, k_t, v_t, state)
+
+
+def _step(q_t, k_t, v_t, state: DecodeState):
     b, hk, f, dv = state.s.shape
     d = state.feature_map.head_dim
     for name, t, shape in (("k_t", k_t, (b, hk, d)), ("v_t", v_t, (b, hk, dv))):

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._layout import group_kv, group_q
-from .api import _check_positive_int, check_qkv
+from .api import _check_positive_int, check_qkv, full_precision
 from .feature_maps import FeatureMap, HedgehogFeatureMap
 
 
@@ -71,7 +71,8 @@ def train_hedgehog(
     bar = tqdm(range(steps), desc="hedgehog", disable=not progress)
     for _ in bar:
         rows = torch.randperm(t, generator=gen)[: min(sample_rows, t)].to(q.device)
-        loss = hedgehog_loss(fmap, q, k, rows, causal)
+        with full_precision(q):
+            loss = hedgehog_loss(fmap, q, k, rows, causal)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import torch
 
-from ._layout import chunk, compute_dtype, group_kv, group_q, ungroup, unchunk
+from ._layout import chunk, chunk_groups, compute_dtype, group_kv, group_q, ungroup, unchunk
 from .feature_maps import FeatureMap
-from .linear import chunk_groups, exclusive_cumsum, linear_features
-from .window import band_blocks, band_logits, band_masks
+from .linear import exclusive_cumsum, linear_features
+from .window import band_blocks, band_masks, band_scores
 
 
 def combine(logits, near, v_near, far_num, far_den, log_scale, eps: float) -> torch.Tensor:
@@ -61,14 +61,16 @@ def block_far_sums(fq, fk_blk, v_blk, far, s_far, z_far):
 def hybrid_attention(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float) -> torch.Tensor:
     """[B, T, H, D] in and out (inputs already checked by `mmm.attention`)."""
     dt = compute_dtype(q)
-    t, hk = q.shape[1], k.shape[2]
+    (b, t, h, _), hk = q.shape, k.shape[2]
     size = min(window, t)
     fq, log_scale, fk, vg = linear_features(q, k, v, fmap)
-    logits = band_logits(group_q(q.to(dt), hk), group_kv(k.to(dt)), size, causal)  # [B, Hk, g, N, C, K]
+    qc = chunk(group_q(q.to(dt), hk), size)  # [B, Hk, g, N, C, D]
+    kblk = band_blocks(group_kv(k.to(dt)), size, causal)  # [B, Hk, 1, N, K, D]
     near, far = band_masks(t, size, window, causal, q.device)
     fq_c = chunk(fq, size)
     ls_c = chunk((torch.zeros_like(fq[..., 0]) if log_scale is None else log_scale).unsqueeze(-1), size).squeeze(-1)
     fk_blk, v_blk = band_blocks(fk, size, causal), band_blocks(vg, size, causal)  # [B, Hk, 1, N, K, X]
+    n, f, dv = qc.shape[-3], fq.shape[-1], vg.shape[-1]
 
     def block_state(rows: slice, chunks: slice):
         """Per chunk, the linear-attention state of the given rows of its block (rows :C are chunk c-1,
@@ -76,28 +78,27 @@ def hybrid_attention(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: 
         fk_ = fk_blk[..., chunks, rows, :]
         return fk_.transpose(-1, -2) @ v_blk[..., chunks, rows, :], fk_.sum(-2)
 
-    b, n, f, dv = q.shape[0], fq_c.shape[-3], fq.shape[-1], vg.shape[-1]
-    zero_s, zero_z = fq.new_zeros(b, hk, 1, f, dv), fq.new_zeros(b, hk, 1, f)
+    s, z = fq.new_zeros(b, hk, 1, f, dv), fq.new_zeros(b, hk, 1, f)
     prev = slice(0, size)
-    if causal:
-        # Far keys outside the block are chunks <= c-2: an exclusive prefix over chunk c-1's states,
-        # carried across groups of chunks so that only a group's states are alive at once.
-        s, z, outs = zero_s, zero_z, []
-        for sl in chunk_groups(n, b * hk * f * dv):
+    if not causal:
+        # Two-sided (no decoding, so all chunk states at once): far keys outside the block are chunks
+        # <= c-2, an exclusive prefix over chunk c-1's states, and chunks >= c+2, an exclusive suffix
+        # over chunk c+1's.
+        everything = slice(0, n)
+        (kv_prev, z_prev), (kv_next, z_next) = block_state(prev, everything), block_state(slice(-size, None), everything)
+        s_all = exclusive_cumsum(kv_prev, s, -3)[0] + exclusive_cumsum(kv_next.flip(-3), s, -3)[0].flip(-3)
+        z_all = exclusive_cumsum(z_prev, z, -2)[0] + exclusive_cumsum(z_next.flip(-2), z, -2)[0].flip(-2)
+    outs = []
+    for sl in chunk_groups(n, max(b * hk * f * dv, b * h * size * (kblk.shape[-2] + f))):
+        if causal:
+            # Far keys outside the block are chunks <= c-2: an exclusive prefix over chunk c-1's
+            # states, carried from group to group.
             kv_prev, z_prev = block_state(prev, sl)
             s_far, s = exclusive_cumsum(kv_prev, s, dim=-3)
             z_far, z = exclusive_cumsum(z_prev, z, dim=-2)
-            far_num, far_den = block_far_sums(fq_c[..., sl, :, :], fk_blk[..., sl, :, :], v_blk[..., sl, :, :], far[sl], s_far, z_far)
-            outs.append(combine(logits[..., sl, :, :], near[sl], v_blk[..., sl, :, :], far_num, far_den, ls_c[..., sl, :], eps))
-        o = torch.cat(outs, dim=-3)
-    else:
-        # Two-sided (no decoding, so all chunk states at once): chunks <= c-2 as above plus chunks >= c+2,
-        # an exclusive suffix over chunk c+1's states.
-        everything = slice(0, n)
-        kv_prev, z_prev = block_state(prev, everything)
-        kv_next, z_next = block_state(slice(-size, None), everything)
-        s_far = exclusive_cumsum(kv_prev, zero_s, -3)[0] + exclusive_cumsum(kv_next.flip(-3), zero_s, -3)[0].flip(-3)
-        z_far = exclusive_cumsum(z_prev, zero_z, -2)[0] + exclusive_cumsum(z_next.flip(-2), zero_z, -2)[0].flip(-2)
-        far_num, far_den = block_far_sums(fq_c, fk_blk, v_blk, far, s_far, z_far)
-        o = combine(logits, near, v_blk, far_num, far_den, ls_c, eps)
-    return ungroup(unchunk(o, t)).to(q.dtype)
+        else:
+            s_far, z_far = s_all[..., sl, :, :], z_all[..., sl, :]
+        far_num, far_den = block_far_sums(fq_c[..., sl, :, :], fk_blk[..., sl, :, :], v_blk[..., sl, :, :], far[sl], s_far, z_far)
+        logits = band_scores(qc[..., sl, :, :], kblk[..., sl, :, :])
+        outs.append(combine(logits, near[sl], v_blk[..., sl, :, :], far_num, far_den, ls_c[..., sl, :], eps))
+    return ungroup(unchunk(torch.cat(outs, dim=-3), t)).to(q.dtype)

@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from ._layout import chunk, compute_dtype, group_kv, group_q, ungroup, unchunk
+from ._layout import chunk, chunk_groups, compute_dtype, group_kv, group_q, ungroup, unchunk
 from .feature_maps import EluFeatureMap, FeatureMap, ReluFeatureMap
 
 DEFAULT_CHUNK = 64
-# Causal paths keep at most this many elements of per-chunk states alive at once (then loop over chunk
-# groups), so that inference with big feature maps (taylor: F = 1 + d + d^2) stays in memory at long T.
-STATE_BUDGET = 2**26
 # Switch for the Triton kernel in mmm.ops.linear_attention (used only where `_triton_linear` says).
 USE_TRITON_KERNEL = True
 
@@ -59,35 +56,25 @@ def exclusive_cumsum(x: torch.Tensor, start: torch.Tensor, dim: int) -> tuple[to
     return before, inclusive.select(dim, -1)
 
 
-def chunk_groups(n_chunks: int, state_elements: int) -> list[slice]:
-    """Slices of chunk indices, each small enough for STATE_BUDGET."""
-    size = max(1, STATE_BUDGET // max(1, state_elements))
-    return [slice(s, min(s + size, n_chunks)) for s in range(0, n_chunks, size)]
-
-
-def causal_sums(fq, fk, v, chunk_size: int, state=None):
+def causal_sums(fq, fk, v, chunk_size: int):
     """Causal numerator and denominator of grouped features fq [B, Hk, g, T, F], fk [B, Hk, 1, T, F] and
-    v [B, Hk, 1, T, Dv]: num_i = sum_{j<=i} (fq_i.fk_j) v_j, den_i = sum_{j<=i} fq_i.fk_j, plus the final
-    state (S [B, Hk, 1, F, Dv], z [B, Hk, 1, F]). `state` (S, z) adds keys that came before."""
-    t = fq.shape[-2]
+    v [B, Hk, 1, T, Dv]: num_i = sum_{j<=i} (fq_i.fk_j) v_j [.., T, Dv], den_i = sum_{j<=i} fq_i.fk_j [.., T]."""
+    (b, hk, g, t, f), dv = fq.shape, v.shape[-1]
     size = min(chunk_size, t)
     qc, kc, vc = chunk(fq, size), chunk(fk, size), chunk(v, size)  # [..., N, C, X]; padding features are 0
-    b, hk, _, _, f = fk.shape
-    if state is None:
-        state = (fk.new_zeros(b, hk, 1, f, v.shape[-1]), fk.new_zeros(b, hk, 1, f))
-    s, z = state
+    s, z = fk.new_zeros(b, hk, 1, f, dv), fk.new_zeros(b, hk, 1, f)  # sums over the chunks before
     tril = torch.ones(size, size, dtype=torch.bool, device=fq.device).tril()
     nums, dens = [], []
-    for sl in chunk_groups(qc.shape[-3], b * hk * f * v.shape[-1]):
+    for sl in chunk_groups(qc.shape[-3], max(b * hk * f * dv, b * hk * g * size * (size + f))):
         q_, k_, v_ = qc[..., sl, :, :], kc[..., sl, :, :], vc[..., sl, :, :]
         s_before, s = exclusive_cumsum(k_.transpose(-1, -2) @ v_, s, dim=-3)
         z_before, z = exclusive_cumsum(k_.sum(-2), z, dim=-2)
-        a = (q_ @ k_.transpose(-1, -2)).masked_fill(~tril, 0.0)  # [B, Hk, g, G, C, C]
+        a = (q_ @ k_.transpose(-1, -2)).masked_fill(~tril, 0.0)  # [B, Hk, g, G, C, C] within the chunk
         nums.append(q_ @ s_before + a @ v_)
         dens.append((q_ @ z_before.unsqueeze(-1)).squeeze(-1) + a.sum(-1))
     num = unchunk(torch.cat(nums, dim=-3), t)
     den = torch.cat(dens, dim=-2).flatten(-2)[..., :t]
-    return num, den, (s, z)
+    return num, den
 
 
 def finish(num, den, log_scale, normalize: bool, eps: float) -> torch.Tensor:
@@ -119,7 +106,7 @@ def linear_attention(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, e
         return out
     fq, log_scale, fk, vg = linear_features(q, k, v, fmap)
     if causal:
-        num, den, _ = causal_sums(fq, fk, vg, chunk_size)
+        num, den = causal_sums(fq, fk, vg, chunk_size)
     else:
         num = fq @ (fk.transpose(-1, -2) @ vg)
         den = (fq @ fk.sum(-2).unsqueeze(-1)).squeeze(-1)

@@ -7,14 +7,15 @@ This is exactly softmax attention on a banded mask, not full attention: it equal
 only when w >= T. Compared with full attention it is an approximation; `mmm.attention_error` measures it.
 
 Blockwise, O(T w) time and memory: the sequence is cut into chunks of C = min(w, T) rows; chunk c attends
-to chunks c-1, c (and c+1 when two-sided), which hold every key of its band. No T x T mask is built.
+to chunks c-1, c (and c+1 when two-sided), which hold every key of its band. No T x T mask is built;
+chunks are processed in groups (`_layout.GROUP_BUDGET`) so that inference memory stays bounded.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._layout import chunk, compute_dtype, group_kv, group_q, ungroup, unchunk
+from ._layout import chunk, chunk_groups, compute_dtype, group_kv, group_q, ungroup, unchunk
 
 
 def band_blocks(x: torch.Tensor, size: int, causal: bool) -> torch.Tensor:
@@ -38,19 +39,24 @@ def band_masks(t: int, size: int, window: int, causal: bool, device) -> tuple[to
     return visible & near, visible & ~near
 
 
-def band_logits(q: torch.Tensor, k: torch.Tensor, size: int, causal: bool) -> torch.Tensor:
-    """q . k / sqrt(d) between each chunk of grouped q [B, Hk, g, T, D] and its band block of grouped
-    k [B, Hk, 1, T, D]: [B, Hk, g, N, C, K]."""
-    return (chunk(q, size) @ band_blocks(k, size, causal).transpose(-1, -2)) * q.shape[-1] ** -0.5
+def band_scores(qc: torch.Tensor, kblk: torch.Tensor) -> torch.Tensor:
+    """q . k / sqrt(d) between chunks of queries [.., G, C, D] and their band blocks of keys [.., G, K, D]."""
+    return (qc @ kblk.transpose(-1, -2)) * qc.shape[-1] ** -0.5
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
     """[B, T, H, D] in and out (inputs already checked by `mmm.attention`)."""
     dt = compute_dtype(q)
-    t = q.shape[1]
+    (b, t, h, _), hk = q.shape, k.shape[2]
     size = min(window, t)
-    logits = band_logits(group_q(q.to(dt), k.shape[2]), group_kv(k.to(dt)), size, causal)
+    qc = chunk(group_q(q.to(dt), hk), size)  # [B, Hk, g, N, C, D]
+    kblk = band_blocks(group_kv(k.to(dt)), size, causal)  # [B, Hk, 1, N, K, D]
+    vblk = band_blocks(group_kv(v.to(dt)), size, causal)
     near, _ = band_masks(t, size, window, causal, q.device)
-    # A finite fill (not -inf) keeps the padding rows past T, which see no key, free of NaN.
-    p = torch.softmax(logits.masked_fill(~near, torch.finfo(dt).min), dim=-1)
-    return ungroup(unchunk(p @ band_blocks(group_kv(v.to(dt)), size, causal), t)).to(q.dtype)
+    outs = []
+    for sl in chunk_groups(qc.shape[-3], b * h * size * kblk.shape[-2]):
+        logits = band_scores(qc[..., sl, :, :], kblk[..., sl, :, :])
+        # A finite fill (not -inf) keeps the padding rows past T, which see no key, free of NaN.
+        p = torch.softmax(logits.masked_fill(~near[sl], torch.finfo(dt).min), dim=-1)
+        outs.append(p @ vblk[..., sl, :, :])
+    return ungroup(unchunk(torch.cat(outs, dim=-3), t)).to(q.dtype)

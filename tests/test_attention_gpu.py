@@ -1,0 +1,81 @@
+"""GPU checks of mmm.attention: the Triton linear-attention dispatch against the PyTorch path, SDPA
+backends, and 128k-token runs. Run on a CUDA machine: pytest -m gpu tests/test_attention_gpu.py"""
+
+import pytest
+import torch
+
+import mmm
+from mmm.attention import decode, linear as linear_mod, naive
+from mmm.attention.feature_maps import make_feature_map
+from mmm.ops.linear_attention import linear_attention_naive
+
+from conftest import rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def qkv(t, dtype, b=2, h=8, hk=2, d=64, scale=1.0):
+    return tuple((scale * torch.randn(b, t, n, d, device="cuda")).to(dtype).requires_grad_() for n in (h, hk, hk))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", ["elu", "relu"])
+def test_triton_dispatch_matches_pytorch_path(name, causal, normalize, dtype, monkeypatch):
+    q, k, v = qkv(1000, dtype)
+    fmap = make_feature_map(name, 64)
+    assert linear_mod._triton_linear(q, k, v, fmap, causal, normalize, 1e-6) is not None, "kernel not used"
+    kw = dict(feature_map=name, causal=causal, normalize=normalize)
+    ref = naive.naive_linear(q, k, v, fmap.double(), causal, normalize)
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), g)
+    results = {}
+    for use_kernel in (True, False):
+        monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", use_kernel)
+        out = mmm.attention(q, k, v, "linear", **kw)
+        results[use_kernel] = (out, torch.autograd.grad(out, (q, k, v), g.to(dtype)))
+    # PyTorch's own error in this dtype: the quadratic form computed end to end in `dtype`.
+    s, rep = 64**-0.25, q.shape[2] // k.shape[2]
+    own = linear_attention_naive(q * s, k.repeat_interleave(rep, 2) * s, v.repeat_interleave(rep, 2), name, normalize, causal)
+    results["own"] = (own, torch.autograd.grad(own, (q, k, v), g.to(dtype)))
+    # The kernel's error against fp64 is at most 2x (plus a hair) the larger of the PyTorch path's and
+    # PyTorch's own in this dtype, forward and every gradient.
+    (o_k, g_k), (o_p, g_p), (o_o, g_o) = results[True], results[False], results["own"]
+    assert rel_err(o_k, ref) <= 2 * max(rel_err(o_p, ref), rel_err(o_o, ref)) + 1e-5
+    for a, b, c, r in zip(g_k, g_p, g_o, grads_ref):
+        assert rel_err(a, r) <= 2 * max(rel_err(b, r), rel_err(c, r)) + 1e-5
+
+
+def test_exact_backend_on_cuda():
+    q, k, v = qkv(4096, torch.bfloat16)
+    backend = mmm.attention.exact_backend(q, k, v)
+    assert backend in ("flash", "cudnn", "efficient"), backend
+    assert backend in mmm.attention.exact_backends_available(q, k, v)
+
+
+@pytest.mark.parametrize("method,feature_map", [("linear", "elu"), ("linear", "favor"), ("hybrid", "elu"), ("hybrid", "taylor"), ("window", "elu")])
+def test_128k_tokens_error_is_measured(method, feature_map):
+    with torch.no_grad():
+        q, k, v = (x.detach() for x in qkv(131072, torch.bfloat16, b=1, h=8, hk=8))
+        err = mmm.attention_error(q, k, v, method, window=512, feature_map=feature_map, sample_rows=1024)
+    assert 0.0 < err < 2.0, err
+
+
+@pytest.mark.parametrize("name", ["elu", "relu", "favor", "taylor"])
+def test_fp16_large_inputs_at_64k_stay_finite(name):
+    with torch.no_grad():
+        q, k, v = (x.detach() for x in qkv(65536, torch.float16, b=1, h=4, hk=4, scale=300.0))
+        out = mmm.attention(q, k, v, "linear", feature_map=name)
+    assert torch.isfinite(out).all()
+
+
+def test_decode_on_cuda_matches_parallel():
+    q, k, v = (x.detach() for x in qkv(300, torch.float32, b=2, h=8, hk=2))
+    parallel = mmm.attention(q, k, v, "hybrid", window=64, feature_map="favor")
+    out, state = decode.prefill(q[:, :200], k[:, :200], v[:, :200], method="hybrid", window=64, feature_map="favor")
+    outs = []
+    for t in range(200, 300):
+        o, state = decode.step(q[:, t], k[:, t], v[:, t], state)
+        outs.append(o)
+    assert rel_err(torch.stack(outs, 1), parallel[:, 200:]) < 1e-4 and rel_err(out, parallel[:, :200]) < 1e-5
