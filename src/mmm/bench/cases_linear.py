@@ -9,6 +9,8 @@ i.e. whatever implementation the library currently dispatches to. Forward+backwa
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -23,11 +25,15 @@ from ..configs import (
     ToeplitzConfig,
 )
 from ..linear import StructuredLinear
+from ..ops import reference_only
 from .registry import Variant, Workload, bench_case
 
 FULL_TOKENS, FULL_DIMS = 8192, (4096, 8192, 16384, 32768)
 QUICK_TOKENS, QUICK_DIMS = 256, (256, 512)
 SHAPES = {"square": 1, "up4x": 4}  # d_out = multiplier * d_in
+# square sizes that also time torch.compile of each structure's plain PyTorch version (compiling
+# every variant at every size would take most of a GPU session)
+COMPILED_REFERENCE_DIMS = (256, 16384)
 
 
 def structured_configs(d_in: int, d_out: int) -> list[tuple[str, StructureConfig]]:
@@ -60,9 +66,11 @@ def structured_configs(d_in: int, d_out: int) -> list[tuple[str, StructureConfig
 
 
 def linear_variant(label: str, x: torch.Tensor, grad: torch.Tensor, config: StructureConfig | None = None,
-                   *, baseline: bool = False, compile: bool = False) -> Variant:
+                   *, baseline: bool = False, compile: bool = False, reference: bool = False) -> Variant:
     """A variant computing x @ W.T for W dense (`config=None`: `nn.Linear`) or structured (`config`),
-    optionally through `torch.compile`. `x` must require grad; `grad` is the output gradient."""
+    optionally through `torch.compile`, optionally with the fused kernels off (`reference`: the plain
+    PyTorch version of the structure). `x` must require grad; `grad` is the output gradient."""
+    mode = reference_only if reference else contextlib.nullcontext
 
     def build() -> Workload:
         (n, d_in), d_out = x.shape, grad.shape[-1]
@@ -75,7 +83,13 @@ def linear_variant(label: str, x: torch.Tensor, grad: torch.Tensor, config: Stru
         params = list(layer.parameters())
         param_bytes = sum(p.numel() * p.element_size() for p in params)
         io = x.element_size() * n
-        fn = torch.compile(layer) if compile else layer
+        if compile:  # a fresh cache per variant: every StructuredLinear shares one forward code object,
+            torch._dynamo.reset()  # and dynamo's recompile limit would silently fall back to eager
+        compiled = torch.compile(layer) if compile else layer
+
+        def fn(inp):
+            with mode():
+                return compiled(inp)
 
         def forward_backward() -> None:
             fn(x).backward(grad)
@@ -92,7 +106,7 @@ def linear_variant(label: str, x: torch.Tensor, grad: torch.Tensor, config: Stru
             fwd_bwd_bytes=io * (3 * d_in + 2 * d_out) + 3 * param_bytes,
             info={"params": sum(p.numel() for p in params),
                   "structure": "dense" if config is None else config.describe(),
-                  "compiled": compile},
+                  "compiled": compile, "reference": reference},
         )
 
     return Variant(label, build, baseline)
@@ -103,7 +117,12 @@ def _linear_setup(n: int, d_in: int, d_out: int):
         x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(n, d_out, device=device, dtype=dtype)
         variants = [linear_variant("dense nn.Linear", x, grad, baseline=True)]
-        variants += [linear_variant(label, x, grad, config) for label, config in structured_configs(d_in, d_out)]
+        configs = structured_configs(d_in, d_out)
+        variants += [linear_variant(label, x, grad, config) for label, config in configs]
+        if d_in == d_out and d_in in COMPILED_REFERENCE_DIMS:
+            # what a user gets today without mmm's kernels: torch.compile of the plain PyTorch structure
+            variants += [linear_variant(f"{label} [compiled ref]", x, grad, config, compile=True, reference=True)
+                         for label, config in configs if not isinstance(config, LDRConfig)]
         return variants
 
     return setup

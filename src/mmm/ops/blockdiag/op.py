@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..._checks import check_float_tensor
+from .. import kernels_enabled
 from . import naive
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,7 +32,7 @@ except ImportError:  # CPU installs without triton use the reference
 
 def use_kernel(x: torch.Tensor) -> bool:
     """Whether tensors like x go to the Triton kernels (else to the naive PyTorch path)."""
-    if not HAVE_TRITON or x.dtype not in KERNEL_DTYPES or x.numel() == 0:
+    if not HAVE_TRITON or not kernels_enabled() or x.dtype not in KERNEL_DTYPES or x.numel() == 0:
         return False
     return x.is_cuda or (INTERPRET and x.device.type == "cpu")
 
