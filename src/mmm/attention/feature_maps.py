@@ -124,6 +124,9 @@ class FavorFeatureMap(FeatureMap):
     at most exp(60) (w.k' - |k'|^2/2 <= |w|^2/2); this factor depends on nothing but W, so keys can be
     mapped token by token in decoding. Queries are multiplied by exp(c_i) instead and then divided by
     their row maximum, which is returned as `log_scale`. phi(q).phi(k) is unchanged by all this.
+    Limit: keys with |k|^2 / (2 sqrt(d)) beyond ~87 underflow to all-zero features in fp32 (a query
+    that sees only such keys outputs 0); Performer's data-dependent key stabiliser would avoid that but needs the whole
+    sequence, which token-by-token decoding does not have. attention_error shows it (error 1.0).
     `redraw(seed)` draws new random features (Performers redraw them now and then during training).
     """
 

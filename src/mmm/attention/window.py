@@ -3,8 +3,9 @@
     causal:     o_i = sum_{j in W(i)} softmax_j(q_i . k_j / sqrt(d)) v_j,  W(i) = {j : 0 <= i - j < w}
     two-sided:  W(i) = {j : |i - j| < w}
 
-This is exactly softmax attention on a banded mask, not full attention: it equals full softmax attention
-only when w >= T. Compared with full attention it is an approximation; `mmm.attention_error` measures it.
+This is exactly softmax attention on a banded mask, but as a stand-in for full softmax attention it is an
+approximation, lossless only when the band covers every visible key (w >= T); `mmm.attention_error`
+measures what it loses on your inputs.
 
 Blockwise, O(T w) time and memory: the sequence is cut into chunks of C = min(w, T) rows; chunk c attends
 to chunks c-1, c (and c+1 when two-sided), which hold every key of its band. No T x T mask is built;
