@@ -57,7 +57,7 @@ def test_exact_backend_on_cuda():
 @pytest.mark.parametrize("method,feature_map", [("linear", "elu"), ("linear", "favor"), ("hybrid", "elu"), ("hybrid", "taylor"), ("window", "elu")])
 def test_128k_tokens_error_is_measured(method, feature_map):
     with torch.no_grad():
-        q, k, v = (x.detach() for x in qkv(131072, torch.bfloat16, b=1, h=8, hk=8))
+        q, k, v = (x.detach() for x in qkv(131072, torch.bfloat16, b=1, h=4, hk=4))  # taylor: features are O(T H d^2)
         err = mmm.attention_error(q, k, v, method, window=512, feature_map=feature_map, sample_rows=1024)
     assert 0.0 < err < 2.0, err
 
