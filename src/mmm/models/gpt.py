@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import FEATURE_MAPS, attention, decode
+from ..attention import make_feature_map as build_feature_map
 from ..configs import DenseConfig, StructureConfig, config_from_dict
 from ..linear import StructuredLinear
 
@@ -63,8 +65,6 @@ class GPTConfig:
             )
         if self.attention not in ATTENTION_METHODS:
             raise ValueError(f"GPTConfig.attention must be one of {ATTENTION_METHODS}, got {self.attention!r}")
-        from ..attention import FEATURE_MAPS
-
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"GPTConfig.feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
         for name in ("ffn_config", "attn_proj_config"):
@@ -102,7 +102,6 @@ class GPTConfig:
 
 
 # --- attention and its caches ---------------------------------------------------------------------------
-# mmm.attention is imported where used: it is a sibling package and this keeps `import mmm.models` light.
 
 
 def make_feature_map(cfg: GPTConfig) -> nn.Module | None:
@@ -110,16 +109,12 @@ def make_feature_map(cfg: GPTConfig) -> nn.Module | None:
     with the model, favor's random projection is saved with it); None for exact/window."""
     if cfg.attention not in ("linear", "hybrid"):
         return None
-    from ..attention import make_feature_map as build
-
     extra = {"num_heads": cfg.n_heads} if cfg.feature_map == "hedgehog" else {}  # one learned map per head
-    return build(cfg.feature_map, cfg.head_dim, **extra)
+    return build_feature_map(cfg.feature_map, cfg.head_dim, **extra)
 
 
 def attend(q, k, v, cfg: GPTConfig, feature_map: nn.Module | None) -> torch.Tensor:
     """Causal attention over a whole sequence; q, k, v and the result are [batch, seq, heads, head_dim]."""
-    from ..attention import attention
-
     if cfg.attention in ("exact", "window"):
         return attention(q, k, v, cfg.attention, causal=True, window=cfg.window)
     return attention(q, k, v, cfg.attention, causal=True, window=cfg.window, feature_map=feature_map)
@@ -166,8 +161,6 @@ class RecurrentCache:
         self.pos = 0
 
     def attend(self, q, k, v, feature_map) -> torch.Tensor:
-        from ..attention import decode
-
         if self.state is None:
             y, self.state = decode.prefill(q, k, v, method=self.cfg.attention, feature_map=feature_map, window=self.cfg.window)
         else:

@@ -89,7 +89,8 @@ def add_parser(subparsers) -> None:
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", nargs="+", default=None,
-                   help="text files / directories (byte-level) or .npy / .bin token files; default: the Python stdlib")
+                   help="text files / directories (byte-level; non-UTF-8 bytes are replaced, with a warning naming the file) "
+                        "or .npy / .bin token files; default: the Python stdlib's *.py files")
     t.add_argument("--token-dtype", choices=("uint16", "int32"), default="uint16", help="dtype of .bin token files")
     t.add_argument("--out", default="runs/train")
     t.add_argument("--resume", nargs="?", const="auto", default=None,

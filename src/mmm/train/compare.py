@@ -57,7 +57,7 @@ def plot_compare(path: Path, runs: dict[str, dict]) -> None:
     for name, log in runs.items():
         m = log["config"]["model"]
         label = (f"{name}: FFN {m['ffn_config']['structure']}, attn-proj {m['attn_proj_config']['structure']}, "
-                 f"{m['attention']} attention ({log['params'] / 1e6:.1f}M params"
+                 f"{m['attention']} attention ({log['params'] / 1e6:.3g}M params"
                  + (f", {log['tokens_per_s']:,.0f} tok/s)" if log["tokens_per_s"] else ")"))
         ax.plot([v["seconds"] for v in log["val"]], [v["loss"] for v in log["val"]], "o-", ms=3, label=label)
     ax.set_xlabel("training wall-clock (s)")

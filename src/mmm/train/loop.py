@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -208,7 +209,8 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, d: Dist, on_step) -> dict[st
     if d.is_main and cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc=Path(cfg.out).name, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps if cfg.max_seconds is None else None, initial=step, desc=Path(cfg.out).name,
+                   unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs: few lines
 
     def log(final: bool = False) -> dict[str, Any]:
         timed = history["seconds"]
@@ -239,12 +241,14 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, d: Dist, on_step) -> dict[st
         log()
 
     trained.train()
+    if step == 0 and cfg.val_every:  # the starting point of the validation curve
+        validate()
     while step < cfg.steps and (cfg.max_seconds is None or elapsed < cfg.max_seconds):
         t0 = time.perf_counter()
         lr = learning_rate(cfg, step, elapsed)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = next(sampler) if sampler.step == step else sampler.batch(step)
+        x, y = next(sampler)  # the batch of this step (the sampler's position is restored on resume)
         with autocast(d.device):
             _, loss = forward(x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True))
         loss.backward()
@@ -265,8 +269,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, d: Dist, on_step) -> dict[st
             raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower --lr or check the data")
         if bar is not None:
             bar.update(1)
-            tps = tokens_per_step / max(history["seconds"][-1] - (history["seconds"][-2] if len(history["seconds"]) > 1 else 0.0), 1e-9)
-            bar.set_postfix_str(f"loss {loss_value:.4f}, {tps:,.0f} tok/s")
+            bar.set_postfix_str(f"loss {loss_value:.4f}, {tokens_per_step / max(dt, 1e-9):,.0f} tok/s")
         if cfg.val_every and step % cfg.val_every == 0:
             validate()
         if cfg.ckpt_every and step % cfg.ckpt_every == 0:
