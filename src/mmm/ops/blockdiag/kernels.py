@@ -55,12 +55,12 @@ def _gemm_configs():
         return [triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)]
     # (BM, BN, BK, warps, stages): large tiles for the compute-bound big blocks (Hopper wgmma wants
     # 64-row multiples per warpgroup), smaller ones for narrow blocks and the memory-bound small ones.
+    # Six configs: each is compiled once per operand layout, and that compile time is paid at first use.
     shapes = [
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
         (128, 128, 64, 8, 4),
         (128, 128, 64, 4, 4),
-        (128, 128, 128, 8, 3),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
     ]
@@ -108,6 +108,19 @@ def _col_offsets(cols, sc, sc_hi, split, SPLIT: tl.constexpr):
         return cols.to(tl.int64) * sc
 
 
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
+    """acc + a @ b in fp32. UPCAST: fp32 operands (bf16 dots are wrong under the interpreter).
+    FP32_IEEE: full-precision products for fp32 operands (else tf32, Triton's default)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if FP32_IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
 @triton.autotune(
     configs=_gemm_configs(),
     key=["KEY_M", "NC", "KEY_K", "LAYOUT"],
@@ -122,7 +135,7 @@ def block_gemm_kernel(
     c_sg, c_sr, c_sc, c_sc_hi, c_split, c_ss,
     KEY_M, KEY_K, LAYOUT,  # autotune keys only (token dimension bucketed, operand majorness)
     SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, SPLIT_C: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C_g[M, NC] (slot ks: the ks-th K range) = A_g[M, K] @ B_g[K, NC]. Each operand may split its
@@ -162,10 +175,7 @@ def block_gemm_kernel(
             a_cols = _col_offsets(kk, a_sc, a_sc_hi, a_split, SPLIT_A == 2)
         a = tl.load(a_rows + a_cols[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_cols + kk.to(tl.int64)[:, None] * b_sr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot(a, b, acc, UPCAST, FP32_IEEE)
 
     c_ptrs = (c_ptr + ks.to(tl.int64) * c_ss + g * c_sg + rows.to(tl.int64)[:, None] * c_sr
               + _col_offsets(cols, c_sc, c_sc_hi, c_split, SPLIT_C)[None, :])
@@ -183,7 +193,7 @@ def block_bwd_fused_kernel(
     dx_sg, dx_sr, dx_sc, dx_sc_hi, split,
     dw_ss, dw_sg, dw_sr, dw_sc,
     KEY_N, LAYOUT,  # autotune keys only
-    SPLIT_X: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_X: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
     BP: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr,
 ):
     """For block g and the token range of program (g, chunk): dx_g = go_g @ W_g  [tokens, Q] and
@@ -214,9 +224,9 @@ def block_bwd_fused_kernel(
         if UPCAST:
             go = go.to(tl.float32)
             x = x.to(tl.float32)
-        dx = tl.dot(go, w, input_precision=PRECISION)
+        dx = _dot(go, w, tl.zeros((BM, BQ), dtype=tl.float32), False, FP32_IEEE)
         tl.store(dx_base + t64 * dx_sr, dx.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & q_ok[None, :])
-        dw = tl.dot(tl.trans(go), x, dw, input_precision=PRECISION)
+        dw = _dot(tl.trans(go), x, dw, False, FP32_IEEE)
 
     dw_ptrs = (dw_ptr + chunk.to(tl.int64) * dw_ss + g * dw_sg
                + p.to(tl.int64)[:, None] * dw_sr + q.to(tl.int64)[None, :] * dw_sc)
@@ -286,10 +296,9 @@ def _token_splits(work_items: int, n_tokens: int, device: torch.device) -> tuple
 
 def _dot_args(dtype: torch.dtype) -> dict:
     if INTERPRET:
-        return dict(UPCAST=dtype != torch.float32, PRECISION="ieee")
-    # input_precision only matters for fp32 operands: IEEE unless PyTorch itself allows tf32.
-    fp32_exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    return dict(UPCAST=False, PRECISION="ieee" if fp32_exact else "tf32")
+        return dict(UPCAST=dtype != torch.float32, FP32_IEEE=True)
+    # Only fp32 operands have a choice: IEEE products unless PyTorch itself allows tf32.
+    return dict(UPCAST=False, FP32_IEEE=dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest")
 
 
 def gemm(a: Operand, b: Operand, c: Operand, G: int, M: int, NC: int, K: int, tokens_are_rows: bool,
