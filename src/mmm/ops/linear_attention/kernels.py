@@ -1,0 +1,412 @@
+"""Triton kernels for chunked linear attention, forward and backward (layout [B, T, H, D]).
+
+Notation: a = phi(q), b = phi(k) (feature map applied in-kernel, in fp32), S = sum b^T v (D x D state),
+z = sum b (normalizer vector), den_t = a_t . z_t, rden = 1 / (den + eps), g = do * rden (do when not
+normalizing), r_t = -(do_t . o_t) * rden_t (the normalizer's gradient).
+
+Why segments: with B*H = 16 sequences a one-program-per-head sweep leaves most of the 132 SMs idle, and
+storing the state at every chunk (fla's chunk scheme) moves 2x the bytes of q for D=128. So the sequence
+is cut into NS segments of L tokens (L a multiple of every chunk size BT used here):
+  1. chunk_state_kernel: each segment's local sum of b^T v (and of b), all segments in parallel;
+  2. scan_kernel: exclusive prefix over segments (entry NS holds the total);
+  3. a sweep over the segment's chunks, in parallel over segments, carrying the state in registers.
+Backward mirrors it: local sums of a^T g (and of r a) per segment, a reverse (suffix) scan, then
+  - dqdk_kernel: K-tiles x full V, reverse sweep holding S (walked backwards from the saved prefix of the
+    next segment by subtracting each chunk's b^T v) and dS, giving dq and dk (both contract over V);
+  - dv_kernel: V-tiles x full K, reverse sweep holding dS, giving dv (contracts over K).
+All states and accumulations are fp32; operands of tl.dot are cast to the input dtype (bf16) on GPU.
+
+DOT_MODE: 0 = operands in the input dtype (bf16), 1 = fp32 operands in tf32 (fp16 inputs, whose state
+could overflow fp16, and fp32 inputs, for which IEEE dots spill registers badly on sm_90), 2 = fp32
+operands, IEEE (under TRITON_INTERPRET, where bf16 dots are wrong).
+
+Tile configs were chosen from the sm_90 compiler's report, which needs no GPU (triton.compile with
+GPUTarget("cuda", 90, 32), then cuobjdump -res-usage on the cubin): for D <= 128 the configs below
+compile at <= 255 registers with (almost) no spills; D = 256 spills (a [64, 256] row tile of q and of k
+is held in registers), so it is correct but not tuned.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Segment lengths must be multiples of every BT below, so each kernel can use its own chunk size.
+SEGMENT_MULTIPLE = 16 if INTERPRET else 128
+SCAN_BLOCK = 1024
+FEATURE_CODES = {None: 0, "identity": 0, "elu": 1, "relu": 2}
+
+
+def _configs(tile: str, options):
+    """options: (BT, tile size, num_warps, num_stages). One small config under the interpreter."""
+    if INTERPRET:
+        return [triton.Config({"BT": 16, tile: 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BT": bt, tile: t}, num_warps=w, num_stages=s) for bt, t, w, s in options]
+
+
+def _pruner(tile: str, n_states: int, max_tile_rows: int):
+    """Keep configs whose tile fits D, whose fp32 state(s) need <= 64 registers a thread and whose
+    [BT, D] row tiles have <= max_tile_rows * 128 elements; these limits keep ptxas from spilling."""
+
+    def prune(configs, named_args, **kwargs):
+        D = kwargs["D"] if "D" in kwargs else named_args["D"]
+        keep = [
+            c for c in configs
+            if c.kwargs[tile] <= D
+            and n_states * c.kwargs[tile] * D <= 64 * 32 * c.num_warps
+            and c.kwargs["BT"] * D <= max_tile_rows * 128
+        ]
+        if keep:
+            return keep
+        c = configs[-1]
+        return [triton.Config({**c.kwargs, tile: min(c.kwargs[tile], D)}, num_warps=c.num_warps, num_stages=c.num_stages)]
+
+    return prune
+
+
+@triton.jit
+def _cast(x, like_ptr, DOT_MODE: tl.constexpr):
+    """Operand for tl.dot: the input dtype in mode 0, fp32 otherwise."""
+    if DOT_MODE == 0:
+        return x.to(like_ptr.dtype.element_ty)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _dot(a, b, DOT_MODE: tl.constexpr):
+    if DOT_MODE == 2:
+        return tl.dot(a, b, input_precision="ieee")
+    elif DOT_MODE == 1:
+        return tl.dot(a, b, input_precision="tf32")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _features(x, mt, like_ptr, FEATURE: tl.constexpr, DOT_MODE: tl.constexpr):
+    """phi(x) computed in fp32, zeroed on padding rows (phi(0) = 1 for elu), rounded once to the dot
+    dtype. Every later use (dots, normalizer sums, phi') reads this one copy, so forward and backward see
+    the same features, and no fp32 tile stays live (register pressure is what limits these kernels)."""
+    x = x.to(tl.float32)
+    if FEATURE == 1:
+        x = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    elif FEATURE == 2:
+        x = tl.maximum(x, 0.0)
+    x = tl.where(mt[:, None], x, 0.0)
+    return _cast(x, like_ptr, DOT_MODE)
+
+
+@triton.jit
+def _dphi(f, FEATURE: tl.constexpr):
+    """phi'(x) read off f = phi(x): elu+1 gives min(f, 1) (1 for x > 0, exp(x) otherwise); relu gives [f > 0]."""
+    f = f.to(tl.float32)
+    if FEATURE == 1:
+        return tl.minimum(f, 1.0)
+    else:
+        return tl.where(f > 0, 1.0, 0.0)
+
+
+@triton.jit
+def _program(NT: tl.constexpr, NS, L, T, H, D: tl.constexpr):
+    """1-D grid (no 65535 limit on B*H), tile index fastest, so the tiles of one (head, segment), which
+    read the same rows, run side by side and share them through L2. Returns the tile, the flat
+    batch*head index, the segment's first row as an int64 element offset into [B, T, H, D], its first
+    index into [B, H, T], and its length."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_t = pid % NT
+    i_s = (pid // NT) % NS
+    i_bh = pid // NT // NS
+    t_start = i_s * L
+    t_len = (tl.minimum(t_start + L, T) - t_start).to(tl.int32)
+    row0 = ((i_bh // H) * T + t_start) * (H * D) + (i_bh % H) * D
+    return i_t, i_s, i_bh, row0, i_bh * T + t_start, t_len
+
+
+@triton.autotune(
+    configs=_configs("BK", [(128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3), (32, 64, 8, 2)]),
+    key=["D"],
+    prune_configs_by={"early_config_prune": _pruner("BK", 1, 128)},
+)
+@triton.jit
+def chunk_state_kernel(
+    x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, st_ptr,
+    T, H, L, NS,
+    D: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
+    DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):
+    """One segment's local sum of phi(x)^T y (a BK-row tile of the D x D state, full V) and of the
+    normalizer vector. Forward: x = k, y = v, vector = sum b. Backward: x = q, y = do * rden,
+    vector = sum r a, with r computed here (it needs the full V row of do and o) and written out."""
+    i_k, i_s, i_bh, row0, trow0, t_len = _program(D // BK, NS, L, T, H, D)
+    offs_t = tl.arange(0, BT)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_d = tl.arange(0, D)
+    tile_k = offs_t[:, None] * (H * D) + offs_k[None, :]
+    tile_d = offs_t[:, None] * (H * D) + offs_d[None, :]
+    x_base = x_ptr + row0
+    y_base = y_ptr + row0
+    o_base = o_ptr + row0
+    acc = tl.zeros([BK, D], dtype=tl.float32)
+    vec = tl.zeros([BK], dtype=tl.float32)
+    for t0 in range(0, t_len, BT):
+        mt = offs_t < t_len - t0
+        x_c = _features(tl.load(x_base + tile_k, mask=mt[:, None], other=0.0), mt, x_ptr, FEATURE, DOT_MODE)
+        y = tl.load(y_base + tile_d, mask=mt[:, None], other=0.0)
+        if NORMALIZE:
+            if BWD:
+                rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
+                o = tl.load(o_base + tile_d, mask=mt[:, None], other=0.0)
+                r = -tl.sum(y.to(tl.float32) * o.to(tl.float32), axis=1) * rd
+                if i_k == 0:
+                    tl.store(r_ptr + trow0 + t0 + offs_t, r, mask=mt)
+                y_c = _cast(y.to(tl.float32) * rd[:, None], x_ptr, DOT_MODE)
+                vec += tl.sum(x_c.to(tl.float32) * r[:, None], axis=0)
+            else:
+                y_c = _cast(y, x_ptr, DOT_MODE)
+                vec += tl.sum(x_c.to(tl.float32), axis=0)
+        else:
+            y_c = _cast(y, x_ptr, DOT_MODE)
+        acc += _dot(tl.trans(x_c), y_c, DOT_MODE)
+        x_base += BT * H * D
+        y_base += BT * H * D
+        o_base += BT * H * D
+    base = st_ptr + (i_bh * (NS + 1) + i_s) * (D * D + D)
+    tl.store(base + offs_k[:, None] * D + offs_d[None, :], acc)
+    tl.store(base + D * D + offs_k, vec)
+
+
+@triton.jit
+def scan_kernel(st_ptr, NS, M, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """In place over states [BH, NS+1, M]: entry s becomes the sum of the entries before it (after it when
+    REVERSE); entry NS becomes the total."""
+    n_blk = tl.cdiv(M, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    i_bh = pid // n_blk
+    offs = (pid % n_blk) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < M
+    run = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, NS):
+        if REVERSE:
+            s = NS - 1 - j
+        else:
+            s = j
+        p = st_ptr + (i_bh * (NS + 1) + s) * M + offs
+        x = tl.load(p, mask=m, other=0.0)
+        tl.store(p, run, mask=m)
+        run += x
+    tl.store(st_ptr + (i_bh * (NS + 1) + NS) * M + offs, run, mask=m)
+
+
+# (BT, BV, num_warps, num_stages) for the kernels split over V-tiles (see the module docstring).
+_VSPLIT = [(64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2)]
+
+
+@triton.autotune(configs=_configs("BV", _VSPLIT), key=["D"], prune_configs_by={"early_config_prune": _pruner("BV", 1, 128)})
+@triton.jit
+def fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, rden_ptr, st_ptr,
+    T, H, L, NS, eps,
+    D: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+):
+    """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
+    chunk by chunk, S (D x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps)."""
+    i_v, i_s, i_bh, row0, trow0, t_len = _program(D // BV, NS, L, T, H, D)
+    offs_t = tl.arange(0, BT)
+    offs_d = tl.arange(0, D)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    tile_d = offs_t[:, None] * (H * D) + offs_d[None, :]
+    tile_v = offs_t[:, None] * (H * D) + offs_v[None, :]
+    causal = offs_t[:, None] >= offs_t[None, :]
+    if CAUSAL:
+        seg = i_s
+    else:
+        seg = NS
+    base = st_ptr + (i_bh * (NS + 1) + seg) * (D * D + D)
+    S = tl.load(base + offs_d[:, None] * D + offs_v[None, :])
+    z = tl.zeros([D], dtype=tl.float32)
+    if NORMALIZE:
+        z = tl.load(base + D * D + offs_d)
+    q_base = q_ptr + row0
+    k_base = k_ptr + row0
+    v_base = v_ptr + row0
+    o_base = o_ptr + row0
+    for t0 in range(0, t_len, BT):
+        mt = offs_t < t_len - t0
+        a_c = _features(tl.load(q_base + tile_d, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
+        if NORMALIZE:
+            den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
+        if CAUSAL:
+            b_c = _features(tl.load(k_base + tile_d, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+            v_c = _cast(tl.load(v_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+            A = tl.where(causal, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
+            num += _dot(_cast(A, q_ptr, DOT_MODE), v_c, DOT_MODE)
+            S += _dot(tl.trans(b_c), v_c, DOT_MODE)
+            if NORMALIZE:
+                den += tl.sum(A, axis=1)
+                z += tl.sum(b_c.to(tl.float32), axis=0)
+        if NORMALIZE:
+            rd = 1.0 / (den + eps)
+            num = num * rd[:, None]
+            if i_v == 0:
+                tl.store(rden_ptr + trow0 + t0 + offs_t, rd, mask=mt)
+        tl.store(o_base + tile_v, num.to(o_ptr.dtype.element_ty), mask=mt[:, None])
+        q_base += BT * H * D
+        k_base += BT * H * D
+        v_base += BT * H * D
+        o_base += BT * H * D
+
+
+@triton.autotune(
+    configs=_configs("BK", [(64, 64, 8, 2), (64, 32, 8, 2), (64, 16, 4, 2), (64, 16, 8, 2)]),
+    key=["D"],
+    prune_configs_by={"early_config_prune": _pruner("BK", 2, 128)},
+)
+@triton.jit
+def bwd_dqdk_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, rden_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
+    T, H, L, NS,
+    D: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):
+    """dq and dk for one K-tile of one segment, chunks in reverse order:
+      da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
+      db = v dS_next^T + dz_next + tril(g v^T + r)^T a
+    S_prev is walked backwards from the prefix of the next segment (S -= b^T v), which saves a forward
+    sweep; dS_next accumulates a^T g from the suffix of the later segments."""
+    i_k, i_s, i_bh, row0, trow0, t_len = _program(D // BK, NS, L, T, H, D)
+    offs_t = tl.arange(0, BT)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_d = tl.arange(0, D)
+    tile_k = offs_t[:, None] * (H * D) + offs_k[None, :]
+    tile_d = offs_t[:, None] * (H * D) + offs_d[None, :]
+    causal = offs_t[:, None] >= offs_t[None, :]
+    M = D * D + D
+    if CAUSAL:
+        fseg = i_s + 1
+        bseg = i_s
+    else:
+        fseg = NS
+        bseg = NS
+    fbase = st_ptr + (i_bh * (NS + 1) + fseg) * M
+    bbase = dst_ptr + (i_bh * (NS + 1) + bseg) * M
+    S = tl.load(fbase + offs_k[:, None] * D + offs_d[None, :])
+    dS = tl.load(bbase + offs_k[:, None] * D + offs_d[None, :])
+    z = tl.zeros([BK], dtype=tl.float32)
+    dz = tl.zeros([BK], dtype=tl.float32)
+    if NORMALIZE:
+        z = tl.load(fbase + D * D + offs_k)
+        dz = tl.load(bbase + D * D + offs_k)
+    n_blk = tl.cdiv(t_len, BT)
+    last = (n_blk - 1).to(tl.int64) * (BT * H * D)
+    q_base = q_ptr + row0 + last
+    k_base = k_ptr + row0 + last
+    v_base = v_ptr + row0 + last
+    do_base = do_ptr + row0 + last
+    dq_base = dq_ptr + row0 + last
+    dk_base = dk_ptr + row0 + last
+    for j in range(0, n_blk):
+        t0 = (n_blk - 1 - j) * BT
+        mt = offs_t < t_len - t0
+        b_c = _features(tl.load(k_base + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        v_c = _cast(tl.load(v_base + tile_d, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+        if CAUSAL:
+            S -= _dot(tl.trans(b_c), v_c, DOT_MODE)
+            if NORMALIZE:
+                z -= tl.sum(b_c.to(tl.float32), axis=0)
+        g = tl.load(do_base + tile_d, mask=mt[:, None], other=0.0)
+        if NORMALIZE:
+            rr = tl.load(r_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
+            rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
+            g_c = _cast(g.to(tl.float32) * rd[:, None], q_ptr, DOT_MODE)
+        else:
+            g_c = _cast(g, q_ptr, DOT_MODE)
+        # dq
+        da = _dot(g_c, tl.trans(_cast(S, q_ptr, DOT_MODE)), DOT_MODE)
+        if NORMALIZE:
+            da += rr[:, None] * z[None, :]
+        if CAUSAL:
+            dA = _dot(g_c, tl.trans(v_c), DOT_MODE)
+            if NORMALIZE:
+                dA += rr[:, None]
+            dA_c = _cast(tl.where(causal, dA, 0.0), q_ptr, DOT_MODE)
+            da += _dot(dA_c, b_c, DOT_MODE)
+        a_c = _features(tl.load(q_base + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        if FEATURE != 0:
+            da = da * _dphi(a_c, FEATURE)
+        tl.store(dq_base + tile_k, da.to(dq_ptr.dtype.element_ty), mask=mt[:, None])
+        # dk
+        db = _dot(v_c, tl.trans(_cast(dS, q_ptr, DOT_MODE)), DOT_MODE)
+        if NORMALIZE:
+            db += dz[None, :]
+        if CAUSAL:
+            db += _dot(tl.trans(dA_c), a_c, DOT_MODE)
+        if FEATURE != 0:
+            db = db * _dphi(b_c, FEATURE)
+        tl.store(dk_base + tile_k, db.to(dk_ptr.dtype.element_ty), mask=mt[:, None])
+        if CAUSAL:
+            dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
+            if NORMALIZE:
+                dz += tl.sum(a_c.to(tl.float32) * rr[:, None], axis=0)
+        q_base -= BT * H * D
+        k_base -= BT * H * D
+        v_base -= BT * H * D
+        do_base -= BT * H * D
+        dq_base -= BT * H * D
+        dk_base -= BT * H * D
+
+
+@triton.autotune(configs=_configs("BV", _VSPLIT), key=["D"], prune_configs_by={"early_config_prune": _pruner("BV", 1, 128)})
+@triton.jit
+def bwd_dv_kernel(
+    q_ptr, k_ptr, do_ptr, rden_ptr, dst_ptr, dv_ptr,
+    T, H, L, NS,
+    D: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+):
+    """dv for one V-tile of one segment, chunks in reverse: dv = b dS_next + tril(a b^T)^T g
+    (contracts over K: full K here); dS_next (D x BV) accumulates a^T g."""
+    i_v, i_s, i_bh, row0, trow0, t_len = _program(D // BV, NS, L, T, H, D)
+    offs_t = tl.arange(0, BT)
+    offs_d = tl.arange(0, D)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    tile_d = offs_t[:, None] * (H * D) + offs_d[None, :]
+    tile_v = offs_t[:, None] * (H * D) + offs_v[None, :]
+    causal_t = offs_t[:, None] <= offs_t[None, :]  # [s, t]: s <= t
+    if CAUSAL:
+        seg = i_s
+    else:
+        seg = NS
+    dS = tl.load(dst_ptr + (i_bh * (NS + 1) + seg) * (D * D + D) + offs_d[:, None] * D + offs_v[None, :])
+    n_blk = tl.cdiv(t_len, BT)
+    last = (n_blk - 1).to(tl.int64) * (BT * H * D)
+    q_base = q_ptr + row0 + last
+    k_base = k_ptr + row0 + last
+    do_base = do_ptr + row0 + last
+    dv_base = dv_ptr + row0 + last
+    for j in range(0, n_blk):
+        t0 = (n_blk - 1 - j) * BT
+        mt = offs_t < t_len - t0
+        b_c = _features(tl.load(k_base + tile_d, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        dv = _dot(b_c, _cast(dS, q_ptr, DOT_MODE), DOT_MODE)
+        if CAUSAL:
+            a_c = _features(tl.load(q_base + tile_d, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+            g = tl.load(do_base + tile_v, mask=mt[:, None], other=0.0)
+            if NORMALIZE:
+                rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
+                g_c = _cast(g.to(tl.float32) * rd[:, None], q_ptr, DOT_MODE)
+            else:
+                g_c = _cast(g, q_ptr, DOT_MODE)
+            At = tl.where(causal_t, _dot(b_c, tl.trans(a_c), DOT_MODE), 0.0)
+            dv += _dot(_cast(At, q_ptr, DOT_MODE), g_c, DOT_MODE)
+            dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
+        tl.store(dv_base + tile_v, dv.to(dv_ptr.dtype.element_ty), mask=mt[:, None])
+        q_base -= BT * H * D
+        k_base -= BT * H * D
+        do_base -= BT * H * D
+        dv_base -= BT * H * D

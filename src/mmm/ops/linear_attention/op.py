@@ -1,0 +1,190 @@
+"""Linear attention as torch.library ops (mmm::linear_attention_fwd / _bwd) backed by the Triton kernels,
+with autograd, and the public `linear_attention` that checks its inputs and dispatches.
+
+Dispatch: the Triton op on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; the naive PyTorch
+reference otherwise (CPU, float64 inputs, empty sequences, or Triton not installed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..._checks import check_float_tensor
+from .naive import linear_attention_naive
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+FEATURE_MAPS = ("elu", "relu", None, "identity")
+
+# How many (batch*head, segment) pairs the sweep kernels aim for: with 2 tiles each that is ~8 programs
+# per SM of an H200; segments shorter than _MIN_SEGMENT tokens cost more in state traffic than they
+# gain in parallelism.
+_TARGET_SEGMENTS = 512
+_MIN_SEGMENT = 256
+
+try:
+    import triton
+    from torch.library import triton_op, wrap_triton
+
+    from . import kernels
+
+    HAVE_TRITON = True
+except ImportError:  # CPU installs without triton (or a torch without triton_op) use the reference
+    HAVE_TRITON = False
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def segment_len(T: int, batch_heads: int) -> int:
+    """Tokens per segment: enough segments to fill the GPU, each a multiple of every kernel's chunk."""
+    mult = kernels.SEGMENT_MULTIPLE
+    per_seq = max(1, _TARGET_SEGMENTS // batch_heads)
+    L = _cdiv(_cdiv(T, per_seq), mult) * mult
+    return max(L, mult if kernels.INTERPRET else _MIN_SEGMENT)
+
+
+def _dot_mode(dtype: torch.dtype) -> int:
+    if kernels.INTERPRET:
+        return 2  # fp32 operands, IEEE: bf16 dots are wrong under the interpreter
+    if dtype == torch.bfloat16:
+        return 0  # bf16 operands, fp32 accumulation
+    # fp16: an fp16 copy of the state could overflow on long sequences; fp32: IEEE fp32 dots spill
+    # registers badly on sm_90. Both use fp32 operands in tf32 (about 3e-4 relative error).
+    return 1
+
+
+if HAVE_TRITON:
+
+    @triton_op("mmm::linear_attention_fwd", mutates_args=())
+    def linear_attention_fwd(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        feature: int, normalize: bool, causal: bool, eps: float, seg_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns o [B,T,H,D], rden = 1/(den+eps) [B,H,T] fp32 (zeros when not normalizing) and the
+        exclusive per-segment prefix states [B*H, NS+1, D*D+D] fp32 (entry NS = total), kept for backward."""
+        B, T, H, D = q.shape
+        NS = triton.cdiv(T, seg_len)
+        M = D * D + D
+        o = torch.empty_like(q)
+        alloc = torch.empty if normalize else torch.zeros
+        rden = alloc((B, H, T), dtype=torch.float32, device=q.device)
+        states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=q.device)
+        common = dict(T=T, H=H, L=seg_len, NS=NS, D=D, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
+        wrap_triton(kernels.chunk_state_kernel)[lambda m: (D // m["BK"] * NS * B * H,)](
+            k, v, v, rden, rden, states, BWD=False, **common)
+        wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
+            states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
+        wrap_triton(kernels.fwd_kernel)[lambda m: (D // m["BV"] * NS * B * H,)](
+            q, k, v, o, rden, states, eps=eps, CAUSAL=causal, **common)
+        return o, rden, states
+
+    @triton_op("mmm::linear_attention_bwd", mutates_args=())
+    def linear_attention_bwd(
+        do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+        rden: torch.Tensor, states: torch.Tensor,
+        feature: int, normalize: bool, causal: bool, seg_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dq, dk, dv from the forward's saved o, rden and prefix states."""
+        B, T, H, D = q.shape
+        NS = triton.cdiv(T, seg_len)
+        M = D * D + D
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        r = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+        dstates = torch.empty_like(states)
+        common = dict(T=T, H=H, L=seg_len, NS=NS, D=D, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
+        wrap_triton(kernels.chunk_state_kernel)[lambda m: (D // m["BK"] * NS * B * H,)](
+            q, do, o, rden, r, dstates, BWD=True, **common)
+        wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
+            dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
+        wrap_triton(kernels.bwd_dqdk_kernel)[lambda m: (D // m["BK"] * NS * B * H,)](
+            q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, **common)
+        wrap_triton(kernels.bwd_dv_kernel)[lambda m: (D // m["BV"] * NS * B * H,)](
+            q, k, do, rden, dstates, dv, CAUSAL=causal, **common)
+        return dq, dk, dv
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, feature, normalize, causal, eps, seg_len = inputs
+        o, rden, states = output
+        ctx.save_for_backward(q, k, v, o, rden, states)
+        ctx.config = (feature, normalize, causal, seg_len)
+        ctx.mark_non_differentiable(rden, states)
+
+    def _backward(ctx, do, _drden, _dstates):
+        q, k, v, o, rden, states = ctx.saved_tensors
+        dq, dk, dv = linear_attention_bwd(do.contiguous(), q, k, v, o, rden, states, *ctx.config)
+        return dq, dk, dv, None, None, None, None, None
+
+    linear_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(q, k, v, feature_map, normalize, causal, eps) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t)
+    if q.dim() != 4:
+        raise ValueError(f"q must have 4 dimensions [batch, seq_len, heads, head_dim], got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; put q, k and v on one device")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be 'elu', 'relu' or None (identity), got {feature_map!r}")
+    if not isinstance(normalize, bool) or not isinstance(causal, bool):
+        raise TypeError(f"normalize and causal must be bools, got {normalize!r} and {causal!r}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def _uses_kernel(q: torch.Tensor) -> bool:
+    return (
+        HAVE_TRITON
+        and q.dtype != torch.float64
+        and q.shape[1] > 0
+        and (q.is_cuda or (kernels.INTERPRET and q.device.type == "cpu"))
+    )
+
+
+def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps=1e-6, seg_len=None):
+    """The Triton path without dispatch; seg_len (a multiple of kernels.SEGMENT_MULTIPLE) picks the
+    segment length, which tests and the benchmark vary."""
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim (last dimension of q, k, v) must be one of {SUPPORTED_HEAD_DIMS} for the Triton kernel, "
+            f"got {D}; pad the head dimension or use linear_attention_naive"
+        )
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, T, H, _ = q.shape
+    if seg_len is None:
+        seg_len = segment_len(T, B * H)
+    elif seg_len <= 0 or seg_len % kernels.SEGMENT_MULTIPLE:
+        raise ValueError(f"seg_len must be a positive multiple of {kernels.SEGMENT_MULTIPLE}, got {seg_len}")
+    feature = kernels.FEATURE_CODES[feature_map]
+    o, _, _ = linear_attention_fwd(q, k, v, feature, normalize, causal, float(eps), seg_len)
+    return o
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: str | None = "elu",
+    normalize: bool = True,
+    causal: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Linear attention o_t = phi(q_t) S_t / (phi(q_t) . z_t + eps) with S_t = sum_{s<=t} phi(k_s)^T v_s,
+    z_t = sum_{s<=t} phi(k_s) (sums over the whole sequence when causal=False; no division when
+    normalize=False). q, k, v: [batch, seq_len, heads, head_dim], one float dtype, one device; q is not
+    scaled here. phi: 'elu' (elu(x)+1), 'relu' or None (identity). Output in the input dtype; state and
+    accumulation in fp32. The Triton kernel takes head_dim in SUPPORTED_HEAD_DIMS.
+    """
+    _check_inputs(q, k, v, feature_map, normalize, causal, eps)
+    if not _uses_kernel(q):
+        return linear_attention_naive(q, k, v, feature_map, normalize, causal, eps)
+    return _kernel_forward(q, k, v, feature_map, normalize, causal, eps)
