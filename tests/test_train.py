@@ -169,6 +169,9 @@ def test_checkpoint_is_safetensors_and_writes_are_atomic(tmp_path, text_dir, mon
     with pytest.raises(OSError, match="disk full"):
         train(tiny(tmp_path, text_dir, steps=3, val_every=0))
     assert path.read_bytes() == before  # the previous checkpoint is untouched
+    from mmm.models import GPT
+
+    assert GPT.load(path).cfg == TINY_MODEL  # a training checkpoint loads as a model for generation
 
 
 def test_resume_from_a_different_config_names_the_fields(tmp_path, text_dir):
@@ -275,10 +278,17 @@ def test_cli_errors(tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_gpu_training_bf16_compile_and_resume(tmp_path, text_dir):
-    full = train(tiny(tmp_path / "full", text_dir, device="cuda", compile=True, steps=6))
-    assert all(math.isfinite(v) for v in full["history"]["loss"])
+    compiled = train(tiny(tmp_path / "compiled", text_dir, device="cuda", compile=True))
+    assert all(math.isfinite(v) for v in compiled["history"]["loss"])
+
+    def kill_after_3(step, loss):
+        if step == 3:
+            raise StopTraining
+
     with pytest.raises(StopTraining):
-        train(tiny(tmp_path / "part", text_dir, device="cuda", ckpt_every=3), on_step=lambda s, l: (_ for _ in ()).throw(StopTraining) if s == 3 else None)
+        train(tiny(tmp_path / "part", text_dir, device="cuda", ckpt_every=3), on_step=kill_after_3)
     resumed = train(tiny(tmp_path / "part", text_dir, device="cuda", resume="auto"))
-    uninterrupted = train(tiny(tmp_path / "again", text_dir, device="cuda"))
-    np.testing.assert_allclose(resumed["history"]["loss"], uninterrupted["history"]["loss"], rtol=1e-3)
+    uninterrupted = train(tiny(tmp_path / "full", text_dir, device="cuda"))
+    # bf16 autocast and possibly non-deterministic attention backward: close, not bitwise.
+    np.testing.assert_allclose(resumed["history"]["loss"], uninterrupted["history"]["loss"], rtol=2e-3)
+    np.testing.assert_allclose(compiled["history"]["loss"], uninterrupted["history"]["loss"], rtol=2e-2)

@@ -4,9 +4,10 @@ another attention), on the same data in the same order. Writes compare.png (vali
 training seconds, one curve per model) and compare.json (tokens/s, final validation loss, parameters,
 config of each) in `out/`, and each run's own log, plot and checkpoint in `out/<name>/`.
 
-The clock counts training steps only (forward, backward, optimizer, including torch.compile's first-step
-compilation when --compile is on), not validation or checkpoint writing: the budget measures what each
-model's arithmetic costs, and validation happens at the same step counts for both.
+The clock counts training steps only (forward, backward, optimizer), not validation, checkpoint writing
+or one untimed warm-up forward/backward before the first step (torch.compile, Triton autotuning, cuBLAS
+heuristics: one-off set-up a longer run would amortise). Validation happens at the same step counts for
+both, on the same fixed validation windows.
 """
 
 from __future__ import annotations

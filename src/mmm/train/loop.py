@@ -241,6 +241,13 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, d: Dist, on_step) -> dict[st
         log()
 
     trained.train()
+    if cfg.max_seconds is not None and step == 0:
+        # Under a time budget, one untimed forward/backward first (torch.compile, Triton autotuning,
+        # cuBLAS heuristics), then no update: the clock then measures training, not one-off set-up.
+        with autocast(d.device):
+            _, warm = forward(*(t.to(d.device) for t in sampler.batch(0)))
+        warm.backward()
+        optimizer.zero_grad(set_to_none=True)
     if step == 0 and cfg.val_every:  # the starting point of the validation curve
         validate()
     while step < cfg.steps and (cfg.max_seconds is None or elapsed < cfg.max_seconds):
