@@ -272,6 +272,9 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--ffn-structure", "nonsense"])
     assert "known structures" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="seq_len=64 is longer than the model's max_seq_len=32"):
+        (tmp_path / "a.txt").write_text("print('hello')\n" * 100)
+        main(["train", "--seq-len", "64", "--max-seq-len", "32", "--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--compare needs --minutes"):
         main(["train", "--compare", "dense,mmm"])
 
