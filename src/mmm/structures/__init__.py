@@ -6,5 +6,8 @@ from .lowrank import LowRank
 from .blockdiag import BlockDiag
 from .monarch import Monarch
 from .kronecker import Kronecker
+from .circulant import Circulant
+from .toeplitz import Toeplitz
+from .ldr import LDR
 
-__all__ = ["Structure", "build_structure", "structure_class", "Dense", "LowRank", "BlockDiag", "Monarch", "Kronecker"]
+__all__ = ["Structure", "build_structure", "structure_class", "Dense", "LowRank", "BlockDiag", "Monarch", "Kronecker", "Circulant", "Toeplitz", "LDR"]

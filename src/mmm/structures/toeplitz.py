@@ -1,0 +1,71 @@
+"""Toeplitz weights: W[i, j] = t[i - j + in - 1], in + out - 1 parameters, any rectangular shape.
+
+y = W x is a slice of the linear convolution t * x: y[i] = (t * x)[i + in - 1]. The convolution is
+computed as a circular one of length L >= in + out - 1 (so nothing wraps onto the entries kept),
+with L a 2,3,5-smooth size that FFT libraries transform fast: O(L log L) per row.
+
+Projection: the diagonal indicator matrices are an orthogonal basis of the Toeplitz subspace, so
+the Frobenius-nearest Toeplitz matrix has t[d] = mean of W's d-th diagonal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..configs import ToeplitzConfig
+from ._fft import fast_len, real_fft_flops, work_dtype
+from .base import Structure, register
+
+
+@register(ToeplitzConfig)
+class Toeplitz(Structure):
+    def __init__(self, in_features, out_features, config=ToeplitzConfig(), *, device=None, dtype=None):
+        super().__init__(in_features, out_features, config, device=device, dtype=dtype)
+        self.fft_size = fast_len(in_features + out_features - 1)
+        self.t = nn.Parameter(torch.empty(in_features + out_features - 1, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Every entry of W is one entry of t, so nn.Linear's U(-1/sqrt(in), 1/sqrt(in)) carries over.
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.t, -bound, bound)
+
+    def spectrum(self, dtype: torch.dtype) -> torch.Tensor:
+        """rfft of t zero-padded to fft_size: [fft_size//2 + 1] complex, computed in `dtype`.
+        The only place the parameters enter the forward, so a cached spectrum can replace it."""
+        return torch.fft.rfft(self.t.to(dtype), n=self.fft_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        L, n = self.fft_size, self.in_features
+        work = work_dtype(x.dtype)
+        if x.numel() == 0:  # MKL's FFT rejects empty batches
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        xf = torch.fft.rfft(x.to(work), n=L, dim=-1)
+        y = torch.fft.irfft(xf * self.spectrum(work), n=L, dim=-1)
+        return y[..., n - 1 : n - 1 + self.out_features].to(x.dtype)
+
+    def _diagonal_index(self) -> torch.Tensor:
+        """[out, in] index into t: entry (i, j) lies on diagonal i - j + in - 1."""
+        i = torch.arange(self.out_features, device=self.t.device)
+        j = torch.arange(self.in_features, device=self.t.device)
+        return i[:, None] - j[None, :] + (self.in_features - 1)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.t[self._diagonal_index()]
+
+    @torch.no_grad()
+    def _project(self, weight: torch.Tensor) -> None:
+        idx = self._diagonal_index().flatten()
+        sums = torch.zeros(self.t.numel(), device=weight.device, dtype=weight.dtype).index_add_(0, idx, weight.flatten())
+        counts = torch.bincount(idx, minlength=self.t.numel())
+        self.t.copy_(sums / counts)
+
+    def flops(self, num_tokens: int) -> int:
+        # Per row: an rfft of x, a complex product (6 real flops) per frequency, an irfft. The
+        # parameters' spectrum does not grow with the number of rows (and is cached on the GPU path).
+        L = self.fft_size
+        per_row = 2 * real_fft_flops(L) + 6 * (L // 2 + 1)
+        return num_tokens * round(per_row)
