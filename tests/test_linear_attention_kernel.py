@@ -102,6 +102,16 @@ def test_default_segments_and_public_function(poisoned_empty):
 
 
 @needs_kernel
+def test_bf16_inputs_within_twice_pytorch_bf16_error():
+    """bf16 in, bf16 out (under the interpreter the dots run in fp32; on GPU see the gpu test)."""
+    q, k, v = make_inputs(1, 40, 2, 16, "elu", True, dtype=torch.bfloat16)
+    ref = linear_attention_naive(q.double(), k.double(), v.double())
+    o = op._kernel_forward(q, k, v, seg_len=16 if op.kernels.INTERPRET else 128)
+    assert o.dtype == torch.bfloat16
+    assert rel_err(o, ref) <= 2 * rel_err(linear_attention_naive(q, k, v), ref)
+
+
+@needs_kernel
 def test_strided_inputs():
     # [B, H, T, D] storage seen as [B, T, H, D], and a sliced head dim: neither is contiguous
     B, T, H, D = 1, 33, 2, 16

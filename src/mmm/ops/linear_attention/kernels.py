@@ -16,6 +16,13 @@ Backward mirrors it: local sums of a^T g (and of r a) per segment, a reverse (su
   - dv_kernel: V-tiles x full K, reverse sweep holding dS, giving dv (contracts over K).
 All states and accumulations are fp32; operands of tl.dot are cast to the input dtype (bf16) on GPU.
 
+Bytes, in units of one [B, T, H, D] bf16 tensor: forward reads k, v (states) then q, k, v and writes o:
+6 (the minimum is 4); backward reads q, do, o (states, r), then q, k, v, do and writes dq, dk, then q, k, do
+and writes dv: 13 (minimum 8). Plus the fp32 segment states, small unless segments are short. At T=128k,
+H=16, D=128 a unit is 0.54 GB, so about 0.8 ms forward and 1.7 ms backward at 4.2 TB/s; the FLOPs
+(~0.1 MFLOP per token and head forward, ~2.5x that backward) take about a third of that at 775
+TFLOP/s. Memory-bound by design: the backward/forward ratio is about 2 at best.
+
 DOT_MODE: 0 = operands in the input dtype (bf16), 1 = fp32 operands in tf32 (fp16 inputs, whose state
 could overflow fp16, and fp32 inputs, for which IEEE dots spill registers badly on sm_90), 2 = fp32
 operands, IEEE (under TRITON_INTERPRET, where bf16 dots are wrong).

@@ -17,11 +17,13 @@ from .naive import linear_attention_naive
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 FEATURE_MAPS = ("elu", "relu", None, "identity")
 
-# How many (batch*head, segment) pairs the sweep kernels aim for: with 2 tiles each that is ~8 programs
-# per SM of an H200; segments shorter than _MIN_SEGMENT tokens cost more in state traffic than they
-# gain in parallelism.
+# How many (batch*head, segment) pairs the sweep kernels aim for: with 2 tiles each, ~8 programs per SM
+# of an H200 (one resident at a time: they use ~255 registers a thread). Each segment's D x D fp32 state
+# (64 KB at D=128) moves ~8 times (written, scanned, read, in both passes): for segments under ~700
+# tokens that is more bytes than their q, k and v. Both numbers are guesses to check with
+# scripts/gpu_linear_attention.py (it sweeps the segment length).
 _TARGET_SEGMENTS = 512
-_MIN_SEGMENT = 256
+_MIN_SEGMENT = 512
 
 try:
     import triton
