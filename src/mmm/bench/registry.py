@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 # modules whose import registers cases; append yours here
-CASE_MODULES = ["mmm.bench.cases_linear"]
+CASE_MODULES = ["mmm.bench.cases_linear", "mmm.bench.cases_attention"]
 
 
 @dataclass

@@ -1,0 +1,303 @@
+"""Attention paths against cuDNN SDPA, causal, at long sequence lengths, each approximation's error on
+real attention inputs beside its speed.
+
+`attn.causal.T{T}`: B=1, H=16, D=128, T in 2048..131072 (quick: H=2, D=32, T in 256, 512), layout
+[B, T, H, D] as `mmm.attention` takes it. Baseline: SDPA forced to cuDNN (on CPU the math backend);
+then SDPA flash, mmm's linear (elu / relu, normalized), window and hybrid paths, and, where
+flash-linear-attention (`fla`) imports, its normalized chunk kernel on elu(x)+1 features and its raw
+unnormalized fused kernel, called exactly as in ../shared/anchors/probe_baseline2.py. Timing inputs are
+Gaussian (speed does not depend on the values). The quality column is `attention_error` (relative error
+vs exact softmax on 1024 sampled query rows) on q/k/v captured from a trained model's attention layer
+at the case's T (`attention_inputs`: same heads and head dim as the case).
+
+`attn.crossover`: exact (`mmm.attention(method="exact")`, SDPA's own backend choice) and linear (elu,
+normalized) at T in 512..4096 (quick: 64, 128). The setup first times forward+backward of both at every
+T with the bench's timer and finds where linear becomes faster (log-log interpolation); that crossover
+is in every row's info. The rows are then timed as usual, without a baseline (they differ in T).
+
+FLOPs (forward, matmul terms only): softmax 4 D per visible (query, key) pair, i.e. 4 B H D T(T+1)/2
+causal (~ 4 B H T^2 D / 2) and ~4 B H T w D for a window w; linear 4 B H T D (D + C): state update and
+read-out 2 D^2 each per token, plus the chunk-local quadratic part 4 C D per token (chunk C = 64).
+Backward: 2.5x forward for softmax (flash-style: 5 T x T products to the forward's 2), 2x for linear.
+Bytes: read q, k, v and write o (forward); also read o, dO and write dq, dk, dv (forward+backward).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..attention import attention, attention_error, exact_backend
+from ..attention.api import exact_rows, sample_query_rows
+from .attention_inputs import real_qkv
+from .registry import Variant, Workload, bench_case
+from .timing import FULL, QUICK, median_ms
+
+QUALITY_KEY = "rel. err vs softmax"
+QUALITY_ROWS = 1024  # query rows sampled by attention_error
+LINEAR_CHUNK = 64  # chunk length of the FLOP model of chunked linear attention
+SOFTMAX_BWD, LINEAR_BWD = 2.5, 2.0  # backward FLOPs / forward FLOPs
+MEMORY_HEADROOM = 0.9  # skip a variant whose estimated peak exceeds this share of the free memory
+
+
+@dataclass(frozen=True)
+class Sizes:
+    heads: int
+    head_dim: int
+    lengths: tuple[int, ...]
+    windows: tuple[int, ...]
+    hybrid_window: int
+    crossover: tuple[int, ...]
+
+
+FULL_SIZES = Sizes(16, 128, (2048, 8192, 32768, 131072), (256, 1024), 256, (512, 1024, 2048, 4096))
+# quick windows shrink with T so that they still leave keys outside the window (w >= T would be exact)
+QUICK_SIZES = Sizes(2, 32, (256, 512), (32, 128), 32, (64, 128))
+
+
+# --- cost model ---------------------------------------------------------------------------------------
+
+
+def visible_pairs(t: int, window: int | None = None) -> int:
+    """(query, key) pairs a causal attention sees: T(T+1)/2, or with a window w sum_i min(w, i + 1)."""
+    if window is None or window >= t:
+        return t * (t + 1) // 2
+    return window * (window + 1) // 2 + (t - window) * window
+
+
+def softmax_flops(b: int, h: int, t: int, d: int, window: int | None = None) -> int:
+    return 4 * b * h * d * visible_pairs(t, window)  # q.k and p.v: 2 multiply-adds of length d per pair
+
+
+def linear_flops(b: int, h: int, t: int, d: int) -> int:
+    return 4 * b * h * t * d * (d + min(LINEAR_CHUNK, t))
+
+
+def io_bytes(q: torch.Tensor) -> tuple[int, int]:
+    """(forward, forward+backward) bytes: q, k, v, o and their gradients, each the size of q."""
+    one = q.numel() * q.element_size()
+    return 4 * one, 12 * one
+
+
+def available_bytes(device: torch.device) -> float:
+    """Memory a variant could still get: free + cached-but-unused on CUDA, MemAvailable on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
+
+
+def peak_bytes(kind: str, b: int, h: int, t: int, window: int = 0) -> int:
+    """Rough forward+backward peak of the paths that materialise more than O(T H D), fp32 blocks kept
+    for autograd: SDPA's math backend (T x T scores, probabilities and their gradients), mmm's window /
+    hybrid paths (query chunks of C = min(w, T) against 2C keys). Other paths: 0 (not the limit)."""
+    if kind == "math":
+        return 4 * b * h * t * t * 4
+    blocks = b * h * t * 2 * min(window, t) * 4
+    return {"window": 6, "hybrid": 10}.get(kind, 0) * blocks
+
+
+# --- variants ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sampled_error(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int = QUALITY_ROWS) -> float:
+    """attention_error's measure for an output computed elsewhere (fla): ||O - O_exact|| / ||O_exact||
+    on the same sampled query rows (seed 0), causal."""
+    r = sample_query_rows(q.shape[1], rows, 0, q.device)
+    ref = exact_rows(q, k, v, r, True)
+    return float((out[:, r].to(ref.dtype) - ref).norm() / ref.norm())
+
+
+def attention_variant(label: str, fn: Callable, inputs: tuple, grad: torch.Tensor, flops: int, bwd_factor: float, *,
+                      baseline: bool = False, need_bytes: int = 0, info: dict | None = None,
+                      error_fn: Callable | None = None, real: Callable | None = None) -> Variant:
+    """A variant timing fn(q, k, v) -> o [B, T, H, D] and o.backward(grad). `error_fn(q, k, v) -> float`
+    fills the quality column, on the real q/k/v that `real()` returns; a failure there is noted in info
+    and warned about, not fatal to the timing. `need_bytes` > free memory skips the variant (recorded)."""
+    q, k, v = inputs
+
+    def build() -> Workload:
+        have = available_bytes(q.device)
+        if need_bytes > MEMORY_HEADROOM * have:
+            raise MemoryError(f"skipped: needs about {need_bytes / 2**30:.0f} GiB, {have / 2**30:.0f} GiB free")
+        fwd_bytes, fwd_bwd_bytes = io_bytes(q)
+
+        def forward_backward() -> None:
+            fn(q, k, v).backward(grad)
+
+        work = Workload(forward=lambda: fn(q, k, v), forward_backward=forward_backward, grad_to_none=(q, k, v),
+                        flops=flops, bytes=fwd_bytes, fwd_bwd_flops=round(flops * (1 + bwd_factor)),
+                        fwd_bwd_bytes=fwd_bwd_bytes, info={"layout": "[B, T, H, D]", **(info or {})})
+        if error_fn is not None:
+            try:
+                r = real()
+                rq, rk, rv = (x.to(q.dtype) for x in (r.q, r.k, r.v))
+                work.quality[QUALITY_KEY] = error_fn(rq, rk, rv)
+                work.info["quality_inputs"] = r.info
+            except Exception as exc:  # the timing still stands; the missing quality is said why
+                work.info["quality_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                warnings.warn(f"{label}: quality not measured: {work.info['quality_error']}", stacklevel=2)
+        return work
+
+    return Variant(label, build, baseline)
+
+
+def sdpa(backend: SDPBackend) -> Callable:
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return o.transpose(1, 2)
+
+    return run
+
+
+def mmm_path(method: str, **kwargs) -> Callable:
+    return lambda q, k, v: attention(q, k, v, method, causal=True, **kwargs)
+
+
+def mmm_error(method: str, **kwargs) -> Callable:
+    return lambda q, k, v: attention_error(q, k, v, method, sample_rows=QUALITY_ROWS, causal=True, **kwargs)
+
+
+def fla_paths() -> dict[str, Callable]:
+    """flash-linear-attention as the anchors call it, on [B, T, H, D]: the normalized chunk kernel on
+    elu(x)+1 features (computed outside, as a user of fla must) and the raw fused kernel (identity map)."""
+    from fla.ops.linear_attn import chunk_linear_attn, fused_chunk_linear_attn
+
+    return {
+        "normalized": lambda q, k, v: chunk_linear_attn(F.elu(q) + 1, F.elu(k) + 1, v, normalize=True)[0],
+        "unnormalized": lambda q, k, v: fused_chunk_linear_attn(q, k, v, normalize=False)[0],
+    }
+
+
+def fla_variant(label: str, which: str, inputs, grad, flops: int, real: Callable) -> Variant:
+    def build() -> Workload:
+        fn = fla_paths()[which]  # at build time, so a missing or broken fla is recorded as this row's error
+        return attention_variant(label, fn, inputs, grad, flops, LINEAR_BWD, info={"impl": f"fla.ops.linear_attn ({which})"},
+                                 error_fn=lambda q, k, v: sampled_error(fn(q, k, v), q, k, v), real=real).build()
+
+    return Variant(label, build)
+
+
+def _causal_setup(t: int, sizes: Sizes):
+    def setup(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Variant]:
+        b, h, d = 1, sizes.heads, sizes.head_dim
+        q, k, v = (torch.randn(b, t, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad = torch.randn(b, t, h, d, device=device, dtype=dtype)
+        inputs = (q, k, v)
+        real = lambda: real_qkv(t, quick, device)  # noqa: E731  (trained once per process, on first use)
+        exact, lin = softmax_flops(b, h, t, d), linear_flops(b, h, t, d)
+        cuda = device.type == "cuda"
+        base = SDPBackend.CUDNN_ATTENTION if cuda else SDPBackend.MATH
+        variants = [
+            attention_variant(f"sdpa {'cudnn' if cuda else 'math'}", sdpa(base), inputs, grad, exact, SOFTMAX_BWD,
+                              baseline=True, need_bytes=0 if cuda else peak_bytes("math", b, h, t),
+                              info={"backend": "cudnn" if cuda else "math"}),
+            attention_variant("sdpa flash", sdpa(SDPBackend.FLASH_ATTENTION), inputs, grad, exact, SOFTMAX_BWD,
+                              info={"backend": "flash"}),
+        ]
+        for fmap, label in (("elu", "linear elu (normalized)"), ("relu", "linear relu (normalized)")):
+            variants.append(attention_variant(
+                label, mmm_path("linear", feature_map=fmap), inputs, grad, lin, LINEAR_BWD,
+                info={"call": f"mmm.attention(method='linear', feature_map='{fmap}')"},
+                error_fn=mmm_error("linear", feature_map=fmap), real=real))
+        for w in sizes.windows:
+            variants.append(attention_variant(
+                f"window {w}", mmm_path("window", window=w), inputs, grad, softmax_flops(b, h, t, d, w), SOFTMAX_BWD,
+                need_bytes=peak_bytes("window", b, h, t, w), info={"call": f"mmm.attention(method='window', window={w})"},
+                error_fn=mmm_error("window", window=w), real=real))
+        w = sizes.hybrid_window
+        near = softmax_flops(b, h, t, d, w)  # hybrid = window softmax + linear for the far keys
+        variants.append(attention_variant(
+            f"hybrid w={w} elu", mmm_path("hybrid", window=w, feature_map="elu"), inputs, grad,
+            near + lin, (near * SOFTMAX_BWD + lin * LINEAR_BWD) / (near + lin),
+            need_bytes=peak_bytes("hybrid", b, h, t, w),
+            info={"call": f"mmm.attention(method='hybrid', window={w}, feature_map='elu')"},
+            error_fn=mmm_error("hybrid", window=w, feature_map="elu"), real=real))
+        # fla is GPU-only: listed on CUDA always (a missing install shows as an error), on CPU if installed
+        if cuda or importlib.util.find_spec("fla") is not None:
+            variants.append(fla_variant("fla chunk_linear_attn (normalized, elu+1)", "normalized", inputs, grad, lin, real))
+            variants.append(fla_variant("fla fused_chunk_linear_attn (unnormalized)", "unnormalized", inputs, grad, lin, real))
+        return variants
+
+    return setup
+
+
+# --- crossover ----------------------------------------------------------------------------------------
+
+
+def crossover_length(lengths: tuple[int, ...], exact_ms: list[float], linear_ms: list[float]) -> tuple[int | None, str]:
+    """The length from which linear stays faster than exact: log-log interpolation of the time ratio
+    between the last length where exact is faster and the next one. (None, why) when not bracketed."""
+    ratios = [e / l for e, l in zip(exact_ms, linear_ms)]  # > 1: linear is faster
+    first = len(ratios)
+    while first > 0 and ratios[first - 1] >= 1.0:
+        first -= 1
+    if first == len(ratios):
+        return None, f"exact is faster at the longest length measured ({lengths[-1]}): crossover above {lengths[-1]}"
+    if first == 0:
+        return lengths[0], f"linear is faster from the shortest length measured: crossover <= {lengths[0]}"
+    lo, hi = first - 1, first
+    frac = -math.log(ratios[lo]) / (math.log(ratios[hi]) - math.log(ratios[lo]))
+    at = round(math.exp(math.log(lengths[lo]) + frac * (math.log(lengths[hi]) - math.log(lengths[lo]))))
+    return at, f"about {at} tokens (linear forward+backward faster from there on; between {lengths[lo]} and {lengths[hi]})"
+
+
+def _crossover_setup(sizes: Sizes):
+    def setup(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Variant]:
+        b, h, d = 1, sizes.heads, sizes.head_dim
+        settings = QUICK if quick else FULL
+        exact, linear = mmm_path("exact"), mmm_path("linear", feature_map="elu")
+        per_length, timed = [], {"T": [], "exact_ms": [], "linear_ms": []}
+        for t in sizes.crossover:
+            q, k, v = (torch.randn(b, t, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            grad = torch.randn(b, t, h, d, device=device, dtype=dtype)
+            per_length.append((t, (q, k, v), grad))
+            timed["T"].append(t)
+            for name, fn in (("exact_ms", exact), ("linear_ms", linear)):
+                step = lambda fn=fn, q=q, k=k, v=v, grad=grad: fn(q, k, v).backward(grad)  # noqa: E731
+                timed[name].append(median_ms(step, device, settings, (q, k, v)))
+        at, text = crossover_length(sizes.crossover, timed["exact_ms"], timed["linear_ms"])
+        rounded = {name: [float(f"{x:.4g}") for x in xs] if name != "T" else xs for name, xs in timed.items()}
+        summary = {"crossover_T": at, "crossover": text, "crossover_fwd_bwd_ms": rounded}
+        variants = []
+        for t, inputs, grad in per_length:
+            backend = exact_backend(*inputs)
+            variants.append(attention_variant(f"exact T={t}", exact, inputs, grad, softmax_flops(b, h, t, d), SOFTMAX_BWD,
+                                              info={"T": t, "backend": backend, **summary}))
+            variants.append(attention_variant(f"linear elu (normalized) T={t}", linear, inputs, grad,
+                                              linear_flops(b, h, t, d), LINEAR_BWD, info={"T": t, **summary}))
+        return variants
+
+    return setup
+
+
+def _register() -> None:
+    for sizes, quick in ((QUICK_SIZES, True), (FULL_SIZES, False)):
+        shape = f"B=1, H={sizes.heads}, D={sizes.head_dim}, causal"
+        lengths = ", ".join(map(str, sizes.crossover))
+        bench_case("attn.crossover" + (".quick" if quick else ""), "attention",
+                   f"exact vs linear elu (normalized) fwd+bwd, {shape}, T in {lengths}; crossover in the info", quick)(
+            _crossover_setup(sizes))
+        for t in sizes.lengths:
+            bench_case(f"attn.causal.T{t}", "attention",
+                       f"{shape}, T={t}; quality: {QUALITY_KEY} on real q/k/v of a trained layer", quick)(
+                _causal_setup(t, sizes))
+
+
+_register()
