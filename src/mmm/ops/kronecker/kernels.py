@@ -52,10 +52,39 @@ def _configs(tile_name: str):
     if INTERPRET:
         return [triton.Config({tile_name: 32}, num_warps=4, num_stages=1)]
     return [triton.Config({tile_name: t}, num_warps=w, num_stages=s)
-            for t in (64, 128) for w in (4, 8) for s in (2, 3)]
+            for t in (64, 128) for w in (4, 8) for s in (1, 2, 3)]
 
 
-@triton.autotune(configs=_configs("BO2"), key=["I1", "I2", "O1", "O2", "R", "KEY_N"])
+SMEM_BUDGET = 200 * 1024  # bytes; the H100/H200 limit is 227 KB per block
+
+
+def _pruner(tile_name: str, tiles):
+    """Drop configs whose pipelined operand tiles would not fit in shared memory (they fail to launch)."""
+
+    def prune(configs, named_args, **kwargs):
+        elem = named_args[tiles[0][0]].element_size()
+        fits = []
+        for c in configs:
+            t = c.kwargs[tile_name]
+            words = sum(rows(kwargs, t) * cols(kwargs, t) for _, rows, cols in tiles)
+            if words * elem * max(1, c.num_stages) <= SMEM_BUDGET:
+                fits.append(c)
+        return fits or [min(configs, key=lambda c: (c.kwargs[tile_name], c.num_stages))]
+
+    return prune
+
+
+# operand tiles (name of a tensor arg for its element size, rows, cols) as functions of the constexprs
+_APPLY_TILES = [("x_ptr", lambda k, t: k["BI1"], lambda k, t: k["BI2"]),
+                ("x_ptr", lambda k, t: k["BI2"], lambda k, t: t),
+                ("x_ptr", lambda k, t: k["BO1"], lambda k, t: k["BI1"])]
+_GRAD_TILES = [("g_ptr", lambda k, t: t, lambda k, t: k["BK1"]),
+               ("g_ptr", lambda k, t: k["BK1"], lambda k, t: k["BK2"]),
+               ("g_ptr", lambda k, t: k["BK2"], lambda k, t: k["BP"])]
+
+
+@triton.autotune(configs=_configs("BO2"), key=["I1", "I2", "O1", "O2", "R", "KEY_N"],
+                 prune_configs_by={"early_config_prune": _pruner("BO2", _APPLY_TILES)})
 @triton.jit
 def kron_apply_kernel(
     x_ptr, a_ptr, b_ptr, y_ptr,
@@ -99,7 +128,8 @@ def kron_apply_kernel(
         tl.store(y_ptr + n * syn + y_off, acc.to(dt), mask=n_ok & o1_ok[:, None] & o2_ok[None, :])
 
 
-@triton.autotune(configs=_configs("BM"), key=["M", "K1", "K2", "P", "KEY_N"])
+@triton.autotune(configs=_configs("BM"), key=["M", "K1", "K2", "P", "KEY_N"],
+                 prune_configs_by={"early_config_prune": _pruner("BM", _GRAD_TILES)})
 @triton.jit
 def kron_factor_grad_kernel(
     g_ptr, f_ptr, h_ptr, out_ptr,
