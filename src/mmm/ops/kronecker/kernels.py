@@ -48,11 +48,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _configs(tile_name: str):
+def _configs(tile_name: str, tokens_per_program=(None,)):
+    """Tile x warps x stages (x tokens per program, when the kernel takes TOK as a constexpr)."""
     if INTERPRET:
-        return [triton.Config({tile_name: 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({tile_name: t}, num_warps=w, num_stages=s)
-            for t in (64, 128) for w in (4, 8) for s in (1, 2, 3)]
+        extra = {} if tokens_per_program == (None,) else {"TOK": 4}
+        return [triton.Config({tile_name: 32, **extra}, num_warps=4, num_stages=1)]
+    return [triton.Config({tile_name: t, **({} if tok is None else {"TOK": tok})}, num_warps=w, num_stages=s)
+            for t in (64, 128) for w in (4, 8) for s in (1, 2, 3) for tok in tokens_per_program]
 
 
 SMEM_BUDGET = 200 * 1024  # bytes; the H100/H200 limit is 227 KB per block
@@ -83,18 +85,19 @@ _GRAD_TILES = [("g_ptr", lambda k, t: t, lambda k, t: k["BK1"]),
                ("g_ptr", lambda k, t: k["BK2"], lambda k, t: k["BP"])]
 
 
-@triton.autotune(configs=_configs("BO2"), key=["I1", "I2", "O1", "O2", "R", "KEY_N"],
+# Tokens per program trade launch width against reuse of the factors held in registers: tuned.
+@triton.autotune(configs=_configs("BO2", tokens_per_program=(4, 16, 64)), key=["I1", "I2", "O1", "O2", "R", "KEY_N"],
                  prune_configs_by={"early_config_prune": _pruner("BO2", _APPLY_TILES)})
 @triton.jit
 def kron_apply_kernel(
     x_ptr, a_ptr, b_ptr, y_ptr,
-    N, I1, I2, O1, O2, TOK, KEY_N,
+    N, I1, I2, O1, O2, KEY_N,
     sxn, sx1, sx2,
     saj, sao, sai,
     sbj, sbo, sbi,
     syn, sy1, sy2,
     R: tl.constexpr, BI1: tl.constexpr, BO1: tl.constexpr, BI2: tl.constexpr, BO2: tl.constexpr,
-    PRECISION: tl.constexpr,
+    TOK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     n0 = tl.program_id(0).to(tl.int64) * TOK
     o2 = tl.program_id(1) * BO2 + tl.arange(0, BO2)
@@ -184,10 +187,9 @@ def kron_apply(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, out3: torch.T
     N, I1, I2 = x3.shape
     R, O1, _ = A.shape
     O2 = B.shape[1]
-    tok = max(1, triton.cdiv(N, _programs_target(x3.device)))
-    grid = lambda meta: (triton.cdiv(N, tok), triton.cdiv(O2, meta["BO2"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(N, meta["TOK"]), triton.cdiv(O2, meta["BO2"]))  # noqa: E731
     wrap_triton(kron_apply_kernel)[grid](
-        x3, A, B, out3, N, I1, I2, O1, O2, tok, _key_n(N),
+        x3, A, B, out3, N, I1, I2, O1, O2, _key_n(N),
         *x3.stride(), *A.stride(), *B.stride(), *out3.stride(),
         R=R, BI1=_pad(I1), BO1=_pad(O1), BI2=_pad(I2), PRECISION=_precision(x3.dtype),
     )
