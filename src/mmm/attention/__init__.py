@@ -18,7 +18,7 @@ while `mmm.attention.decode`, `mmm.attention.hedgehog` etc. stay reachable as su
 import sys
 import types
 
-from .api import METHODS, attention, attention_error
+from .api import METHODS, attention, attention_error, attention_path
 from .exact import exact_backend, exact_backends_available
 from .feature_maps import (
     FEATURE_MAPS,
@@ -36,6 +36,7 @@ from .hedgehog import train_hedgehog
 __all__ = [
     "attention",
     "attention_error",
+    "attention_path",
     "exact_backend",
     "exact_backends_available",
     "METHODS",

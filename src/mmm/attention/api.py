@@ -15,11 +15,11 @@ import torch
 
 from .._checks import check_float_tensor
 from ._layout import compute_dtype, group_kv, group_q, ungroup
-from .exact import exact_attention
+from .exact import exact_attention, exact_backend
 from .feature_maps import FEATURE_MAPS, FeatureMap, HedgehogFeatureMap, make_feature_map
-from .hybrid import hybrid_attention
-from .linear import DEFAULT_CHUNK, linear_attention
-from .window import window_attention
+from .hybrid import hybrid_attention, hybrid_path
+from .linear import DEFAULT_CHUNK, linear_attention, triton_applies
+from .window import window_attention, window_path
 
 METHODS = ("exact", "window", "linear", "hybrid", "auto")
 APPROXIMATIONS = ("window", "linear", "hybrid")
@@ -143,7 +143,35 @@ def attention(
             return window_attention(q, k, v, window, causal)
         if method == "linear":
             return linear_attention(q, k, v, fmap, causal, normalize, float(eps), chunk_size)
-        return hybrid_attention(q, k, v, fmap, window, causal, float(eps))
+        return hybrid_attention(q, k, v, fmap, window, causal, float(eps), chunk_size)
+
+
+def attention_path(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: str = "exact",
+    *,
+    causal: bool = True,
+    feature_map: str | FeatureMap = "elu",
+    long_method: str = "hybrid",
+    crossover: int | None = None,
+) -> str:
+    """Which implementation `attention(q, k, v, method, ...)` runs on these inputs, for reports:
+    'sdpa:<backend>' for exact; 'flex' or 'blockwise' for window; 'triton' or 'pytorch' for linear;
+    'flex+triton', 'flex+chunked' or 'blockwise' for hybrid (see window.py / hybrid.py)."""
+    check_qkv(q, k, v)
+    check_method(method, long_method)
+    if method == "auto":
+        method = "exact" if q.shape[1] < (AUTO_CROSSOVER if crossover is None else crossover) else long_method
+    if method == "exact":
+        return f"sdpa:{exact_backend(q, k, v, causal)}"
+    if method == "window":
+        return window_path(q, v)
+    fmap = resolve_feature_map(feature_map, q.shape[-1], q.device)
+    if method == "linear":
+        return "triton" if triton_applies(q, v, fmap) else "pytorch"
+    return hybrid_path(q, v, fmap)
 
 
 def full_precision(t: torch.Tensor):

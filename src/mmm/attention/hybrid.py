@@ -26,15 +26,27 @@ without one):
 Every exponent is <= 0, so nothing overflows. S^far, z^far are the linear-attention sums over far keys:
 keys in chunks <= c-2 through the running fp32 state, far keys of chunk c-1 (and c+1) through the masked
 block (chunks of size C = min(w, T)). Costs O(T w d) for the window plus O(T F Dv) for the far part.
+
+On CUDA, where FlexAttention takes the inputs (`flex.flex_applies`), the near part comes from flex
+instead, as its normalised output o^w_i and log-sum-exp lse_i (so sum_N exp(s_ij) v_j = exp(lse_i) o^w_i),
+and the two parts meet in the same shared normaliser with r_i = max(lse_i, l_i) (`combine_lse`). The far
+sums are a causal linear attention whose state at row i holds the keys j <= i - w: queries from row w on
+against the keys and values up to row T - 1 - w, i.e. the sequence shifted by w (`prefix_far_sums`;
+two-sided adds the same on the reversed sequence for the keys j >= i + w). For elu / relu maps that is
+the Triton op mmm.ops.linear_attention (normalised: its output times the fp32 denominator
+phi(q_i) . sum_{j <= i-w} phi(k_j), a cumulative sum, gives the numerator back); for other maps, the
+chunked PyTorch sums of linear.py. O(T w d + T F Dv), no T x T tensor. `hybrid_path` says which runs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import flex
+from . import linear as linear_mod
 from ._layout import chunk, chunk_groups, compute_dtype, group_kv, group_q, ungroup, unchunk
 from .feature_maps import FeatureMap
-from .linear import exclusive_cumsum, linear_features
+from .linear import causal_sums, exclusive_cumsum, linear_features
 from .window import band_blocks, band_masks, band_scores
 
 
@@ -58,8 +70,76 @@ def block_far_sums(fq, fk_blk, v_blk, far, s_far, z_far):
     return fq @ s_far + kappa @ v_blk, (fq @ z_far.unsqueeze(-1)).squeeze(-1) + kappa.sum(-1)
 
 
-def hybrid_attention(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float) -> torch.Tensor:
+def hybrid_path(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap) -> str:
+    """The implementation `hybrid_attention` runs for inputs like these: 'blockwise', or 'flex+triton'
+    / 'flex+chunked' (flex for the near keys, the Triton op or chunked PyTorch sums for the far ones)."""
+    if not flex.flex_applies_to(q, v):
+        return "blockwise"
+    return "flex+triton" if linear_mod.triton_applies(q, v, fmap) else "flex+chunked"
+
+
+def hybrid_attention(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float, chunk_size: int = linear_mod.DEFAULT_CHUNK) -> torch.Tensor:
     """[B, T, H, D] in and out (inputs already checked by `mmm.attention`)."""
+    if hybrid_path(q, v, fmap) != "blockwise":
+        return flex_hybrid(q, k, v, fmap, window, causal, eps, chunk_size)
+    return blockwise_hybrid(q, k, v, fmap, window, causal, eps)
+
+
+def combine_lse(o_w, lse, far_num, far_den, log_scale, eps: float) -> torch.Tensor:
+    """The shared normaliser of the module docstring, for a near part given as flex gives it: o_w
+    [.., T, Dv] normalised over the near keys with log-sum-exp lse [.., T]; far_num [.., T, Dv], far_den
+    [.., T] as in `combine`, log_scale [.., T] or None. r = max(lse, l) keeps every exponent <= 0; it
+    cancels exactly, so no gradient flows through it."""
+    ls = torch.zeros_like(lse) if log_scale is None else log_scale
+    r = torch.maximum(lse, ls).detach()
+    near_scale, far_scale = torch.exp(lse - r), torch.exp(ls - r)
+    num = near_scale.unsqueeze(-1) * o_w + far_scale.unsqueeze(-1) * far_num
+    den = near_scale + far_scale * far_den + eps * torch.exp(-r)
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
+
+
+def prefix_far_sums(q, k, v, fq, fk, vg, fmap: FeatureMap, window: int, eps: float, chunk_size: int):
+    """Far sums over the keys j <= i - window, grouped like `linear_features` (fq [B, Hk, g, T, F], fk
+    [B, Hk, 1, T, F], vg [B, Hk, 1, T, Dv]; q, k, v the inputs [B, T, H, D]): num [B, Hk, g, T, Dv],
+    den [B, Hk, g, T], zero for the rows i < window, which have no far key. Causal linear attention of
+    the queries from row `window` on against the keys and values up to row T - 1 - window."""
+    t, hk = q.shape[1], k.shape[2]
+    shifted = t - window
+    if shifted <= 0:
+        return vg.new_zeros(*fq.shape[:-1], vg.shape[-1]), fq.new_zeros(fq.shape[:-1])
+    fq_s, fk_s, vg_s = fq[..., window:, :], fk[..., :shifted, :], vg[..., :shifted, :]
+    o = linear_mod._triton_linear(q[:, window:], k[:, :shifted], v[:, :shifted], fmap, True, True, eps)
+    if o is None:
+        num, den = causal_sums(fq_s, fk_s, vg_s, chunk_size)
+    else:
+        # The kernel returns num / (den + eps); its denominator in fp32 (a cumulative sum of key
+        # features) turns that back into the numerator.
+        den = torch.linalg.vecdot(fq_s, fk_s.cumsum(-2))
+        num = group_q(o, hk).to(fq.dtype) * (den + eps).unsqueeze(-1)
+    pad = torch.nn.functional.pad
+    return pad(num, (0, 0, window, 0)), pad(den, (window, 0))
+
+
+def flex_hybrid(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float, chunk_size: int) -> torch.Tensor:
+    """The hybrid path with flex for the near keys (module docstring). [B, T, H, D] in and out."""
+    dt = compute_dtype(q)
+    (b, t, h, _), hk = q.shape, k.shape[2]
+    o_w, lse = flex.flex_band(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, causal, return_lse=True)
+    o_w = o_w.to(dt).reshape(b, hk, h // hk, t, -1)  # [B, H, T, Dv] -> grouped [B, Hk, g, T, Dv]
+    lse = lse.to(dt).reshape(b, hk, h // hk, t)
+    fq, log_scale, fk, vg = linear_features(q, k, v, fmap)
+    far_num, far_den = prefix_far_sums(q, k, v, fq, fk, vg, fmap, window, eps, chunk_size)
+    if not causal:
+        # Keys j >= i + window: the same sums on the reversed sequence.
+        rq, rk, rv = q.flip(1), k.flip(1), v.flip(1)
+        num_r, den_r = prefix_far_sums(rq, rk, rv, fq.flip(-2), fk.flip(-2), vg.flip(-2), fmap, window, eps, chunk_size)
+        far_num, far_den = far_num + num_r.flip(-2), far_den + den_r.flip(-1)
+    o = combine_lse(o_w, lse, far_num, far_den, log_scale, eps)
+    return ungroup(o).to(q.dtype)
+
+
+def blockwise_hybrid(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float) -> torch.Tensor:
+    """The blockwise PyTorch path of the module docstring (CPU, fp64, shapes flex does not take)."""
     dt = compute_dtype(q)
     (b, t, h, _), hk = q.shape, k.shape[2]
     size = min(window, t)

@@ -34,19 +34,26 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     Contract of the kernel: q, k, v of one shape [B, T, H, D] (GQA heads are repeated here, v_dim must
     equal head_dim, head_dim in its SUPPORTED_HEAD_DIMS), phi applied elementwise by the kernel (elu(x)+1
     or relu(x)) to the inputs as given, fp32 state, the formulas of this module's docstring."""
-    if not (USE_TRITON_KERNEL and q.is_cuda and type(fmap) in (EluFeatureMap, ReluFeatureMap)):
+    if not triton_applies(q, v, fmap):
         return None
-    try:
-        from mmm.ops.linear_attention import SUPPORTED_HEAD_DIMS, linear_attention as kernel
-    except ImportError:
-        return None
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1] or q.dtype == torch.float64:
-        return None
+    from mmm.ops.linear_attention import linear_attention as kernel
+
     groups = q.shape[2] // k.shape[2]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     s = q.shape[-1] ** -0.25  # the feature maps' input scaling, applied here since the kernel does not
     return kernel(q * s, k * s, v, feature_map=fmap.name, normalize=normalize, causal=causal, eps=eps)
+
+
+def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap) -> bool:
+    """Whether `_triton_linear` sends inputs like these to the Triton kernel (see its contract)."""
+    if not (USE_TRITON_KERNEL and q.is_cuda and type(fmap) in (EluFeatureMap, ReluFeatureMap)):
+        return False
+    try:
+        from mmm.ops.linear_attention import SUPPORTED_HEAD_DIMS
+    except ImportError:
+        return False
+    return q.shape[-1] in SUPPORTED_HEAD_DIMS and v.shape[-1] == q.shape[-1] and q.dtype != torch.float64
 
 
 def exclusive_cumsum(x: torch.Tensor, start: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,12 +10,18 @@ measures what it loses on your inputs.
 Blockwise, O(T w) time and memory: the sequence is cut into chunks of C = min(w, T) rows; chunk c attends
 to chunks c-1, c (and c+1 when two-sided), which hold every key of its band. No T x T mask is built;
 chunks are processed in groups (`_layout.GROUP_BUDGET`) so that inference memory stays bounded.
+
+On CUDA (fp16 / bf16 / fp32, head dims and lengths that `flex.flex_applies` accepts) the same band runs
+through torch's FlexAttention instead (flex.py): block-sparse and fused, several times faster than exact
+attention from 8k tokens on. The blockwise path stays for CPU, fp64 and the shapes flex does not take;
+`window_path` says which one a call takes.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import flex
 from ._layout import chunk, chunk_groups, compute_dtype, group_kv, group_q, ungroup, unchunk
 
 
@@ -45,8 +51,20 @@ def band_scores(qc: torch.Tensor, kblk: torch.Tensor) -> torch.Tensor:
     return (qc @ kblk.transpose(-1, -2)) * qc.shape[-1] ** -0.5
 
 
+def window_path(q: torch.Tensor, v: torch.Tensor) -> str:
+    """'flex' or 'blockwise': the implementation `window_attention` runs for inputs like these."""
+    return "flex" if flex.flex_applies_to(q, v) else "blockwise"
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
     """[B, T, H, D] in and out (inputs already checked by `mmm.attention`)."""
+    if window_path(q, v) == "flex":
+        return flex.flex_window(q, k, v, window, causal)
+    return blockwise_window(q, k, v, window, causal)
+
+
+def blockwise_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
+    """The PyTorch path of the module docstring, computed in fp32 (fp64 for fp64 inputs)."""
     dt = compute_dtype(q)
     (b, t, h, _), hk = q.shape, k.shape[2]
     size = min(window, t)
