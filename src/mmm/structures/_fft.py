@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 
 import torch
 
@@ -50,3 +52,96 @@ def from_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """Inverse of `blocks_of`."""
     p, q, b, _ = blocks.shape
     return blocks.permute(0, 2, 1, 3).reshape(p * b, q * b)
+
+
+# --------------------------------------------------------------------------------------------------
+# The parameters' spectra, cached between calls
+# --------------------------------------------------------------------------------------------------
+# The spectrum of a layer's parameters changes only when the parameters do, so it is kept on the
+# module and reused while every parameter it came from is the same tensor object, at the same address,
+# with the same version counter. Every in-place change made through the parameter (optimizer steps,
+# load_state_dict, `with torch.no_grad(): p.mul_(...)`) bumps the version; assigning p.data or a new
+# Parameter changes the address or the object. A change made through `p.data.<op>_()` does not (PyTorch
+# gives `.data` its own version counter, the same blind spot autograd's own checks have): after one,
+# call `clear_spectrum_cache(module)`. Under torch.compile the spectrum is computed in the graph.
+
+_cache_enabled = True
+
+
+@contextlib.contextmanager
+def spectrum_cache(enabled: bool):
+    """Turn the cache of the parameters' spectra off (or on) inside the block (benchmarks, debugging)."""
+    global _cache_enabled
+    previous, _cache_enabled = _cache_enabled, enabled
+    try:
+        yield
+    finally:
+        _cache_enabled = previous
+
+
+def clear_spectrum_cache(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        m.__dict__.pop("_spectrum_cache", None)
+
+
+class _CachedSpectrum(torch.autograd.Function):
+    """Hands out a cached spectrum, with a backward to the parameters it was computed from (by
+    recomputing the small parameter-side transform under autograd)."""
+
+    @staticmethod
+    def forward(ctx, fn, spectra, *weights):
+        ctx.fn = fn
+        ctx.save_for_backward(*weights)
+        return tuple(s.view_as(s) for s in spectra)  # fresh views: each call gets its own grad_fn
+
+    @staticmethod
+    def backward(ctx, *grads):
+        weights = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [w.detach().requires_grad_(True) for w in weights]
+            outs = _as_tuple(ctx.fn(*leaves))
+            used = [(o, g) for o, g in zip(outs, grads) if g is not None]
+            dw = torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used], allow_unused=True)
+        return (None, None, *dw)
+
+
+def _as_tuple(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+def _key(weights):
+    try:
+        return tuple((w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), w.stride()) for w in weights)
+    except RuntimeError:  # inference tensors have no version counter: never cached
+        return None
+
+
+def cached_spectrum(module: torch.nn.Module, name: str, fn, *weights: torch.Tensor):
+    """fn(*weights) (a tensor or a tuple of tensors), differentiable with respect to the weights,
+    reused from the last call while the weights are unchanged (see above)."""
+    if not _cache_enabled or torch.compiler.is_compiling():
+        return fn(*weights)
+    key = _key(weights)
+    cache = module.__dict__.setdefault("_spectrum_cache", {})
+    entry = cache.get(name)
+    hit = (
+        key is not None and entry is not None and entry[0] == key
+        and all(ref() is w for ref, w in zip(entry[1], weights))
+        and all(torch.is_inference(s) == torch.is_inference_mode_enabled() for s in entry[2])
+    )
+    if not hit:
+        with torch.no_grad():
+            spectra = _as_tuple(fn(*weights))
+        if key is None:
+            entry = None
+            cache.pop(name, None)
+        else:
+            entry = (key, tuple(weakref.ref(w) for w in weights), spectra)
+            cache[name] = entry
+    else:
+        spectra = entry[2]
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        out = _CachedSpectrum.apply(fn, spectra, *weights)
+    else:
+        out = spectra
+    return out if isinstance(out, tuple) and len(out) > 1 else out[0]

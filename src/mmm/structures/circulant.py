@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from ..configs import CirculantConfig
-from ._fft import blocks_of, from_blocks, real_fft_flops, work_dtype
+from ..ops import kernels_enabled
+from ..ops.fft import fft_conv
+from ._fft import blocks_of, cached_spectrum, from_blocks, real_fft_flops, work_dtype
 from .base import Structure, register
 
 
@@ -49,11 +51,21 @@ class Circulant(Structure):
         return torch.fft.rfft(self.c.to(dtype), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:  # MKL's FFT rejects empty batches
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        if not kernels_enabled():
+            return self.reference_forward(x)
+        # mmm::fft_conv: frequency-domain backward, fused cuFFT path on CUDA (see mmm/ops/fft); the
+        # spectrum is cached between calls while c is unchanged.
+        g, work = self.block_size, work_dtype(x.dtype)
+        kernel = cached_spectrum(self, f"rfft-{work}", lambda c: torch.fft.rfft(c.to(work), dim=-1), self.c)
+        return fft_conv(x, kernel, g, g, g)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product in plain PyTorch ops, differentiated by autograd."""
         g = self.block_size
         work = work_dtype(x.dtype)
         lead = x.shape[:-1]
-        if x.numel() == 0:  # MKL's FFT rejects empty batches
-            return x.new_zeros(*x.shape[:-1], self.out_features)
         xf = torch.fft.rfft(x.to(work).reshape(*lead, self.in_features // g, g), dim=-1)
         yf = torch.einsum("...jf,ijf->...if", xf, self.spectrum(work))
         y = torch.fft.irfft(yf, n=g, dim=-1)

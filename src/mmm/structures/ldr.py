@@ -46,8 +46,10 @@ import math
 import torch
 from torch import nn
 
+from .._checks import check_last_dim
 from ..configs import LDRConfig
-from ._fft import blocks_of, complex_fft_flops, from_blocks, real_fft_flops, work_dtype
+from ..ops import kernels_enabled
+from ._fft import blocks_of, cached_spectrum, complex_fft_flops, from_blocks, real_fft_flops, work_dtype
 from .base import Structure, register
 
 # The projection's L-BFGS refinement runs in chunks of _REFINE_CHUNK iterations until a chunk lowers
@@ -55,6 +57,9 @@ from .base import Structure, register
 _REFINE_ITERS = 1000
 _REFINE_CHUNK = 50
 _REFINE_STALL = 1e-12
+# The forward and backward run over chunks of tokens whose [tokens, out/g, in/g, r, g] complex
+# intermediates hold at most this many elements (64 MB each in complex64).
+CHUNK_ELEMENTS = 1 << 23
 
 
 def _twiddle(g: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -62,6 +67,65 @@ def _twiddle(g: int, dtype: torch.dtype, device) -> torch.Tensor:
     angle = torch.arange(g, device=device, dtype=torch.float64) * (math.pi / g)
     w = torch.polar(torch.ones_like(angle), angle)
     return w.to(torch.complex128 if dtype == torch.float64 else torch.complex64)
+
+
+def _spectra(G: torch.Tensor, H: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    w = _twiddle(G.shape[-1], dtype, G.device)
+    return torch.fft.rfft(G.to(dtype), dim=-1), torch.fft.fft(H.to(dtype) * w, dim=-1)
+
+
+def _product(x: torch.Tensor, gf: torch.Tensor, hf: torch.Tensor, out_features: int) -> torch.Tensor:
+    """y [N, out] = sum over blocks and rank terms of Z_1(g) Z_{-1}(h) x_j, from x [N, in] in the
+    spectra's real dtype and the spectra of `_spectra`."""
+    g = hf.shape[-1]
+    N = x.shape[0]
+    w = _twiddle(g, x.dtype, x.device)
+    xf = torch.fft.fft(x.reshape(N, -1, g) * w, dim=-1)  # [N, q, g]
+    # Skew-circulant products Z_{-1}(h) x_j for every block and rank term: [N, p, q, r, g].
+    u = (torch.fft.ifft(hf * xf.unsqueeze(-2).unsqueeze(-4), dim=-1) * w.conj()).real
+    # Circulant products Z_1(g) u, summed over input blocks and rank terms in frequency space.
+    yf = (gf * torch.fft.rfft(u, dim=-1)).sum(dim=(-3, -2))  # [N, p, g//2 + 1]
+    return torch.fft.irfft(yf, n=g, dim=-1).reshape(N, out_features)
+
+
+class _ChunkedProduct(torch.autograd.Function):
+    """`_product` over chunks of tokens (CHUNK_ELEMENTS), keeping only x and the spectra for the
+    backward, which recomputes each chunk under autograd: memory stays bounded by one chunk."""
+
+    @staticmethod
+    def forward(ctx, x, gf, hf, out_features):
+        ctx.save_for_backward(x, gf, hf)
+        ctx.out_features = out_features
+        work = gf.real.dtype
+        return torch.cat([_product(xc.to(work), gf, hf, out_features).to(x.dtype) for xc in _chunks(x, hf)])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gf, hf = ctx.saved_tensors
+        need_x, need_gf, need_hf = ctx.needs_input_grad[:3]
+        work = gf.real.dtype
+        dx = torch.empty_like(x) if need_x else None
+        dgf, dhf = torch.zeros_like(gf), torch.zeros_like(hf)
+        start = 0
+        for xc, dyc in zip(_chunks(x, hf), _chunks(dy, hf)):
+            with torch.enable_grad():
+                leaves = [xc.detach().to(work).requires_grad_(need_x), gf.detach().requires_grad_(need_gf), hf.detach().requires_grad_(need_hf)]
+                yc = _product(leaves[0], leaves[1], leaves[2], ctx.out_features)
+                wanted = [t for t in leaves if t.requires_grad]
+                grads = iter(torch.autograd.grad(yc, wanted, dyc.to(work)))
+            if need_x:
+                dx[start : start + xc.shape[0]] = next(grads)
+            if need_gf:
+                dgf += next(grads)
+            if need_hf:
+                dhf += next(grads)
+            start += xc.shape[0]
+        return dx, (dgf if need_gf else None), (dhf if need_hf else None), None
+
+
+def _chunks(t: torch.Tensor, hf: torch.Tensor):
+    per_token = hf.numel()  # p * q * r * g intermediates per token
+    return t.split(max(1, CHUNK_ELEMENTS // per_token))
 
 
 def _dense_blocks(G: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -107,23 +171,25 @@ class LDR(Structure):
         """(rfft(G) [out/g, in/g, r, g//2 + 1], fft(w^k H) [out/g, in/g, r, g]), complex, computed in
         `dtype`: the circulant and the (scaled) skew-circulant factors' eigenvalues. The only place
         the parameters enter the forward, so a cached spectrum can replace it."""
-        w = _twiddle(self.block_size, dtype, self.H.device)
-        return torch.fft.rfft(self.G.to(dtype), dim=-1), torch.fft.fft(self.H.to(dtype) * w, dim=-1)
+        return _spectra(self.G, self.H, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.block_size
-        work = work_dtype(x.dtype)
-        lead = x.shape[:-1]
         if x.numel() == 0:  # MKL's FFT rejects empty batches
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        gf, hf = self.spectrum(work)
-        w = _twiddle(g, work, x.device)
-        xf = torch.fft.fft(x.to(work).reshape(*lead, self.in_features // g, g) * w, dim=-1)  # [..., q, g]
-        # Skew-circulant products Z_{-1}(h) x_j for every block and rank term: [..., p, q, r, g].
-        u = (torch.fft.ifft(hf * xf.unsqueeze(-2).unsqueeze(-4), dim=-1) * w.conj()).real
-        # Circulant products Z_1(g) u, summed over input blocks and rank terms in frequency space.
-        yf = (gf * torch.fft.rfft(u, dim=-1)).sum(dim=(-3, -2))  # [..., p, g//2 + 1]
-        y = torch.fft.irfft(yf, n=g, dim=-1)
+        if not kernels_enabled() or torch.compiler.is_compiling():
+            return self.reference_forward(x)
+        check_last_dim("x", x, self.in_features)
+        work = work_dtype(x.dtype)
+        gf, hf = cached_spectrum(self, f"ldr-{work}", lambda G, H: _spectra(G, H, work), self.G, self.H)
+        y = _ChunkedProduct.apply(x.reshape(-1, self.in_features), gf, hf, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product in one piece, differentiated by autograd: it holds [tokens, out/g, in/g, r, g]
+        complex intermediates."""
+        gf, hf = self.spectrum(work_dtype(x.dtype))
+        lead = x.shape[:-1]
+        y = _product(x.reshape(-1, self.in_features).to(gf.real.dtype), gf, hf, self.out_features)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def to_dense(self) -> torch.Tensor:

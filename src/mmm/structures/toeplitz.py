@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from ..configs import ToeplitzConfig
-from ._fft import fast_len, real_fft_flops, work_dtype
+from ..ops import kernels_enabled
+from ..ops.fft import fft_conv
+from ._fft import cached_spectrum, fast_len, real_fft_flops, work_dtype
 from .base import Structure, register
 
 
@@ -38,11 +40,30 @@ class Toeplitz(Structure):
         The only place the parameters enter the forward, so a cached spectrum can replace it."""
         return torch.fft.rfft(self.t.to(dtype), n=self.fft_size)
 
+    def window_spectrum(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[1, 1, fft_size//2 + 1]: the spectrum of t times the phase that moves the kept window
+        [in - 1, in - 1 + out) of the convolution to its start, so that y = irfft(rfft(x) K)[:out]."""
+        L, shift = self.fft_size, self.in_features - 1
+        f = torch.arange(L // 2 + 1, device=t.device, dtype=torch.float64)
+        angle = (f * shift).remainder(L) * (2 * math.pi / L)  # exact integers before the division
+        phase = torch.polar(torch.ones_like(angle), angle).to(torch.complex128 if dtype == torch.float64 else torch.complex64)
+        return (torch.fft.rfft(t.to(dtype), n=L) * phase).reshape(1, 1, -1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        L, n = self.fft_size, self.in_features
-        work = work_dtype(x.dtype)
         if x.numel() == 0:  # MKL's FFT rejects empty batches
             return x.new_zeros(*x.shape[:-1], self.out_features)
+        if not kernels_enabled():
+            return self.reference_forward(x)
+        # mmm::fft_conv: frequency-domain backward, fused cuFFT path on CUDA (see mmm/ops/fft); the
+        # spectrum is cached between calls while t is unchanged.
+        work = work_dtype(x.dtype)
+        kernel = cached_spectrum(self, f"window-{work}", lambda t: self.window_spectrum(t, work), self.t)
+        return fft_conv(x, kernel, self.in_features, self.fft_size, self.out_features)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product in plain PyTorch ops, differentiated by autograd."""
+        L, n = self.fft_size, self.in_features
+        work = work_dtype(x.dtype)
         xf = torch.fft.rfft(x.to(work), n=L, dim=-1)
         y = torch.fft.irfft(xf * self.spectrum(work), n=L, dim=-1)
         return y[..., n - 1 : n - 1 + self.out_features].to(x.dtype)

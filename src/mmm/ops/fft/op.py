@@ -1,0 +1,266 @@
+"""The FFT product of the circulant and Toeplitz layers as torch.library ops with a frequency-domain
+backward, and `fft_conv`, which checks its inputs and picks a path.
+
+Ops (custom ops with fake implementations, so torch.compile(fullgraph=True) traces through them):
+  mmm::fft_conv(x, kernel, n_in, L, n_out, mode) -> (y, saved spectrum, row scales)
+  mmm::fft_conv_backward(dy, saved, row scales, kernel, n_in, L, mode, need_dx, need_dkernel) -> (dx, dkernel)
+The forward's input spectrum is kept for the backward instead of x: recomputing it would cost a cast
+and an FFT pass over x (~14 bytes per element in fp32) to save 2 bytes per element of memory.
+
+Paths (`mode`), see naive.py for the operation itself:
+- "torch": rfft / irfft and PyTorch pointwise ops (CPU, fp64, odd L, Triton missing or turned off);
+- "packed": fp32 cuFFT on the rows viewed as complex pairs, with the casts, the spectral product (and
+  sum over blocks), the pack/unpack fix-ups and the token reduction of the backward in Triton kernels
+  (kernels.py). Passes over [N, d] per forward: cast in, FFT, product, inverse FFT, cast out.
+- "packed16": the same with the FFTs and the stored spectra in fp16 (half the bytes), for bf16/fp16
+  inputs on CUDA when L is a power of two (cuFFT's half precision takes only those). Chosen only when
+  asked for (`fft_precision("fp16")`); its error is measured by scripts/gpu_fft_structures.py.
+
+fp16 range. Each row of x is scaled by a power of two s_t with max|s_t x_t| <= b = min(1, 2^15/n_in)
+(exact, undone at the end), so every partial sum inside the forward FFT, bounded by the row block's
+L1 norm n_in b, stays <= 2^15 < 65504. The product is scaled by a power of two `gain` chosen from the
+kernel so that the L1 norm of each packed spectrum row entering the inverse FFT, which bounds every
+value inside and out of that FFT, is <= 2^15:
+  ||Zin||_1 <= 8 ||2 gain Y||_1 <= 16 gain R sqrt(H+1) sqrt(L n_in) b,   R = max_o sum_u max_f |K[o, u, f]|
+(Cauchy-Schwarz and Parseval on X). No overflow is possible, whatever the data, and nothing is read
+back to the host; rows whose entries span many orders of magnitude lose relative precision in their
+small entries instead (the fp16 subnormal range starts at 6e-5 of the row's scaled maximum).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..._checks import check_float_tensor, check_last_dim
+from .. import kernels_enabled
+from . import naive
+
+try:
+    from . import kernels
+
+    HAVE_TRITON = True
+except ImportError:  # CPU installs without triton use the reference
+    HAVE_TRITON = False
+
+MODES = ("torch", "packed", "packed16")
+_precision = "fp32"
+_forced_mode: str | None = None
+# CPU stand-in for cuFFT's fp16 transform (tests): round each butterfly stage to fp16 when True,
+# else only the transform's input and output.
+HALF_FFT_STAGE_ROUNDING = False
+
+
+@contextlib.contextmanager
+def fft_precision(precision: str):
+    """`with fft_precision("fp16"):` bf16/fp16 products on CUDA use fp16 FFTs where L is a power of
+    two (default "fp32")."""
+    global _precision
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    previous, _precision = _precision, precision
+    try:
+        yield
+    finally:
+        _precision = previous
+
+
+@contextlib.contextmanager
+def force_mode(mode: str | None):
+    """Run every fft_conv on one path (tests and benchmarks; e.g. the Triton path on CPU under
+    TRITON_INTERPRET=1, with the fp16 FFT emulated there)."""
+    global _forced_mode
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    previous, _forced_mode = _forced_mode, mode
+    try:
+        yield
+    finally:
+        _forced_mode = previous
+
+
+def pick_mode(x: torch.Tensor, L: int) -> str:
+    if _forced_mode is not None:
+        return _forced_mode
+    if not (HAVE_TRITON and x.is_cuda and L % 2 == 0 and x.dtype != torch.float64):
+        return "torch"
+    if _precision == "fp16" and x.dtype in (torch.float16, torch.bfloat16) and L & (L - 1) == 0:
+        return "packed16"
+    return "packed"
+
+
+# --------------------------------------------------------------------------------------------------
+# the packed path
+# --------------------------------------------------------------------------------------------------
+
+def emulated_half_fft(z: torch.Tensor, inverse: bool, stage_rounding: bool) -> torch.Tensor:
+    """A complex32 FFT of the last dim (unnormalised both ways) computed on CPU: in complex64 with the
+    input and output rounded to fp16, or, with stage_rounding, as radix-2 butterflies with the twiddles
+    and every stage's output rounded to fp16 (a pessimistic model of a half-precision FFT)."""
+    z = z.to(torch.complex64)
+    n = z.shape[-1]
+    if not stage_rounding:
+        out = torch.fft.ifft(z, norm="forward") if inverse else torch.fft.fft(z)
+        return out.to(torch.complex32)
+    if n & (n - 1):
+        raise ValueError(f"stage rounding emulates a radix-2 FFT: length must be a power of two, got {n}")
+    bits = n.bit_length() - 1
+    rev = torch.tensor([int(format(i, f"0{bits}b")[::-1], 2) if bits else 0 for i in range(n)])
+    z = z[..., rev]
+    size = 2
+    while size <= n:
+        half = size // 2
+        angle = torch.arange(half, dtype=torch.float64) * ((2 if inverse else -2) * math.pi / size)
+        tw = torch.polar(torch.ones_like(angle), angle).to(torch.complex32).to(torch.complex64)
+        grp = z.reshape(*z.shape[:-1], n // size, 2, half)
+        a, b = grp[..., 0, :], grp[..., 1, :] * tw
+        z = torch.stack([a + b, a - b], dim=-2).reshape(z.shape).to(torch.complex32).to(torch.complex64)
+        size *= 2
+    return z.to(torch.complex32)
+
+
+def _c2c(z: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Unnormalised complex FFT of the last dim, forward or inverse."""
+    if z.dtype == torch.complex32 and not z.is_cuda:
+        return emulated_half_fft(z, inverse, HALF_FFT_STAGE_ROUNDING)
+    return torch.fft.ifft(z, dim=-1, norm="forward") if inverse else torch.fft.fft(z, dim=-1)
+
+
+def _pow2(v: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(torch.floor(torch.log2(v)).clamp(-60, 60))
+
+
+def _packed_conv(x, q, n_in, kernel_ri, transpose, L, n_out, half, out_dtype):
+    """y [N, o_blocks*n_out] = the operation of naive.py on the packed path (`transpose`: the adjoint,
+    kernel conj(K)^T), plus the packed input spectrum [N, q, H, 2] and the row scales (or None)."""
+    N, H = x.shape[0], L // 2
+    o_blocks = kernel_ri.shape[1] if transpose else kernel_ri.shape[0]
+    work = torch.float16 if half else torch.float32
+    bound = min(1.0, 2.0**15 / n_in) if half else None
+    if not half and x.dtype == torch.float32 and n_in == L and x.is_contiguous():
+        xr, scale = x, None  # already fp32 rows of length L: the FFT reads x itself
+    else:
+        xr, scale = kernels.cast_in(x, q, n_in, L, work, bound)
+    z = torch.view_as_real(_c2c(torch.view_as_complex(xr.view(N, q, H, 2)), inverse=False))
+    if half:
+        kabs = torch.view_as_complex(kernel_ri).abs().amax(-1)  # [p, q]
+        R = (kabs.sum(0) if transpose else kabs.sum(1)).amax().clamp_min(1e-30)
+        gain = _pow2(2.0**11 / (R * (math.sqrt((H + 1) * L * n_in) * bound))).reshape(1)
+        gain_out = 1.0 / (2 * L * gain)
+    else:
+        gain = torch.full((1,), 1.0 / (2 * L), device=x.device, dtype=torch.float32)
+        gain_out = torch.ones(1, device=x.device, dtype=torch.float32)
+    zin = kernels.spectral_mix(z, kernel_ri, gain, transpose)
+    y = torch.view_as_real(_c2c(torch.view_as_complex(zin), inverse=True)).reshape(N, o_blocks * L)
+    if half or n_out != L or out_dtype != torch.float32:
+        y = kernels.cast_out(y, o_blocks, L, n_out, gain_out, scale, out_dtype)
+    return y, z, scale
+
+
+# --------------------------------------------------------------------------------------------------
+# ops
+# --------------------------------------------------------------------------------------------------
+
+def _saved_like(x, kernel, L, mode):
+    N, q = x.shape[0], kernel.shape[1]
+    if mode == "torch":
+        return kernel.new_empty(N, q, L // 2 + 1)
+    return x.new_empty(N, q, L // 2, 2, dtype=torch.float16 if mode == "packed16" else torch.float32)
+
+
+@torch.library.custom_op("mmm::fft_conv", mutates_args=())
+def fft_conv_op(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [N, q*n_in], kernel [p, q, L//2+1] complex -> (y [N, p*n_out], saved spectrum, row scales)."""
+    if mode == "torch":
+        y, X = naive.conv_forward(x, kernel, n_in, L, n_out)
+        return y, X, x.new_empty(0, dtype=torch.float32)
+    kernel_ri = torch.view_as_real(kernel.to(torch.complex64).contiguous())
+    y, z, scale = _packed_conv(x, kernel.shape[1], n_in, kernel_ri, False, L, n_out, mode == "packed16", x.dtype)
+    return y, z, scale if scale is not None else x.new_empty(0, dtype=torch.float32)
+
+
+@fft_conv_op.register_fake
+def _(x, kernel, n_in, L, n_out, mode):
+    rows = x.shape[0] if mode == "packed16" else 0
+    return x.new_empty(x.shape[0], kernel.shape[0] * n_out), _saved_like(x, kernel, L, mode), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("mmm::fft_conv_backward", mutates_args=())
+def fft_conv_backward_op(dy: torch.Tensor, saved: torch.Tensor, scale: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int,
+                         mode: str, need_dx: bool, need_dkernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx [N, q*n_in] or empty, dkernel like kernel or empty) from dy [N, p*n_out]."""
+    N = dy.shape[0]
+    p, q, _ = kernel.shape
+    if mode == "torch":
+        dx, dK = naive.conv_backward(dy, saved, kernel, n_in, L)
+        return (dx if need_dx else dx.new_empty(0)), (dK if need_dkernel else dK.new_empty(0))
+    half = mode == "packed16"
+    kernel_ri = torch.view_as_real(kernel.to(torch.complex64).contiguous())
+    n_out = dy.shape[1] // p
+    if need_dx:
+        dx, zdy, sdy = _packed_conv(dy, p, n_out, kernel_ri, True, L, n_in, half, dy.dtype)
+    else:  # only the spectrum of dy, for the kernel's gradient
+        dx = dy.new_empty(0)
+        dyr, sdy = kernels.cast_in(dy, p, n_out, L, torch.float16 if half else torch.float32,
+                                   min(1.0, 2.0**15 / n_out) if half else None)
+        zdy = torch.view_as_real(_c2c(torch.view_as_complex(dyr.view(N, p, L // 2, 2)), inverse=False))
+    if not need_dkernel:
+        return dx, kernel.new_empty(0)
+    # sum conj(2X)(2DY) = 4 sum conj(X) DY; the gradient is (w_f / L) sum conj(X) DY.
+    corr = kernels.spectral_corr(saved, zdy, scale if half else None, sdy if half else None)
+    dK = corr * (naive.hermitian_weights(L, corr.device) / (4 * L))
+    return dx, dK.to(kernel.dtype)
+
+
+@fft_conv_backward_op.register_fake
+def _(dy, saved, scale, kernel, n_in, L, mode, need_dx, need_dkernel):
+    N = dy.shape[0]
+    dx = dy.new_empty(N, kernel.shape[1] * n_in) if need_dx else dy.new_empty(0)
+    return dx, (kernel.new_empty(kernel.shape) if need_dkernel else kernel.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, kernel, n_in, L, n_out, mode = inputs
+    _, saved, scale = output
+    ctx.save_for_backward(saved, scale, kernel)
+    ctx.n_in, ctx.L, ctx.mode = n_in, L, mode
+
+
+def _backward(ctx, dy, _dsaved, _dscale):
+    saved, scale, kernel = ctx.saved_tensors
+    need_dx, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dx or need_dk):
+        return None, None, None, None, None, None
+    dx, dK = fft_conv_backward_op(dy.contiguous(), saved, scale, kernel, ctx.n_in, ctx.L, ctx.mode, need_dx, need_dk)
+    return (dx if need_dx else None), (dK if need_dk else None), None, None, None, None
+
+
+fft_conv_op.register_autograd(_backward, setup_context=_setup)
+
+
+def fft_conv(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int) -> torch.Tensor:
+    """y[..., i*n_out + r] = irfft_L(sum_j rfft_L(x_j) kernel[i, j])[r] for r < n_out, x [..., q*n_in]
+    read as q blocks of n_in, kernel [p, q, L//2 + 1] complex (see naive.py). Differentiable in x and
+    kernel; x's dtype out (computed in fp32, or fp64 for fp64 x)."""
+    check_float_tensor("x", x)
+    if not kernel.is_complex() or kernel.dim() != 3 or kernel.shape[-1] != L // 2 + 1:
+        raise ValueError(f"kernel must be complex [p, q, L//2 + 1] = [p, q, {L // 2 + 1}], got {kernel.dtype} {tuple(kernel.shape)}")
+    if not 0 < n_in <= L or not 0 < n_out <= L:
+        raise ValueError(f"n_in ({n_in}) and n_out ({n_out}) must be in [1, L] with L = {L}")
+    p, q, _ = kernel.shape
+    check_last_dim("x", x, q * n_in)
+    if kernel.device != x.device:
+        raise ValueError(f"x is on {x.device} but the kernel is on {kernel.device}; move them to one device")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, q * n_in)
+    if x2.shape[0] == 0:
+        return x.new_zeros(*lead, p * n_out)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    mode = pick_mode(x2, L) if kernels_enabled() else "torch"
+    if mode != "torch" and (L % 2 or x2.dtype == torch.float64):
+        raise ValueError(f"the {mode} path needs an even L and fp32/bf16/fp16 x, got L={L}, {x2.dtype}")
+    y = fft_conv_op(x2, kernel, n_in, L, n_out, mode)[0]
+    return y.reshape(*lead, p * n_out)
