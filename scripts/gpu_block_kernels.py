@@ -107,8 +107,10 @@ class Case:
     def name(self) -> str:
         return f"{self.kind}_b{self.b}"
 
-    def ours(self, x, *w):
-        return mo_op.monarch_matmul(x, *w, self.c) if self.kind == "monarch" else bd_op.blockdiag_matmul(x, *w)
+    def ours(self, x, *w):  # the Triton kernels (not whatever the dispatch would pick)
+        if self.kind == "monarch":
+            return mo_op.monarch_matmul(x, *w, self.c, path="triton")
+        return bd_op.blockdiag_matmul(x, *w, path="triton")
 
     def naive(self, x, *w):
         return mo_naive.monarch_matmul(x, *w, self.c) if self.kind == "monarch" else bd_naive.blockdiag_matmul(x, *w)
@@ -252,7 +254,11 @@ def time_case(case: Case, dense_fb: float, dense_f: float, rates: dict, compile_
     floor = dict(fwd=0.0, bwd=0.0)
     launches = []
     for name, fn, fl, nbytes in case.stages(N):
-        t = ms(fn)
+        # Stage functions called outside the ops must launch directly: through wrap_triton's tracing
+        # wrapper every call re-ran the autotuning of block_gemm_kernel (~0.8 s per "launch" in the
+        # 2026-11-28 run). See kernels.eager_launches.
+        with bk.eager_launches():
+            t = ms(fn)
         fl_ms = 1e3 * max(fl / (rates["matmul_tflops"] * 1e12), nbytes / (rates["copy_gbps"] * 1e9))
         launches.append(dict(launch=name, ms=t, floor_ms=fl_ms, over_floor=t / fl_ms,
                              tflops=fl / t / 1e9, gbps=nbytes / t / 1e6))

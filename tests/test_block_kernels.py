@@ -214,7 +214,7 @@ def _error_vs_torch(fn, ref_fn, inputs, g):
 def test_gpu_monarch_error_at_most_twice_torch(N, b, p, s, c, dtype):
     x, L, R = monarch_inputs(N, b, p, s, c, dtype=dtype, device="cuda")
     g = torch.randn(N, b * s, device="cuda", dtype=dtype)
-    errs = _error_vs_torch(lambda x, L, R: mo_op.monarch_matmul(x, L, R, c),
+    errs = _error_vs_torch(lambda x, L, R: mo_op.monarch_matmul(x, L, R, c, path="triton"),
                            lambda x, L, R: mo_naive.monarch_matmul(x, L, R, c), [x, L, R], g)
     for name, (ours, theirs) in zip(["out", "dx", "dL", "dR"], errs):
         assert ours <= 2 * theirs + 1e-6, f"{name}: kernel {ours:.2e} vs torch {theirs:.2e}"
@@ -226,7 +226,8 @@ def test_gpu_blockdiag_error_at_most_twice_torch(N, b, p, s):
     x = torch.randn(N, b * p, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(b, s, p, device="cuda", dtype=torch.bfloat16) / p**0.5
     g = torch.randn(N, b * s, device="cuda", dtype=torch.bfloat16)
-    errs = _error_vs_torch(bd_op.blockdiag_matmul, bd_naive.blockdiag_matmul, [x, w], g)
+    errs = _error_vs_torch(lambda x, w: bd_op.blockdiag_matmul(x, w, path="triton"), bd_naive.blockdiag_matmul,
+                           [x, w], g)
     for name, (ours, theirs) in zip(["out", "dx", "dw"], errs):
         assert ours <= 2 * theirs + 1e-6, f"{name}: kernel {ours:.2e} vs torch {theirs:.2e}"
 

@@ -36,7 +36,7 @@ class BlockDiag(Structure):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # Triton kernels; see mmm/ops/blockdiag
+        if x.is_cuda:  # Triton kernels or cuBLAS, whichever measured faster; see mmm/ops/blockdiag
             return blockdiag_matmul(x, self.weight)
         lead = x.shape[:-1]
         xb = x.reshape(-1, self.nblocks, self.in_features // self.nblocks).transpose(0, 1)  # [b, N, in/b]

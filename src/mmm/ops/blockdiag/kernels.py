@@ -13,6 +13,14 @@ A block-diagonal layer is one stage; Monarch is two (see ../monarch/kernels.py).
 - `block_bwd_fused_kernel`: when a block of W fits on chip (P, Q <= FUSED_BACKWARD_MAX), one pass over
   the tokens computes d_in = d_out @ W and accumulates dW += d_out^T @ in, so d_out is read once instead
   of twice. For small blocks the stage is memory-bound and this is a third of its bytes.
+- `block_bwd_fused_v2_kernel`: the same pass with the Q columns split over QSPLIT programs (autotuned,
+  1 included). Why: at P = Q = 128 (Monarch b=128, c=1) one program of v1 keeps dW_g (64 KB fp32) and the
+  d_in tile (32 KB fp32) in registers, so an SM holds one such program and its 8 warps alone must hide
+  every load, the d_in MMA (which cannot be deferred: its result is stored at once) and the store. The
+  H200 measured 1.35 TB/s, a third of the copy bandwidth. Splitting Q divides that state by QSPLIT so 2-4
+  programs share an SM and overlap each other's memory and MMA phases; the QSPLIT programs of one block
+  read the same d_out rows back to back, so the repeated reads come from L2 rather than HBM.
+  FUSED_BACKWARD_VARIANT picks v1 or v2 (v1 is kept for the side-by-side comparison).
 
 Precision: tl.dot accumulates in fp32. fp32 inputs use IEEE products unless PyTorch allows tf32
 (torch.set_float32_matmul_precision("high")). Under TRITON_INTERPRET bf16 dots are wrong, so operands
@@ -21,6 +29,7 @@ are upcast there (UPCAST).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -34,6 +43,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Blocks with P and Q up to this size take the fused backward (dW accumulator and W tile in one program).
 # Tests set it to 0 to exercise the two-launch path on small shapes.
 FUSED_BACKWARD_MAX = 128
+# Which fused backward kernel runs: "v2" (Q split over programs, autotuned; its configs include every
+# v1 config at QSPLIT=1) or "v1" (the original, kept for comparison). scripts/gpu_block_paths.py times both.
+FUSED_BACKWARD_VARIANT = "v2"
 # Token ranges handed to separate programs in a token reduction are multiples of this (>= every BK, BM).
 TOKEN_CHUNK = 16 if INTERPRET else 256
 # Tests set this to fill every kernel output with NaN before the launch, so an unwritten element shows.
@@ -92,6 +104,42 @@ def _fused_configs():
         triton.Config({"BM": 128}, num_warps=8, num_stages=2),
         triton.Config({"BM": 32}, num_warps=4, num_stages=4),
     ]
+
+
+def _fused_v2_configs():
+    if INTERPRET:  # QSPLIT=2 so the CPU tests cover the split columns
+        return [triton.Config({"BM": 16, "QSPLIT": 2}, num_warps=4, num_stages=1)]
+    # (QSPLIT, BM, warps, stages): v1's four configs at QSPLIT=1, then column splits whose smaller
+    # register state lets 2 (QSPLIT=2) or 4 (QSPLIT=4) programs share an SM.
+    shapes = [
+        (1, 64, 8, 3), (1, 64, 4, 3), (1, 128, 8, 2), (1, 32, 4, 4),
+        (2, 64, 8, 3), (2, 64, 4, 3), (2, 128, 8, 3),
+        (4, 64, 4, 3), (4, 128, 4, 3),
+    ]
+    return [triton.Config({"BM": bm, "QSPLIT": qs}, num_warps=w, num_stages=st) for qs, bm, w, st in shapes]
+
+
+def _prune_fused_v2(configs, named_args, **kwargs):
+    """Each program's column slice BQ // QSPLIT must be >= 16 (the smallest tl.dot side)."""
+    bq = max(16, triton.next_power_of_2(named_args["Q"]))
+    fits = [c for c in configs if bq // c.kwargs["QSPLIT"] >= 16]
+    return fits or configs[:1]
+
+
+@contextlib.contextmanager
+def eager_launches():
+    """Launch kernels directly when the stage functions below are called outside the torch.library ops
+    (benchmarks of single stages). Outside an op, `wrap_triton` goes through PyTorch's tracing wrapper,
+    which for an autotuned kernel with `prune_configs_by` builds a new autotuner on every call: every call
+    re-benchmarks all configs (~0.8 s per call at the H200 bench shapes). Inside the ops PyTorch already
+    launches directly in eager mode, so the layers never pay this."""
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:  # older torch: wrap_triton launched directly outside tracing anyway
+        yield
+        return
+    with set_wrap_triton_enabled(False):
+        yield
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,6 +281,61 @@ def block_bwd_fused_kernel(
     tl.store(dw_ptrs, dw.to(dw_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
 
 
+@triton.autotune(configs=_fused_v2_configs(), key=["KEY_N", "P", "Q", "LAYOUT"],
+                 prune_configs_by={"early_config_prune": _prune_fused_v2})
+@triton.jit(do_not_specialize=["KEY_N", "LAYOUT"])
+def block_bwd_fused_v2_kernel(
+    go_ptr, w_ptr, x_ptr, dx_ptr, dw_ptr,
+    N, P, Q, TOKENS_PER_PROG,
+    go_sg, go_sr, go_sc,
+    w_sg, w_sr, w_sc,
+    x_sg, x_sr, x_sc, x_sc_hi,
+    dx_sg, dx_sr, dx_sc, dx_sc_hi, split,
+    dw_ss, dw_sg, dw_sr, dw_sc,
+    KEY_N, LAYOUT,  # autotune keys only
+    SPLIT_X: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
+    BP: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr, QSPLIT: tl.constexpr,
+):
+    """block_bwd_fused_kernel with the columns of block g split over QSPLIT programs: program
+    (g*QSPLIT + j, chunk) computes columns [j*BQ/QSPLIT, (j+1)*BQ/QSPLIT) of dx_g and of its chunk's
+    share of dW_g. The d_out tile (all P columns) is read by each of the QSPLIT programs."""
+    BQS: tl.constexpr = BQ // QSPLIT
+    pid = tl.program_id(0)
+    g = (pid // QSPLIT).to(tl.int64)
+    chunk = tl.program_id(1)
+    p = tl.arange(0, BP)
+    q = (pid % QSPLIT) * BQS + tl.arange(0, BQS)
+    p_ok = p < P
+    q_ok = q < Q
+    w = tl.load(w_ptr + g * w_sg + p.to(tl.int64)[:, None] * w_sr + q.to(tl.int64)[None, :] * w_sc,
+                mask=p_ok[:, None] & q_ok[None, :], other=0.0)
+    if UPCAST:
+        w = w.to(tl.float32)
+    go_base = go_ptr + g * go_sg + p.to(tl.int64)[None, :] * go_sc
+    x_base = x_ptr + g * x_sg + _col_offsets(q, x_sc, x_sc_hi, split, SPLIT_X)[None, :]
+    dx_base = dx_ptr + g * dx_sg + _col_offsets(q, dx_sc, dx_sc_hi, split, SPLIT_X)[None, :]
+
+    t_lo = chunk * TOKENS_PER_PROG
+    t_hi = tl.minimum(N, t_lo + TOKENS_PER_PROG)
+    dw = tl.zeros((BP, BQS), dtype=tl.float32)
+    for t0 in range(t_lo, t_hi, BM):
+        t = t0 + tl.arange(0, BM)
+        t_ok = t < t_hi
+        t64 = t.to(tl.int64)[:, None]
+        go = tl.load(go_base + t64 * go_sr, mask=t_ok[:, None] & p_ok[None, :], other=0.0)
+        x = tl.load(x_base + t64 * x_sr, mask=t_ok[:, None] & q_ok[None, :], other=0.0)
+        if UPCAST:
+            go = go.to(tl.float32)
+            x = x.to(tl.float32)
+        dx = _dot(go, w, tl.zeros((BM, BQS), dtype=tl.float32), False, FP32_IEEE)
+        tl.store(dx_base + t64 * dx_sr, dx.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & q_ok[None, :])
+        dw = _dot(tl.trans(go), x, dw, False, FP32_IEEE)
+
+    dw_ptrs = (dw_ptr + chunk.to(tl.int64) * dw_ss + g * dw_sg
+               + p.to(tl.int64)[:, None] * dw_sr + q.to(tl.int64)[None, :] * dw_sc)
+    tl.store(dw_ptrs, dw.to(dw_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+
+
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
@@ -360,7 +463,16 @@ def stage_backward(grad_out: Operand, inp: Operand, w: torch.Tensor, grad_in: Op
         x_hi, split = inp._split_args()
         dx_hi, _ = grad_in._split_args()
         layout = int(grad_out.sr == 1) | int(inp.sr == 1) << 1
-        wrap_triton(block_bwd_fused_kernel)[(G, splits)](
+        if FUSED_BACKWARD_VARIANT == "v2":
+            kernel = block_bwd_fused_v2_kernel
+
+            def grid(meta):
+                return (G * meta["QSPLIT"], splits)
+        elif FUSED_BACKWARD_VARIANT == "v1":
+            kernel, grid = block_bwd_fused_kernel, (G, splits)
+        else:
+            raise ValueError(f"FUSED_BACKWARD_VARIANT must be 'v1' or 'v2', got {FUSED_BACKWARD_VARIANT!r}")
+        wrap_triton(kernel)[grid](
             grad_out.data, w, inp.data, grad_in.data, slots,
             N, P, Q, per,
             grad_out.sg, grad_out.sr, grad_out.sc,

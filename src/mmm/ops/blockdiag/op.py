@@ -5,8 +5,10 @@ Ops: mmm::blockdiag_fwd(x, weight) -> y and mmm::blockdiag_bwd(dy, x, weight) ->
 They are `triton_op`s (kernels launched through `wrap_triton`), so torch.compile(fullgraph=True) traces
 through them and sees the kernels; the fake (meta) implementation is the same Python run on fake tensors.
 
-Dispatch (`use_kernel`): the Triton op for fp16/bf16/fp32 tensors on CUDA, or on CPU under
-TRITON_INTERPRET=1; the naive PyTorch reference otherwise (fp64, CPU, no Triton, zero tokens).
+Dispatch (`choose_path`): on CUDA, the Triton op or the cuBLAS op (cublas.py), whichever dispatch.py
+says is faster for the shape (a measured table, else a default rule); on CPU, the Triton op under
+TRITON_INTERPRET=1 (`use_kernel`: fp16/bf16/fp32), else the naive PyTorch reference; the reference for
+zero tokens and under `mmm.ops.reference_only()`. `path=` forces one of them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 from ..._checks import check_float_tensor
 from .. import kernels_enabled
-from . import naive
+from . import dispatch, naive
+from .cublas import blockdiag_cublas_fwd
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -30,11 +33,38 @@ except ImportError:  # CPU installs without triton use the reference
     INTERPRET = False
 
 
-def use_kernel(x: torch.Tensor) -> bool:
-    """Whether tensors like x go to the Triton kernels (else to the naive PyTorch path)."""
-    if not HAVE_TRITON or not kernels_enabled() or x.dtype not in KERNEL_DTYPES or x.numel() == 0:
+def triton_can_run(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can take tensors like x (dtype, device, triton installed)."""
+    if not HAVE_TRITON or x.dtype not in KERNEL_DTYPES:
         return False
     return x.is_cuda or (INTERPRET and x.device.type == "cpu")
+
+
+def use_kernel(x: torch.Tensor) -> bool:
+    """Whether tensors like x go to the Triton kernels on CPU (interpreter) or may on CUDA."""
+    return kernels_enabled() and x.numel() > 0 and triton_can_run(x)
+
+
+def choose_path(structure: str, x2: torch.Tensor, in_features: int, out_features: int, nblocks: int,
+                block_rank: int | None = None, path: str | None = None) -> str:
+    """"reference", "triton", "cublas" or (Monarch) "cublas_copy" for the [N, in_features] input x2.
+    `path` forces one (checked); None chooses as the module docstring says."""
+    if path is not None:
+        allowed = ("reference", *dispatch.PATHS[structure])
+        if path not in allowed:
+            raise ValueError(f"path must be None (automatic) or one of {allowed}, got {path!r}")
+        if x2.shape[0] == 0:
+            return "reference"
+        if path == "triton" and not triton_can_run(x2):
+            raise ValueError(f"path='triton' needs triton and a float16/bfloat16/float32 tensor on CUDA (or on "
+                             f"CPU under TRITON_INTERPRET=1); got {x2.dtype} on {x2.device}")
+        return path
+    if not kernels_enabled() or x2.shape[0] == 0:
+        return "reference"
+    if not x2.is_cuda:
+        return "triton" if use_kernel(x2) else "reference"
+    return dispatch.pick(structure, in_features, out_features, nblocks, block_rank, x2.dtype, x2.shape[0],
+                         triton_ok=triton_can_run(x2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,9 +158,10 @@ if HAVE_TRITON:
     blockdiag_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def blockdiag_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def blockdiag_matmul(x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """y[..., k*s + j] = sum_i weight[k, j, i] * x[..., k*p + i]: x [..., b*p] times the block-diagonal
-    matrix with blocks weight [b, s, p], giving [..., b*s]. Differentiable in x and weight."""
+    matrix with blocks weight [b, s, p], giving [..., b*s]. Differentiable in x and weight.
+    path: None chooses (see `choose_path`); "triton", "cublas" or "reference" forces one."""
     check_weight_rank("weight", weight, "[nblocks, out_features/nblocks, in_features/nblocks]")
     b, s, p = weight.shape
     check_float_tensor("x", x)
@@ -138,8 +169,11 @@ def blockdiag_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     check_input(x, b * p, {"weight": weight})
     lead = x.shape[:-1]
     x2 = x.reshape(-1, b * p)
-    if use_kernel(x2):
+    path = choose_path("blockdiag", x2, b * p, b * s, b, None, path)
+    if path == "triton":
         y = blockdiag_fwd(x2, weight)
+    elif path == "cublas":
+        y = blockdiag_cublas_fwd(x2, weight)
     else:
         y = naive.blockdiag_matmul(x2, weight)
     return y.reshape(*lead, b * s)

@@ -5,7 +5,8 @@ Ops: mmm::monarch_fwd(x, L, R, block_rank) -> (out, mid) and
      mmm::monarch_bwd(dout, x, mid, L, R, block_rank) -> (dx, dL, dR).
 `mid` is the token-minor middle buffer (see kernels.py); it is an output only so that autograd can keep
 it for backward. Both are `triton_op`s, so torch.compile(fullgraph=True) traces through them.
-Dispatch is `use_kernel` (shared with the block-diagonal op).
+Dispatch is `choose_path` (shared with the block-diagonal op): the Triton op, or on CUDA the cuBLAS op
+(cublas.py) where dispatch.py says it is faster.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from ..blockdiag.op import (
     autocast_inputs,
     check_input,
     check_weight_rank,
+    choose_path,
     merged_dense_max_tokens,
     prefer_merged_dense,
     use_kernel,
 )
 from . import naive
+from .cublas import monarch_cublas_fwd
 from ..._checks import check_float_tensor
 
 if HAVE_TRITON:
@@ -74,9 +77,12 @@ def check_monarch(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank:
             f"L {tuple(L.shape)}; got {tuple(R.shape)}")
 
 
-def monarch_matmul(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank: int) -> torch.Tensor:
+def monarch_matmul(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank: int,
+                   path: str | None = None) -> torch.Tensor:
     """Monarch product of x [..., b*p] with L [b, b*c, p] and R [b, s, b*c] (c = block_rank), giving
-    [..., b*s]; the layout is spelled out in naive.py. Differentiable in x, L and R."""
+    [..., b*s]; the layout is spelled out in naive.py. Differentiable in x, L and R.
+    path: None chooses (see blockdiag.op.choose_path); "triton", "cublas", "cublas_copy" or "reference"
+    forces one."""
     check_float_tensor("x", x)
     check_monarch(x, L, R, block_rank)
     x, L, R = autocast_inputs(x, L, R)
@@ -85,11 +91,15 @@ def monarch_matmul(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank
     check_input(x, b * p, {"L": L, "R": R})
     lead = x.shape[:-1]
     x2 = x.reshape(-1, b * p)
-    if use_kernel(x2):
+    path = choose_path("monarch", x2, b * p, b * s, b, block_rank, path)
+    if path == "triton":
         out = monarch_fwd(x2, L, R, block_rank)[0]
+    elif path in ("cublas", "cublas_copy"):
+        out = monarch_cublas_fwd(x2, L, R, block_rank, "split" if path == "cublas" else "copy")[0]
     else:
         out = naive.monarch_matmul(x2, L, R, block_rank)
     return out.reshape(*lead, b * s)
 
 
-__all__ = ["monarch_matmul", "check_monarch", "use_kernel", "merged_dense_max_tokens", "prefer_merged_dense"]
+__all__ = ["monarch_matmul", "check_monarch", "choose_path", "use_kernel", "merged_dense_max_tokens",
+           "prefer_merged_dense"]
