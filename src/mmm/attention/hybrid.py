@@ -98,19 +98,19 @@ def combine_lse(o_w, lse, far_num, far_den, log_scale, eps: float) -> torch.Tens
     return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
 
 
-def prefix_far_sums(q, k, v, fq, fk, vg, fmap: FeatureMap, window: int, eps: float, chunk_size: int):
+def prefix_far_sums(q, k, v, fq, fk, fmap: FeatureMap, window: int, eps: float, chunk_size: int):
     """Far sums over the keys j <= i - window, grouped like `linear_features` (fq [B, Hk, g, T, F], fk
-    [B, Hk, 1, T, F], vg [B, Hk, 1, T, Dv]; q, k, v the inputs [B, T, H, D]): num [B, Hk, g, T, Dv],
-    den [B, Hk, g, T], zero for the rows i < window, which have no far key. Causal linear attention of
-    the queries from row `window` on against the keys and values up to row T - 1 - window."""
+    [B, Hk, 1, T, F]; q, k, v the inputs [B, T, H, D]): num [B, Hk, g, T, Dv], den [B, Hk, g, T], zero
+    for the rows i < window, which have no far key. Causal linear attention of the queries from row
+    `window` on against the keys and values up to row T - 1 - window."""
     t, hk = q.shape[1], k.shape[2]
     shifted = t - window
     if shifted <= 0:
-        return vg.new_zeros(*fq.shape[:-1], vg.shape[-1]), fq.new_zeros(fq.shape[:-1])
-    fq_s, fk_s, vg_s = fq[..., window:, :], fk[..., :shifted, :], vg[..., :shifted, :]
+        return fq.new_zeros(*fq.shape[:-1], v.shape[-1]), fq.new_zeros(fq.shape[:-1])
+    fq_s, fk_s = fq[..., window:, :], fk[..., :shifted, :]
     o = linear_mod._triton_linear(q[:, window:], k[:, :shifted], v[:, :shifted], fmap, True, True, eps)
     if o is None:
-        num, den = causal_sums(fq_s, fk_s, vg_s, chunk_size)
+        num, den = causal_sums(fq_s, fk_s, group_kv(v[:, :shifted].to(fq.dtype)), chunk_size)
     else:
         # The kernel returns num / (den + eps); its denominator in fp32 (a cumulative sum of key
         # features) turns that back into the numerator.
@@ -127,12 +127,12 @@ def flex_hybrid(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float
     o_w, lse = flex.flex_band(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, causal, return_lse=True)
     o_w = o_w.to(dt).reshape(b, hk, h // hk, t, -1)  # [B, H, T, Dv] -> grouped [B, Hk, g, T, Dv]
     lse = lse.to(dt).reshape(b, hk, h // hk, t)
-    fq, log_scale, fk, vg = linear_features(q, k, v, fmap)
-    far_num, far_den = prefix_far_sums(q, k, v, fq, fk, vg, fmap, window, eps, chunk_size)
+    fq, log_scale, fk, _ = linear_features(q, k, None, fmap)
+    far_num, far_den = prefix_far_sums(q, k, v, fq, fk, fmap, window, eps, chunk_size)
     if not causal:
         # Keys j >= i + window: the same sums on the reversed sequence.
         rq, rk, rv = q.flip(1), k.flip(1), v.flip(1)
-        num_r, den_r = prefix_far_sums(rq, rk, rv, fq.flip(-2), fk.flip(-2), vg.flip(-2), fmap, window, eps, chunk_size)
+        num_r, den_r = prefix_far_sums(rq, rk, rv, fq.flip(-2), fk.flip(-2), fmap, window, eps, chunk_size)
         far_num, far_den = far_num + num_r.flip(-2), far_den + den_r.flip(-1)
     o = combine_lse(o_w, lse, far_num, far_den, log_scale, eps)
     return ungroup(o).to(q.dtype)

@@ -95,7 +95,7 @@ def finish(num, den, log_scale, normalize: bool, eps: float) -> torch.Tensor:
 
 def linear_features(q, k, v, fmap: FeatureMap):
     """Grouped fp32/fp64 features: fq [B, Hk, g, T, F], log_scale [B, Hk, g, T] or None,
-    fk [B, Hk, 1, T, F], v [B, Hk, 1, T, Dv]."""
+    fk [B, Hk, 1, T, F], v [B, Hk, 1, T, Dv] (None for v=None)."""
     dt = compute_dtype(q)
     hk = k.shape[2]
     fq, log_scale = fmap.features(q.to(dt), True)
@@ -103,7 +103,7 @@ def linear_features(q, k, v, fmap: FeatureMap):
     if key_log_scale is not None:
         raise ValueError(f"{type(fmap).__name__} returned a log scale for keys; key features must be returned unscaled")
     log_scale = None if log_scale is None else group_q(log_scale, hk)
-    return group_q(fq, hk), log_scale, group_kv(fk), group_kv(v.to(dt))
+    return group_q(fq, hk), log_scale, group_kv(fk), None if v is None else group_kv(v.to(dt))
 
 
 def linear_attention(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps: float, chunk_size: int) -> torch.Tensor:

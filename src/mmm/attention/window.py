@@ -12,9 +12,9 @@ to chunks c-1, c (and c+1 when two-sided), which hold every key of its band. No 
 chunks are processed in groups (`_layout.GROUP_BUDGET`) so that inference memory stays bounded.
 
 On CUDA (fp16 / bf16 / fp32, head dims and lengths that `flex.flex_applies` accepts) the same band runs
-through torch's FlexAttention instead (flex.py): block-sparse and fused, several times faster than exact
-attention from 8k tokens on. The blockwise path stays for CPU, fp64 and the shapes flex does not take;
-`window_path` says which one a call takes.
+through torch's FlexAttention instead (flex.py): block-sparse and fused, with no per-chunk tensors in
+memory. The blockwise path stays for CPU, fp64 and the shapes flex does not take; `window_path` says which
+one a call takes.
 """
 
 from __future__ import annotations
