@@ -28,9 +28,24 @@ could overflow fp16, and fp32 inputs, for which IEEE dots spill registers badly 
 operands, IEEE (under TRITON_INTERPRET, where bf16 dots are wrong).
 
 Tile configs were chosen from the sm_90 compiler's report, which needs no GPU (triton.compile with
-GPUTarget("cuda", 90, 32), then cuobjdump -res-usage on the cubin): for D <= 128 the configs below
-compile at <= 255 registers with (almost) no spills; D = 256 spills (a [64, 256] row tile of q and of k
-is held in registers), so it is correct but not tuned.
+GPUTarget("cuda", 90, 32), then cuobjdump -res-usage on the cubin; scripts/gpu_linear_attention_configs.py
+--ir prints it for every config): for D <= 128 the configs below compile at <= 255 registers with at most
+~330 bytes of spills; D = 256 spills more (a [64, 256] row tile of q and of k is held in registers), so it
+is correct but not tuned.
+
+Why the kernels with several dots (fwd, dq/dk, dv) use 4 warps: the H200 run of 2026-11-28 died with an
+illegal address inside fwd_kernel's bf16 dot, first fault at thread 128 (compute-sanitizer: "Out-of-range
+shared or local address"), and no kernel index was found out of bounds (tests run every GPU tile config
+under the interpreter with guarded buffers). Compiled for sm_90 with triton 3.6, the causal variant of each
+of these kernels, at 8 warps and BT = 64, lays a 64-row dot result on warpsPerCTA = [8, 1] (warps 4-7,
+threads 128+, hold a replica of the rows) and converts it to a [4, 2] layout or to the operand of the next
+dot; at 4 warps, and at 8 warps when every dot has >= 128 rows, there is one layout and no such conversion.
+Triton has reports of shared-memory faults on sm_90 in kernels with several tl.dot (triton-lang/triton
+#10486, #10573, #11366), so configs with that conversion are excluded (_pruner's rule), not trusted.
+scripts/gpu_linear_attention_configs.py runs every config alone on the GPU to confirm or prune further.
+
+MMM_LA_CONFIG (diagnosis only, read at import): "fwd_kernel=64,32,4,2;bwd_dv_kernel=..." forces one
+(BT, tile, num_warps, num_stages) config per named kernel; that config is launched as given, unpruned.
 """
 
 from __future__ import annotations
@@ -41,22 +56,67 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Segment lengths must be multiples of every BT below, so each kernel can use its own chunk size.
+# Segment lengths are multiples of every BT below, so chunks are full except at the end of the sequence
+# (speed only: a segment of any length is swept correctly, with its last chunk masked).
 SEGMENT_MULTIPLE = 16 if INTERPRET else 128
 SCAN_BLOCK = 1024
 FEATURE_CODES = {None: 0, "identity": 0, "elu": 1, "relu": 2}
 
+# (BT, tile size, num_warps, num_stages) per autotuned kernel, the tile being BK or BV.
+CONFIGS = {
+    # one dot: 8 warps are fine here (no layout conversion between dots)
+    "chunk_state_kernel": [(128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3), (32, 64, 8, 2)],
+    # several dots: 4 warps (see the module docstring); BT = 32 dots run on the mma v2 path
+    "fwd_kernel": [(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2)],
+    "bwd_dqdk_kernel": [(64, 16, 4, 3), (64, 16, 4, 2), (64, 32, 4, 2)],
+    "bwd_dv_kernel": [(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2)],
+}
+INTERPRET_CONFIG = (16, 16, 1, 1)  # the interpreter runs one config (autotuning several fails there)
 
-def _configs(tile: str, options):
-    """options: (BT, tile size, num_warps, num_stages). One small config under the interpreter."""
-    if INTERPRET:
-        return [triton.Config({"BT": 16, tile: 16}, num_warps=1, num_stages=1)]
+
+def _forced_configs(spec: str) -> dict:
+    """Parses MMM_LA_CONFIG: "kernel=BT,tile,num_warps,num_stages;kernel=..." (see the module docstring)."""
+    forced = {}
+    for item in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, values = item.partition("=")
+        try:
+            numbers = tuple(int(x) for x in values.split(","))
+        except ValueError:
+            numbers = ()
+        if name.strip() not in CONFIGS or len(numbers) != 4:
+            raise ValueError(
+                f"MMM_LA_CONFIG: expected 'kernel=BT,tile,num_warps,num_stages' items separated by ';' with "
+                f"kernel one of {sorted(CONFIGS)}, got {item!r}")
+        forced[name.strip()] = numbers
+    return forced
+
+
+FORCED = _forced_configs(os.environ.get("MMM_LA_CONFIG", ""))
+
+
+def _configs(kernel: str, tile: str):
+    if kernel in FORCED:
+        options = [FORCED[kernel]]
+    elif INTERPRET:
+        options = [INTERPRET_CONFIG]
+    else:
+        options = CONFIGS[kernel]
     return [triton.Config({"BT": bt, tile: t}, num_warps=w, num_stages=s) for bt, t, w, s in options]
 
 
-def _pruner(tile: str, n_states: int, max_tile_rows: int):
+def _pruner(tile: str, n_states: int, max_tile_rows: int, state_rows: str | None = None):
     """Keep configs whose tile fits D, whose fp32 state(s) need <= 64 registers a thread and whose
-    [BT, D] row tiles have <= max_tile_rows * 128 elements; these limits keep ptxas from spilling."""
+    [BT, D] row tiles have <= max_tile_rows * 128 elements (these limits keep ptxas from spilling much).
+    state_rows, for kernels with several dots: the rows of their state-update dots ("D" or the tile);
+    more than 4 warps then need every dot to have >= 16 rows per warp (the module docstring says why).
+    With nothing left, the smallest tile and fewest warps, the tile cut to D. (Triton calls this only when
+    a kernel has more than one config.)"""
+
+    def safe_warps(c, D):
+        if state_rows is None or c.num_warps <= 4:
+            return True
+        rows = min(c.kwargs["BT"], D if state_rows == "D" else c.kwargs[tile])
+        return rows >= 16 * c.num_warps
 
     def prune(configs, named_args, **kwargs):
         D = kwargs["D"] if "D" in kwargs else named_args["D"]
@@ -65,11 +125,12 @@ def _pruner(tile: str, n_states: int, max_tile_rows: int):
             if c.kwargs[tile] <= D
             and n_states * c.kwargs[tile] * D <= 64 * 32 * c.num_warps
             and c.kwargs["BT"] * D <= max_tile_rows * 128
+            and safe_warps(c, D)
         ]
         if keep:
             return keep
-        c = configs[-1]
-        return [triton.Config({**c.kwargs, tile: min(c.kwargs[tile], D)}, num_warps=c.num_warps, num_stages=c.num_stages)]
+        c = min(configs, key=lambda c: (c.kwargs[tile], c.num_warps))
+        return [triton.Config({**c.kwargs, tile: min(c.kwargs[tile], D)}, num_warps=min(c.num_warps, 4), num_stages=c.num_stages)]
 
     return prune
 
@@ -133,9 +194,11 @@ def _program(NT: tl.constexpr, NS, L, T, H, D: tl.constexpr):
     return i_t, i_s, i_bh, row0, i_bh * T + t_start, t_len
 
 
+# Autotuned kernels must stay idempotent (each launch rewrites all of its outputs, never accumulates
+# into them): the autotuner launches every config many times on the same buffers.
 @triton.autotune(
-    configs=_configs("BK", [(128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3), (32, 64, 8, 2)]),
-    key=["D"],
+    configs=_configs("chunk_state_kernel", "BK"),
+    key=["D", "BWD"],  # the backward variant holds 3 more row tiles: tune it separately
     prune_configs_by={"early_config_prune": _pruner("BK", 1, 128)},
 )
 @triton.jit
@@ -189,7 +252,7 @@ def chunk_state_kernel(
 @triton.jit
 def scan_kernel(st_ptr, NS, M, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
     """In place over states [BH, NS+1, M]: entry s becomes the sum of the entries before it (after it when
-    REVERSE); entry NS becomes the total."""
+    REVERSE); entry NS becomes the total. In place, so launched exactly once: never autotune it."""
     n_blk = tl.cdiv(M, BLOCK)
     pid = tl.program_id(0).to(tl.int64)
     i_bh = pid // n_blk
@@ -208,11 +271,11 @@ def scan_kernel(st_ptr, NS, M, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(st_ptr + (i_bh * (NS + 1) + NS) * M + offs, run, mask=m)
 
 
-# (BT, BV, num_warps, num_stages) for the kernels split over V-tiles (see the module docstring).
-_VSPLIT = [(64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2)]
-
-
-@triton.autotune(configs=_configs("BV", _VSPLIT), key=["D"], prune_configs_by={"early_config_prune": _pruner("BV", 1, 128)})
+@triton.autotune(
+    configs=_configs("fwd_kernel", "BV"),
+    key=["D"],
+    prune_configs_by={"early_config_prune": _pruner("BV", 1, 128, state_rows="D")},
+)
 @triton.jit
 def fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rden_ptr, st_ptr,
@@ -270,9 +333,9 @@ def fwd_kernel(
 
 
 @triton.autotune(
-    configs=_configs("BK", [(64, 64, 8, 2), (64, 32, 8, 2), (64, 16, 4, 2), (64, 16, 8, 2)]),
+    configs=_configs("bwd_dqdk_kernel", "BK"),
     key=["D"],
-    prune_configs_by={"early_config_prune": _pruner("BK", 2, 128)},
+    prune_configs_by={"early_config_prune": _pruner("BK", 2, 128, state_rows="BK")},
 )
 @triton.jit
 def bwd_dqdk_kernel(
@@ -368,7 +431,11 @@ def bwd_dqdk_kernel(
         dk_base -= BT * H * D
 
 
-@triton.autotune(configs=_configs("BV", _VSPLIT), key=["D"], prune_configs_by={"early_config_prune": _pruner("BV", 1, 128)})
+@triton.autotune(
+    configs=_configs("bwd_dv_kernel", "BV"),
+    key=["D"],
+    prune_configs_by={"early_config_prune": _pruner("BV", 1, 128, state_rows="D")},
+)
 @triton.jit
 def bwd_dv_kernel(
     q_ptr, k_ptr, do_ptr, rden_ptr, dst_ptr, dv_ptr,

@@ -60,13 +60,27 @@ def _dot_mode(dtype: torch.dtype) -> int:
 
 if HAVE_TRITON:
 
+    def _grid(D: int, n_seq_segments: int, tile: str):
+        """Programs of a kernel split over `tile` (BK or BV) tiles of the head dim. A tile that does not
+        divide D would leave rows of the state (or of the outputs) unwritten: the pruner never keeps one,
+        but a config forced with MMM_LA_CONFIG skips the pruner, hence the check."""
+
+        def grid(meta):
+            if D % meta[tile]:
+                raise ValueError(f"linear attention config {tile}={meta[tile]} does not divide head_dim {D}")
+            return (D // meta[tile] * n_seq_segments,)
+
+        return grid
+
     @triton_op("mmm::linear_attention_fwd", mutates_args=())
     def linear_attention_fwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         feature: int, normalize: bool, causal: bool, eps: float, seg_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns o [B,T,H,D], rden = 1/(den+eps) [B,H,T] fp32 (zeros when not normalizing) and the
-        exclusive per-segment prefix states [B*H, NS+1, D*D+D] fp32 (entry NS = total), kept for backward."""
+        exclusive per-segment prefix states [B*H, NS+1, D*D+D] fp32 (entry NS = total), kept for backward.
+        Every element of o, rden and states is written: states 0..NS-1 by chunk_state_kernel (all D/BK
+        row tiles of every segment), entry NS by the scan, rden by fwd_kernel when normalizing."""
         B, T, H, D = q.shape
         NS = triton.cdiv(T, seg_len)
         M = D * D + D
@@ -75,11 +89,11 @@ if HAVE_TRITON:
         rden = alloc((B, H, T), dtype=torch.float32, device=q.device)
         states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=q.device)
         common = dict(T=T, H=H, L=seg_len, NS=NS, D=D, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
-        wrap_triton(kernels.chunk_state_kernel)[lambda m: (D // m["BK"] * NS * B * H,)](
+        wrap_triton(kernels.chunk_state_kernel)[_grid(D, NS * B * H, "BK")](
             k, v, v, rden, rden, states, BWD=False, **common)
         wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
-        wrap_triton(kernels.fwd_kernel)[lambda m: (D // m["BV"] * NS * B * H,)](
+        wrap_triton(kernels.fwd_kernel)[_grid(D, NS * B * H, "BV")](
             q, k, v, o, rden, states, eps=eps, CAUSAL=causal, **common)
         return o, rden, states
 
@@ -89,21 +103,22 @@ if HAVE_TRITON:
         rden: torch.Tensor, states: torch.Tensor,
         feature: int, normalize: bool, causal: bool, seg_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """dq, dk, dv from the forward's saved o, rden and prefix states."""
+        """dq, dk, dv from the forward's saved o, rden and prefix states. r (the normalizer's gradient) is
+        written by chunk_state_kernel and read only when normalizing; zeros otherwise."""
         B, T, H, D = q.shape
         NS = triton.cdiv(T, seg_len)
         M = D * D + D
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        r = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+        r = (torch.empty if normalize else torch.zeros)((B, H, T), dtype=torch.float32, device=q.device)
         dstates = torch.empty_like(states)
         common = dict(T=T, H=H, L=seg_len, NS=NS, D=D, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
-        wrap_triton(kernels.chunk_state_kernel)[lambda m: (D // m["BK"] * NS * B * H,)](
+        wrap_triton(kernels.chunk_state_kernel)[_grid(D, NS * B * H, "BK")](
             q, do, o, rden, r, dstates, BWD=True, **common)
         wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
-        wrap_triton(kernels.bwd_dqdk_kernel)[lambda m: (D // m["BK"] * NS * B * H,)](
+        wrap_triton(kernels.bwd_dqdk_kernel)[_grid(D, NS * B * H, "BK")](
             q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, **common)
-        wrap_triton(kernels.bwd_dv_kernel)[lambda m: (D // m["BV"] * NS * B * H,)](
+        wrap_triton(kernels.bwd_dv_kernel)[_grid(D, NS * B * H, "BV")](
             q, k, do, rden, dstates, dv, CAUSAL=causal, **common)
         return dq, dk, dv
 
