@@ -9,7 +9,8 @@ scripts/gpu_block_paths.py (which writes the file to copy here) and keyed on
 (structure, in_features, out_features, nblocks, block_rank, dtype) plus a power-of-two token bucket.
 A shape in the table uses its nearest measured bucket within a factor of 4 of the token count; any other
 shape uses `default_path`, a rule that is a default until measured:
-  - cuBLAS when every block is at least CUBLAS_MIN_BLOCK wide on both sides (in/b and out/b). The one
+  - cuBLAS when every block GEMM is at least CUBLAS_MIN_BLOCK wide in each weight dimension (in/b and
+    out/b; for Monarch also the middle width b*c, the K of stage 2 and the N of stage 1). The one
     H200 run so far (results/h200/2026-11-28-*) had torch.compile of the bmm reference beat the Triton
     kernels at blocks of 1024 and 4096 (block-diagonal b=4, 16 and Monarch b=4, 16 at d=16384), and the
     Triton kernels win where blocks are small (Monarch b=128: rank-1 blocks of 128).
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
 
 TABLE_FILE = Path(__file__).with_name("dispatch_table.json")
 PATHS = {"blockdiag": ("triton", "cublas"), "monarch": ("triton", "cublas", "cublas_copy")}
@@ -42,8 +45,12 @@ def token_bucket(n: int) -> int:
     return bucket
 
 
-def dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]  # a dict lookup rather than str(): traceable by torch.compile
 
 
 def load_table(path: str | Path) -> dict[Key, dict[int, str]]:
@@ -67,7 +74,10 @@ TABLE = load_table(TABLE_FILE)
 def default_path(structure: str, in_features: int, out_features: int, nblocks: int,
                  block_rank: int | None = None) -> str:
     """The rule for shapes without a measurement (see the module docstring)."""
-    if min(in_features, out_features) // nblocks < CUBLAS_MIN_BLOCK:
+    widths = [in_features // nblocks, out_features // nblocks]
+    if structure == "monarch":
+        widths.append(nblocks * block_rank)
+    if min(widths) < CUBLAS_MIN_BLOCK:
         return "triton"
     return _cublas_variant(structure, block_rank)
 
