@@ -14,12 +14,14 @@ A block-diagonal layer is one stage; Monarch is two (see ../monarch/kernels.py).
   the tokens computes d_in = d_out @ W and accumulates dW += d_out^T @ in, so d_out is read once instead
   of twice. For small blocks the stage is memory-bound and this is a third of its bytes.
 - `block_bwd_fused_v2_kernel`: the same pass with the Q columns split over QSPLIT programs (autotuned,
-  1 included). Why: at P = Q = 128 (Monarch b=128, c=1) one program of v1 keeps dW_g (64 KB fp32) and the
-  d_in tile (32 KB fp32) in registers, so an SM holds one such program and its 8 warps alone must hide
-  every load, the d_in MMA (which cannot be deferred: its result is stored at once) and the store. The
-  H200 measured 1.35 TB/s, a third of the copy bandwidth. Splitting Q divides that state by QSPLIT so 2-4
-  programs share an SM and overlap each other's memory and MMA phases; the QSPLIT programs of one block
-  read the same d_out rows back to back, so the repeated reads come from L2 rather than HBM.
+  1 included). Why: at P = Q = 128 (Monarch b=128, c=1) a v1 program keeps dW_g (64 KB fp32) and the
+  d_in tile (32 KB fp32) in registers and three stages of d_out/x tiles plus W in shared memory: 174
+  registers x 256 threads and 144 KB (ptxas for sm_90, scripts/fused_bwd_ptxas.py), so an SM holds one
+  program, whose own pipeline must hide every load, the d_in MMA (waited for at once: its result is
+  stored) and the layout change of the store. The H200 measured 1.35 TB/s there, a third of the copy
+  bandwidth. Splitting Q divides that state by QSPLIT, so 2-4 programs share an SM and overlap each
+  other's memory and MMA phases; the QSPLIT programs of one block read the same d_out rows back to back,
+  so the repeated reads should come from L2 rather than HBM.
   FUSED_BACKWARD_VARIANT picks v1 or v2 (v1 is kept for the side-by-side comparison).
 
 Precision: tl.dot accumulates in fp32. fp32 inputs use IEEE products unless PyTorch allows tf32
@@ -109,12 +111,13 @@ def _fused_configs():
 def _fused_v2_configs():
     if INTERPRET:  # QSPLIT=2 so the CPU tests cover the split columns
         return [triton.Config({"BM": 16, "QSPLIT": 2}, num_warps=4, num_stages=1)]
-    # (QSPLIT, BM, warps, stages): v1's four configs at QSPLIT=1, then column splits whose smaller
-    # register state lets 2 (QSPLIT=2) or 4 (QSPLIT=4) programs share an SM.
+    # (QSPLIT, BM, warps, stages): v1's four configs at QSPLIT=1, then column splits small enough in
+    # registers and shared memory for 2-4 programs per SM at P = Q = 128 (scripts/fused_bwd_ptxas.py:
+    # v1's best, BM=64/8 warps/3 stages, needs 174 registers and 144 KB of shared memory: one per SM).
     shapes = [
         (1, 64, 8, 3), (1, 64, 4, 3), (1, 128, 8, 2), (1, 32, 4, 4),
-        (2, 64, 8, 3), (2, 64, 4, 3), (2, 128, 8, 3),
-        (4, 64, 4, 3), (4, 128, 4, 3),
+        (2, 64, 8, 3), (2, 64, 8, 2), (2, 64, 4, 2),  # 2 per SM (3 for the token-minor x layout)
+        (4, 64, 4, 2), (4, 64, 4, 3), (4, 128, 8, 2),  # 4, 3 and 2 per SM
     ]
     return [triton.Config({"BM": bm, "QSPLIT": qs}, num_warps=w, num_stages=st) for qs, bm, w, st in shapes]
 
@@ -299,12 +302,11 @@ def block_bwd_fused_v2_kernel(
     """block_bwd_fused_kernel with the columns of block g split over QSPLIT programs: program
     (g*QSPLIT + j, chunk) computes columns [j*BQ/QSPLIT, (j+1)*BQ/QSPLIT) of dx_g and of its chunk's
     share of dW_g. The d_out tile (all P columns) is read by each of the QSPLIT programs."""
-    BQS: tl.constexpr = BQ // QSPLIT
     pid = tl.program_id(0)
     g = (pid // QSPLIT).to(tl.int64)
     chunk = tl.program_id(1)
     p = tl.arange(0, BP)
-    q = (pid % QSPLIT) * BQS + tl.arange(0, BQS)
+    q = (pid % QSPLIT) * (BQ // QSPLIT) + tl.arange(0, BQ // QSPLIT)
     p_ok = p < P
     q_ok = q < Q
     w = tl.load(w_ptr + g * w_sg + p.to(tl.int64)[:, None] * w_sr + q.to(tl.int64)[None, :] * w_sc,
@@ -317,7 +319,7 @@ def block_bwd_fused_v2_kernel(
 
     t_lo = chunk * TOKENS_PER_PROG
     t_hi = tl.minimum(N, t_lo + TOKENS_PER_PROG)
-    dw = tl.zeros((BP, BQS), dtype=tl.float32)
+    dw = tl.zeros((BP, BQ // QSPLIT), dtype=tl.float32)
     for t0 in range(t_lo, t_hi, BM):
         t = t0 + tl.arange(0, BM)
         t_ok = t < t_hi
@@ -327,7 +329,7 @@ def block_bwd_fused_v2_kernel(
         if UPCAST:
             go = go.to(tl.float32)
             x = x.to(tl.float32)
-        dx = _dot(go, w, tl.zeros((BM, BQS), dtype=tl.float32), False, FP32_IEEE)
+        dx = _dot(go, w, tl.zeros((BM, BQ // QSPLIT), dtype=tl.float32), False, FP32_IEEE)
         tl.store(dx_base + t64 * dx_sr, dx.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & q_ok[None, :])
         dw = _dot(tl.trans(go), x, dw, False, FP32_IEEE)
 
