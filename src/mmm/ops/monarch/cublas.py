@@ -14,8 +14,9 @@ GEMM per direction (stage 1, and the data gradient of stage 2) meets the other l
 
   shuffle="split"  b calls, one per output chunk (l forward, k backward), each writing its c columns
                    straight into the other layout: no copy, no extra writes, but the other operand (x,
-                   dout) is read b times. Hidden under the arithmetic when c is large (b=4, c=1024 at
-                   d=16384: 3 extra reads of x during 1.5 ms of tensor-core work); ruinous when it is small.
+                   dout) is read b times. Expected to hide under the arithmetic when c is large (b=4,
+                   c=1024 at d=16384: 3 extra reads of x, ~0.2 ms of traffic, inside ~1.5 ms of tensor-core
+                   work); ruinous when c is small. scripts/gpu_block_paths.py measures both.
   shuffle="copy"   one bmm in the natural layout, then one permute copy (2 x |mid| bytes, ~0.13 ms at
                    N=8192, d=16384 on an H200).
 
