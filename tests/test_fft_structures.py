@@ -285,3 +285,389 @@ def test_cuda_projection_recovers(cfg):
     layer = mmm.project(w, cfg)
     assert layer.structure.to_dense().device.type == "cuda"
     assert layer.projection_error < 1e-8
+
+
+# --- mmm::fft_conv: the custom autograd and its paths --------------------------------------------
+from mmm.ops.fft import fft_precision, force_mode  # noqa: E402
+from mmm.ops.fft import op as fft_op  # noqa: E402
+from mmm.ops.fft import kernels as fft_kernels  # noqa: E402
+from mmm.structures import _fft  # noqa: E402
+from mmm.structures import ldr as ldr_module  # noqa: E402
+
+# (class, config, (in, out)): square, block-circulant with p != q, Toeplitz both ways, odd sizes.
+FFT_CASES = [
+    (Circulant, mmm.CirculantConfig(), (16, 16)),
+    (Circulant, mmm.CirculantConfig(block_size=4), (12, 8)),
+    (Circulant, mmm.CirculantConfig(block_size=6), (12, 18)),
+    (Toeplitz, mmm.ToeplitzConfig(), (12, 20)),
+    (Toeplitz, mmm.ToeplitzConfig(), (21, 8)),  # L = 30: not a power of two
+]
+ODD_CASES = [  # odd FFT lengths: only the torch path takes them
+    (Circulant, mmm.CirculantConfig(), (9, 9)),
+    (Circulant, mmm.CirculantConfig(block_size=3), (6, 9)),
+    (Toeplitz, mmm.ToeplitzConfig(), (7, 13)),  # in + out - 1 = 19 -> L = 20, even
+    (Toeplitz, mmm.ToeplitzConfig(), (1, 1)),  # L = 1
+]
+
+
+def _ids(cases):
+    return [f"{c.__name__}-{cfg.describe()}-{s[0]}x{s[1]}" for c, cfg, s in cases]
+
+
+def _fresh(cls, cfg, shape, dtype):
+    s = cls(*shape, cfg, dtype=torch.float64)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.normal_()
+    low = cls(*shape, cfg, dtype=dtype)
+    low.load_state_dict(s.state_dict())
+    return s, low
+
+
+def _dense_reference(s64, x64, g64):
+    """y, dx and the parameter's gradient of sum(y * g) through the dense matrix, in fp64."""
+    (p,) = list(s64.parameters())
+    x = x64.clone().requires_grad_(True)
+    y = x @ s64.to_dense().T
+    dx, dp = torch.autograd.grad((y * g64).sum(), [x, p])
+    return y.detach(), dx, dp
+
+
+def _run(module, x, g):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    (y * g).sum().backward()
+    (p,) = list(module.parameters())
+    return y.detach(), x.grad, p.grad
+
+
+@pytest.mark.parametrize("cls,cfg,shape", FFT_CASES + ODD_CASES, ids=_ids(FFT_CASES + ODD_CASES))
+@pytest.mark.parametrize("mode,dtype,tol", [("torch", torch.float64, 1e-12), ("torch", torch.float32, 1e-5), ("packed", torch.float32, 1e-5)])
+def test_fft_conv_forward_and_gradients_match_dense_fp64(cls, cfg, shape, mode, dtype, tol):
+    s64, s = _fresh(cls, cfg, shape, dtype)
+    if mode == "packed" and (s.fft_size if cls is Toeplitz else s.block_size) % 2:
+        pytest.skip("the packed path takes even FFT lengths only")
+    x64 = torch.randn(2, 3, shape[0], dtype=f64)  # leading dims
+    g64 = torch.randn(2, 3, shape[1], dtype=f64)
+    ref = _dense_reference(s64, x64, g64)
+    with force_mode(mode):
+        got = _run(s, x64.to(dtype), g64.to(dtype))
+    for name, a, b in zip(["y", "dx", "dparam"], got, ref):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("cls,cfg,shape", FFT_CASES, ids=_ids(FFT_CASES))
+def test_packed_path_matches_the_torch_path(cls, cfg, shape):
+    """The Triton fix-ups (pack / unpack, product, token reduction) against the plain rfft / irfft
+    reference, op by op: y, dx and the kernel's gradient."""
+    _, s = _fresh(cls, cfg, shape, torch.float32)
+    x = torch.randn(37, shape[0])  # more tokens than one tile and one reduction chunk
+    g = torch.randn(37, shape[1])
+    results = {}
+    for mode in ("torch", "packed"):
+        s.zero_grad()
+        with force_mode(mode):
+            results[mode] = _run(s, x, g)
+    for a, b in zip(results["packed"], results["torch"]):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_fft_conv_takes_non_contiguous_inputs_and_checks_its_arguments():
+    s = Circulant(8, 8, mmm.CirculantConfig(), dtype=f64)
+    x = torch.randn(8, 5, dtype=f64).T  # rows with stride 1 between tokens
+    assert rel_err(s(x), x @ s.to_dense().T) < 1e-12
+    kernel = torch.fft.rfft(torch.randn(1, 1, 8, dtype=f64))
+    with pytest.raises(ValueError, match="last dimension 8"):
+        fft_op.fft_conv(torch.randn(3, 7, dtype=f64), kernel, 8, 8, 8)
+    with pytest.raises(ValueError, match="complex"):
+        fft_op.fft_conv(torch.randn(3, 8, dtype=f64), kernel.real, 8, 8, 8)
+    with pytest.raises(ValueError, match="even L"), force_mode("packed"):
+        fft_op.fft_conv(torch.randn(3, 9), torch.fft.rfft(torch.randn(1, 1, 9)), 9, 9, 9)
+    with pytest.raises(ValueError, match="precision"):
+        with fft_precision("bf16"):
+            pass
+
+
+def test_fft_conv_needs_only_the_gradients_asked_for():
+    s = Toeplitz(12, 20, mmm.ToeplitzConfig())
+    x = torch.randn(5, 12)
+    for mode in ("torch", "packed"):
+        with force_mode(mode):
+            s.zero_grad()
+            s(x).square().sum().backward()  # x does not require grad
+            assert s.t.grad is not None and torch.isfinite(s.t.grad).all()
+            s.t.requires_grad_(False)
+            xg = x.clone().requires_grad_(True)
+            s(xg).square().sum().backward()
+            assert xg.grad is not None
+            s.t.requires_grad_(True)
+
+
+def test_fft_conv_opcheck():
+    kernel = torch.fft.rfft(torch.randn(2, 3, 8), dim=-1).requires_grad_(True)
+    x = torch.randn(5, 3 * 8, requires_grad=True)
+    torch.library.opcheck(fft_op.fft_conv_op, (x, kernel, 8, 8, 8, "torch"))
+    t = torch.fft.rfft(torch.randn(1, 1, 16), dim=-1).requires_grad_(True)
+    torch.library.opcheck(fft_op.fft_conv_op, (torch.randn(4, 7, requires_grad=True), t, 7, 16, 10, "torch"))
+
+
+def test_torch_compile_fullgraph_traces_the_structures():
+    for cls, cfg, shape in [(Circulant, mmm.CirculantConfig(block_size=4), (8, 12)), (Toeplitz, mmm.ToeplitzConfig(), (6, 10))]:
+        s = cls(*shape, cfg)
+        x = torch.randn(3, shape[0], requires_grad=True)
+        compiled = torch.compile(s, fullgraph=True, backend="aot_eager")
+        y = compiled(x)
+        y.square().sum().backward()
+        (p,) = list(s.parameters())
+        x2 = x.detach().clone().requires_grad_(True)
+        with mmm.ops.reference_only():
+            y2 = s(x2)
+        dp = p.grad.clone()
+        p.grad = None
+        y2.square().sum().backward()
+        assert rel_err(y, y2) < 1e-5 and rel_err(x.grad, x2.grad) < 1e-5 and rel_err(dp, p.grad) < 1e-5
+
+
+# --- the parameters' spectrum cache ------------------------------------------------------------------
+def _uncached(module, x):
+    with _fft.spectrum_cache(False):
+        return module(x)
+
+
+@pytest.mark.parametrize("cls,cfg", [(Circulant, mmm.CirculantConfig()), (Toeplitz, mmm.ToeplitzConfig()), (LDR, mmm.LDRConfig(rank=2))])
+def test_spectrum_cache_is_reused_and_never_stale(cls, cfg):
+    s = cls(16, 16, cfg, dtype=f64)
+    x = torch.randn(4, 16, dtype=f64)
+    y0 = s(x)
+    (entry,) = s._spectrum_cache.values()
+    s(x)
+    assert s._spectrum_cache[next(iter(s._spectrum_cache))] is entry  # hit: nothing recomputed
+
+    def check(what):
+        y = s(x)
+        assert torch.equal(y, _uncached(s, x)), what
+        assert rel_err(y, x @ s.to_dense().T) < 1e-12, what
+        return y
+
+    for opt in (torch.optim.SGD(s.parameters(), lr=0.1), torch.optim.Adam(s.parameters(), lr=0.1, foreach=True)):
+        s.zero_grad()
+        s(x).square().sum().backward()
+        opt.step()
+        assert not torch.allclose(check(type(opt).__name__), y0)
+    p = next(s.parameters())
+    with torch.no_grad():
+        p.mul_(-2.0)  # in-place edit
+    check("in-place")
+    s.load_state_dict({k: torch.randn_like(v) for k, v in s.state_dict().items()})
+    check("load_state_dict")
+    p.data = torch.randn_like(p)  # new storage behind the same Parameter
+    check("p.data =")
+    for name, q in list(s.named_parameters()):
+        setattr(s, name, torch.nn.Parameter(torch.randn_like(q)))  # new Parameter objects
+    check("new Parameter")
+    s.float()
+    y = s(x.float())
+    assert rel_err(y, x.float() @ s.to_dense().T) < 1e-5
+    next(s.parameters()).data.mul_(3.0)  # .data edits bypass the version counter: documented,
+    _fft.clear_spectrum_cache(s)  # and clear_spectrum_cache is the remedy
+    assert torch.equal(s(x.float()), _uncached(s, x.float()))
+
+
+def test_spectrum_cache_gradients_accumulate_over_calls_and_match_uncached():
+    """Two forwards on one cached spectrum before one backward (gradient accumulation, a layer
+    used twice) give the same gradients as without the cache."""
+    s = Circulant(12, 8, mmm.CirculantConfig(block_size=4), dtype=f64)
+    x1, x2 = torch.randn(3, 12, dtype=f64), torch.randn(5, 12, dtype=f64)
+    (s(x1).square().sum() + s(x2).sin().sum()).backward()
+    cached = s.c.grad.clone()
+    s.c.grad = None
+    with _fft.spectrum_cache(False):
+        (s(x1).square().sum() + s(x2).sin().sum()).backward()
+    assert rel_err(cached, s.c.grad) < 1e-13
+
+
+def test_spectrum_cache_backward_after_an_optimizer_step_is_refused():
+    """As for any autograd graph: the parameters were saved, and modifying them before backward is an
+    error rather than a gradient of stale values."""
+    s = Toeplitz(8, 8, mmm.ToeplitzConfig())
+    loss = s(torch.randn(2, 8)).sum()
+    with torch.no_grad():
+        s.t.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_spectrum_cache_in_inference_mode():
+    s = Circulant(8, 8, mmm.CirculantConfig())
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        y = s(x)
+    y2 = s(x.clone())  # the inference-mode spectrum is not reused outside it
+    y2.sum().backward()
+    assert torch.allclose(y, y2.detach()) and s.c.grad is not None
+
+
+# --- LDR in chunks ------------------------------------------------------------------------------
+def test_ldr_chunked_forward_and_backward_match_and_stay_bounded(monkeypatch):
+    s64, s = _fresh(LDR, mmm.LDRConfig(rank=2, block_size=4), (8, 12), f64)
+    x64 = torch.randn(2, 13, 8, dtype=f64)
+    g64 = torch.randn(2, 13, 12, dtype=f64)
+    per_token = 3 * 2 * 2 * 4  # p q r g
+    monkeypatch.setattr(ldr_module, "CHUNK_ELEMENTS", 5 * per_token)  # 5 tokens a chunk: 6 chunks
+    xr = x64.clone().requires_grad_(True)
+    with _LargestTensor() as seen:
+        y = s(xr)
+        (y * g64).sum().backward()
+    assert seen.largest <= 2 * 5 * per_token  # a chunk's complex intermediates (real views double)
+    w = s64.to_dense()
+    x_ref = x64.clone().requires_grad_(True)
+    grads_ref = torch.autograd.grad(((x_ref @ w.T) * g64).sum(), [x_ref, s64.G, s64.H])
+    assert rel_err(y, x64 @ w.T) < 1e-12
+    for a, b in zip([xr.grad, s.G.grad, s.H.grad], grads_ref):
+        assert rel_err(a, b) < 1e-10
+
+
+# --- fp16 FFT: range guard and error ------------------------------------------------------------
+def test_cast_in_scales_rows_by_powers_of_two_within_the_bound():
+    x = torch.randn(6, 40) * torch.logspace(-20, 20, 6)[:, None]
+    x[2] = 0.0
+    out, scale = fft_kernels.cast_in(x, 2, 20, 32, torch.float16, 0.5)
+    assert out.shape == (6, 64) and out.dtype == torch.float16
+    m = torch.frexp(scale)[0]
+    assert torch.all(m == 0.5)  # exact powers of two
+    amax = (x * scale[:, None]).abs().amax(1)
+    ok = torch.ones(6, dtype=torch.bool)
+    ok[2] = False
+    assert torch.all(amax[ok] <= 0.5) and torch.all(amax[ok] > 0.25)
+    rows = out.view(6, 2, 32)
+    assert torch.equal(rows[..., 20:], torch.zeros_like(rows[..., 20:]))  # zero padding per block
+    assert rel_err(rows[..., :20].reshape(6, 40).double() / scale[:, None].double(), x.double()) < 1e-3
+
+
+def test_half_fft_emulator_is_a_fft():
+    z = torch.randn(3, 64, dtype=torch.complex64)
+    fft_op_ = fft_op.emulated_half_fft
+    ref = torch.fft.fft(z.to(torch.complex32).to(torch.complex128))
+    assert rel_err(torch.view_as_real(fft_op_(z, False, True).to(torch.complex128)), torch.view_as_real(ref)) < 3e-3
+    back = fft_op_(fft_op_(z, False, False), True, True).to(torch.complex128) / 64
+    assert rel_err(torch.view_as_real(back), torch.view_as_real(z.to(torch.complex128))) < 3e-3
+
+
+def _torch_dense_error(x64, w64, g64, dtype, s64):
+    """PyTorch's own error in `dtype` for the same product: y, dx and the parameter's gradient
+    (the dense weight gradient in `dtype` mapped to the parameter through to_dense in fp64)."""
+    xd, wd, gd = x64.to(dtype), w64.to(dtype), g64.to(dtype)
+    y_ref, dx_ref, dp_ref = _dense_reference(s64, x64, g64)
+    (p,) = list(s64.parameters())
+    dw = (gd.reshape(-1, gd.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])).double()
+    dp = torch.autograd.grad(s64.to_dense(), p, dw)[0]
+    return [rel_err(xd @ wd.T, y_ref), rel_err(gd @ wd, dx_ref), rel_err(dp, dp_ref)]
+
+
+@pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (256, 256)), (Toeplitz, mmm.ToeplitzConfig(), (200, 313)),
+                                           (Circulant, mmm.CirculantConfig(block_size=64), (128, 192))])
+@pytest.mark.parametrize("stage_rounding", [False, True])
+def test_fp16_fft_error_within_twice_pytorch_bf16_error(cls, cfg, shape, stage_rounding, monkeypatch):
+    """The fp16-FFT path on CPU with cuFFT's half transform emulated (fp16 in and out, or every
+    radix-2 stage and twiddle rounded to fp16: pessimistic), bf16 data and parameters: y, dx and the
+    parameter's gradient within 2x PyTorch's own bf16 error for the dense product."""
+    monkeypatch.setattr(fft_op, "HALF_FFT_STAGE_ROUNDING", stage_rounding)
+    s64, s = _fresh(cls, cfg, shape, torch.bfloat16)
+    with torch.no_grad():  # the parameters as a bf16 model holds them, at nn.Linear's scale
+        s64.load_state_dict({k: (v / math.sqrt(shape[0])).bfloat16().double() for k, v in s64.state_dict().items()})
+        s.load_state_dict(s64.state_dict())
+    x64 = torch.randn(48, shape[0], dtype=f64)
+    g64 = torch.randn(48, shape[1], dtype=f64)
+    ref = _dense_reference(s64, x64, g64)
+    torch_err = _torch_dense_error(x64, s64.to_dense().detach(), g64, torch.bfloat16, s64)
+    with force_mode("packed16"):
+        got = _run(s, x64.bfloat16(), g64.bfloat16())
+    errs = [rel_err(a, b) for a, b in zip(got, ref)]
+    for name, e, t in zip(["y", "dx", "dparam"], errs, torch_err):
+        assert e <= 2 * t, (name, e, t)
+
+
+def test_fp16_fft_never_overflows(monkeypatch):
+    """Rows far outside fp16's range, constant rows (all of the row in one frequency) and a kernel with
+    large gain: the scaling keeps every fp16 value finite, and the result is still accurate."""
+    monkeypatch.setattr(fft_op, "HALF_FFT_STAGE_ROUNDING", True)
+    s = Circulant(512, 512, mmm.CirculantConfig())
+    with torch.no_grad():
+        s.c.fill_(1.0 / 512).add_(torch.randn(512) * 1e-3)  # eigenvalue at DC ~ 1, the rest ~ 0.02
+        s.c.mul_(1e3)
+    x = torch.randn(8, 512)
+    x[0] = 3e4  # constant row: its DC term is 1.5e7
+    x[1] *= 1e-30
+    x[2] *= 1e30
+    x[3, 7] = 6e4  # one spike
+    w = s.to_dense().detach().double()
+    xr = x.clone().requires_grad_(True)
+    with force_mode("packed16"):
+        y = s(xr)
+        y.backward(torch.ones_like(y) * 1e-3)
+    assert torch.isfinite(y).all() and torch.isfinite(xr.grad).all() and torch.isfinite(s.c.grad).all()
+    ref = x.double() @ w.T
+    for t in range(8):
+        assert rel_err(y[t], ref[t]) < 5e-3, t
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (2048, 2048)), (Circulant, mmm.CirculantConfig(block_size=512), (1024, 2048)),
+                                           (Toeplitz, mmm.ToeplitzConfig(), (2048, 2049)), (Toeplitz, mmm.ToeplitzConfig(), (1000, 1500))])
+@pytest.mark.parametrize("mode", ["torch", "packed", "packed16", None])
+def test_cuda_fft_paths_within_twice_pytorch_bf16_error(cls, cfg, shape, mode):
+    s64 = cls(*shape, cfg, dtype=f64)
+    with torch.no_grad():
+        s64.load_state_dict({k: v.bfloat16().double() for k, v in s64.state_dict().items()})
+    s = cls(*shape, cfg, device="cuda", dtype=torch.bfloat16)
+    s.load_state_dict(s64.state_dict())
+    L = s.fft_size if cls is Toeplitz else s.block_size
+    if mode == "packed16" and L & (L - 1):
+        pytest.skip("fp16 FFTs take power-of-two lengths")
+    x64 = torch.randn(4, 129, shape[0], dtype=f64)
+    g64 = torch.randn(4, 129, shape[1], dtype=f64)
+    ref = _dense_reference(s64, x64, g64)
+    torch_err = _torch_dense_error(x64, s64.to_dense().detach(), g64, torch.bfloat16, s64)
+    with force_mode(mode):
+        got = _run(s, x64.to("cuda", torch.bfloat16), g64.to("cuda", torch.bfloat16))
+    for name, a, b, t in zip(["y", "dx", "dparam"], got, ref, torch_err):
+        assert rel_err(a.cpu(), b) <= 2 * t, (name, rel_err(a.cpu(), b), t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["torch", "packed", "packed16"])
+def test_cuda_fft_conv_opcheck(mode):
+    kernel = torch.fft.rfft(torch.randn(2, 3, 64, device="cuda"), dim=-1).requires_grad_(True)
+    x = torch.randn(33, 3 * 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(fft_op.fft_conv_op, (x, kernel, 64, 64, 64, mode), atol=5e-2, rtol=5e-2)
+    t = torch.fft.rfft(torch.randn(1, 1, 128, device="cuda"), dim=-1).requires_grad_(True)
+    torch.library.opcheck(fft_op.fft_conv_op, (torch.randn(5, 60, device="cuda", requires_grad=True), t, 60, 128, 50, mode if mode != "packed16" else "packed"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (1024, 1024)), (Toeplitz, mmm.ToeplitzConfig(), (1024, 1025))])
+def test_cuda_torch_compile_fullgraph(cls, cfg, shape):
+    s = cls(*shape, cfg, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, shape[0], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(s, fullgraph=True)
+    y = compiled(x)
+    y.float().square().sum().backward()
+    (p,) = list(s.parameters())
+    dx, dp = x.grad.clone(), p.grad.clone()
+    x.grad, p.grad = None, None
+    y2 = s(x)
+    y2.float().square().sum().backward()
+    assert rel_err(y, y2) < 1e-2 and rel_err(dx, x.grad) < 1e-2 and rel_err(dp, p.grad) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_fused_adam_step_invalidates_the_spectrum():
+    s = Circulant(512, 512, mmm.CirculantConfig(), device="cuda")
+    x = torch.randn(8, 512, device="cuda")
+    opt = torch.optim.Adam(s.parameters(), lr=0.1, fused=True)
+    y0 = s(x)
+    y0.square().sum().backward()
+    opt.step()
+    y1 = s(x)
+    assert not torch.allclose(y0, y1) and torch.equal(y1, _uncached(s, x))

@@ -254,8 +254,10 @@ def spectral_corr(zx: torch.Tensor, zdy: torch.Tensor, sx: torch.Tensor | None, 
 def cast_out(y: torch.Tensor, p: int, L: int, n_out: int, gain: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
     """y [N, p*L] -> [N, p*n_out] in `dtype`: the first n_out of each block times gain / scale[row]."""
     N = y.shape[0]
-    out = torch.empty(N, p * n_out, device=y.device, dtype=dtype)
+    # The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even): round in torch there.
+    truncating = INTERPRET and dtype == torch.bfloat16
+    out = torch.empty(N, p * n_out, device=y.device, dtype=torch.float32 if truncating else dtype)
     grid = (N, triton.cdiv(p * n_out, CAST_BLOCK))
     cast_out_kernel[grid](y, out, gain, scale if scale is not None else gain, p, L, n_out,
                           ROWSCALE=scale is not None, BLOCK=CAST_BLOCK)
-    return out
+    return out.to(dtype) if truncating else out

@@ -44,7 +44,7 @@ def conv_forward(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out
     work = kernel.real.dtype
     X = torch.fft.rfft(x.to(work).reshape(N, q, n_in), n=L, dim=-1)
     y = torch.fft.irfft(mix(X, kernel), n=L, dim=-1)[..., :n_out]
-    return y.reshape(N, p * n_out).to(x.dtype), X
+    return y.reshape(N, p * n_out).to(x.dtype).contiguous(), X
 
 
 def conv_backward(dy: torch.Tensor, X: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,4 +55,4 @@ def conv_backward(dy: torch.Tensor, X: torch.Tensor, kernel: torch.Tensor, n_in:
     DY = torch.fft.rfft(dy.to(work).reshape(N, p, -1), n=L, dim=-1)
     dx = torch.fft.irfft(mix(DY, kernel.conj().transpose(0, 1)), n=L, dim=-1)[..., :n_in]
     dK = torch.einsum("njf,npf->pjf", X.conj(), DY) * (hermitian_weights(L, DY.device, work) / L)
-    return dx.reshape(N, q * n_in).to(dy.dtype), dK
+    return dx.reshape(N, q * n_in).to(dy.dtype).contiguous(), dK

@@ -12,9 +12,11 @@ Paths (`mode`), see naive.py for the operation itself:
 - "packed": fp32 cuFFT on the rows viewed as complex pairs, with the casts, the spectral product (and
   sum over blocks), the pack/unpack fix-ups and the token reduction of the backward in Triton kernels
   (kernels.py). Passes over [N, d] per forward: cast in, FFT, product, inverse FFT, cast out.
-- "packed16": the same with the FFTs and the stored spectra in fp16 (half the bytes), for bf16/fp16
-  inputs on CUDA when L is a power of two (cuFFT's half precision takes only those). Chosen only when
-  asked for (`fft_precision("fp16")`); its error is measured by scripts/gpu_fft_structures.py.
+- "packed16": the same with the FFTs and the stored spectra in fp16 (half the bytes), the default for
+  bf16/fp16 inputs on CUDA when L is a power of two (cuFFT's half precision takes only those);
+  `with fft_precision("fp32"):` turns it off. Its error, with cuFFT's half transform emulated on CPU
+  (every radix-2 stage rounded to fp16), is 1.02-1.12x PyTorch's own bf16 error for the same dense
+  product at d = 256..16384 (tests/test_fft_structures.py); scripts/gpu_fft_structures.py measures it.
 
 fp16 range. Each row of x is scaled by a power of two s_t with max|s_t x_t| <= b = min(1, 2^15/n_in)
 (exact, undone at the end), so every partial sum inside the forward FFT, bounded by the row block's
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 
@@ -46,7 +49,8 @@ except ImportError:  # CPU installs without triton use the reference
     HAVE_TRITON = False
 
 MODES = ("torch", "packed", "packed16")
-_precision = "fp32"
+_precision = "fp16"
+_half_fft_works: dict[str, bool] = {}
 _forced_mode: str | None = None
 # CPU stand-in for cuFFT's fp16 transform (tests): round each butterfly stage to fp16 when True,
 # else only the transform's input and output.
@@ -55,8 +59,8 @@ HALF_FFT_STAGE_ROUNDING = False
 
 @contextlib.contextmanager
 def fft_precision(precision: str):
-    """`with fft_precision("fp16"):` bf16/fp16 products on CUDA use fp16 FFTs where L is a power of
-    two (default "fp32")."""
+    """`with fft_precision("fp32"):` bf16/fp16 products on CUDA use fp32 FFTs inside the block; the
+    default, "fp16", uses fp16 FFTs for them where L is a power of two."""
     global _precision
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
@@ -86,9 +90,24 @@ def pick_mode(x: torch.Tensor, L: int) -> str:
         return _forced_mode
     if not (HAVE_TRITON and x.is_cuda and L % 2 == 0 and x.dtype != torch.float64):
         return "torch"
-    if _precision == "fp16" and x.dtype in (torch.float16, torch.bfloat16) and L & (L - 1) == 0:
+    if _precision == "fp16" and x.dtype in (torch.float16, torch.bfloat16) and L & (L - 1) == 0 and _half_fft_available(x.device):
         return "packed16"
     return "packed"
+
+
+def _half_fft_available(device: torch.device) -> bool:
+    """Whether this torch / cuFFT runs complex32 FFTs on `device` (tried once, on a tiny tensor)."""
+    key = str(device)
+    if key not in _half_fft_works:
+        if torch.compiler.is_compiling():
+            return True  # decided in eager mode before compiling, in practice; cuFFT has it since sm_53
+        try:
+            torch.fft.fft(torch.zeros(1, 8, dtype=torch.complex32, device=device))
+            _half_fft_works[key] = True
+        except RuntimeError as e:
+            warnings.warn(f"fp16 FFTs are not available on {device} ({e}); the FFT structures use fp32 FFTs")
+            _half_fft_works[key] = False
+    return _half_fft_works[key]
 
 
 # --------------------------------------------------------------------------------------------------
