@@ -63,7 +63,11 @@ def from_blocks(blocks: torch.Tensor) -> torch.Tensor:
 # load_state_dict, `with torch.no_grad(): p.mul_(...)`) bumps the version; assigning p.data or a new
 # Parameter changes the address or the object. A change made through `p.data.<op>_()` does not (PyTorch
 # gives `.data` its own version counter, the same blind spot autograd's own checks have): after one,
-# call `clear_spectrum_cache(module)`. Under torch.compile the spectrum is computed in the graph.
+# call `clear_spectrum_cache(module)`. Eager FSDP2 wraps each unsharded parameter in a new Parameter
+# per all-gather (a miss each step); under compiled autograd it keeps the version counter on purpose,
+# so turn the cache off there (`spectrum_cache(False)`). Under torch.compile the spectrum is computed in
+# the graph. The saving is small for circulant / Toeplitz (one parameter-sized FFT and a few launches
+# per call) and larger for LDR (2 r transforms per block).
 
 _cache_enabled = True
 
