@@ -11,14 +11,17 @@ import torch
 
 from mmm.attention import attention, attention_error
 from mmm.bench import run_case
-from mmm.bench.attention_inputs import QUICK_SPEC, capture_qkv, read_stream, real_qkv, trained_model
+from mmm.bench.attention_inputs import QUICK_SPEC, capture_qkv, read_stream, real_qkv, trained_model, training_qkv
 from mmm.bench.cases_attention import (
     QUALITY_KEY,
+    QUICK_HEDGEHOG,
     QUICK_SIZES,
     attention_variant,
     crossover_length,
     fla_variant,
+    linear_flops,
     softmax_flops,
+    trained_hedgehog,
     visible_pairs,
 )
 from mmm.bench.runner import measure_variant
@@ -46,7 +49,7 @@ def test_quick_attention_bench_end_to_end(tmp_path):
         base = rows["sdpa math"]
         assert base["baseline"] and base["info"]["backend"] == "math"
         assert base["flops"] == 4 * h * d * t * (t + 1) // 2
-        for prefix in ("sdpa flash", "linear elu", "linear relu", "window", "hybrid"):
+        for prefix in ("sdpa flash", "linear elu", "linear relu", "linear favor+", "linear hedgehog (trained)", "window", "hybrid"):
             assert any(label.startswith(prefix) for label in rows), prefix
         real = real_qkv(t, True, "cpu")
         for label, r in rows.items():
@@ -71,6 +74,16 @@ def test_quick_attention_bench_end_to_end(tmp_path):
             attention_error(real.q, real.k, real.v, "window", window=w, sample_rows=1024), rel=1e-6)
         assert rows["linear elu (normalized)"]["quality"][QUALITY_KEY] == pytest.approx(
             attention_error(real.q, real.k, real.v, "linear", feature_map="elu", sample_rows=1024), rel=1e-6)
+        # the Hedgehog map, fitted on the layer's training text, beats elu+1 and FAVOR+ on the held-out q/k/v
+        hh = rows["linear hedgehog (trained)"]
+        errors = {label: rows[label]["quality"][QUALITY_KEY] for label in ("linear elu (normalized)", "linear favor+")}
+        assert math.isfinite(hh["quality"][QUALITY_KEY]), hh
+        assert all(hh["quality"][QUALITY_KEY] < e for e in errors.values()), (hh["quality"], errors)
+        assert hh["info"]["hedgehog_steps"] == QUICK_HEDGEHOG.steps and hh["info"]["hedgehog_train_seconds"] > 0
+        assert "training stdlib" in hh["info"]["hedgehog_train_inputs"]
+        fmap, _ = trained_hedgehog(True, torch.device("cpu"))  # the same cached map for every T
+        assert hh["quality"][QUALITY_KEY] == pytest.approx(
+            attention_error(real.q, real.k, real.v, "linear", feature_map=fmap, sample_rows=1024), rel=1e-6)
 
     cross = cases["attn.crossover.quick"]
     assert cross["error"] is None
@@ -141,6 +154,27 @@ def test_capture_is_the_layers_qkv_and_causal():
 def test_real_qkv_rejects_bad_length():
     with pytest.raises(ValueError, match="seq_len must be a positive int"):
         real_qkv(0, True, "cpu")
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        training_qkv(-3, True, "cpu")
+    with pytest.raises(ValueError, match="at most the training stream"):
+        training_qkv(QUICK_SPEC.train_bytes + 1, True, "cpu")
+
+
+def test_training_capture_is_training_text_not_held_out():
+    trained = trained_model(QUICK_SPEC, "cpu")
+    t = 200
+    got = training_qkv(t, True, "cpu")
+    assert got.q.shape == (1, t, QUICK_SIZES.heads, QUICK_SIZES.head_dim) and "training" in got.info["text"]
+    # it is the layer on the first bytes of the training stream, a prefix of a longer capture...
+    text, _ = read_stream(trained.files, 0, t)
+    expect = capture_qkv(trained.model, torch.from_numpy(text[:t].astype("int64"))[None])
+    for a, b in zip((got.q, got.k, got.v), expect):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    longer = training_qkv(2 * t, True, "cpu")
+    torch.testing.assert_close(longer.q[:, :t], got.q, rtol=1e-5, atol=1e-6)
+    # ...and not the held-out text the quality column is measured on
+    held = real_qkv(t, True, "cpu")
+    assert "held-out" in held.info["text"] and not torch.allclose(held.q, got.q)
 
 
 def test_crossover_length():
@@ -162,6 +196,9 @@ def test_cost_model():
             brute = sum(1 for i in range(t) for j in range(i + 1) if w is None or i - j < w)
             assert visible_pairs(t, w) == brute
     assert softmax_flops(2, 3, 10, 8) == 4 * 2 * 3 * 8 * 55
+    # linear: 4 F D (state update, read-out) + 2 C (F + D) (chunk-local) per token, C = min(64, T)
+    assert linear_flops(1, 2, 256, 32) == 2 * 256 * 4 * 32 * (32 + 64)
+    assert linear_flops(1, 2, 256, 32, 64) == 2 * 256 * (4 * 64 * 32 + 2 * 64 * (64 + 32))
 
 
 def _tiny_inputs(t=16):
@@ -204,8 +241,12 @@ def test_attention_case_on_gpu():
     result = run_case(CASES["attn.causal.T2048"], device, torch.bfloat16, False, header)
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["sdpa cudnn"]["error"] is None and rows["sdpa cudnn"]["baseline"]
-    for label in ("linear elu (normalized)", "linear relu (normalized)", "window 256", "window 1024", "hybrid w=256 elu"):
+    for label in ("linear elu (normalized)", "linear relu (normalized)", "linear favor+", "linear hedgehog (trained)",
+                  "window 256", "window 1024", "hybrid w=256 elu"):
         r = rows[label]
         assert r["error"] is None, (label, r["error"])
         assert r["fwd_bwd_ms"] > 0 and math.isfinite(r["quality"][QUALITY_KEY])
         assert r["info"]["quality_inputs"]["shape"] == [1, 2048, 16, 128]
+    hedgehog = rows["linear hedgehog (trained)"]["quality"][QUALITY_KEY]
+    assert hedgehog < rows["linear elu (normalized)"]["quality"][QUALITY_KEY]
+    assert hedgehog < rows["linear favor+"]["quality"][QUALITY_KEY]

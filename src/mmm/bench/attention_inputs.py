@@ -17,6 +17,8 @@ How (once per process and model size, cached in memory, seeded):
    the same layer, on positions it never trained on.
 3. Capture: the held-out text (length T) through the model; q, k (after the rotary positions) and v of
    the last layer's attention, [1, T, heads, head_dim], as that layer computes them.
+   `training_qkv` captures the same layer on the start of the training text instead: what a map fitted
+   to this layer (Hedgehog) trains on, so that it is then judged on text it has not seen.
 
 The model is causal, so the q/k/v of the first T' < T tokens do not depend on the tokens after them:
 a capture at the longest length also serves every shorter one (its prefix).
@@ -99,7 +101,8 @@ class _Trained:
 
     def __init__(self, model, files: list[Path], first_heldout: int, info: dict):
         self.model, self.files, self.first_heldout, self.info = model, files, first_heldout, info
-        self.capture: RealQKV | None = None  # the longest capture so far
+        self.capture: RealQKV | None = None  # the longest held-out capture so far
+        self.train_capture: RealQKV | None = None  # the longest training-text capture so far
 
 
 _TRAINED: dict[tuple[ModelSpec, str], _Trained] = {}
@@ -193,22 +196,45 @@ def capture_qkv(model, tokens: torch.Tensor, layer: int = CAPTURE_LAYER) -> tupl
     return got["q"], got["k"], got["v"]
 
 
+def _check_length(seq_len) -> None:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+
+
+def _capture(trained: _Trained, first_file: int, seq_len: int, split: str) -> RealQKV:
+    """q, k, v of the trained model's last layer on seq_len bytes of the stream from files[first_file:]."""
+    text, end = read_stream(trained.files, first_file, seq_len)
+    tokens = torch.from_numpy(text[:seq_len].astype(np.int64))[None].to(next(trained.model.parameters()).device)
+    q, k, v = capture_qkv(trained.model, tokens)
+    info = {**trained.info, "layer": f"{len(trained.model.blocks) - 1} (last) of {len(trained.model.blocks)}",
+            "text": f"{end - first_file} {split} stdlib file(s) joined, {seq_len} bytes",
+            "shape": list(q.shape), "dtype": str(q.dtype).removeprefix("torch.")}
+    return RealQKV(q, k, v, info)
+
+
+def _prefix(c: RealQKV, seq_len: int) -> RealQKV:
+    return RealQKV(c.q[:, :seq_len], c.k[:, :seq_len], c.v[:, :seq_len], {**c.info, "shape": [1, seq_len, *c.q.shape[2:]]})
+
+
 def real_qkv(seq_len: int, quick: bool, device: torch.device | str) -> RealQKV:
     """q, k, v [1, seq_len, H, D] of the trained model's last attention layer on held-out stdlib text
     (H x D = 2 x 32 quick, 16 x 128 full size). Trains the model on first use; captures at the longest
     length asked for so far and returns prefixes of it (exact: the model is causal)."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-    spec = QUICK_SPEC if quick else FULL_SPEC
-    device = torch.device(device)
-    trained = trained_model(spec, device)
+    _check_length(seq_len)
+    trained = trained_model(QUICK_SPEC if quick else FULL_SPEC, device)
     if trained.capture is None or trained.capture.q.shape[1] < seq_len:
-        text, end = read_stream(trained.files, trained.first_heldout, seq_len)
-        tokens = torch.from_numpy(text[:seq_len].astype(np.int64))[None].to(device)
-        q, k, v = capture_qkv(trained.model, tokens)
-        info = {**trained.info, "layer": f"{len(trained.model.blocks) - 1} (last) of {len(trained.model.blocks)}",
-                "text": f"{end - trained.first_heldout} held-out stdlib file(s) joined, {seq_len} bytes",
-                "shape": list(q.shape), "dtype": str(q.dtype).removeprefix("torch.")}
-        trained.capture = RealQKV(q, k, v, info)
-    c = trained.capture
-    return RealQKV(c.q[:, :seq_len], c.k[:, :seq_len], c.v[:, :seq_len], {**c.info, "shape": [1, seq_len, *c.q.shape[2:]]})
+        trained.capture = _capture(trained, trained.first_heldout, seq_len, "held-out")
+    return _prefix(trained.capture, seq_len)
+
+
+def training_qkv(seq_len: int, quick: bool, device: torch.device | str) -> RealQKV:
+    """As `real_qkv`, but on the start of the text the model trained on (never the held-out files):
+    inputs to fit something to this layer with, before judging it on `real_qkv`."""
+    _check_length(seq_len)
+    spec = QUICK_SPEC if quick else FULL_SPEC
+    if seq_len > spec.train_bytes:
+        raise ValueError(f"seq_len must be at most the training stream's {spec.train_bytes} bytes, got {seq_len}")
+    trained = trained_model(spec, device)
+    if trained.train_capture is None or trained.train_capture.q.shape[1] < seq_len:
+        trained.train_capture = _capture(trained, 0, seq_len, "training")
+    return _prefix(trained.train_capture, seq_len)

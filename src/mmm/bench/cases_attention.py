@@ -3,12 +3,17 @@ real attention inputs beside its speed.
 
 `attn.causal.T{T}`: B=1, H=16, D=128, T in 2048..131072 (quick: H=2, D=32, T in 256, 512), layout
 [B, T, H, D] as `mmm.attention` takes it. Baseline: SDPA forced to cuDNN (on CPU the math backend);
-then SDPA flash, mmm's linear (elu / relu, normalized), window and hybrid paths, and, where
+then SDPA flash, mmm's linear (elu / relu / FAVOR+ / trained Hedgehog, normalized), window and hybrid paths, and, where
 flash-linear-attention (`fla`) imports, its normalized chunk kernel on elu(x)+1 features and its raw
 unnormalized fused kernel, called exactly as in ../shared/anchors/probe_baseline2.py. Timing inputs are
 Gaussian (speed does not depend on the values). The quality column is `attention_error` (relative error
 vs exact softmax on 1024 sampled query rows) on q/k/v captured from a trained model's attention layer
 at the case's T (`attention_inputs`: same heads and head dim as the case).
+
+The Hedgehog row's map is fitted (`train_hedgehog`, once per process) to the same trained layer's q/k
+on the start of its *training* text (`training_qkv`), then judged on the held-out q/k/v like every other
+row, so its error is beside elu+1's and FAVOR+'s on the same inputs; the fit's time and steps are in the
+row's info (not in its time). Hedgehog and FAVOR+ rows run mmm's PyTorch path of linear attention.
 
 `attn.crossover`: exact (`mmm.attention(method="exact")`, SDPA's own backend choice) and linear (elu,
 normalized) at T in 512..4096 (quick: 64, 128). The setup first times forward+backward of both at every
@@ -17,7 +22,8 @@ is in every row's info. The rows are then timed as usual, without a baseline (th
 
 FLOPs (forward, matmul terms only): softmax 4 D per visible (query, key) pair, i.e. 4 B H D T(T+1)/2
 causal (~ 4 B H T^2 D / 2) and ~4 B H T w D for a window w; linear 4 B H T D (D + C): state update and
-read-out 2 D^2 each per token, plus the chunk-local quadratic part 4 C D per token (chunk C = 64).
+read-out 2 D^2 each per token, plus the chunk-local quadratic part 4 C D per token (chunk C = 64); a map
+with F features (FAVOR+: D ln D, Hedgehog: 2 D) has 4 F D + 2 C (F + D) per token instead.
 Backward: 2.5x forward for softmax (flash-style: 5 T x T products to the forward's 2), 2x for linear.
 Bytes: read q, k, v and write o (forward); also read o, dO and write dq, dk, dv (forward+backward).
 """
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -36,7 +44,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..attention import attention, attention_error, exact_backend
 from ..attention.api import exact_rows, sample_query_rows
-from .attention_inputs import real_qkv
+from ..attention.feature_maps import FeatureMap, make_feature_map
+from ..attention.hedgehog import train_hedgehog
+from .attention_inputs import real_qkv, training_qkv
 from .registry import Variant, Workload, bench_case
 from .timing import FULL, QUICK, median_ms
 
@@ -62,6 +72,20 @@ FULL_SIZES = Sizes(16, 128, (2048, 8192, 32768, 131072), (256, 1024), 256, (512,
 QUICK_SIZES = Sizes(2, 32, (256, 512), (32, 128), 32, (64, 128))
 
 
+@dataclass(frozen=True)
+class HedgehogFit:
+    """How the bench fits its Hedgehog map: `train_len` tokens of training text, Adam for `steps`."""
+
+    train_len: int
+    steps: int
+    lr: float
+    sample_rows: int = 256
+
+
+FULL_HEDGEHOG = HedgehogFit(train_len=8192, steps=300, lr=1e-2)
+QUICK_HEDGEHOG = HedgehogFit(train_len=512, steps=200, lr=2e-2)  # ~1-2 s on a CPU
+
+
 # --- cost model ---------------------------------------------------------------------------------------
 
 
@@ -76,8 +100,11 @@ def softmax_flops(b: int, h: int, t: int, d: int, window: int | None = None) -> 
     return 4 * b * h * d * visible_pairs(t, window)  # q.k and p.v: 2 multiply-adds of length d per pair
 
 
-def linear_flops(b: int, h: int, t: int, d: int) -> int:
-    return 4 * b * h * t * d * (d + min(LINEAR_CHUNK, t))
+def linear_flops(b: int, h: int, t: int, d: int, feature_dim: int | None = None) -> int:
+    """With F features (default d): state update and read-out 2 F d each per token, chunk-local q.k over
+    F and p.v over d, 2 C F + 2 C d per token."""
+    f = d if feature_dim is None else feature_dim
+    return 2 * b * h * t * (2 * f * d + min(LINEAR_CHUNK, t) * (f + d))
 
 
 def io_bytes(q: torch.Tensor) -> tuple[int, int]:
@@ -194,6 +221,40 @@ def fla_variant(label: str, which: str, inputs, grad, flops: int, real: Callable
     return Variant(label, build)
 
 
+_HEDGEHOG: dict[tuple[bool, str], tuple[FeatureMap, dict]] = {}
+
+
+def trained_hedgehog(quick: bool, device: torch.device) -> tuple[FeatureMap, dict]:
+    """A Hedgehog map fitted to the real-input layer's q/k on its training text (first call per process
+    and device; later calls return the cache), frozen, and info on the fit."""
+    key = (quick, str(device))
+    if key not in _HEDGEHOG:
+        fit = QUICK_HEDGEHOG if quick else FULL_HEDGEHOG
+        data = training_qkv(fit.train_len, quick, device)
+        start = time.perf_counter()
+        fmap = train_hedgehog(data.q, data.k, steps=fit.steps, lr=fit.lr, sample_rows=fit.sample_rows,
+                              progress=sys.stderr.isatty())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        info = {"hedgehog_train_seconds": round(seconds, 2), "hedgehog_steps": fit.steps, "hedgehog_lr": fit.lr,
+                "hedgehog_sample_rows": fit.sample_rows, "hedgehog_train_inputs": data.info["text"],
+                "hedgehog_feature_dim": fmap.feature_dim}
+        _HEDGEHOG[key] = (fmap.requires_grad_(False), info)
+    return _HEDGEHOG[key]
+
+
+def hedgehog_variant(label: str, inputs, grad, flops: int, quick: bool, real: Callable) -> Variant:
+    def build() -> Workload:
+        fmap, fit_info = trained_hedgehog(quick, inputs[0].device)  # at build time: a failed fit is this row's error
+        return attention_variant(label, mmm_path("linear", feature_map=fmap), inputs, grad, flops, LINEAR_BWD,
+                                 info={"call": "mmm.attention(method='linear', feature_map=<trained HedgehogFeatureMap>)",
+                                       **fit_info},
+                                 error_fn=mmm_error("linear", feature_map=fmap), real=real).build()
+
+    return Variant(label, build)
+
+
 def _causal_setup(t: int, sizes: Sizes):
     def setup(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Variant]:
         b, h, d = 1, sizes.heads, sizes.head_dim
@@ -211,11 +272,13 @@ def _causal_setup(t: int, sizes: Sizes):
             attention_variant("sdpa flash", sdpa(SDPBackend.FLASH_ATTENTION), inputs, grad, exact, SOFTMAX_BWD,
                               info={"backend": "flash"}),
         ]
-        for fmap, label in (("elu", "linear elu (normalized)"), ("relu", "linear relu (normalized)")):
+        for fmap, label in (("elu", "linear elu (normalized)"), ("relu", "linear relu (normalized)"), ("favor", "linear favor+")):
+            features = make_feature_map(fmap, d).feature_dim
             variants.append(attention_variant(
-                label, mmm_path("linear", feature_map=fmap), inputs, grad, lin, LINEAR_BWD,
+                label, mmm_path("linear", feature_map=fmap), inputs, grad, linear_flops(b, h, t, d, features), LINEAR_BWD,
                 info={"call": f"mmm.attention(method='linear', feature_map='{fmap}')"},
                 error_fn=mmm_error("linear", feature_map=fmap), real=real))
+        variants.append(hedgehog_variant("linear hedgehog (trained)", inputs, grad, linear_flops(b, h, t, d, 2 * d), quick, real))
         for w in sizes.windows:
             variants.append(attention_variant(
                 f"window {w}", mmm_path("window", window=w), inputs, grad, softmax_flops(b, h, t, d, w), SOFTMAX_BWD,
