@@ -11,6 +11,7 @@ from conftest import rel_err
 SHAPES = [  # (N, terms, o1, i1, o2, i2)
     (5, 1, 4, 4, 4, 4),
     (7, 2, 3, 5, 6, 2),
+    (9, 1, 5, 6, 7, 40),     # one term, i2 over several chunks: the fused dX/dA backward loops
     (1, 3, 8, 16, 40, 40),   # second factor wider than one tile: several o2 and p tiles
     (33, 1, 16, 12, 9, 7),
 ]
@@ -23,8 +24,12 @@ def _inputs(N, r, o1, i1, o2, i2, dtype, device="cpu"):
     return x, A, B
 
 
+@pytest.mark.parametrize("fused_dx_da", [False, True], ids=["separate_bwd", "fused_dx_dA"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_forward_and_gradients_match_reference(shape):
+def test_forward_and_gradients_match_reference(shape, fused_dx_da, monkeypatch):
+    from mmm.ops.kronecker import kernels
+
+    monkeypatch.setattr(kernels, "FUSED_DX_DA", fused_dx_da)
     N, r, o1, i1, o2, i2 = shape
     x, A, B = _inputs(*shape, torch.float32)
     assert use_kernel(x)  # the interpreter path really runs

@@ -170,6 +170,79 @@ def kron_factor_grad_kernel(
              mask=m_ok[:, None] & p_ok[None, :])
 
 
+# The one-term backward can share T_n = dY_n B between dX_n = A^T T_n and dA += T_n X_n^T in one pass
+# over the tokens (reads dY and X once instead of twice). Off by default until measured on a GPU
+# (scripts/gpu_kronecker.py times both); tests run both.
+FUSED_DX_DA = False
+
+
+@triton.autotune(configs=_configs("BC"), key=["I1", "I2", "O1", "O2", "KEY_N"],
+                 prune_configs_by={"early_config_prune": _pruner("BC", [
+                     ("dy_ptr", lambda k, t: k["BO1"], lambda k, t: k["BO2"]),
+                     ("dy_ptr", lambda k, t: k["BO2"], lambda k, t: t),
+                     ("dy_ptr", lambda k, t: k["BI1"], lambda k, t: t),
+                     ("dy_ptr", lambda k, t: k["BO1"], lambda k, t: k["BI1"])])})
+@triton.jit
+def kron_dx_da_kernel(
+    dy_ptr, x_ptr, a_ptr, b_ptr, dx_ptr, part_ptr,
+    N, I1, I2, O1, O2, TOK, KEY_N,
+    sdn, sd1, sd2,
+    sxn, sx1, sx2,
+    sao, sai,
+    sbo, sbi,
+    sen, se1, se2,
+    sps, spo, spi,
+    BO1: tl.constexpr, BI1: tl.constexpr, BO2: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One term (r = 1). For this program's tokens: dX_n = A^T (dY_n B) written out, and the partial
+    sum of dA = sum_n (dY_n B) X_n^T, with dY_n B computed once per chunk of i2 columns."""
+    split = tl.program_id(0).to(tl.int64)
+    o1 = tl.arange(0, BO1)
+    i1 = tl.arange(0, BI1)
+    o2 = tl.arange(0, BO2)
+    cc = tl.arange(0, BC)
+    o1_ok, i1_ok, o2_ok = o1 < O1, i1 < I1, o2 < O2
+    dt = dy_ptr.dtype.element_ty
+    a_t = tl.load(a_ptr + i1[:, None] * sai + o1[None, :] * sao,                 # A^T  [i1, o1]
+                  mask=i1_ok[:, None] & o1_ok[None, :], other=0.0)
+    acc = tl.zeros((BO1, BI1), dtype=tl.float32)
+    for t in range(TOK):
+        n = split * TOK + t
+        n_ok = n < N
+        dy = tl.load(dy_ptr + n * sdn + o1.to(tl.int64)[:, None] * sd1 + o2[None, :] * sd2,
+                     mask=n_ok & o1_ok[:, None] & o2_ok[None, :], other=0.0)
+        for c0 in range(0, I2, BC):
+            c = c0 + cc
+            c_ok = c < I2
+            bc = tl.load(b_ptr + o2[:, None] * sbo + c[None, :] * sbi, mask=o2_ok[:, None] & c_ok[None, :], other=0.0)
+            tc = tl.dot(dy, bc, input_precision=PRECISION).to(dt)                   # (dY_n B)[:, c]  [o1, c]
+            dxc = tl.dot(a_t, tc, input_precision=PRECISION)                        # dX_n[:, c]     [i1, c]
+            tl.store(dx_ptr + n * sen + i1.to(tl.int64)[:, None] * se1 + c[None, :] * se2, dxc.to(dt),
+                     mask=n_ok & i1_ok[:, None] & c_ok[None, :])
+            xt = tl.load(x_ptr + n * sxn + c[:, None] * sx2 + i1.to(tl.int64)[None, :] * sx1,   # X_n[:, c]^T [c, i1]
+                         mask=n_ok & c_ok[:, None] & i1_ok[None, :], other=0.0)
+            acc = tl.dot(tc, xt, acc, input_precision=PRECISION)                    # dA += .. [o1, i1]
+    tl.store(part_ptr + split * sps + o1[:, None] * spo + i1[None, :] * spi, acc, mask=o1_ok[:, None] & i1_ok[None, :])
+
+
+def kron_dx_and_da(dY: torch.Tensor, X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dX: torch.Tensor) -> torch.Tensor:
+    """For one term: writes dX[n] = A[0]^T dY[n] B[0] into dX and returns dA = sum_n dY[n] B[0] X[n]^T
+    in fp32 [1, o1, i1]. dY [N, o1, o2], X and dX [N, i1, i2] (strided views)."""
+    N, O1, O2 = dY.shape
+    I1, I2 = X.shape[1:]
+    splits = max(1, min(N, _programs_target(dY.device)))
+    tok = triton.cdiv(N, splits)
+    splits = triton.cdiv(N, tok)
+    partial = torch.empty((splits, O1, I1), device=dY.device, dtype=torch.float32)
+    wrap_triton(kron_dx_da_kernel)[(splits,)](
+        dY, X, A, B, dX, partial, N, I1, I2, O1, O2, tok, _key_n(N),
+        *dY.stride(), *X.stride(), *A.stride()[1:], *B.stride()[1:], *dX.stride(), *partial.stride(),
+        BO1=_pad(O1), BI1=_pad(I1), BO2=_pad(O2), PRECISION=_precision(dY.dtype),
+    )
+    return partial.sum(0, keepdim=True)
+
+
 def _programs_target(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return 4

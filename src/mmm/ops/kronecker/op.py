@@ -13,7 +13,8 @@ from . import naive
 if HAVE_TRITON:
     from torch.library import triton_op
 
-    from .kernels import kron_apply, kron_factor_grad, supported
+    from . import kernels
+    from .kernels import kron_apply, kron_dx_and_da, kron_factor_grad, supported
 
     @triton_op("mmm::kron_fwd", mutates_args=())
     def kron_fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -35,9 +36,12 @@ if HAVE_TRITON:
         dY = dy.view(N, o1, o2)
         X = x.view(N, i1, i2)
         dx = torch.empty_like(x)
-        # dX_n = sum_j A_j^T dY_n B_j: the forward kernel with transposed factors (views, no copies)
-        kron_apply(dY, A.transpose(1, 2), B.transpose(1, 2), dx.view(N, i1, i2))
-        dA = kron_factor_grad(dY, B, X)                                    # sum_n dY_n B_j X_n^T
+        if kernels.FUSED_DX_DA and A.shape[0] == 1:
+            dA = kron_dx_and_da(dY, X, A, B, dx.view(N, i1, i2))
+        else:
+            # dX_n = sum_j A_j^T dY_n B_j: the forward kernel with transposed factors (views, no copies)
+            kron_apply(dY, A.transpose(1, 2), B.transpose(1, 2), dx.view(N, i1, i2))
+            dA = kron_factor_grad(dY, B, X)                                # sum_n dY_n B_j X_n^T
         dB = kron_factor_grad(dY.transpose(1, 2), A, X.transpose(1, 2))    # sum_n dY_n^T A_j X_n
         return dx, dA.to(A.dtype), dB.to(B.dtype)
 
