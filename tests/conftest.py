@@ -28,3 +28,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in fp64."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def grads(fn, inputs, g):
+    """(fn(*inputs), d<fn . g>/d input for every input), on fresh leaf copies of the inputs."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    y = fn(*inputs)
+    return (y, *torch.autograd.grad(y, inputs, g))

@@ -13,9 +13,10 @@ import torch
 
 import mmm
 from mmm.attention import api, flex, hybrid, linear as linear_mod, naive, window as window_mod
-from mmm.attention.feature_maps import FEATURE_MAPS, FavorFeatureMap, HedgehogFeatureMap, make_feature_map
+from mmm.attention.feature_maps import FEATURE_MAPS, make_feature_map
 
 from conftest import rel_err
+from test_attention import fmap_for  # same B, T, H, HK, D as here
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 flex_attention_mod = pytest.importorskip("torch.nn.attention.flex_attention")
@@ -26,18 +27,6 @@ WINDOW, CHUNK = 8, 16
 
 def qkv(dtype=torch.float64, t=T, h=H, hk=HK, d=D, dv=DV, requires_grad=False):
     return tuple(torch.randn(B, t, n, e, dtype=dtype).requires_grad_(requires_grad) for n, e in ((h, d), (hk, d), (hk, dv)))
-
-
-def fmap_for(name, d=D):
-    if name == "hedgehog":
-        fmap = HedgehogFeatureMap(d, num_features=6, num_heads=H, num_kv_heads=HK).double()
-        with torch.no_grad():
-            for p in fmap.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-        return fmap
-    if name == "favor":
-        return FavorFeatureMap(d, num_features=24, seed=1).double()
-    return make_feature_map(name, d).double()
 
 
 def dense_flex(q, k, v, block_mask, enable_gqa, return_lse):

@@ -9,7 +9,7 @@ bf16/fp16 accuracy against PyTorch's own error, opcheck, torch.compile(fullgraph
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import grads, rel_err
 from mmm.ops.blockdiag import kernels as bk
 from mmm.ops.blockdiag import naive as bd_naive
 from mmm.ops.blockdiag import op as bd_op
@@ -34,12 +34,6 @@ def monarch_inputs(N, b, p, s, c, dtype=torch.float32, device=None, lead=()):
     L = torch.randn(b, b * c, p, dtype=dtype, device=device) / p**0.5
     R = torch.randn(b, s, b * c, dtype=dtype, device=device) / (b * c) ** 0.5
     return x, L, R
-
-
-def grads(fn, inputs, g):
-    inputs = [t.detach().requires_grad_() for t in inputs]
-    y = fn(*inputs)
-    return (y, *torch.autograd.grad(y, inputs, g))
 
 
 def check_against_fp64(fn, ref_fn, inputs, g, tol):

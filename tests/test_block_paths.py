@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import rel_err
+from conftest import grads, rel_err
 from mmm.ops.blockdiag import cublas as bc
 from mmm.ops.blockdiag import dispatch
 from mmm.ops.blockdiag import kernels as bk
@@ -36,12 +36,6 @@ def monarch_inputs(N, b, p, s, c, dtype=torch.float64, device="cpu"):
     L = torch.randn(b, b * c, p, dtype=dtype, device=device) / p**0.5
     R = torch.randn(b, s, b * c, dtype=dtype, device=device) / (b * c) ** 0.5
     return x, L, R
-
-
-def grads(fn, inputs, g):
-    inputs = [t.detach().requires_grad_() for t in inputs]
-    y = fn(*inputs)
-    return (y, *torch.autograd.grad(y, inputs, g))
 
 
 def assert_close_to_reference(fn, ref_fn, inputs, g, tol):
