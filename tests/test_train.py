@@ -134,6 +134,17 @@ def test_learning_rate_schedule():
     assert learning_rate(timed, 5, 30.0) == pytest.approx(0.5)
 
 
+def test_precision_is_bf16_or_fp32_and_fp32_turns_autocast_off():
+    from mmm.train.loop import autocast
+
+    with pytest.raises(ValueError, match="precision must be 'bf16' or 'fp32'"):
+        TrainConfig(model=TINY_MODEL, seq_len=32, precision="fp16")
+    # autocast state is checked without a GPU: the context manager must be a no-op for fp32 and on CPU
+    assert not isinstance(autocast(torch.device("cuda"), "fp32"), torch.autocast)
+    assert not isinstance(autocast(torch.device("cpu"), "bf16"), torch.autocast)
+    assert isinstance(autocast(torch.device("cuda"), "bf16"), torch.autocast)
+
+
 def test_killed_and_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, text_dir):
     full = train(tiny(tmp_path / "full", text_dir))
 

@@ -97,6 +97,8 @@ def add_parser(subparsers) -> None:
                    help="continue from a checkpoint (default: OUT/checkpoint.safetensors)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (default: DDP)")
+    t.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="compute on CUDA: bf16 autocast (default) or plain fp32 (for exact comparisons)")
     t.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     t.add_argument("--val-every", type=int, default=100, help="steps between validations (0: only at the end)")
     t.add_argument("--val-batches", type=int, default=8)
@@ -124,7 +126,7 @@ def configs_from_args(args, vocab_size: int):
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         val_every=args.val_every, val_batches=args.val_batches, ckpt_every=args.ckpt_every, compile=args.compile,
         fsdp=args.fsdp, resume=args.resume, max_seconds=None if args.minutes is None else 60.0 * args.minutes,
-        device=args.device, token_dtype=args.token_dtype, progress=not args.no_progress,
+        device=args.device, token_dtype=args.token_dtype, progress=not args.no_progress, precision=args.precision,
     )
 
 

@@ -55,6 +55,7 @@ class TrainConfig:
     device: str | None = None  # None: cuda when available, else cpu
     token_dtype: str = "uint16"
     progress: bool = True
+    precision: str = "bf16"  # CUDA compute: "bf16" autocast, or "fp32" (exact-match checks, e.g. DDP vs one GPU)
 
     # Fields a resumed run must share with its checkpoint (the rest only change logging or speed).
     TRAJECTORY_FIELDS = ("batch_size", "seq_len", "steps", "lr", "min_lr_ratio", "warmup", "weight_decay",
@@ -69,6 +70,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if self.seq_len > self.model.max_seq_len:
@@ -114,8 +117,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device: torch.device, precision: str = "bf16"):
+    use_bf16 = device.type == "cuda" and precision == "bf16"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
 @torch.no_grad()
@@ -129,7 +133,7 @@ def evaluate(model, tokens, cfg: TrainConfig, d: Dist) -> float:
     batches = offsets.reshape(-1, cfg.batch_size)
     for batch in batches:
         x, y = gather(tokens, batch[d.rank * per_rank : (d.rank + 1) * per_rank], cfg.seq_len)
-        with autocast(d.device):
+        with autocast(d.device, cfg.precision):
             _, loss = model(x.to(d.device), y.to(d.device))
         total += loss.float()
     model.train(was_training)
@@ -244,7 +248,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, d: Dist, on_step) -> dict[st
     if cfg.max_seconds is not None and step == 0:
         # Under a time budget, one untimed forward/backward first (torch.compile, Triton autotuning,
         # cuBLAS heuristics), then no update: the clock then measures training, not one-off set-up.
-        with autocast(d.device):
+        with autocast(d.device, cfg.precision):
             _, warm = forward(*(t.to(d.device) for t in sampler.batch(0)))
         warm.backward()
         optimizer.zero_grad(set_to_none=True)
@@ -256,7 +260,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, d: Dist, on_step) -> dict[st
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = next(sampler)  # the batch of this step (the sampler's position is restored on resume)
-        with autocast(d.device):
+        with autocast(d.device, cfg.precision):
             _, loss = forward(x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True))
         loss.backward()
         if cfg.grad_clip > 0:
