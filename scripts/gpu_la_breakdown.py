@@ -1,0 +1,61 @@
+"""H200: what the feature map and the normalizer cost in the linear-attention kernels.
+
+The 2026-11-28 run measured normalized elu+1 at 2.2x the time of identity/unnormalized at T = 128k
+(11.1 vs 5.0 ms fwd+bwd). This times the four combinations (identity / elu+1) x (unnormalized /
+normalized), forward and forward+backward, with CUDA time per kernel, to show which of the two costs.
+
+    PYTHONPATH=src python scripts/gpu_la_breakdown.py      (about a minute; prints a table, writes $OUT/la_breakdown.json)
+"""
+import json
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from mmm.ops.linear_attention import linear_attention  # noqa: E402
+
+B, H, D, BF = 1, 16, 128, torch.bfloat16
+VARIANTS = [(None, False), ("elu", False), (None, True), ("elu", True)]
+
+
+def per_kernel_ms(step, n=5) -> dict:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", 0)
+        if t > 0 and "kernel" in e.key:
+            out[e.key[:40]] = round(t / n / 1e3, 4)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    results = []
+    for T in (32768, 131072):
+        q, k, v, go = (torch.randn(B, T, H, D, device="cuda", dtype=BF, requires_grad=i < 3) for i in range(4))
+        for fmap, norm in VARIANTS:
+            fwd = lambda: linear_attention(q, k, v, fmap, norm)  # noqa: E731
+            step = lambda: torch.autograd.grad(fwd(), (q, k, v), go)  # noqa: E731
+            step()
+            row = dict(T=T, feature_map=fmap or "identity", normalize=norm,
+                       fwd_ms=do_bench(fwd, warmup=10, rep=100, return_mode="median"),
+                       fwdbwd_ms=do_bench(step, warmup=10, rep=100, return_mode="median"),
+                       kernels_ms=per_kernel_ms(step))
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        del q, k, v, go
+        torch.cuda.empty_cache()
+    with open(os.path.join(os.environ.get("OUT", "."), "la_breakdown.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\n{'T':>7} {'features':>9} {'norm':>5} {'fwd':>7} {'fwd+bwd':>8}  kernels (ms)")
+    for r in results:
+        ks = " ".join(f"{k.split('_kernel')[0]}={v:.2f}" for k, v in r["kernels_ms"].items())
+        print(f"{r['T']:>7} {r['feature_map']:>9} {str(r['normalize']):>5} {r['fwd_ms']:7.3f} {r['fwdbwd_ms']:8.3f}  {ks}")
+
+
+if __name__ == "__main__":
+    main()
