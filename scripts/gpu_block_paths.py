@@ -18,7 +18,8 @@ PyTorch), and dense F.linear.
     eager bf16 reference's own error; outputs NaN-poisoned), which also runs the autotuning; then fwd and
     fwd+bwd of every path and of dense; then every launch / GEMM alone against its floor
     max(FLOPs / rate, bytes / bandwidth) (bytes: each operand once);
- 4. the dispatch table: per case the fastest correct path by fwd+bwd (among triton, cublas, cublas_copy).
+ 4. the dispatch table: per case the fastest correct path by fwd+bwd (among dispatch.PATHS: triton, cublas,
+    cublas_copy, reference).
 The JSON is rewritten after every case; BLOCK_PATHS_BUDGET_S (default 280) stops new cases.
 """
 

@@ -2,7 +2,10 @@
 
 Paths: "triton" (kernels.py; the shuffle in the addressing, fused small-block backward), "cublas"
 (cublas.py / ../monarch/cublas.py: strided-batched GEMMs, no copies; for Monarch the shuffle GEMM is split
-into b calls) and, for Monarch only, "cublas_copy" (one bmm and one permute copy per shuffle).
+into b calls), for Monarch only "cublas_copy" (one bmm and one permute copy per shuffle), and
+"reference" (the plain PyTorch bmm + permute, autograd backward). The last can win where the GEMMs are
+short: at n = 8192, d = 4096 the H200 run of 2026-11-28 measured it fastest for every block shape, as the
+custom ops' per-call overhead (dispatcher, autograd function) is then a visible share of ~0.1 ms GEMMs.
 
 The choice is read from `dispatch_table.json` beside this file, measured on a GPU by
 scripts/gpu_block_paths.py (which writes the file to copy here) and keyed on
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 
 TABLE_FILE = Path(__file__).with_name("dispatch_table.json")
-PATHS = {"blockdiag": ("triton", "cublas"), "monarch": ("triton", "cublas", "cublas_copy")}
+PATHS = {"blockdiag": ("triton", "cublas", "reference"), "monarch": ("triton", "cublas", "cublas_copy", "reference")}
 CUBLAS_MIN_BLOCK = 1024
 SPLIT_MIN_RANK = 512
 # A measured bucket applies to token counts within this factor of it (launch overheads and tile counts

@@ -50,7 +50,7 @@ def choose_path(structure: str, x2: torch.Tensor, in_features: int, out_features
     """"reference", "triton", "cublas" or (Monarch) "cublas_copy" for the [N, in_features] input x2.
     `path` forces one (checked); None chooses as the module docstring says."""
     if path is not None:
-        allowed = ("reference", *dispatch.PATHS[structure])
+        allowed = dispatch.PATHS[structure]
         if path not in allowed:
             raise ValueError(f"path must be None (automatic) or one of {allowed}, got {path!r}")
         if x2.shape[0] == 0:
