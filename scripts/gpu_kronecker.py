@@ -37,7 +37,8 @@ def rel(a, b):
 
 rows = {}
 n = 8192
-for d, (f1, f2) in [(4096, (64, 64)), (8192, (64, 128)), (16384, (128, 128)), (32768, (128, 256))]:
+# the headline size first and the JSON rewritten after each size: a run cut by a timeout keeps what it measured
+for d, (f1, f2) in [(16384, (128, 128)), (4096, (64, 64)), (8192, (64, 128)), (32768, (128, 256))]:
     x = torch.randn(n, d, device=dev, dtype=bf, requires_grad=True)
     A = (torch.randn(1, f1, f1, device=dev, dtype=bf) / math.sqrt(f1)).requires_grad_()
     B = (torch.randn(1, f2, f2, device=dev, dtype=bf) / math.sqrt(f2)).requires_grad_()
@@ -65,10 +66,10 @@ for d, (f1, f2) in [(4096, (64, 64)), (8192, (64, 128)), (16384, (128, 128)), (3
     r["floor_fwd_ms"] = max(flops / 775e12, bytes_ / 4.2e12) * 1e3
     rows[d] = r
     print(d, json.dumps(r, indent=None, default=lambda v: round(v, 4)), flush=True)
+    json.dump(rows, open(os.path.join(OUT, "kronecker.json"), "w"), indent=1)
     del x, A, B
     torch.cuda.empty_cache()
 
-json.dump(rows, open(os.path.join(OUT, "kronecker.json"), "w"), indent=1)
 print(f"{'d':>6} {'err':>8} {'torch':>8} {'dense fb':>9} {'kern fb':>8} {'x fb':>6} {'x fwd':>6} {'bwd/fwd':>7} {'fused x':>7} {'einsum x':>8} {'comp x':>7} {'fwd/floor':>9}")
 for d, r in rows.items():
     k = r["kernel"]
