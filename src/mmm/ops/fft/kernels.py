@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-PI = 3.141592653589793
+PI = tl.constexpr(3.141592653589793)  # kernels may read only constexpr globals (plain ones fail to compile)
 
 # Tiles: memory-bound kernels, so any tile wide enough for coalesced rows will do; the interpreter
 # gets large tiles because its cost grows with the number of programs.

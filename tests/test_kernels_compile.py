@@ -1,0 +1,149 @@
+"""Every Triton kernel of the package compiles for an H100/H200 (CUDA sm_90), on a machine without a GPU.
+
+The CPU tests run the kernels under TRITON_INTERPRET=1, which executes their Python source directly and
+so misses what only the compiler checks: a non-constexpr module global read inside a kernel (the H200
+failed with "Cannot access global variable PI" while CI was green), a type or layout error, a shared
+memory overflow. Here each kernel goes through triton.compile for sm_90 (AST -> TTIR -> TTGIR -> PTX ->
+cubin, ptxas included) with the pointer dtypes, constexprs and first autotune config that the op
+wrappers launch with on a GPU.
+
+`triton.jit` itself reads TRITON_INTERPRET (it then returns an interpreter object, not a compilable
+JITFunction), and the kernel modules pick their tiles and autotune configs from it at import; conftest.py
+sets it for the whole CPU test process. So the compiling is done by this file run as a script, in two
+subprocesses (one per core) with the variable unset, each compiling half of the kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+# kernel -> (module under mmm.ops, pointer dtype, pointers of another dtype, constexprs the launcher passes;
+# an upper-case string there is the name of the module constant the launcher passes). Autotuned kernels
+# also get the kwargs, warps and stages of their first GPU config.
+KERNELS = {
+    # FFT path: bf16 x in, fp16 work rows (the scaled "packed16" mode), fp32 spectra, bf16 out
+    "cast_in_kernel": ("fft", "*bf16", {"out_ptr": "*fp16", "scale_ptr": "*fp32"}, dict(SCALE=True, BLOCK="CAST_BLOCK")),
+    "spectral_mix_kernel": ("fft", "*fp32", {}, dict(CONJ=True, BT="BT_MIX", BF="BF_MIX")),
+    "spectral_corr_kernel": ("fft", "*fp16", {"sx_ptr": "*fp32", "sdy_ptr": "*fp32", "part_ptr": "*fp32"},
+                             dict(HAS_SCALE=True, BT="BT_CORR", BF="BF_CORR")),
+    "cast_out_kernel": ("fft", "*fp32", {"out_ptr": "*bf16"}, dict(ROWSCALE=True, BLOCK="CAST_BLOCK")),
+    # block-diagonal / Monarch stages, bf16 (the weight gradient's fp32 slots for dw)
+    "block_gemm_kernel": ("blockdiag", "*bf16", {}, dict(SPLIT_A=1, SPLIT_B=False, SPLIT_C=True, UPCAST=False, FP32_IEEE=False)),
+    "block_bwd_fused_kernel": ("blockdiag", "*bf16", {"dw_ptr": "*fp32"},
+                               dict(SPLIT_X=True, UPCAST=False, FP32_IEEE=False, BP=64, BQ=64)),
+    "block_bwd_fused_v2_kernel": ("blockdiag", "*bf16", {"dw_ptr": "*fp32"},
+                                  dict(SPLIT_X=True, UPCAST=False, FP32_IEEE=False, BP=128, BQ=128)),
+    # Kronecker factors 32 x 32 (d = 1024), bf16; fp32 partial sums
+    "kron_apply_kernel": ("kronecker", "*bf16", {}, dict(R=1, BI1=32, BO1=32, BI2=32, PRECISION="ieee")),
+    "kron_factor_grad_kernel": ("kronecker", "*bf16", {"out_ptr": "*fp32"}, dict(BP=32, BK1=32, BK2=32, PRECISION="ieee")),
+    "kron_dx_da_kernel": ("kronecker", "*bf16", {"part_ptr": "*fp32"}, dict(BO1=32, BI1=32, BO2=32, PRECISION="ieee")),
+    # linear attention, bf16, D = 128, elu features, normalised, causal; fp32 states and row factors
+    "chunk_state_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "st_ptr": "*fp32"},
+                           dict(D=128, FEATURE=1, NORMALIZE=True, BWD=True, DOT_MODE=0)),
+    "scan_kernel": ("linear_attention", "*fp32", {}, dict(REVERSE=True, BLOCK="SCAN_BLOCK")),
+    "fwd_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "st_ptr": "*fp32"},
+                   dict(D=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0)),
+    "bwd_dqdk_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "st_ptr": "*fp32", "dst_ptr": "*fp32"},
+                        dict(D=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0)),
+    "bwd_dv_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "dst_ptr": "*fp32"},
+                      dict(D=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0)),
+}
+FLOAT_SCALARS = {"bound", "eps"}  # every other non-constexpr argument is an int (i32)
+
+
+def compile_for_sm90(name: str) -> None:
+    """Compiles one kernel of KERNELS (raises what the compiler raises). Needs TRITON_INTERPRET unset."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module_name, ptr, ptr_overrides, consts = KERNELS[name]
+    module = importlib.import_module(f"mmm.ops.{module_name}.kernels")
+    kernel = getattr(module, name)
+    options = dict(num_warps=4, num_stages=3)  # a plain launch's defaults
+    if isinstance(kernel, triton.runtime.Autotuner):
+        config = kernel.configs[0]  # the GPU list: this process imported the module without the interpreter
+        consts = {**consts, **config.kwargs}
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        kernel = kernel.fn
+    assert isinstance(kernel, triton.runtime.JITFunction), f"{name}: {type(kernel)} is not compilable (interpreter on?)"
+    # an upper-case string names a constant of the kernel module (its tiles differ under the interpreter)
+    consts = {a: getattr(module, v) if isinstance(v, str) and v.isupper() else v for a, v in consts.items()}
+    sig = {}
+    for a, p in zip(kernel.arg_names, kernel.params):
+        if p.is_constexpr:
+            sig[a] = "constexpr"
+        elif a.endswith("_ptr"):
+            sig[a] = ptr_overrides.get(a, ptr)
+        else:
+            sig[a] = "fp32" if a in FLOAT_SCALARS else "i32"
+    missing = sorted(a for a, t in sig.items() if t == "constexpr" and a not in consts)
+    assert not missing, f"{name}: no value for constexpr(s) {missing} in KERNELS"
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(a),): v for a, v in consts.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a.endswith("_ptr")})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _compile_all(names: list[str]) -> dict[str, str | None]:
+    """name -> None if it compiled, else the error."""
+    out = {}
+    for name in names:
+        try:
+            compile_for_sm90(name)
+            out[name] = None
+        except Exception as e:  # reported by the test of that kernel, with its causes (the root is last)
+            chain = []
+            while e is not None:
+                chain.append(f"{type(e).__name__}: {e}")
+                e = e.__cause__
+            out[name] = "\n-- caused by --\n".join(chain)
+    return out
+
+
+if __name__ == "__main__":  # the worker: python tests/test_kernels_compile.py NAME...
+    print(json.dumps(_compile_all(sys.argv[1:])))
+    sys.exit(0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, str | None]:
+    # without the interpreter, and without the switch that would let non-constexpr globals through
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # a real compile every run
+    names = list(KERNELS)
+    workers = [subprocess.Popen([sys.executable, __file__, *names[i::2]], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    results = {}
+    for w in workers:
+        stdout, stderr = w.communicate(timeout=600)
+        assert w.returncode == 0, f"compile worker failed:\n{stderr[-4000:]}"
+        results.update(json.loads(stdout.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_kernel_compiles_for_sm90(compiled, name):
+    assert compiled[name] is None, f"{name} does not compile for sm_90:\n{compiled[name]}"
+
+
+def test_every_kernel_is_listed():
+    """A new kernel must be added to KERNELS (the modules are read as text: importing them here would
+    give interpreter objects)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "mmm"
+    found = set()
+    for path in root.rglob("*.py"):
+        # a kernel is a @triton.jit function not starting with "_" (those are helpers, compiled with the kernels)
+        found |= set(re.findall(r"@triton\.jit(?:\([^)]*\))?\s*\ndef ([A-Za-z]\w*)\(", path.read_text()))
+    assert found, "no @triton.jit kernel found: has the source layout changed?"
+    assert found == set(KERNELS), f"not listed: {sorted(found - set(KERNELS))}; gone: {sorted(set(KERNELS) - found)}"
