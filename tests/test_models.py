@@ -201,6 +201,8 @@ def test_huggingface_round_trip_and_generate(tmp_path):
     hook.remove()
     assert lengths[0] == 6 and set(lengths[1:]) == {1}
     assert torch.equal(out, gpt.generate(x, 6))
+    # Without a cache every step reruns the whole sequence; the tokens must not change.
+    assert torch.equal(loaded.generate(x, max_new_tokens=6, do_sample=False, use_cache=False), out)
     labels_loss = loaded(x, labels=x).loss
     assert torch.allclose(labels_loss, F.cross_entropy(gpt(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten()))
 

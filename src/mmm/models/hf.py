@@ -7,6 +7,12 @@ Import it once before `AutoModelForCausalLM.from_pretrained(path)` so the Auto c
 `generate` keeps the model's own per-layer cache (KV cache for exact/window, recurrent state for
 linear/hybrid) and hands it back to the generation loop, so each new token costs one step, not a rerun
 of the whole sequence. Padding is not supported: prompts in a batch must have equal length.
+
+transformers renamed the generation cache from `past_key_values` to `cache` (between 5.17 and 5.24); the
+loop carries only the name it knows from one step to the next, yet feeds one token per step either way.
+So the output also holds the cache as `past_key_values` where the loop reads that name, and
+`prepare_inputs_for_generation` slices the tokens by the cache's own position: a cache the loop failed
+to carry costs a full rerun (still the right tokens), never a step that silently starts from an empty state.
 """
 
 from __future__ import annotations
@@ -23,7 +29,15 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("mmm.models.hf needs the transformers package: pip install 'mmm[hf]'") from exc
 
+try:
+    from transformers.generation.utils import ALL_CACHE_NAMES as _LOOP_CACHE_NAMES
+except ImportError:  # older transformers: the loop reads `past_key_values`
+    _LOOP_CACHE_NAMES = ("past_key_values",)
+
 from .gpt import GPT, GPTConfig, new_cache
+
+# Newer transformers map `past_key_values` onto `cache` themselves (and warn when it is set).
+_ALIAS_CACHE_AS_PAST_KEY_VALUES = "cache" not in _LOOP_CACHE_NAMES
 
 _FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 
@@ -106,6 +120,15 @@ class MMMGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed = value
 
+    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
+                                      use_cache=True, **kwargs) -> dict:
+        # Ignores the loop's own slicing hints (next_sequence_length, cache_position): the tokens the cache has
+        # not seen yet are exactly the ones to feed.
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            input_ids = input_ids[:, cache.get_seq_length():]
+        return {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask, "use_cache": use_cache}
+
     def forward(self, input_ids=None, attention_mask=None, cache=None, past_key_values=None, use_cache=None,
                 labels=None, return_dict=None, **kwargs) -> MMMCausalLMOutput:
         if input_ids is None:
@@ -119,7 +142,10 @@ class MMMGPTForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:  # the HF convention: labels are the inputs, shifted here
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return MMMCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None)
+        output = MMMCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None)
+        if _ALIAS_CACHE_AS_PAST_KEY_VALUES and output.cache is not None:
+            output["past_key_values"] = output.cache
+        return output
 
 
 AutoConfig.register(MMMGPTConfig.model_type, MMMGPTConfig, exist_ok=True)
