@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmm
-from mmm.structures.monarch import _iteration_pays, best_rank_factors
+from mmm.structures._lowrank_math import _iteration_pays, best_rank_factors
 
 from conftest import rel_err
 
@@ -266,7 +266,7 @@ def test_cuda_forward_backward_and_projection_match_cpu(cfg, in_features, out_fe
 @pytest.mark.parametrize(
     "cfg",
     [mmm.MonarchConfig(nblocks=4), mmm.MonarchConfig(nblocks=16), mmm.MonarchConfig(nblocks=128),
-     mmm.KroneckerConfig(terms=1), mmm.KroneckerConfig(terms=8)],
+     mmm.KroneckerConfig(terms=1), mmm.KroneckerConfig(terms=8), mmm.LowRankConfig(rank=2048)],
     ids=lambda c: c.describe(),
 )
 def test_cuda_projection_16384(cfg):

@@ -21,7 +21,7 @@ from torch import nn
 from ..configs import KroneckerConfig
 from ..ops.kronecker.op import kernel_applies, kron_matmul
 from .base import Structure, register
-from .monarch import best_rank_factors
+from ._lowrank_math import best_rank_factors
 
 
 @register(KroneckerConfig)

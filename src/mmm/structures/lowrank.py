@@ -1,4 +1,4 @@
-"""Low rank: W = U @ V, U: [out, r], V: [r, in]. Projection is the truncated SVD (Eckart-Young)."""
+"""Low rank: W = U @ V, U: [out, r], V: [r, in]. Projection is the truncated SVD (Eckart-Young), in fp64."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..configs import LowRankConfig
+from ._lowrank_math import best_rank_factors
 from .base import Structure, register
 
 
@@ -36,12 +37,12 @@ class LowRank(Structure):
 
     @torch.no_grad()
     def _project(self, weight: torch.Tensor) -> None:
-        # Eckart-Young: the top-r singular triplets are the Frobenius-optimal rank-r matrix.
-        # The scale is split evenly so both factors are equally conditioned for later training.
-        P, S, Qh = torch.linalg.svd(weight, full_matrices=False)
-        root = S[: self.rank].sqrt()
-        self.U.copy_(P[:, : self.rank] * root)
-        self.V.copy_(root[:, None] * Qh[: self.rank])
+        # Eckart-Young: the top-r singular triplets are the Frobenius-optimal rank-r matrix, with the scale
+        # split evenly so both factors are equally conditioned for later training. Only r of them are
+        # needed: the Gram-matrix routes of best_rank_factors skip most of a full SVD's work.
+        left, right = best_rank_factors(weight, self.rank)
+        self.U.copy_(left)
+        self.V.copy_(right)
 
     def flops(self, num_tokens: int) -> int:
         return 2 * num_tokens * self.rank * (self.in_features + self.out_features)
