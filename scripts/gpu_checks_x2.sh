@@ -2,10 +2,10 @@
 # One call on an nvidia-h200-x2 machine that runs the open GPU checks in two streams, one per GPU, under a
 # deadline, and packs every result into $OUT/results.tgz (the device tool returns only a few files).
 #   phase 0, both GPUs: scripts/gpu_train_distributed.sh (DDP / FSDP2 vs one GPU, fp32), then
-#   stream A, GPU 0: `mmm bench --cases 'attn.*'` (Triton linear-attention kernel on), the feature-map /
-#                    normalizer cost breakdown (scripts/gpu_la_breakdown.py);
-#   stream B, GPU 1: model/train tests, 16384 projections, Kronecker and FFT scripts, GPU tests of the
-#                    attention and block paths, then `mmm bench` of the square linear cases if time is left.
+#   (DIST=0 skips phase 0)
+#   stream A, GPU 0: `mmm bench --cases 'attn.*'` (Triton linear-attention kernel on);
+#   stream B, GPU 1: model tests, 16384 projections, the fused-Adam spectrum-cache test, then `mmm bench`
+#                    of the d = 16384 square linear cases.
 # Usage (repo root): OUT=/some/dir DEADLINE_S=540 bash scripts/gpu_checks_x2.sh
 set -uo pipefail
 ROOT=${OUT:-runs/gpu_checks}
@@ -25,24 +25,20 @@ step() {
   echo "[rc=$? ${name} $((SECONDS - t0))s of ${t}s]" | tee -a "$OUT/steps.txt"
 }
 
-step distributed 150 env OUT="$OUT/distributed" bash scripts/gpu_train_distributed.sh
+if [[ ${DIST:-1} == 1 ]]; then step distributed 150 env OUT="$OUT/distributed" bash scripts/gpu_train_distributed.sh; fi
 mkdir -p "$OUT/attn" "$OUT/linear"
 
 (
   export CUDA_VISIBLE_DEVICES=0
-  step bench_attention 330 python -m mmm bench --cases 'attn.*' --no-progress \
+  step bench_attention 420 python -m mmm bench --cases 'attn.*' --no-progress \
     --json "$OUT/attn/bench_attention.json" --markdown "$OUT/attn/bench_attention.md" --plot "$OUT/attn/bench_attention.png"
-  step la_breakdown 90 python scripts/gpu_la_breakdown.py
 ) &
 (
   export CUDA_VISIBLE_DEVICES=1
-  step models_train_tests 60 python -m pytest -q -p no:cacheprovider tests/test_models.py tests/test_train.py -x
+  step models_tests 40 python -m pytest -q -p no:cacheprovider tests/test_models.py -x
   step projection_16384 100 python -m pytest -q -s -p no:cacheprovider -m gpu tests/test_block_structures.py -k projection_16384
-  step kronecker 120 python scripts/gpu_kronecker.py
-  step fft 100 python scripts/gpu_fft_structures.py
-  step gpu_tests_attention 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_flex.py tests/test_attention_gpu.py
-  step gpu_tests_blocks 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_block_paths.py tests/test_kronecker_kernel.py tests/test_fft_structures.py
-  step bench_linear 200 python -m mmm bench --cases 'linear.square.d16384' --no-progress \
+  step fft_fused_adam 40 python -m pytest -q -l -p no:cacheprovider -m gpu tests/test_fft_structures.py -k fused_adam
+  step bench_linear 300 python -m mmm bench --cases 'linear.square.d16384' --no-progress \
     --json "$OUT/linear/bench_linear.json" --markdown "$OUT/linear/bench_linear.md" --plot "$OUT/linear/bench_linear.png"
 ) &
 wait
