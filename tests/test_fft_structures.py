@@ -661,6 +661,32 @@ def test_cuda_torch_compile_fullgraph(cls, cfg, shape):
     assert rel_err(y, y2) < 1e-2 and rel_err(dx, x.grad) < 1e-2 and rel_err(dp, p.grad) < 1e-2
 
 
+def test_an_optimizer_step_that_leaves_the_version_counter_invalidates_the_spectrum():
+    # Like Adam(fused=True) on CUDA (seen on torch 2.11): the update bypasses the version counter
+    # (here through .data), so only the optimizer-step hook can tell that the weights moved.
+    class DataSGD(torch.optim.Optimizer):
+        def __init__(self, params, lr):
+            super().__init__(params, dict(lr=lr))
+
+        @torch.no_grad()
+        def step(self):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+    s = Circulant(64, 64, mmm.CirculantConfig(), dtype=f64)
+    x = torch.randn(4, 64, dtype=f64)
+    opt = DataSGD(s.parameters(), lr=0.5)
+    versions = [p._version for p in s.parameters()]
+    y0 = s(x)
+    y0.square().sum().backward()
+    opt.step()
+    assert [p._version for p in s.parameters()] == versions  # the blind spot this test is about
+    y1 = s(x)
+    assert not torch.allclose(y0, y1) and torch.equal(y1, _uncached(s, x))
+    assert rel_err(y1, x @ s.to_dense().T) < 1e-12
+
+
 @pytest.mark.gpu
 def test_cuda_fused_adam_step_invalidates_the_spectrum():
     s = Circulant(512, 512, mmm.CirculantConfig(), device="cuda")

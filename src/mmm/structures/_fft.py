@@ -7,6 +7,7 @@ import math
 import weakref
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,9 +60,11 @@ def from_blocks(blocks: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # The spectrum of a layer's parameters changes only when the parameters do, so it is kept on the
 # module and reused while every parameter it came from is the same tensor object, at the same address,
-# with the same version counter. Every in-place change made through the parameter (optimizer steps,
-# load_state_dict, `with torch.no_grad(): p.mul_(...)`) bumps the version; assigning p.data or a new
-# Parameter changes the address or the object. A change made through `p.data.<op>_()` does not (PyTorch
+# with the same version counter, and no torch.optim optimizer has stepped since. In-place changes made
+# through the parameter (load_state_dict, `with torch.no_grad(): p.mul_(...)`, most optimizers) bump the
+# version; fused optimizers do not (torch 2.11 on CUDA: Adam(fused=True) left it unchanged and served a
+# stale spectrum), so a global optimizer-step hook counts steps too. Assigning p.data or a new Parameter
+# changes the address or the object. A change made through `p.data.<op>_()` does not (PyTorch
 # gives `.data` its own version counter, the same blind spot autograd's own checks have): after one,
 # call `clear_spectrum_cache(module)`. Eager FSDP2 wraps each unsharded parameter in a new Parameter
 # per all-gather (a miss each step); under compiled autograd it keeps the version counter on purpose,
@@ -70,6 +73,15 @@ def from_blocks(blocks: torch.Tensor) -> torch.Tensor:
 # per call) and larger for LDR (2 r transforms per block).
 
 _cache_enabled = True
+_optimizer_steps = 0  # bumped after every torch.optim step, by any optimizer
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 @contextlib.contextmanager
@@ -115,7 +127,7 @@ def _as_tuple(v):
 
 def _key(weights):
     try:
-        return tuple((w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), w.stride()) for w in weights)
+        return (_optimizer_steps, *((w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), w.stride()) for w in weights))
     except RuntimeError:  # inference tensors have no version counter: never cached
         return None
 
