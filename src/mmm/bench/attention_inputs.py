@@ -150,7 +150,7 @@ def trained_model(spec: ModelSpec, device: torch.device | str) -> _Trained:
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix_str(f"loss {losses[-1]:.3f}")
+            bar.set_postfix_str(f"loss {losses[-1]:.3f}", refresh=False)  # refresh=True would ignore mininterval
         bar.close()
     model.eval().requires_grad_(False)
     tail = max(1, spec.steps // 10)

@@ -280,7 +280,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, d: Dist, on_step) -> dict[st
             raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower --lr or check the data")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix_str(f"loss {loss_value:.4f}, {tokens_per_step / max(dt, 1e-9):,.0f} tok/s")
+            bar.set_postfix_str(f"loss {loss_value:.4f}, {tokens_per_step / max(dt, 1e-9):,.0f} tok/s", refresh=False)
         if cfg.val_every and step % cfg.val_every == 0:
             validate()
         if cfg.ckpt_every and step % cfg.ckpt_every == 0:
