@@ -20,22 +20,26 @@ B, H, D, BF = 1, 16, 128, torch.bfloat16
 VARIANTS = [(None, False), ("elu", False), (None, True), ("elu", True)]
 
 
-def per_kernel_ms(step, n=5) -> dict:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+def profile(step, n=5) -> tuple[dict, dict]:
+    """(CUDA ms per kernel, host ms per op: the 8 largest by self CPU time), per fwd+bwd step."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", 0)
-        if t > 0 and "kernel" in e.key:
-            out[e.key[:40]] = round(t / n / 1e3, 4)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    events = prof.key_averages()
+    gpu = {e.key[:40]: round(e.device_time_total / n / 1e3, 4) for e in events
+           if getattr(e, "device_time_total", 0) > 0 and "kernel" in e.key}
+    host = {e.key[:40]: round(e.self_cpu_time_total / n / 1e3, 4)
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]}
+    return dict(sorted(gpu.items(), key=lambda kv: -kv[1])), host
 
 
 def main() -> None:
     results = []
-    for T in (32768, 131072):
+    # T = 2048: fwd+bwd took 0.93 ms there (floor 0.02) while the forward took 0.14: where does the
+    # backward's fixed cost go, host or GPU?
+    for T in (2048, 32768, 131072):
         q, k, v, go = (torch.randn(B, T, H, D, device="cuda", dtype=BF, requires_grad=i < 3) for i in range(4))
         for fmap, norm in VARIANTS:
             fwd = lambda: linear_attention(q, k, v, fmap, norm)  # noqa: E731
@@ -44,17 +48,21 @@ def main() -> None:
             row = dict(T=T, feature_map=fmap or "identity", normalize=norm,
                        fwd_ms=do_bench(fwd, warmup=10, rep=100, return_mode="median"),
                        fwdbwd_ms=do_bench(step, warmup=10, rep=100, return_mode="median"),
-                       kernels_ms=per_kernel_ms(step))
+                       kernels_ms=None, host_ms=None)
+            row["kernels_ms"], row["host_ms"] = profile(step)
+            row["kernel_sum_ms"] = round(sum(row["kernels_ms"].values()), 4)
             results.append(row)
             print(json.dumps(row), flush=True)
         del q, k, v, go
         torch.cuda.empty_cache()
     with open(os.path.join(os.environ.get("OUT", "."), "la_breakdown.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\n{'T':>7} {'features':>9} {'norm':>5} {'fwd':>7} {'fwd+bwd':>8}  kernels (ms)")
+    print(f"\n{'T':>7} {'features':>9} {'norm':>5} {'fwd':>7} {'fwd+bwd':>8} {'GPU sum':>8}  kernels (ms)")
     for r in results:
         ks = " ".join(f"{k.split('_kernel')[0]}={v:.2f}" for k, v in r["kernels_ms"].items())
-        print(f"{r['T']:>7} {r['feature_map']:>9} {str(r['normalize']):>5} {r['fwd_ms']:7.3f} {r['fwdbwd_ms']:8.3f}  {ks}")
+        print(f"{r['T']:>7} {r['feature_map']:>9} {str(r['normalize']):>5} {r['fwd_ms']:7.3f} {r['fwdbwd_ms']:8.3f} "
+              f"{r['kernel_sum_ms']:8.3f}  {ks}")
+    print("host time per fwd+bwd at T=2048, elu normalized:", results[3]["host_ms"])
 
 
 if __name__ == "__main__":
