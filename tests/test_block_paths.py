@@ -21,6 +21,7 @@ from mmm.ops.blockdiag import kernels as bk
 from mmm.ops.blockdiag import naive as bd_naive
 from mmm.ops.blockdiag import op as bd_op
 from mmm.ops.monarch import cublas as mc
+from mmm.ops.monarch import kernels as mo_kernels
 from mmm.ops.monarch import naive as mo_naive
 from mmm.ops.monarch import op as mo_op
 
@@ -149,14 +150,39 @@ def test_monarch_cublas_copies_only_where_it_says(monkeypatch, shuffle):
     N, b, p, s, c = 6, 3, 4, 5, 2
     x, L, R = monarch_inputs(N, b, p, s, c, dtype=torch.float32)
     g = torch.randn(N, b * s)
-    copies = {"split": {}, "copy": {"copy_": 1}}[shuffle]  # the one permute copy per direction
+    # the one permute copy per direction: the Triton swap kernel where Triton runs (stood in for here by
+    # one aten copy_, as the interpreter's own tensor traffic would show up in the log), else aten's copy_
+    swaps = []
+
+    def swap_stand_in(src, dst, b, c):
+        swaps.append(1)
+        dst.view(src.shape[0], b, b, c).copy_(src.view(src.shape[0], b, b, c).transpose(1, 2))
+
+    monkeypatch.setattr(mo_kernels, "swap_blocks", swap_stand_in)
+    by_triton = bd_op.triton_can_run(x)
+    copies = {"copy_": 1} if shuffle == "copy" else {}
     with AtenLog() as fwd:
         out, z = mc.forward(x, L, R, c, shuffle)
     assert fwd.other_ops() == {"bmm": b + 1 if shuffle == "split" else 2, **copies}
     with AtenLog() as bwd:
         mc.backward(g, x, z, L, R, c, shuffle)
     assert bwd.other_ops() == {"bmm": b + 3 if shuffle == "split" else 4, **copies}
+    assert len(swaps) == (2 if shuffle == "copy" and by_triton else 0)
     assert all(not cp for cp in fwd.bmm_copies + bwd.bmm_copies), fwd.bmm_copies + bwd.bmm_copies
+
+
+@pytest.mark.parametrize("N,b,c", [(5, 4, 3), (130, 2, 64), (1, 8, 1), (33, 3, 17), (3, 2, 300)])
+def test_swap_blocks_kernel_is_the_shuffle(N, b, c):
+    if not bd_op.triton_can_run(torch.empty(1)):
+        pytest.skip("needs triton (CPU interpreter or CUDA)")
+    src = torch.randn(N, b, b * c)
+    dst = torch.full_like(src, float("nan"))
+    mo_kernels.swap_blocks(src, dst, b, c)
+    want = src.view(N, b, b, c).transpose(1, 2).reshape(N, b, b * c)
+    assert torch.equal(dst, want)
+    back = torch.full_like(src, float("nan"))
+    mo_kernels.swap_blocks(dst, back, b, c)  # its own inverse
+    assert torch.equal(back, src)
 
 
 def test_blockdiag_cublas_makes_no_copies(monkeypatch):

@@ -36,6 +36,8 @@ KERNELS = {
                                dict(SPLIT_X=True, UPCAST=False, FP32_IEEE=False, BP=64, BQ=64)),
     "block_bwd_fused_v2_kernel": ("blockdiag", "*bf16", {"dw_ptr": "*fp32"},
                                   dict(SPLIT_X=True, UPCAST=False, FP32_IEEE=False, BP=128, BQ=128)),
+    # the Monarch shuffle copy (cuBLAS copy path), bf16, c = 64
+    "swap_blocks_kernel": ("monarch", "*bf16", {}, dict(BN=128, BC=64)),
     # Kronecker factors 32 x 32 (d = 1024), bf16; fp32 partial sums
     "kron_apply_kernel": ("kronecker", "*bf16", {}, dict(R=1, BI1=32, BO1=32, BI2=32, PRECISION="ieee")),
     "kron_factor_grad_kernel": ("kronecker", "*bf16", {"out_ptr": "*fp32"}, dict(BP=32, BK1=32, BK2=32, PRECISION="ieee")),

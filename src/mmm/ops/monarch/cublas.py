@@ -39,10 +39,18 @@ def _check_shuffle(shuffle: str) -> None:
 
 
 def _swap_blocks(src: torch.Tensor, b: int, c: int) -> torch.Tensor:
-    """[N, b, m] -> [N, b, m] with dst[n, l, k*c + t] = src[n, k, l*c + t] (its own inverse); one copy."""
+    """[N, b, m] -> [N, b, m] with dst[n, l, k*c + t] = src[n, k, l*c + t] (its own inverse); one copy,
+    by a Triton kernel where Triton runs (see kernels.swap_blocks: faster than PyTorch's strided copy)."""
+    from ..blockdiag.op import triton_can_run  # here, not at import: this module must import without triton
+
     n = src.shape[0]
     dst = empty(src, *src.shape)
-    dst.view(n, b, b, c).copy_(src.view(n, b, b, c).transpose(1, 2))
+    if n and src.is_contiguous() and triton_can_run(src):
+        from .kernels import swap_blocks
+
+        swap_blocks(src, dst, b, c)
+    else:
+        dst.view(n, b, b, c).copy_(src.view(n, b, b, c).transpose(1, 2))
     return dst
 
 

@@ -21,6 +21,8 @@ extra read of x and write of mid (2 x the bytes of mid) to save nothing but memo
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ..blockdiag.kernels import Operand, new_output, rows_of, stage_backward, stage_forward
 
@@ -61,3 +63,34 @@ def monarch_backward(dout: torch.Tensor, x: torch.Tensor, mid: torch.Tensor, L: 
     dx = new_output((N, b * p), x)
     dL = stage_backward(mid_by_input_block(dmid), rows_of(x, p), L, rows_of(dx, p), N)
     return dx, dL, dR
+
+
+# ------------------------------------------------------------------------------------------------------
+# The shuffle as one copy, for the cuBLAS "copy" path (../monarch/cublas.py): dst[n, l, k*c + t] =
+# src[n, k, l*c + t] on [N, b, b*c] buffers. PyTorch's copy_ of the transposed [N, b, b, c] view ran at
+# ~1.5 TB/s of the H200's 4.2 (scripts/gpu_block_paths.py, c = 64); here each program moves one [BN, c]
+# tile whose rows are c contiguous elements on both sides, so every access is a full run of c.
+SWAP_TILE = 8192  # elements a program moves (BN rows x BC columns)
+
+
+@triton.jit
+def swap_blocks_kernel(src_ptr, dst_ptr, N, b, c, BN: tl.constexpr, BC: tl.constexpr):
+    """One [BN, c] tile of the (k, l) block pair: program (i, k * b + l)."""
+    pid_kl = tl.program_id(1)
+    k = pid_kl // b
+    l = pid_kl % b
+    rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)  # int64: N * b * b * c may pass 2^31
+    cols = tl.arange(0, BC)
+    m = b * c
+    mask = (rows < N)[:, None] & (cols < c)[None, :]
+    row_base = rows[:, None] * (b * m)
+    x = tl.load(src_ptr + row_base + (k * m + l * c) + cols[None, :], mask=mask)
+    tl.store(dst_ptr + row_base + (l * m + k * c) + cols[None, :], x, mask=mask)
+
+
+def swap_blocks(src: torch.Tensor, dst: torch.Tensor, b: int, c: int) -> None:
+    """dst[n, l, k*c + t] = src[n, k, l*c + t]; src and dst contiguous [N, b, b*c], not overlapping."""
+    N = src.shape[0]
+    BC = triton.next_power_of_2(c)
+    BN = min(128, max(1, SWAP_TILE // BC))
+    swap_blocks_kernel[(triton.cdiv(N, BN), b * b)](src, dst, N, b, c, BN=BN, BC=BC, num_warps=4)
