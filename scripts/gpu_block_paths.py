@@ -167,6 +167,15 @@ class Case:
         return 2.0 * N * self.b * self.p * self.s
 
 
+def _torch_swap(z, b, c):
+    """The copy shuffle as PyTorch's strided copy_ (mc.SHUFFLE_BY_TRITON off), to time beside the kernel."""
+    previous, mc.SHUFFLE_BY_TRITON = mc.SHUFFLE_BY_TRITON, False
+    try:
+        return mc._swap_blocks(z, b, c)
+    finally:
+        mc.SHUFFLE_BY_TRITON = previous
+
+
 def grads_of(fn, inputs, g):
     inputs = [t.detach().requires_grad_() for t in inputs]
     ctx = getattr(fn, "ctx", contextlib.nullcontext)
@@ -309,6 +318,7 @@ def launches(case: Case, N: int) -> list[tuple[str, object, float, float]]:
         gemm("cublas stage1 (split, no copy)", lambda: mc.stage1(x, L, c, "split"), m, p)
         gemm("cublas stage1 (bmm + copy)", lambda: mc.stage1(x, L, c, "copy"), m, p, 2.0 * E * N * b * m)
         runs.append(("cublas shuffle copy alone", lambda: mc._swap_blocks(z, b, c), 0.0, 2.0 * E * N * b * m))
+        runs.append(("cublas shuffle copy alone, torch copy_", lambda: _torch_swap(z, b, c), 0.0, 2.0 * E * N * b * m))
         gemm("cublas stage2", lambda: mc.stage2(z, R), s, m)
         gemm("cublas grad_mid (split, no copy)", lambda: mc.grad_mid(dout, R, c, "split"), s, m)
         gemm("cublas grad_mid (bmm + copy)", lambda: mc.grad_mid(dout, R, c, "copy"), s, m, 2.0 * E * N * b * m)

@@ -31,6 +31,9 @@ import torch
 from ..blockdiag.cublas import blocks, empty, feature_major
 
 SHUFFLES = ("split", "copy")
+# The "copy" shuffle by the Triton tile copy (kernels.swap_blocks) rather than PyTorch's strided copy_;
+# scripts/gpu_block_paths.py times both ("cublas shuffle copy alone" with this on and off).
+SHUFFLE_BY_TRITON = True
 
 
 def _check_shuffle(shuffle: str) -> None:
@@ -45,7 +48,7 @@ def _swap_blocks(src: torch.Tensor, b: int, c: int) -> torch.Tensor:
 
     n = src.shape[0]
     dst = empty(src, *src.shape)
-    if n and src.is_contiguous() and triton_can_run(src):
+    if SHUFFLE_BY_TRITON and n and src.is_contiguous() and triton_can_run(src):
         from .kernels import swap_blocks
 
         swap_blocks(src, dst, b, c)
