@@ -128,6 +128,10 @@ if HAVE_TRITON:
         ctx.save_for_backward(q, k, v, o, rden, states)
         ctx.config = (feature, normalize, causal, seg_len)
         ctx.mark_non_differentiable(rden, states)
+        # Without this, autograd allocates and zero-fills gradients for rden and states (states is
+        # [B*H, NS+1, D*D+D] fp32) on every backward, only for _backward to ignore them. (do is never
+        # None: o is the only differentiable output, so backward runs only when it has a gradient.)
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, do, _drden, _dstates):
         q, k, v, o, rden, states = ctx.saved_tensors
