@@ -243,6 +243,10 @@ def _(dy, saved, scale, kernel, n_in, L, mode, need_dx, need_dkernel):
 def _setup(ctx, inputs, output):
     x, kernel, n_in, L, n_out, mode = inputs
     _, saved, scale = output
+    ctx.mark_non_differentiable(saved, scale)
+    # saved (the input's spectrum, as large as x or larger) gets no gradient: without this, autograd
+    # would allocate and zero-fill one for it on every backward
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(saved, scale, kernel)
     ctx.n_in, ctx.L, ctx.mode = n_in, L, mode
 
@@ -250,7 +254,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy, _dsaved, _dscale):
     saved, scale, kernel = ctx.saved_tensors
     need_dx, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (need_dx or need_dk):
+    if dy is None or not (need_dx or need_dk):
         return None, None, None, None, None, None
     dx, dK = fft_conv_backward_op(dy.contiguous(), saved, scale, kernel, ctx.n_in, ctx.L, ctx.mode, need_dx, need_dk)
     return (dx if need_dx else None), (dK if need_dk else None), None, None, None, None
