@@ -35,3 +35,26 @@ def grads(fn, inputs, g):
     inputs = [t.detach().requires_grad_() for t in inputs]
     y = fn(*inputs)
     return (y, *torch.autograd.grad(y, inputs, g))
+
+
+class OpNames:
+    """Context manager recording the name of every aten / custom op dispatched inside it (in order)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        names = self.names = []
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                names.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -13,7 +13,7 @@ from mmm.structures import LDR, Circulant, Toeplitz
 from mmm.structures._fft import fast_len
 from mmm.linear import relative_error
 
-from conftest import rel_err
+from conftest import OpNames, rel_err
 
 f64 = torch.float64
 
@@ -293,23 +293,13 @@ from mmm.ops.fft import op as fft_op  # noqa: E402
 from mmm.ops.fft import kernels as fft_kernels  # noqa: E402
 
 
-class _OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_backward_allocates_no_gradient_for_the_saved_spectrum():
     """The op's extra outputs (saved spectrum, scale) are non-differentiable: autograd must not zero-fill a
     gradient for them on every backward (the saved spectrum is as large as the input)."""
     s = Circulant(64, 64, mmm.CirculantConfig(), dtype=f64)
     x = torch.randn(32, 64, dtype=f64, requires_grad=True)
     y = s(x)
-    with _OpNames() as log:
+    with OpNames() as log:
         y.backward(torch.randn_like(y))
     # (the spectrum cache's backward pads the parameters with new_zeros: that one is its own)
     assert not {"zeros", "zeros_like"} & set(log.names), log.names

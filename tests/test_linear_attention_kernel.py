@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import OpNames, rel_err
 
 try:
     import triton
@@ -433,3 +433,14 @@ def test_gpu_torch_compile_fullgraph():
     compiled = step(torch.compile(f, fullgraph=True))
     for e, c in zip(eager, compiled):
         assert rel_err(c, e) < 1e-3
+
+
+def test_backward_materializes_no_gradient_for_the_saved_states():
+    """rden and the per-segment states are non-differentiable outputs of the forward op: autograd must not
+    allocate and zero-fill gradients for them on every backward (states is [B*H, segments+1, D*D+D] fp32)."""
+    q, k, v = (torch.randn(1, 40, 2, 16, requires_grad=True) for _ in range(3))
+    o = linear_attention(q, k, v, "elu", True)
+    with OpNames() as log:
+        o.backward(torch.randn_like(o))
+    assert "linear_attention_bwd" in log.names, log.names  # the kernel path ran
+    assert not {"zeros", "zeros_like"} & set(log.names), log.names
