@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import gc
+import sys
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -53,6 +55,7 @@ def measure_variant(variant: Variant, device: torch.device, settings: TimerSetti
            "quality": {}, "info": {}, "error": None}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
     try:
         work = variant.build()
         row.update(flops=work.flops, bytes=work.bytes, fwd_bwd_flops=work.fwd_bwd_flops,
@@ -66,6 +69,8 @@ def measure_variant(variant: Variant, device: torch.device, settings: TimerSetti
         work = None
     if device.type == "cuda":
         row["info"]["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    # build (compilation, autotuning, fits, quality) + timing: where a long run spends its time
+    row["info"]["wall_s"] = round(time.perf_counter() - start, 2)
     _free(device)
     return row
 
@@ -93,7 +98,11 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, quick: bool, 
     result = {"name": case.name, "group": case.group, "description": case.description, "error": None, "rows": []}
     try:
         for variant in case.setup(device, dtype, quick):
-            result["rows"].append(measure_variant(variant, device, settings))
+            row = measure_variant(variant, device, settings)
+            result["rows"].append(row)
+            # one line per variant as it ends, so a run cut short still shows where its time went
+            tqdm.write(f"  {case.name} | {variant.label}: {row['info']['wall_s']:.1f} s"
+                       + (f" ({row['error']})" if row["error"] else ""), file=sys.stderr)
     except Exception as exc:  # setup itself failed (e.g. OOM allocating the inputs)
         result["error"] = _error_text(exc)
     _free(device)
