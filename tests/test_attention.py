@@ -171,7 +171,16 @@ def test_auto_switches_at_crossover():
     assert torch.equal(mmm.attention(q, k, v, "auto", crossover=T + 1), exact)
     below = mmm.attention(q, k, v, "auto", crossover=T, long_method="linear", feature_map="relu")
     assert torch.equal(below, mmm.attention(q, k, v, "linear", feature_map="relu"))
-    assert api.AUTO_CROSSOVER == 2048
+
+
+def test_auto_defaults_to_the_measured_crossover(monkeypatch):
+    q, k, v = qkv(requires_grad=False)
+    linear = mmm.attention(q, k, v, "linear", feature_map="relu")
+    monkeypatch.setattr(api, "AUTO_CROSSOVER", T + 1)
+    assert torch.equal(mmm.attention(q, k, v, "auto", long_method="linear", feature_map="relu"),
+                       mmm.attention(q, k, v, "exact"))
+    monkeypatch.setattr(api, "AUTO_CROSSOVER", T)
+    assert torch.equal(mmm.attention(q, k, v, "auto", long_method="linear", feature_map="relu"), linear)
 
 
 def test_exact_backend_names():

@@ -24,7 +24,11 @@ from .window import window_attention, window_path
 METHODS = ("exact", "window", "linear", "hybrid", "auto")
 APPROXIMATIONS = ("window", "linear", "hybrid")
 # method="auto" runs exact attention below this sequence length and the approximation at or above it.
-AUTO_CROSSOVER = 2048
+# Measured on an H200 (bf16, 16 heads x 128, causal, fwd+bwd, results/h200/2026-11-28-attention-crossover-
+# kernel.md and -linear-attention-kernel.log): cuDNN SDPA was faster at every T <= 4096 (0.57 vs 1.33 ms at
+# 4096) and the fused linear kernel at 8192 (1.21 vs 2.01 ms). Other GPUs and shapes move it: pass
+# `crossover=` or measure with `mmm bench --cases attn.crossover`.
+AUTO_CROSSOVER = 8192
 DEFAULT_WINDOW = 512
 DEFAULT_EPS = 1e-6
 ERROR_ROW_BLOCK = 2**25  # elements of exact-attention scores alive at once in attention_error
