@@ -67,7 +67,7 @@ class Sizes:
     crossover: tuple[int, ...]
 
 
-FULL_SIZES = Sizes(16, 128, (2048, 8192, 32768, 131072), (256, 1024), 256, (512, 1024, 2048, 4096))
+FULL_SIZES = Sizes(16, 128, (2048, 8192, 32768, 131072), (256, 1024), 256, (1024, 2048, 4096, 8192, 16384))
 # quick windows shrink with T so that they still leave keys outside the window (w >= T would be exact)
 QUICK_SIZES = Sizes(2, 32, (256, 512), (32, 128), 32, (64, 128))
 
