@@ -1,8 +1,9 @@
 """H200: every path of the block-diagonal and Monarch products, checked, then timed side by side; writes the
-dispatch table the package reads (src/mmm/ops/blockdiag/dispatch_table.json).
+dispatch table the package reads (src/mmm/ops/blockdiag/dispatch_table.json) and, for few tokens, the
+merged-dense table (MERGED_DENSE_MAX_TOKENS in src/mmm/ops/blockdiag/op.py).
 
     PYTHONPATH=src python scripts/gpu_block_paths.py          (under 6 min; $OUT/gpu_block_paths.json,
-                                                               $OUT/dispatch_table.json)
+                                                               $OUT/dispatch_table.json, $OUT/merged_dense_table.json)
     BLOCK_PATHS_SMOKE=1 PYTHONPATH=src python scripts/gpu_block_paths.py   (CPU, TRITON_INTERPRET, toy sizes,
                                                                fp32: checks this script; numbers mean nothing)
 
@@ -19,8 +20,12 @@ PyTorch), and dense F.linear.
     fwd+bwd of every path and of dense; then every launch / GEMM alone against its floor
     max(FLOPs / rate, bytes / bandwidth) (bytes: each operand once);
  4. the dispatch table: per case the fastest correct path by fwd+bwd (among dispatch.PATHS: triton, cublas,
-    cublas_copy, reference).
-The JSON is rewritten after every case; BLOCK_PATHS_BUDGET_S (default 280) stops new cases.
+    cublas_copy, reference);
+ 5. last, merged dense for few tokens (inference, no grad): per layer of MERGE_CASES, after the correctness
+    check of its paths, the forward through the pre-merged dense matrix against the fastest correct structured
+    path at each of MERGE_TOKENS; the largest count up to which dense won every time is the layer's
+    MERGED_DENSE_MAX_TOKENS entry.
+The JSON is rewritten after every case; BLOCK_PATHS_BUDGET_S (default 280) stops new cases, section 5's included.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ if SMOKE:
     SMALL = [("monarch", 3, 18, 12, 5, 7), ("blockdiag", 3, 15, 9, None, 1)]  # kind, b, in, out, c, N
     PROFILE_CASES = [("monarch", 2, 16, 16, 8), ("blockdiag", 2, 16, 16, 8)]  # kind, b, in, out, N
     TIMER = TimerSettings(warmup_ms=0.0, rep_ms=0.0, min_reps=1, max_reps=1)
+    MERGE_CASES, MERGE_TOKENS = [("monarch", 2, 16, 16), ("blockdiag", 2, 16, 8)], (1, 8)  # kind, b, in, out
 else:
     DEV, DT, N_TOK, D_LIST, HEADLINE_D = torch.device("cuda"), torch.bfloat16, 8192, (16384, 4096), 16384
     MONARCH_B, BLOCKDIAG_B = (4, 16, 128), (4, 16)
@@ -71,9 +77,11 @@ else:
     PROFILE_CASES = [("monarch", 4, 4096, 4096, 512), ("monarch", 16, 4096, 4096, 512),
                      ("blockdiag", 4, 4096, 4096, 512)]
     TIMER = TimerSettings(warmup_ms=10.0, rep_ms=50.0, min_reps=5, max_reps=200)
+    MERGE_CASES = [("monarch", 4, 1024, 1024), ("monarch", 16, 4096, 4096), ("blockdiag", 4, 1024, 1024)]
+    MERGE_TOKENS = (1, 16, 64, 256)
 E = torch.tensor([], dtype=DT).element_size()
 RES: dict = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu (smoke)", "dtype": str(DT),
-             "notes": [], "no_copy_check": [], "correctness": [], "cases": []}
+             "notes": [], "no_copy_check": [], "correctness": [], "cases": [], "merged_dense": []}
 
 
 def elapsed() -> float:
@@ -88,6 +96,16 @@ def save() -> None:
 
 def ms(fn) -> float:
     return median_ms(fn, DEV, TIMER)
+
+
+def write_table(file_name: str, about: str, entries: list[dict], **extra) -> str:
+    """A measured table for the package, under $OUT, stamped with the device and date; returns its path."""
+    path = os.path.join(OUT, file_name)
+    table = {"about": about, "device": RES["device"], "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             **extra, "entries": entries}
+    with open(path, "w") as fh:
+        json.dump(table, fh, indent=1)
+    return path
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -417,6 +435,72 @@ def compiled_kernel_report() -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
+# 5. merged dense for few tokens: entries for MERGED_DENSE_MAX_TOKENS (src/mmm/ops/blockdiag/op.py)
+# --------------------------------------------------------------------------------------------------
+
+MERGED_FILE = "merged_dense_table.json"
+
+
+def merged_dense_crossover(case: Case) -> dict:
+    """Forward, no grad: the pre-merged [out, in] matrix against the fastest correct structured path at each of
+    MERGE_TOKENS. max_tokens: the largest count up to which dense was faster at every measured count (0: never)."""
+    good = check(case, max(MERGE_TOKENS))
+    paths = [p for p in dispatch.PATHS[case.kind] if good.get(p, True)]  # "reference" is never in `good`
+    row = dict(structure=case.kind, in_features=case.d_in, out_features=case.d_out, nblocks=case.b, block_rank=case.c,
+               dtype=str(DT).removeprefix("torch."), correct=all(good.values()), max_tokens=0, ms={})
+    dense_wins_so_far = True
+    with torch.no_grad():
+        # the merged matrix is the product applied to the identity: no second copy of each layout here
+        W = case.fn("reference")(torch.eye(case.d_in, device=DEV, dtype=DT), *case.weights).T.contiguous()
+        for N in MERGE_TOKENS:
+            x = torch.randn(N, case.d_in, device=DEV, dtype=DT)
+            times = {p: ms(lambda fn=case.fn(p): fn(x, *case.weights)) for p in paths}
+            times["merged_dense"] = ms(lambda: F.linear(x, W))
+            row["ms"][N] = {p: round(t, 4) for p, t in times.items()}
+            dense_wins_so_far &= times["merged_dense"] < min(times[p] for p in paths)
+            if dense_wins_so_far:
+                row["max_tokens"] = N
+    return row
+
+
+def merged_dense_section() -> bool:
+    """Every MERGE_CASES layer within the budget; writes $OUT/merged_dense_table.json (empty when all were
+    skipped). False if a check failed."""
+    print("merged dense vs structured forward, few tokens (no grad; ms: fastest correct structured path / dense):",
+          flush=True)
+    ok = True
+    for kind, b, d_in, d_out in MERGE_CASES:
+        if elapsed() > BUDGET_S:
+            RES["notes"].append(f"merged dense {kind} b={b} d={d_in}->{d_out} skipped: time budget")
+            print(f"  {kind} b={b} {d_in}->{d_out}: skipped (time budget)", flush=True)
+            continue
+        try:
+            row = merged_dense_crossover(Case(kind, b, d_in, d_out))
+        except Exception as e:  # out of memory or a broken path: note it, keep the other layers
+            RES["notes"].append(f"merged dense {kind} b={b} d={d_in}->{d_out}: {e!r}"[:500])
+            print(f"  {kind} b={b} {d_in}->{d_out}: ERROR {e!r}"[:500], flush=True)
+            traceback.print_exc()
+            ok = False
+            continue
+        ok &= row["correct"]
+        RES["merged_dense"].append(row)
+        print(f"  {kind}_b{b} {d_in}->{d_out}: " + "  ".join(
+            f"N={n}: {min(v for p, v in t.items() if p != 'merged_dense'):.4f}/{t['merged_dense']:.4f}"
+            for n, t in row["ms"].items()) + f"  -> max_tokens {row['max_tokens']}", flush=True)
+        save()
+    # op.py's table is a Python dict keyed (structure, in, out, nblocks, dtype); 0 is its default, so only
+    # layers where dense won need a line
+    paste = [f"({r['structure']!r}, {r['in_features']}, {r['out_features']}, {r['nblocks']}, {r['dtype']!r}): "
+             f"{r['max_tokens']}," for r in RES["merged_dense"] if r["max_tokens"] > 0 and r["correct"]]
+    write_table(MERGED_FILE, "Largest token count up to which the pre-merged dense forward beat the fastest correct "
+                "structured path at every measured count (median ms per path in 'ms'), measured by "
+                "scripts/gpu_block_paths.py. Paste the 'paste' lines into MERGED_DENSE_MAX_TOKENS in "
+                "src/mmm/ops/blockdiag/op.py (read by merged_dense_max_tokens / prefer_merged_dense).",
+                RES["merged_dense"], paste=paste)
+    return ok
+
+
+# --------------------------------------------------------------------------------------------------
 
 def main() -> int:
     torch.manual_seed(0)
@@ -480,14 +564,13 @@ def main() -> int:
             if DEV.type == "cuda":
                 torch.cuda.empty_cache()
             save()
-    RES["correct"] = ok
     RES["fused_backward_kernels"] = compiled_kernel_report()
-    table = {"about": "Fastest path per shape (fwd+bwd, median ms per path in 'ms'), measured by "
-                      "scripts/gpu_block_paths.py; read by src/mmm/ops/blockdiag/dispatch.py.",
-             "device": RES["device"], "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "entries": entries}
-    with open(os.path.join(OUT, "dispatch_table.json"), "w") as fh:
-        json.dump(table, fh, indent=1)
+    dispatch_file = write_table("dispatch_table.json", "Fastest path per shape (fwd+bwd, median ms per path in 'ms'), "
+                                "measured by scripts/gpu_block_paths.py; read by src/mmm/ops/blockdiag/dispatch.py.",
+                                entries)
+    save()
+    ok &= merged_dense_section()  # last: the dispatch table above is written whatever happens here
+    RES["correct"] = ok
     save()
 
     print("\nsummary (fwd+bwd ms, n=%d, %s):" % (N_TOK, DT), flush=True)
@@ -505,8 +588,9 @@ def main() -> int:
               + f" {best:>12s} {sp:8.2f} {r.get('fastest_over_floor', float('nan')):6.2f} {str(r.get('target_speedup', '')):>6s}"
               + ("" if "meets_target" not in r else ("  MEETS" if r["meets_target"] else "  misses")), flush=True)
     print(f"correct: {ok}   no-copy check: {copies_ok}   elapsed {elapsed():.0f} s", flush=True)
-    print(f"wrote {os.path.join(OUT, 'gpu_block_paths.json')} and {os.path.join(OUT, 'dispatch_table.json')} "
-          f"(copy the latter to src/mmm/ops/blockdiag/dispatch_table.json)", flush=True)
+    print(f"wrote {os.path.join(OUT, 'gpu_block_paths.json')}, {dispatch_file} (copy it to "
+          f"src/mmm/ops/blockdiag/dispatch_table.json) and {os.path.join(OUT, MERGED_FILE)} (paste its 'paste' lines "
+          f"into MERGED_DENSE_MAX_TOKENS in src/mmm/ops/blockdiag/op.py)", flush=True)
     return 0 if ok and copies_ok else 1
 
 

@@ -74,8 +74,8 @@ def choose_path(structure: str, x2: torch.Tensor, in_features: int, out_features
 # layer that keeps a dense copy of itself (inference) could do one GEMV instead. Whether that wins
 # depends on the layer size: at d = 16384 the dense copy is 512 MB and reading it once (~120 us on an
 # H200) costs far more than the structured launches (~10 us), while at d = 1024 (2 MB) it may save a
-# launch. So the answer is measured, not guessed: scripts/gpu_block_kernels.py measures the crossover
-# and prints entries for this table, keyed (structure, in_features, out_features, nblocks, dtype).
+# launch. So the answer is measured, not guessed: scripts/gpu_block_paths.py measures the crossover
+# and writes entries for this table ($OUT/merged_dense_table.json), keyed (structure, in, out, nblocks, dtype).
 # A layer that is not in the table is never merged: merging also costs in*out memory, and without a
 # measurement there is no evidence that it pays for it.
 MERGED_DENSE_MAX_TOKENS: dict[tuple[str, int, int, int, str], int] = {}
