@@ -435,12 +435,45 @@ def test_gpu_torch_compile_fullgraph():
         assert rel_err(c, e) < 1e-3
 
 
-def test_backward_materializes_no_gradient_for_the_saved_states():
-    """rden and the per-segment states are non-differentiable outputs of the forward op: autograd must not
-    allocate and zero-fill gradients for them on every backward (states is [B*H, segments+1, D*D+D] fp32)."""
+@pytest.mark.parametrize("eager", [True, False], ids=["eager-function", "torch-library-op"])
+def test_backward_materializes_no_gradient_for_the_saved_states(eager, monkeypatch):
+    """rden and the per-segment states are non-differentiable outputs of the forward: autograd must not
+    allocate and zero-fill gradients for them on every backward (states is [B*H, segments+1, D*D+D] fp32),
+    on either path (the plain autograd.Function of eager calls, the torch.library op otherwise)."""
+    monkeypatch.setattr(op, "plain_eager", lambda *t: eager)
     q, k, v = (torch.randn(1, 40, 2, 16, requires_grad=True) for _ in range(3))
     o = linear_attention(q, k, v, "elu", True)
+    assert (o.grad_fn.name() == "_EagerLinearAttentionBackward") == eager, o.grad_fn.name()
     with OpNames() as log:
         o.backward(torch.randn_like(o))
-    assert "linear_attention_bwd" in log.names, log.names  # the kernel path ran
     assert not {"zeros", "zeros_like"} & set(log.names), log.names
+    assert eager or "linear_attention_bwd" in log.names, log.names
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_eager_function_and_library_op_agree_exactly(normalize, monkeypatch):
+    """The eager fast path runs the same launches as the torch.library op: identical outputs and grads."""
+    q, k, v, g = (torch.randn(2, 37, 3, 16) for _ in range(4))
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(op, "plain_eager", lambda *t, eager=eager: eager)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = linear_attention(*leaves, "relu", normalize)
+        o.backward(g)
+        results.append([o.detach(), *(t.grad for t in leaves)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_plain_eager_only_without_tracing_modes_or_subclasses():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mmm.ops import plain_eager
+
+    x = torch.randn(3)
+    assert plain_eager(x)
+    with OpNames():
+        assert not plain_eager(x)  # a dispatch mode (here an op logger) must see the op, not its launches
+    with FakeTensorMode():
+        assert not plain_eager(torch.empty(3))
+    assert not plain_eager(torch.nn.Parameter(x))  # a subclass

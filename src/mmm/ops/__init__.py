@@ -3,11 +3,15 @@ op.py (torch.library op, autograd, dispatch).
 
 `reference_only()` turns every fused kernel off in its block, so the same layers run their plain
 PyTorch reference (used by `mmm bench` to time `torch.compile` of the reference side by side).
+`plain_eager(...)` says when an op may skip its torch.library layers (see linear_attention/op.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _kernels_enabled = True
 
@@ -24,3 +28,12 @@ def reference_only():
         yield
     finally:
         _kernels_enabled = previous
+
+
+def plain_eager(*tensors: torch.Tensor) -> bool:
+    """Whether a call runs in plain eager mode: not traced by torch.compile, no dispatch mode active
+    (FakeTensor, functionalization, op loggers), plain tensors (no subclasses such as DTensor). Only then
+    may an op call its kernels through a plain autograd.Function instead of its torch.library op: the
+    op's dispatch and generated autograd cost host time per call, which short kernels cannot hide."""
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and all(type(t) is torch.Tensor for t in tensors))
