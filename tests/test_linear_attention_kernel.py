@@ -476,4 +476,9 @@ def test_plain_eager_only_without_tracing_modes_or_subclasses():
         assert not plain_eager(x)  # a dispatch mode (here an op logger) must see the op, not its launches
     with FakeTensorMode():
         assert not plain_eager(torch.empty(3))
-    assert not plain_eager(torch.nn.Parameter(x))  # a subclass
+    assert plain_eager(torch.nn.Parameter(x))
+
+    class Sub(torch.Tensor):  # subclasses (DTensor, ...) keep the op path
+        pass
+
+    assert not plain_eager(x.as_subclass(Sub))

@@ -32,8 +32,17 @@ def reference_only():
 
 def plain_eager(*tensors: torch.Tensor) -> bool:
     """Whether a call runs in plain eager mode: not traced by torch.compile, no dispatch mode active
-    (FakeTensor, functionalization, op loggers), plain tensors (no subclasses such as DTensor). Only then
-    may an op call its kernels through a plain autograd.Function instead of its torch.library op: the
-    op's dispatch and generated autograd cost host time per call, which short kernels cannot hide."""
+    (FakeTensor, functionalization, op loggers), plain tensors or Parameters (no subclasses such as
+    DTensor). Only then may an op call its kernels through its `eager_function` twin instead of its
+    torch.library op: the op's dispatch and generated autograd cost host time on every call (~100 us per
+    forward+backward on the CI CPU), which kernels of ~0.1 ms cannot hide."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and all(type(t) is torch.Tensor for t in tensors))
+            and all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors))
+
+
+def eager_function(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
+    """A plain autograd.Function from an op's forward body (the launches, no torch.library layer), the
+    setup_context its op registers, and a backward that calls the backward body directly."""
+    methods = dict(forward=staticmethod(forward), setup_context=staticmethod(setup_context),
+                   backward=staticmethod(backward))
+    return type(name, (torch.autograd.Function,), methods)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..._checks import check_float_tensor
-from .. import kernels_enabled
+from .. import eager_function, kernels_enabled, plain_eager
 from . import dispatch, naive
 from .cublas import blockdiag_cublas_fwd
 
@@ -128,8 +128,7 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 if HAVE_TRITON:
 
-    @triton_op("mmm::blockdiag_fwd", mutates_args=())
-    def blockdiag_fwd(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _blockdiag_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [N, b*p], weight [b, s, p] -> y [N, b*s]."""
         b, s, p = weight.shape
         N = x.shape[0]
@@ -137,8 +136,7 @@ if HAVE_TRITON:
         stage_forward(rows_of(x, p), weight, rows_of(y, s), N)
         return y
 
-    @triton_op("mmm::blockdiag_bwd", mutates_args=())
-    def blockdiag_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _blockdiag_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of blockdiag_fwd: (dx [N, b*p], dweight [b, s, p])."""
         b, s, p = weight.shape
         N = x.shape[0]
@@ -150,12 +148,18 @@ if HAVE_TRITON:
         x, weight = inputs
         ctx.save_for_backward(x, weight)
 
-    def _backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dx, dw = blockdiag_bwd(dy, x, weight)
-        return dx, dw
+    def _gradients(backward):
+        def grads(ctx, dy):
+            x, weight = ctx.saved_tensors
+            return backward(dy, x, weight)
 
-    blockdiag_fwd.register_autograd(_backward, setup_context=_setup)
+        return grads
+
+    # the ops (torch.compile, fake tensors, dispatch modes) and their plain-eager twin (see plain_eager)
+    blockdiag_fwd = triton_op("mmm::blockdiag_fwd", mutates_args=())(_blockdiag_forward)
+    blockdiag_bwd = triton_op("mmm::blockdiag_bwd", mutates_args=())(_blockdiag_backward)
+    blockdiag_fwd.register_autograd(_gradients(blockdiag_bwd), setup_context=_setup)
+    _EagerBlockdiag = eager_function("_EagerBlockdiag", _blockdiag_forward, _setup, _gradients(_blockdiag_backward))
 
 
 def blockdiag_matmul(x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> torch.Tensor:
@@ -171,7 +175,7 @@ def blockdiag_matmul(x: torch.Tensor, weight: torch.Tensor, path: str | None = N
     x2 = x.reshape(-1, b * p)
     path = choose_path("blockdiag", x2, b * p, b * s, b, None, path)
     if path == "triton":
-        y = blockdiag_fwd(x2, weight)
+        y = (_EagerBlockdiag.apply if plain_eager(x2, weight) else blockdiag_fwd)(x2, weight)
     elif path == "cublas":
         y = blockdiag_cublas_fwd(x2, weight)
     else:

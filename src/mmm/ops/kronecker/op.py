@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..._checks import check_float_tensor
+from .. import eager_function, plain_eager
 from ..blockdiag.op import HAVE_TRITON, autocast_inputs, check_input, use_kernel
 from . import naive
 
@@ -16,8 +17,7 @@ if HAVE_TRITON:
     from . import kernels
     from .kernels import kron_apply, kron_dx_and_da, kron_factor_grad, supported
 
-    @triton_op("mmm::kron_fwd", mutates_args=())
-    def kron_fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    def _kron_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """x [N, i1*i2], A [r, o1, i1], B [r, o2, i2] -> y [N, o1*o2]."""
         N = x.shape[0]
         _, o1, i1 = A.shape
@@ -26,9 +26,8 @@ if HAVE_TRITON:
         kron_apply(x.view(N, i1, i2), A, B, y.view(N, o1, o2))
         return y
 
-    @triton_op("mmm::kron_bwd", mutates_args=())
-    def kron_bwd(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _kron_backward(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients of kron_fwd: (dx, dA, dB)."""
         N = x.shape[0]
         _, o1, i1 = A.shape
@@ -49,11 +48,18 @@ if HAVE_TRITON:
         x, A, B = inputs
         ctx.save_for_backward(x, A, B)
 
-    def _backward(ctx, dy):
-        x, A, B = ctx.saved_tensors
-        return kron_bwd(dy.contiguous(), x, A, B)
+    def _gradients(backward):
+        def grads(ctx, dy):
+            x, A, B = ctx.saved_tensors
+            return backward(dy.contiguous(), x, A, B)
 
-    kron_fwd.register_autograd(_backward, setup_context=_setup)
+        return grads
+
+    # the ops (torch.compile, fake tensors, dispatch modes) and their plain-eager twin (see plain_eager)
+    kron_fwd = triton_op("mmm::kron_fwd", mutates_args=())(_kron_forward)
+    kron_bwd = triton_op("mmm::kron_bwd", mutates_args=())(_kron_backward)
+    kron_fwd.register_autograd(_gradients(kron_bwd), setup_context=_setup)
+    _EagerKron = eager_function("_EagerKron", _kron_forward, _setup, _gradients(_kron_backward))
 
 
 def kernel_applies(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
@@ -77,7 +83,8 @@ def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     if kernel_applies(x2, A, B):
-        y = kron_fwd(x2.contiguous(), A.contiguous(), B.contiguous())
+        args = (x2.contiguous(), A.contiguous(), B.contiguous())
+        y = (_EagerKron.apply if plain_eager(*args) else kron_fwd)(*args)
     else:
         y = naive.kron_matmul(x2, A, B)
     return y.reshape(*lead, A.shape[1] * B.shape[1])

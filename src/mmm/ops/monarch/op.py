@@ -23,6 +23,7 @@ from ..blockdiag.op import (
     prefer_merged_dense,
     use_kernel,
 )
+from .. import eager_function, plain_eager
 from . import naive
 from .cublas import monarch_cublas_fwd
 from ..._checks import check_float_tensor
@@ -51,14 +52,19 @@ if HAVE_TRITON:
         ctx.save_for_backward(x, L, R, mid)
         ctx.block_rank = block_rank
 
-    def _backward(ctx, dout, _dmid):
-        x, L, R, mid = ctx.saved_tensors
-        if dout is None:
-            return None, None, None, None
-        dx, dL, dR = monarch_bwd(dout, x, mid, L, R, ctx.block_rank)
-        return dx, dL, dR, None
+    def _gradients(backward):
+        def grads(ctx, dout, _dmid):
+            x, L, R, mid = ctx.saved_tensors
+            if dout is None:
+                return None, None, None, None
+            dx, dL, dR = backward(dout, x, mid, L, R, ctx.block_rank)
+            return dx, dL, dR, None
 
-    monarch_fwd.register_autograd(_backward, setup_context=_setup)
+        return grads
+
+    monarch_fwd.register_autograd(_gradients(monarch_bwd), setup_context=_setup)
+    # the same launches for plain eager calls, without the ops' dispatch (see mmm.ops.plain_eager)
+    _EagerMonarch = eager_function("_EagerMonarch", monarch_forward, _setup, _gradients(monarch_backward))
 
 
 def check_monarch(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank: int) -> None:
@@ -93,7 +99,7 @@ def monarch_matmul(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank
     x2 = x.reshape(-1, b * p)
     path = choose_path("monarch", x2, b * p, b * s, b, block_rank, path)
     if path == "triton":
-        out = monarch_fwd(x2, L, R, block_rank)[0]
+        out = (_EagerMonarch.apply if plain_eager(x2, L, R) else monarch_fwd)(x2, L, R, block_rank)[0]
     elif path in ("cublas", "cublas_copy"):
         out = monarch_cublas_fwd(x2, L, R, block_rank, "split" if path == "cublas" else "copy")[0]
     else:

@@ -1,0 +1,56 @@
+"""Plain eager calls of the fused ops go through an autograd.Function twin of their torch.library op (less
+host time per call); anything that traces or intercepts ops (torch.compile, fake tensors, dispatch modes)
+gets the op. Both run the same launches: outputs and gradients must be bitwise equal. (The linear-attention
+op has the same tests in test_linear_attention_kernel.py.)"""
+
+import pytest
+import torch
+
+from conftest import OpNames
+from mmm.ops.blockdiag import op as blockdiag_op
+from mmm.ops.kronecker import op as kron_op
+from mmm.ops.monarch import op as monarch_op
+
+CASES = {
+    # name: (module, public function, op name, twin, make(inputs))
+    "blockdiag": (blockdiag_op, lambda x, w: blockdiag_op.blockdiag_matmul(x, w, path="triton"), "blockdiag_fwd",
+                  "_EagerBlockdiag", lambda: (torch.randn(7, 12), torch.randn(3, 5, 4))),
+    "monarch": (monarch_op, lambda x, L, R: monarch_op.monarch_matmul(x, L, R, 2, path="triton"), "monarch_fwd",
+                "_EagerMonarch", lambda: (torch.randn(7, 12), torch.randn(3, 6, 4), torch.randn(3, 5, 6))),
+    "kronecker": (kron_op, kron_op.kron_matmul, "kron_fwd", "_EagerKron",
+                  lambda: (torch.randn(7, 12), torch.randn(2, 5, 3), torch.randn(2, 4, 4))),
+}
+
+
+def _graph(y) -> set[str]:
+    """Names of the autograd nodes that produced y."""
+    names, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in names:
+            names.add(node.name())
+            todo += [n for n, _ in node.next_functions]
+    return names
+
+
+def _run(fn, inputs):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    y.backward(torch.ones_like(y) + torch.arange(y.numel()).view_as(y) / y.numel())
+    return y, [y.detach(), *(t.grad for t in leaves)]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_twin_and_op_agree_exactly_and_each_is_used_where_it_should(name, monkeypatch):
+    module, fn, op_name, twin, make = CASES[name]
+    inputs = make()
+    y, eager = _run(fn, inputs)
+    assert f"{twin}Backward" in _graph(y), _graph(y)  # a plain call takes the twin
+    with OpNames() as log:
+        _run(fn, inputs)
+    assert op_name in log.names  # under a dispatch mode, the op (the mode sees it, not its launches)
+    monkeypatch.setattr(module, "plain_eager", lambda *t: False)
+    y, op = _run(fn, inputs)
+    assert f"{twin}Backward" not in _graph(y)
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)
