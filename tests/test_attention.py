@@ -326,3 +326,50 @@ def test_nn_attention_bad_arguments():
         mmm.nn.Attention(32, 4, method="sparse")
     with pytest.raises(ValueError, match="3-D"):
         mmm.nn.Attention(32, 4)(torch.randn(2, 3, 4, 8))
+
+
+# --- the Triton kernel behind method="linear" (on CPU through the interpreter) ----------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_hedgehog_features_through_the_kernel_match_the_pytorch_path(causal, normalize, monkeypatch):
+    """Maps the kernel does not apply itself (Hedgehog) go through it with precomputed features and v padded
+    to the feature width: output and every gradient (q, k, v and the map's parameters) as the chunked
+    PyTorch path, in fp32. GQA and v_dim != head_dim included."""
+    from mmm.attention import linear as linear_mod
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
+    d, num_features = 16, 8  # F = 16: a head width the kernel takes
+    fmap = HedgehogFeatureMap(d, num_features=num_features, num_heads=H, num_kv_heads=HK)
+    with torch.no_grad():
+        for p in fmap.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    q, k, v = qkv(torch.float32, d=d, dv=6)
+    assert linear_mod.triton_applies(q, v, fmap)
+    g = torch.randn(B, T, H, 6)
+    params = [q, k, v, *fmap.parameters()]
+
+    def run(kernel: bool):
+        monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", kernel)
+        o = mmm.attention(q, k, v, "linear", feature_map=fmap, causal=causal, normalize=normalize)
+        return [o, *torch.autograd.grad(o, params, g)]
+
+    for got, want in zip(run(True), run(False)):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_maps_the_kernel_cannot_take_stay_on_the_pytorch_path(monkeypatch):
+    from mmm.attention import linear as linear_mod
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
+    q, k, v = qkv(torch.float32, d=16, dv=16)
+    assert linear_mod.triton_applies(q, v, make_feature_map("elu", 16))
+    assert not linear_mod.triton_applies(q, v, FavorFeatureMap(16, num_features=16))  # rescales its queries
+    assert not linear_mod.triton_applies(q, v, TaylorFeatureMap(16))  # F = 273: wider than the kernel takes
+    assert not linear_mod.triton_applies(q, v, HedgehogFeatureMap(16, num_features=4))  # F = 8 < v's 16
+    assert not linear_mod.triton_applies(q.double(), v.double(), make_feature_map("elu", 16))
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", False)
+    assert not linear_mod.triton_applies(q, v, make_feature_map("elu", 16))  # CPU without the switch

@@ -184,21 +184,11 @@ def test_flex_hybrid_gradients(name, causal, monkeypatch):
 # --- far part through the Triton linear-attention op (interpreter) -----------------------------------
 
 
-def triton_linear_anywhere(q, k, v, fmap, causal, normalize, eps):
-    """`linear._triton_linear` without its CUDA condition: the Triton op under the interpreter."""
-    from mmm.ops.linear_attention import linear_attention as kernel
-
-    groups = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)
-    s = q.shape[-1] ** -0.25
-    return kernel(q * s, k * s, v, feature_map=fmap.name, normalize=normalize, causal=causal, eps=eps)
-
-
 @pytest.mark.parametrize("name,causal", [("elu", True), ("relu", False)])
 def test_flex_hybrid_with_triton_far_part(name, causal, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setattr(flex, "_call_flex", dense_flex)
-    monkeypatch.setattr(linear_mod, "_triton_linear", triton_linear_anywhere)
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)  # the Triton op under the interpreter
     q, k, v = (x.float().detach().requires_grad_() for x in qkv(t=45, d=16, dv=16))
     fmap = make_feature_map(name, 16)
     check_gradients(lambda: hybrid.flex_hybrid(q, k, v, fmap, WINDOW, causal, 1e-6, CHUNK),

@@ -49,6 +49,8 @@ class FeatureMap(nn.Module):
     """Base class. Subclasses implement `features`; `forward` returns the unscaled features."""
 
     name = ""
+    # whether `features` may return a query log scale (then phi(q) is not the features as returned)
+    rescales_queries = False
 
     def __init__(self, head_dim: int):
         super().__init__()
@@ -131,6 +133,7 @@ class FavorFeatureMap(FeatureMap):
     """
 
     name = "favor"
+    rescales_queries = True
     KEY_LOG_BOUND = 60.0  # key features stay below exp(60): sums over 1e8 tokens fit in fp32
 
     def __init__(self, head_dim: int, num_features: int | None = None, seed: int = 0):

@@ -23,37 +23,58 @@ from ._layout import chunk, chunk_groups, compute_dtype, group_kv, group_q, ungr
 from .feature_maps import EluFeatureMap, FeatureMap, ReluFeatureMap
 
 DEFAULT_CHUNK = 64
-# Switch for the Triton kernel in mmm.ops.linear_attention (used only where `_triton_linear` says).
+# Switch for the Triton kernel in mmm.ops.linear_attention (used only where `triton_applies` says).
 USE_TRITON_KERNEL = True
+# The kernel also runs on CPU tensors under TRITON_INTERPRET=1 (slowly): tests set this to route them there.
+KERNEL_ON_CPU_INTERPRETER = False
+_NATIVE_MAPS = (EluFeatureMap, ReluFeatureMap)  # maps the kernel applies itself, elementwise
 
 
 def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps: float):
-    """The one dispatch point to the Triton kernel: CUDA inputs with elu/relu maps go to
-    `mmm.ops.linear_attention.linear_attention` when it imports; None means "use the PyTorch path".
+    """The one dispatch point to the Triton kernel `mmm.ops.linear_attention.linear_attention`; None means
+    "use the PyTorch path" (see `triton_applies`).
 
-    Contract of the kernel: q, k, v of one shape [B, T, H, D] (GQA heads are repeated here, v_dim must
-    equal head_dim, head_dim in its SUPPORTED_HEAD_DIMS), phi applied elementwise by the kernel (elu(x)+1
-    or relu(x)) to the inputs as given, fp32 state, the formulas of this module's docstring."""
+    The kernel takes q, k, v of one shape [B, T, H, D] (GQA heads are repeated here) with D in its
+    SUPPORTED_HEAD_DIMS and fp32 state, and computes this module's formulas. elu+1 and relu it applies
+    itself, elementwise inside its loops. Any other map without a query rescaling (Hedgehog, ...) has its
+    features computed here, in one PyTorch pass over q and k, and the kernel runs with identity features
+    on them, with v zero-padded to the feature width F (the kernel takes one width for all three, so the
+    value side then does up to F / Dv times the work it needs)."""
     if not triton_applies(q, v, fmap):
         return None
     from mmm.ops.linear_attention import linear_attention as kernel
 
     groups = q.shape[2] // k.shape[2]
+    if isinstance(fmap, _NATIVE_MAPS):
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        s = q.shape[-1] ** -0.25  # the feature maps' input scaling, applied here since the kernel does not
+        return kernel(q * s, k * s, v, feature_map=fmap.name, normalize=normalize, causal=causal, eps=eps)
+    dt = compute_dtype(q)
+    fq, _ = fmap.features(q.to(dt), True)  # no log scale: rescales_queries is False here
+    fk, _ = fmap.features(k.to(dt), False)
     if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    s = q.shape[-1] ** -0.25  # the feature maps' input scaling, applied here since the kernel does not
-    return kernel(q * s, k * s, v, feature_map=fmap.name, normalize=normalize, causal=causal, eps=eps)
+        fk, v = fk.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    dv = v.shape[-1]
+    v = torch.nn.functional.pad(v, (0, fq.shape[-1] - dv))
+    o = kernel(fq.to(q.dtype), fk.to(q.dtype), v, feature_map=None, normalize=normalize, causal=causal, eps=eps)
+    return o[..., :dv]
 
 
 def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap) -> bool:
-    """Whether `_triton_linear` sends inputs like these to the Triton kernel (see its contract)."""
-    if not (USE_TRITON_KERNEL and q.is_cuda and type(fmap) in (EluFeatureMap, ReluFeatureMap)):
+    """Whether `_triton_linear` sends inputs like these to the Triton kernel (see its docstring)."""
+    if not USE_TRITON_KERNEL or q.dtype == torch.float64:
         return False
     try:
         from mmm.ops.linear_attention import SUPPORTED_HEAD_DIMS
+        from mmm.ops.linear_attention.kernels import INTERPRET
     except ImportError:
         return False
-    return q.shape[-1] in SUPPORTED_HEAD_DIMS and v.shape[-1] == q.shape[-1] and q.dtype != torch.float64
+    if not (q.is_cuda or (KERNEL_ON_CPU_INTERPRETER and INTERPRET and q.device.type == "cpu")):
+        return False
+    if isinstance(fmap, _NATIVE_MAPS):
+        return q.shape[-1] in SUPPORTED_HEAD_DIMS and v.shape[-1] == q.shape[-1]
+    return not fmap.rescales_queries and fmap.feature_dim in SUPPORTED_HEAD_DIMS and v.shape[-1] <= fmap.feature_dim
 
 
 def exclusive_cumsum(x: torch.Tensor, start: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
