@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# One call on an nvidia-h200-x2 machine that runs the open GPU checks in two streams, one per GPU, under a
-# deadline, and packs every result into $OUT/results.tgz (the device tool returns only a few files).
-#   phase 0, both GPUs: scripts/gpu_train_distributed.sh (DDP / FSDP2 vs one GPU, fp32), then
-#   (DIST=0 skips phase 0)
-#   stream A, GPU 0: `mmm bench --cases 'attn.*'` (Triton linear-attention kernel on);
-#   stream B, GPU 1: model tests, 16384 projections, the fused-Adam spectrum-cache test, then `mmm bench`
-#                    of the d = 16384 square linear cases.
+# One call on an nvidia-h200-x2 machine for the checks that need no clean timing: the 2-GPU training match,
+# then the GPU test files in two streams (one per GPU) under a deadline. Every result is packed into
+# $OUT/results.tgz (the device tool returns only a few files). Timing runs belong in calls of their own.
+#   phase 0, both GPUs: scripts/gpu_train_distributed.sh (DDP / FSDP2 vs one GPU, fp32; DIST=0 skips it)
+#   stream A, GPU 0: the kernel ops' GPU tests (opcheck, torch.compile fullgraph, bf16 vs fp64)
+#   stream B, GPU 1: FFT, attention (flex, 128k) and block-path GPU tests
 # Usage (repo root): OUT=/some/dir DEADLINE_S=540 bash scripts/gpu_checks_x2.sh
 set -uo pipefail
 ROOT=${OUT:-runs/gpu_checks}
@@ -26,20 +25,16 @@ step() {
 }
 
 if [[ ${DIST:-1} == 1 ]]; then step distributed 150 env OUT="$OUT/distributed" bash scripts/gpu_train_distributed.sh; fi
-mkdir -p "$OUT/attn" "$OUT/linear"
 
 (
   export CUDA_VISIBLE_DEVICES=0
-  step bench_attention 420 python -m mmm bench --cases 'attn.*' --no-progress \
-    --json "$OUT/attn/bench_attention.json" --markdown "$OUT/attn/bench_attention.md" --plot "$OUT/attn/bench_attention.png"
+  step tests_kernels 400 python -m pytest -q -p no:cacheprovider -m gpu tests/test_linear_attention_kernel.py \
+    tests/test_block_kernels.py tests/test_kronecker_kernel.py tests/test_eager_fast_path.py
 ) &
 (
   export CUDA_VISIBLE_DEVICES=1
-  step models_tests 40 python -m pytest -q -p no:cacheprovider tests/test_models.py -x
-  step projection_16384 100 python -m pytest -q -s -p no:cacheprovider -m gpu tests/test_block_structures.py -k projection_16384
-  step fft_fused_adam 40 python -m pytest -q -l -p no:cacheprovider -m gpu tests/test_fft_structures.py -k fused_adam
-  step bench_linear 300 python -m mmm bench --cases 'linear.square.d16384' --no-progress \
-    --json "$OUT/linear/bench_linear.json" --markdown "$OUT/linear/bench_linear.md" --plot "$OUT/linear/bench_linear.png"
+  step tests_fft_attention_paths 400 python -m pytest -q -p no:cacheprovider -m gpu tests/test_fft_structures.py \
+    tests/test_attention_flex.py tests/test_attention_gpu.py tests/test_block_paths.py
 ) &
 wait
 cat "$OUT/steps.txt"

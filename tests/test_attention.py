@@ -2,6 +2,7 @@
 mmm.attention.naive, forward and every gradient; input errors; attention_error; mmm.nn.Attention."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -331,6 +332,11 @@ def test_nn_attention_bad_arguments():
 # --- the Triton kernel behind method="linear" (on CPU through the interpreter) ----------------------------
 
 
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_hedgehog_features_through_the_kernel_match_the_pytorch_path(causal, normalize, monkeypatch):
@@ -360,6 +366,7 @@ def test_hedgehog_features_through_the_kernel_match_the_pytorch_path(causal, nor
         assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
 def test_maps_the_kernel_cannot_take_stay_on_the_pytorch_path(monkeypatch):
     from mmm.attention import linear as linear_mod
 

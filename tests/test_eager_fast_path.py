@@ -11,14 +11,19 @@ from mmm.ops.blockdiag import op as blockdiag_op
 from mmm.ops.kronecker import op as kron_op
 from mmm.ops.monarch import op as monarch_op
 
+# the kernels run on CUDA, or on CPU under the interpreter (conftest sets it when there is no GPU)
+pytestmark = pytest.mark.skipif(not blockdiag_op.HAVE_TRITON or not (torch.cuda.is_available() or blockdiag_op.INTERPRET),
+                                reason="needs triton with CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 CASES = {
     # name: (module, public function, op name, twin, make(inputs))
     "blockdiag": (blockdiag_op, lambda x, w: blockdiag_op.blockdiag_matmul(x, w, path="triton"), "blockdiag_fwd",
-                  "_EagerBlockdiag", lambda: (torch.randn(7, 12), torch.randn(3, 5, 4))),
+                  "_EagerBlockdiag", lambda: (torch.randn(7, 12, device=DEV), torch.randn(3, 5, 4, device=DEV))),
     "monarch": (monarch_op, lambda x, L, R: monarch_op.monarch_matmul(x, L, R, 2, path="triton"), "monarch_fwd",
-                "_EagerMonarch", lambda: (torch.randn(7, 12), torch.randn(3, 6, 4), torch.randn(3, 5, 6))),
+                "_EagerMonarch", lambda: tuple(torch.randn(*s, device=DEV) for s in ((7, 12), (3, 6, 4), (3, 5, 6)))),
     "kronecker": (kron_op, kron_op.kron_matmul, "kron_fwd", "_EagerKron",
-                  lambda: (torch.randn(7, 12), torch.randn(2, 5, 3), torch.randn(2, 4, 4))),
+                  lambda: tuple(torch.randn(*s, device=DEV) for s in ((7, 12), (2, 5, 3), (2, 4, 4)))),
 }
 
 

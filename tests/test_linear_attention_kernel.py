@@ -435,13 +435,14 @@ def test_gpu_torch_compile_fullgraph():
         assert rel_err(c, e) < 1e-3
 
 
+@needs_kernel
 @pytest.mark.parametrize("eager", [True, False], ids=["eager-function", "torch-library-op"])
 def test_backward_materializes_no_gradient_for_the_saved_states(eager, monkeypatch):
     """rden and the per-segment states are non-differentiable outputs of the forward: autograd must not
     allocate and zero-fill gradients for them on every backward (states is [B*H, segments+1, D*D+D] fp32),
     on either path (the plain autograd.Function of eager calls, the torch.library op otherwise)."""
     monkeypatch.setattr(op, "plain_eager", lambda *t: eager)
-    q, k, v = (torch.randn(1, 40, 2, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 40, 2, 16, device=DEV, requires_grad=True) for _ in range(3))
     o = linear_attention(q, k, v, "elu", True)
     assert (o.grad_fn.name() == "_EagerLinearAttentionBackward") == eager, o.grad_fn.name()
     with OpNames() as log:
@@ -450,10 +451,11 @@ def test_backward_materializes_no_gradient_for_the_saved_states(eager, monkeypat
     assert eager or "linear_attention_bwd" in log.names, log.names
 
 
+@needs_kernel
 @pytest.mark.parametrize("normalize", [True, False])
 def test_eager_function_and_library_op_agree_exactly(normalize, monkeypatch):
     """The eager fast path runs the same launches as the torch.library op: identical outputs and grads."""
-    q, k, v, g = (torch.randn(2, 37, 3, 16) for _ in range(4))
+    q, k, v, g = (torch.randn(2, 37, 3, 16, device=DEV) for _ in range(4))
     results = []
     for eager in (True, False):
         monkeypatch.setattr(op, "plain_eager", lambda *t, eager=eager: eager)
