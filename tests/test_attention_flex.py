@@ -184,7 +184,7 @@ def test_flex_hybrid_gradients(name, causal, monkeypatch):
 # --- far part through the Triton linear-attention op (interpreter) -----------------------------------
 
 
-@pytest.mark.parametrize("name,causal", [("elu", True), ("relu", False)])
+@pytest.mark.parametrize("name,causal", [("elu", True), ("relu", False), ("hedgehog", True)])
 def test_flex_hybrid_with_triton_far_part(name, causal, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setattr(flex, "_call_flex", dense_flex)
