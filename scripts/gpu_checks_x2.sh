@@ -28,9 +28,12 @@ if [[ ${DIST:-1} == 1 ]]; then step distributed 150 env OUT="$OUT/distributed" b
 
 (
   export CUDA_VISIBLE_DEVICES=0
-  # without -m gpu: the small-shape tests then run on CUDA too (eager twin vs op, no zero-filled grads)
-  step tests_kernels 400 python -m pytest -q -p no:cacheprovider tests/test_linear_attention_kernel.py \
-    tests/test_block_kernels.py tests/test_kronecker_kernel.py tests/test_eager_fast_path.py
+  # these two without -m gpu: their small-shape tests use CUDA when there is one (eager twin vs op, no
+  # zero-filled grads); the block / Kronecker files' CPU tests assume the interpreter, so -m gpu there
+  step tests_la_eager 300 python -m pytest -q -p no:cacheprovider tests/test_linear_attention_kernel.py \
+    tests/test_eager_fast_path.py
+  step tests_block_kron 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_block_kernels.py \
+    tests/test_kronecker_kernel.py
 ) &
 (
   export CUDA_VISIBLE_DEVICES=1
