@@ -5,8 +5,9 @@ Run on the H200 from the repository root (about 3-4 minutes, most of it compilin
     PYTHONPATH=src python scripts/gpu_linear_attention_configs.py --sanitize   # each forced config under
         compute-sanitizer memcheck as well (small shape only, no timing; several minutes more)
     TRITON_INTERPRET=1 PYTHONPATH=src python scripts/gpu_linear_attention_configs.py --smoke   # CPU dry run
-    PYTHONPATH=src python scripts/gpu_linear_attention_configs.py --ir [--ir-d 128]   # no GPU needed: compile
-        every config for sm_90 and print shared memory, registers, spills and the risky layout conversions
+    PYTHONPATH=src python scripts/gpu_linear_attention_configs.py --ir [--ir-d 128] [--ir-dv 64]   # no GPU
+        needed: compile every config for sm_90 (key width --ir-d, value width --ir-dv, default the same) and
+        print shared memory, registers, spills and the risky layout conversions
 Prints a table last; full results go to $OUT/la_configs.json (or ./la_configs.json).
 
 Why subprocesses: a CUDA illegal address is sticky (every later CUDA call in that process fails), and the
@@ -213,7 +214,7 @@ def note(r: dict) -> str:
 # ------------------------------------------------------------------ --ir: sm_90 compile report, no GPU
 
 
-def ir_report(D: int) -> None:
+def ir_report(D: int, DV: int | None = None) -> None:
     """Compiles each config (bf16, elu, normalized, causal; chunk_state in both directions) for sm_90 and
     prints shared memory, registers and spill bytes (cuobjdump -res-usage), the mma layouts (warpsPerCTA),
     and the pattern behind the H200 fault: a dot result whose mma layout has more warps along M than it
@@ -229,14 +230,15 @@ def ir_report(D: int) -> None:
     cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
     fp32_ptrs = {"rden_ptr", "r_ptr", "st_ptr", "dst_ptr"}
     tiles = {"chunk_state_kernel": "BK", "fwd_kernel": "BV", "bwd_dqdk_kernel": "BK", "bwd_dv_kernel": "BV"}
-    print(f"D={D}: kernel variant (BT,tile,warps,stages): shared bytes, registers, spill bytes, mma warpsPerCTA, flags")
+    DV = D if DV is None else DV
+    print(f"DK={D} DV={DV}: kernel variant (BT,tile,warps,stages): shared bytes, registers, spill bytes, mma warpsPerCTA, flags")
     for name, tile in tiles.items():
         fn = getattr(kernels, name).fn
         variants = [{"BWD": False}, {"BWD": True}] if name == "chunk_state_kernel" else [{"CAUSAL": True}]
         options = kernels.CONFIGS[name] + RETIRED.get(name, []) + CANDIDATES.get(name, [])
         for bt, t, w, st in options:
             for var in variants:
-                consts = dict(D=D, FEATURE=1, NORMALIZE=True, DOT_MODE=0, BT=bt, **{tile: t}, **var)
+                consts = dict(DK=D, DV=DV, FEATURE=1, NORMALIZE=True, DOT_MODE=0, BT=bt, **{tile: t}, **var)
                 sig = {a: "constexpr" if a in consts else ("*fp32" if a in fp32_ptrs else "*bf16") if a.endswith("_ptr")
                        else "fp32" if a == "eps" else "i32" for a in fn.arg_names}
                 src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},
@@ -272,10 +274,11 @@ def main():
     ap.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--budget-s", type=float, default=270, help="start no job after this many seconds")
     ap.add_argument("--ir", action="store_true", help="sm_90 compile report of every config (no GPU)")
-    ap.add_argument("--ir-d", type=int, default=128)
+    ap.add_argument("--ir-d", type=int, default=128, help="key width DK (and value width unless --ir-dv)")
+    ap.add_argument("--ir-dv", type=int, default=None, help="value width DV (default: --ir-d)")
     args = ap.parse_args()
     if args.ir:
-        ir_report(args.ir_d)
+        ir_report(args.ir_d, args.ir_dv)
         return
     if args.worker:
         print(MARK + json.dumps(worker(json.loads(args.worker))), flush=True)

@@ -123,7 +123,7 @@ def measure(B, T, H, D, dtype, device, n, sync, feature_map="elu", normalize=Tru
     o, rden, states = la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     cfg = (feature, normalize, causal, seg)
-    common = dict(T=T, H=H, L=seg, NS=NS, D=D, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=la_op._dot_mode(dtype))
+    common = dict(T=T, H=H, L=seg, NS=NS, DK=D, DV=D, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=la_op._dot_mode(dtype))
     M = D * D + D
     wt = torch.library.wrap_triton
 

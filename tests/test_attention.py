@@ -340,9 +340,9 @@ def _interpreter_on() -> bool:
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_hedgehog_features_through_the_kernel_match_the_pytorch_path(causal, normalize, monkeypatch):
-    """Maps the kernel does not apply itself (Hedgehog) go through it with precomputed features and v padded
-    to the feature width: output and every gradient (q, k, v and the map's parameters) as the chunked
-    PyTorch path, in fp32. GQA and v_dim != head_dim included."""
+    """Maps the kernel does not apply itself (Hedgehog) go through it with precomputed features as the key
+    width (F = 16) and v unpadded as the value width (32): output and every gradient (q, k, v and the map's
+    parameters) as the chunked PyTorch path, in fp32. GQA and v_dim != head_dim != F included."""
     from mmm.attention import linear as linear_mod
 
     pytest.importorskip("triton")
@@ -352,15 +352,38 @@ def test_hedgehog_features_through_the_kernel_match_the_pytorch_path(causal, nor
     with torch.no_grad():
         for p in fmap.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    q, k, v = qkv(torch.float32, d=d, dv=6)
+    q, k, v = qkv(torch.float32, d=d, dv=32)
     assert linear_mod.triton_applies(q, v, fmap)
-    g = torch.randn(B, T, H, 6)
+    g = torch.randn(B, T, H, 32)
     params = [q, k, v, *fmap.parameters()]
 
     def run(kernel: bool):
         monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", kernel)
         o = mmm.attention(q, k, v, "linear", feature_map=fmap, causal=causal, normalize=normalize)
         return [o, *torch.autograd.grad(o, params, g)]
+
+    for got, want in zip(run(True), run(False)):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
+@pytest.mark.parametrize("fmap_name", ["elu", "relu"])
+def test_native_maps_with_v_dim_other_than_head_dim_through_the_kernel(fmap_name, monkeypatch):
+    """elu / relu with v wider than q and k (key width 16, value width 32) take the kernel and match the
+    PyTorch path: output and the gradients of q, k, v, in fp32, GQA included."""
+    from mmm.attention import linear as linear_mod
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
+    q, k, v = qkv(torch.float32, d=16, dv=32)
+    fmap = make_feature_map(fmap_name, 16)
+    assert linear_mod.triton_applies(q, v, fmap)
+    g = torch.randn(B, T, H, 32)
+
+    def run(kernel: bool):
+        monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", kernel)
+        o = mmm.attention(q, k, v, "linear", feature_map=fmap)
+        return [o, *torch.autograd.grad(o, (q, k, v), g)]
 
     for got, want in zip(run(True), run(False)):
         assert rel_err(got, want) < 1e-5
@@ -376,7 +399,10 @@ def test_maps_the_kernel_cannot_take_stay_on_the_pytorch_path(monkeypatch):
     assert linear_mod.triton_applies(q, v, make_feature_map("elu", 16))
     assert not linear_mod.triton_applies(q, v, FavorFeatureMap(16, num_features=16))  # rescales its queries
     assert not linear_mod.triton_applies(q, v, TaylorFeatureMap(16))  # F = 273: wider than the kernel takes
-    assert not linear_mod.triton_applies(q, v, HedgehogFeatureMap(16, num_features=4))  # F = 8 < v's 16
+    assert not linear_mod.triton_applies(q, v, HedgehogFeatureMap(16, num_features=4))  # F = 8: narrower than it takes
+    assert linear_mod.triton_applies(q, v[..., :8].repeat(1, 1, 1, 4), HedgehogFeatureMap(16, num_features=8))  # F=16, v 32
+    assert not linear_mod.triton_applies(q, v[..., :6], HedgehogFeatureMap(16, num_features=8))  # v width 6: not taken
+    assert not linear_mod.triton_applies(q, v[..., :6], make_feature_map("elu", 16))
     assert not linear_mod.triton_applies(q.double(), v.double(), make_feature_map("elu", 16))
     monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", False)
     assert not linear_mod.triton_applies(q, v, make_feature_map("elu", 16))  # CPU without the switch

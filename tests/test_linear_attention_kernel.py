@@ -23,8 +23,10 @@ needs_kernel = pytest.mark.skipif(
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_inputs(B, T, H, D, feature_map, normalize, dtype=torch.float32, device=DEV):
-    q, k, v = (torch.randn(B, T, H, D, dtype=dtype, device=device) for _ in range(3))
+def make_inputs(B, T, H, D, feature_map, normalize, dtype=torch.float32, device=DEV, dv=None):
+    """q, k [B, T, H, D] and v [B, T, H, dv] (dv = D unless given)."""
+    q, k = (torch.randn(B, T, H, D, dtype=dtype, device=device) for _ in range(2))
+    v = torch.randn(B, T, H, D if dv is None else dv, dtype=dtype, device=device)
     if feature_map is None and normalize:
         # identity features can make phi(q) . z cross zero, where the normalized output is undefined:
         # keep q and k positive so the comparison measures the kernel, not the conditioning
@@ -57,7 +59,7 @@ def check_against_fp64(q, k, v, feature_map, normalize, causal, seg_len, tol, gr
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = linear_attention_naive(q64, k64, v64, feature_map, normalize, causal, 1e-6)
     ref.backward(go.double())
-    assert o.dtype == q.dtype and o.shape == q.shape
+    assert o.dtype == q.dtype and o.shape == v.shape
     assert torch.isfinite(o).all()
     assert rel_err(o, ref) < tol, ("o", rel_err(o, ref))
     for name, got, want in (("dq", qs.grad, q64.grad), ("dk", ks.grad, k64.grad), ("dv", vs.grad, v64.grad)):
@@ -96,6 +98,18 @@ def test_several_state_tiles_and_batches(poisoned_empty):
 def test_non_causal(normalize, poisoned_empty):
     q, k, v = make_inputs(1, 50, 2, 16, "relu", normalize)
     check_against_fp64(q, k, v, "relu", normalize, False, seg_len=32, tol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dk,dv", [(32, 16), (16, 32)], ids=["dk32-dv16", "dk16-dv32"])
+@pytest.mark.parametrize("feature_map", ["elu", "relu", None])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_and_value_widths_differ(dk, dv, feature_map, normalize, causal, poisoned_empty):
+    # q, k [.., dk] and v [.., dv]: two 16-wide tiles on the wider side, one on the other; T=50 in
+    # segments of 32 (ragged last chunk and segment), B=2 for the batch offsets of both widths
+    q, k, v = make_inputs(2, 50, 2, dk, feature_map, normalize, dv=dv)
+    check_against_fp64(q, k, v, feature_map, normalize, causal, seg_len=32, tol=2e-5)
 
 
 @needs_kernel
@@ -160,7 +174,10 @@ def test_naive_matches_a_direct_loop():
     [
         (lambda: (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)), ValueError, "4 dimensions"),
         (lambda: (torch.randn(1, 3, 2, 16), torch.randn(1, 4, 2, 16), torch.randn(1, 3, 2, 16)), ValueError, "k must have the same shape"),
-        (lambda: (torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 8)), ValueError, "v must have the same shape"),
+        (lambda: (torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16), torch.randn(1, 4, 2, 16)), ValueError, r"v must have shape .* as q's \(1, 3, 2\)"),
+        (lambda: (torch.randn(1, 3, 2, 16), torch.randn(1, 3, 3, 16), torch.randn(1, 3, 2, 16)), ValueError, "k must have the same shape"),
+        (lambda: (torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 32), torch.randn(1, 3, 2, 32)), ValueError, r"k must have the same shape as q \(1, 3, 2, 16\), got \(1, 3, 2, 32\)"),
+        (lambda: (torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16), torch.randn(1, 3, 16)), ValueError, "v must have shape"),
         (lambda: (torch.ones(1, 3, 2, 16, dtype=torch.int32),) * 3, TypeError, "q must be float16, bfloat16, float32 or float64"),
         (lambda: (torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16, dtype=torch.float64), torch.randn(1, 3, 2, 16)), TypeError, "k must have the same dtype"),
         (lambda: (torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16, device="meta"), torch.randn(1, 3, 2, 16)), ValueError, "k is on meta"),
@@ -189,6 +206,27 @@ def test_unsupported_head_dim_names_the_supported_ones():
         linear_attention(q, q, q)
     with pytest.raises(ValueError, match="seg_len"):
         op._kernel_forward(q[..., :16], q[..., :16], q[..., :16], seg_len=7)
+
+
+@needs_kernel
+def test_unsupported_value_width_names_the_supported_ones():
+    """The key and value widths are checked separately: a supported key width with v of another,
+    unsupported width (and the other way round) is refused with the role named."""
+    q16, v48 = torch.randn(1, 3, 2, 16, device=DEV), torch.randn(1, 3, 2, 48, device=DEV)
+    with pytest.raises(ValueError, match=r"value head_dim \(last dimension of v\) must be one of \(16, 32, 64, 128, 256\).* got 48"):
+        linear_attention(q16, q16, v48)
+    with pytest.raises(ValueError, match=r"key head_dim \(last dimension of q and k\) must be one of .* got 48"):
+        linear_attention(v48, v48, q16)
+
+
+def test_reference_takes_a_value_width_of_its_own():
+    """The naive reference with v wider than q, k equals it run per half of v's columns."""
+    q, k = (torch.randn(1, 9, 2, 4, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, 9, 2, 6, dtype=torch.float64)
+    o = linear_attention_naive(q, k, v)
+    assert o.shape == v.shape
+    halves = [linear_attention_naive(q, k, v[..., i:i + 3]) for i in (0, 3)]
+    assert rel_err(o, torch.cat(halves, -1)) < 1e-12
 
 
 # ------------------------------------------------------------- every GPU tile config, bounds-checked on CPU
@@ -246,7 +284,7 @@ def guarded_empty(monkeypatch):
 
 
 def guarded_input(B, T, H, D, values):
-    """values [B=1, T, H, D] placed inside a NaN buffer with GUARD rows of NaN either side; returned as a
+    """values [B=1, T, H, D] (D: that tensor's own width) placed inside a NaN buffer with GUARD rows of NaN either side; returned as a
     contiguous view, so the kernels read it in place and an unmasked read past either end yields NaN."""
     assert B == 1
     pad = -(-GUARD // (H * D))
@@ -257,13 +295,14 @@ def guarded_input(B, T, H, D, values):
     return view
 
 
-def run_bounds_checked(check_guards, feature_map, normalize, causal):
+def run_bounds_checked(check_guards, feature_map, normalize, causal, dk=128, dv=128):
     """fwd + bwd at D=128 (room for every GPU tile), T=200 in segments of 144: two segments, each swept in
     chunks of 16..128 rows with a ragged last chunk (segments need not be multiples of BT). Inputs and the
-    upstream gradient sit in NaN-guarded buffers, outputs in sentinel-guarded ones."""
-    B, T, H, D = 1, 200, 2, 128
-    vals = make_inputs(B, T, H, D, feature_map, normalize, device="cpu") + (torch.randn(B, T, H, D),)
-    q, k, v, go = (guarded_input(B, T, H, D, x) for x in vals)
+    upstream gradient sit in NaN-guarded buffers, outputs in sentinel-guarded ones. dk, dv: the key and
+    value widths (q, k and v, do)."""
+    B, T, H = 1, 200, 2
+    vals = make_inputs(B, T, H, dk, feature_map, normalize, device="cpu", dv=dv) + (torch.randn(B, T, H, dv),)
+    q, k, v, go = (guarded_input(B, T, H, x.shape[-1], x) for x in vals)
     originals = [x.clone() for x in (q, k, v, go)]
     qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
     o = op._kernel_forward(qs, ks, vs, feature_map, normalize, causal, 1e-6, seg_len=144)
@@ -284,6 +323,13 @@ def run_bounds_checked(check_guards, feature_map, normalize, causal):
 def test_largest_gpu_tiles_stay_in_bounds(monkeypatch, guarded_empty):
     force_configs(monkeypatch, largest_tiles())
     run_bounds_checked(guarded_empty, "elu", True, True)
+
+
+@needs_kernel
+@pytest.mark.skipif(not op.kernels.INTERPRET, reason="the guards check the interpreter's addresses on CPU")
+@pytest.mark.parametrize("dk,dv", [(32, 16), (16, 32)], ids=["dk32-dv16", "dk16-dv32"])
+def test_different_key_and_value_widths_stay_in_bounds(dk, dv, guarded_empty):
+    run_bounds_checked(guarded_empty, "elu", True, True, dk=dk, dv=dv)
 
 
 @needs_kernel
@@ -344,7 +390,7 @@ def test_pruner_keeps_safe_gpu_configs(D):
         prune = getattr(op.kernels, name).early_config_prune
         for options in (op.kernels.CONFIGS[name], op.kernels.CONFIGS[name] + retired.get(name, [])):
             cfgs = [triton.Config({"BT": bt, tile: t}, num_warps=w, num_stages=s) for bt, t, w, s in options]
-            kept = prune(cfgs, {}, D=D)
+            kept = prune(cfgs, {}, DK=D, DV=D)
             assert kept, (name, D)
             for c in kept:
                 assert D % c.kwargs[tile] == 0, (name, D, c)
@@ -352,7 +398,27 @@ def test_pruner_keeps_safe_gpu_configs(D):
                 assert rows is None or c.num_warps <= 4 or rows >= 16 * c.num_warps, (name, D, c)
         for bt, t, w, s in retired.get(name, []):
             cfg = triton.Config({"BT": bt, tile: t}, num_warps=w, num_stages=s)
-            assert prune([cfg], {}, D=D)[0].num_warps == 4, (name, D, cfg)
+            assert prune([cfg], {}, DK=D, DV=D)[0].num_warps == 4, (name, D, cfg)
+
+
+@pytest.mark.skipif(triton is None or not op.HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("dk,dv", [(32, 256), (256, 32), (16, 128), (128, 16)])
+def test_pruner_uses_the_width_each_tile_splits(dk, dv):
+    """BK tiles split DK, BV tiles split DV: every kept tile divides its own width, also when the other
+    width is larger than the tile; a config is refused only on limits of the right width."""
+    widths = {"BK": dk, "BV": dv}
+    for name, tile in TILE_NAMES.items():
+        prune = getattr(op.kernels, name).early_config_prune
+        cfgs = [triton.Config({"BT": bt, tile: t}, num_warps=w, num_stages=s) for bt, t, w, s in op.kernels.CONFIGS[name]]
+        kept = prune(cfgs, {}, DK=dk, DV=dv)
+        assert kept, (name, dk, dv)
+        for c in kept:
+            assert widths[tile] % c.kwargs[tile] == 0, (name, dk, dv, c)
+    # the same config kept or not depending on which width the tile splits: BV=64 fits DV=128, not DV=32
+    prune = op.kernels.fwd_kernel.early_config_prune
+    cfg = triton.Config({"BT": 64, "BV": 64}, num_warps=4, num_stages=2)
+    assert prune([cfg, cfg], {}, DK=32, DV=128) == [cfg, cfg]
+    assert all(c.kwargs["BV"] <= 32 for c in prune([cfg, cfg], {}, DK=128, DV=32))
 
 
 @pytest.mark.skipif(not op.HAVE_TRITON, reason="needs triton")

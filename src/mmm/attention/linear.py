@@ -34,12 +34,11 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     """The one dispatch point to the Triton kernel `mmm.ops.linear_attention.linear_attention`; None means
     "use the PyTorch path" (see `triton_applies`).
 
-    The kernel takes q, k, v of one shape [B, T, H, D] (GQA heads are repeated here) with D in its
-    SUPPORTED_HEAD_DIMS and fp32 state, and computes this module's formulas. elu+1 and relu it applies
-    itself, elementwise inside its loops. Any other map without a query rescaling (Hedgehog, ...) has its
-    features computed here, in one PyTorch pass over q and k, and the kernel runs with identity features
-    on them, with v zero-padded to the feature width F (the kernel takes one width for all three, so the
-    value side then does up to F / Dv times the work it needs)."""
+    The kernel takes q, k [B, T, H, DK] and v [B, T, H, DV] (GQA heads are repeated here) with DK and DV
+    each in its SUPPORTED_HEAD_DIMS and fp32 state, and computes this module's formulas. elu+1 and relu it
+    applies itself, elementwise inside its loops. Any other map without a query rescaling (Hedgehog, ...)
+    has its features computed here, in one PyTorch pass over q and k, and the kernel runs with identity
+    features on them: DK = F, DV = v's own width (no padding)."""
     if not triton_applies(q, v, fmap):
         return None
     from mmm.ops.linear_attention import linear_attention as kernel
@@ -55,10 +54,7 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     fk, _ = fmap.features(k.to(dt), False)
     if groups > 1:
         fk, v = fk.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    dv = v.shape[-1]
-    v = torch.nn.functional.pad(v, (0, fq.shape[-1] - dv))
-    o = kernel(fq.to(q.dtype), fk.to(q.dtype), v, feature_map=None, normalize=normalize, causal=causal, eps=eps)
-    return o[..., :dv]
+    return kernel(fq.to(q.dtype), fk.to(q.dtype), v, feature_map=None, normalize=normalize, causal=causal, eps=eps)
 
 
 def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap) -> bool:
@@ -72,9 +68,11 @@ def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap) -> bool:
         return False
     if not (q.is_cuda or (KERNEL_ON_CPU_INTERPRETER and INTERPRET and q.device.type == "cpu")):
         return False
+    if v.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return False
     if isinstance(fmap, _NATIVE_MAPS):
-        return q.shape[-1] in SUPPORTED_HEAD_DIMS and v.shape[-1] == q.shape[-1]
-    return not fmap.rescales_queries and fmap.feature_dim in SUPPORTED_HEAD_DIMS and v.shape[-1] <= fmap.feature_dim
+        return q.shape[-1] in SUPPORTED_HEAD_DIMS
+    return not fmap.rescales_queries and fmap.feature_dim in SUPPORTED_HEAD_DIMS
 
 
 def exclusive_cumsum(x: torch.Tensor, start: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,10 @@
 """Triton kernels for chunked linear attention, forward and backward (layout [B, T, H, D]).
 
-Notation: a = phi(q), b = phi(k) (feature map applied in-kernel, in fp32), S = sum b^T v (D x D state),
+Widths: q, k (and dq, dk) are [B, T, H, DK], v, o (and do, dv) are [B, T, H, DV]. Every width in the
+kernels plays the key role (rows of q/k tiles, the state's rows, z; BK tiles) or the value role (v/o/do
+tiles, the state's columns; BV tiles). With DK == DV ("D" below) the code is what it was with one width.
+
+Notation: a = phi(q), b = phi(k) (feature map applied in-kernel, in fp32), S = sum b^T v (DK x DV state),
 z = sum b (normalizer vector), den_t = a_t . z_t, rden = 1 / (den + eps), g = do * rden (do when not
 normalizing), r_t = -(do_t . o_t) * rden_t (the normalizer's gradient).
 
@@ -105,32 +109,38 @@ def _configs(kernel: str, tile: str):
 
 
 def _pruner(tile: str, n_states: int, max_tile_rows: int, state_rows: str | None = None):
-    """Keep configs whose tile fits D, whose fp32 state(s) need <= 64 registers a thread and whose
-    [BT, D] row tiles have <= max_tile_rows * 128 elements (these limits keep ptxas from spilling much).
-    state_rows, for kernels with several dots: the rows of their state-update dots ("D" or the tile);
+    """Keep configs whose tile fits its width, whose fp32 state(s) need <= 64 registers a thread and whose
+    full-width [BT, W] row tiles have <= max_tile_rows * 128 elements (these limits keep ptxas from spilling
+    much). The tile (BK or BV) splits one width (DK or DV, "tiled"); the kernel holds the other one whole
+    ("full": the state is tile x full, its full-width row tiles are BT x full).
+    state_rows, for kernels with several dots: the rows of their state-update dots ("full" or the tile);
     more than 4 warps then need every dot to have >= 16 rows per warp (the module docstring says why).
-    With nothing left, the smallest tile and fewest warps, the tile cut to D. (Triton calls this only when
-    a kernel has more than one config.)"""
+    With nothing left, the smallest tile and fewest warps, the tile cut to its width. (Triton calls this
+    only when a kernel has more than one config.)"""
 
-    def safe_warps(c, D):
+    def widths(named_args, kwargs):
+        dk, dv = ((kwargs[n] if n in kwargs else named_args[n]) for n in ("DK", "DV"))
+        return (dk, dv) if tile == "BK" else (dv, dk)
+
+    def safe_warps(c, full):
         if state_rows is None or c.num_warps <= 4:
             return True
-        rows = min(c.kwargs["BT"], D if state_rows == "D" else c.kwargs[tile])
+        rows = min(c.kwargs["BT"], full if state_rows == "full" else c.kwargs[tile])
         return rows >= 16 * c.num_warps
 
     def prune(configs, named_args, **kwargs):
-        D = kwargs["D"] if "D" in kwargs else named_args["D"]
+        tiled, full = widths(named_args, kwargs)
         keep = [
             c for c in configs
-            if c.kwargs[tile] <= D
-            and n_states * c.kwargs[tile] * D <= 64 * 32 * c.num_warps
-            and c.kwargs["BT"] * D <= max_tile_rows * 128
-            and safe_warps(c, D)
+            if c.kwargs[tile] <= tiled
+            and n_states * c.kwargs[tile] * full <= 64 * 32 * c.num_warps
+            and c.kwargs["BT"] * full <= max_tile_rows * 128
+            and safe_warps(c, full)
         ]
         if keep:
             return keep
         c = min(configs, key=lambda c: (c.kwargs[tile], c.num_warps))
-        return [triton.Config({**c.kwargs, tile: min(c.kwargs[tile], D)}, num_warps=min(c.num_warps, 4), num_stages=c.num_stages)]
+        return [triton.Config({**c.kwargs, tile: min(c.kwargs[tile], tiled)}, num_warps=min(c.num_warps, 4), num_stages=c.num_stages)]
 
     return prune
 
@@ -179,57 +189,59 @@ def _dphi(f, FEATURE: tl.constexpr):
 
 
 @triton.jit
-def _program(NT: tl.constexpr, NS, L, T, H, D: tl.constexpr):
+def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
     """1-D grid (no 65535 limit on B*H), tile index fastest, so the tiles of one (head, segment), which
     read the same rows, run side by side and share them through L2. Returns the tile, the flat
-    batch*head index, the segment's first row as an int64 element offset into [B, T, H, D], its first
-    index into [B, H, T], and its length."""
+    batch*head index, the segment's first row as an int64 element offset into the key tensors
+    [B, T, H, DK] and into the value tensors [B, T, H, DV], its first index into [B, H, T], and its length."""
     pid = tl.program_id(0).to(tl.int64)
     i_t = pid % NT
     i_s = (pid // NT) % NS
     i_bh = pid // NT // NS
     t_start = i_s * L
     t_len = (tl.minimum(t_start + L, T) - t_start).to(tl.int32)
-    row0 = ((i_bh // H) * T + t_start) * (H * D) + (i_bh % H) * D
-    return i_t, i_s, i_bh, row0, i_bh * T + t_start, t_len
+    row = (i_bh // H) * T + t_start
+    rowk0 = row * (H * DK) + (i_bh % H) * DK
+    rowv0 = row * (H * DV) + (i_bh % H) * DV
+    return i_t, i_s, i_bh, rowk0, rowv0, i_bh * T + t_start, t_len
 
 
 # Autotuned kernels must stay idempotent (each launch rewrites all of its outputs, never accumulates
 # into them): the autotuner launches every config many times on the same buffers.
 @triton.autotune(
     configs=_configs("chunk_state_kernel", "BK"),
-    key=["D", "BWD"],  # the backward variant holds 3 more row tiles: tune it separately
+    key=["DK", "DV", "BWD"],  # the backward variant holds 3 more row tiles: tune it separately
     prune_configs_by={"early_config_prune": _pruner("BK", 1, 128)},
 )
 @triton.jit
 def chunk_state_kernel(
     x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, st_ptr,
     T, H, L, NS,
-    D: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
     DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
-    """One segment's local sum of phi(x)^T y (a BK-row tile of the D x D state, full V) and of the
+    """One segment's local sum of phi(x)^T y (a BK-row tile of the DK x DV state, full V) and of the
     normalizer vector. Forward: x = k, y = v, vector = sum b. Backward: x = q, y = do * rden,
     vector = sum r a, with r computed here (it needs the full V row of do and o) and written out."""
-    i_k, i_s, i_bh, row0, trow0, t_len = _program(D // BK, NS, L, T, H, D)
+    i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
-    offs_d = tl.arange(0, D)
-    tile_k = offs_t[:, None] * (H * D) + offs_k[None, :]
-    tile_d = offs_t[:, None] * (H * D) + offs_d[None, :]
-    x_base = x_ptr + row0
-    y_base = y_ptr + row0
-    o_base = o_ptr + row0
-    acc = tl.zeros([BK, D], dtype=tl.float32)
+    offs_dv = tl.arange(0, DV)
+    tile_k = offs_t[:, None] * (H * DK) + offs_k[None, :]
+    tile_dv = offs_t[:, None] * (H * DV) + offs_dv[None, :]
+    x_base = x_ptr + rowk0
+    y_base = y_ptr + rowv0
+    o_base = o_ptr + rowv0
+    acc = tl.zeros([BK, DV], dtype=tl.float32)
     vec = tl.zeros([BK], dtype=tl.float32)
     for t0 in range(0, t_len, BT):
         mt = offs_t < t_len - t0
         x_c = _features(tl.load(x_base + tile_k, mask=mt[:, None], other=0.0), mt, x_ptr, FEATURE, DOT_MODE)
-        y = tl.load(y_base + tile_d, mask=mt[:, None], other=0.0)
+        y = tl.load(y_base + tile_dv, mask=mt[:, None], other=0.0)
         if NORMALIZE:
             if BWD:
                 rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
-                o = tl.load(o_base + tile_d, mask=mt[:, None], other=0.0)
+                o = tl.load(o_base + tile_dv, mask=mt[:, None], other=0.0)
                 r = -tl.sum(y.to(tl.float32) * o.to(tl.float32), axis=1) * rd
                 if i_k == 0:
                     tl.store(r_ptr + trow0 + t0 + offs_t, r, mask=mt)
@@ -241,12 +253,12 @@ def chunk_state_kernel(
         else:
             y_c = _cast(y, x_ptr, DOT_MODE)
         acc += _dot(tl.trans(x_c), y_c, DOT_MODE)
-        x_base += BT * H * D
-        y_base += BT * H * D
-        o_base += BT * H * D
-    base = st_ptr + (i_bh * (NS + 1) + i_s) * (D * D + D)
-    tl.store(base + offs_k[:, None] * D + offs_d[None, :], acc)
-    tl.store(base + D * D + offs_k, vec)
+        x_base += BT * H * DK
+        y_base += BT * H * DV
+        o_base += BT * H * DV
+    base = st_ptr + (i_bh * (NS + 1) + i_s) * (DK * DV + DK)
+    tl.store(base + offs_k[:, None] * DV + offs_dv[None, :], acc)
+    tl.store(base + DK * DV + offs_k, vec)
 
 
 @triton.jit
@@ -273,46 +285,46 @@ def scan_kernel(st_ptr, NS, M, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.autotune(
     configs=_configs("fwd_kernel", "BV"),
-    key=["D"],
-    prune_configs_by={"early_config_prune": _pruner("BV", 1, 128, state_rows="D")},
+    key=["DK", "DV"],
+    prune_configs_by={"early_config_prune": _pruner("BV", 1, 128, state_rows="full")},
 )
 @triton.jit
 def fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rden_ptr, st_ptr,
     T, H, L, NS, eps,
-    D: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
-    chunk by chunk, S (D x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps)."""
-    i_v, i_s, i_bh, row0, trow0, t_len = _program(D // BV, NS, L, T, H, D)
+    chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps)."""
+    i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
     offs_t = tl.arange(0, BT)
-    offs_d = tl.arange(0, D)
+    offs_dk = tl.arange(0, DK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    tile_d = offs_t[:, None] * (H * D) + offs_d[None, :]
-    tile_v = offs_t[:, None] * (H * D) + offs_v[None, :]
+    tile_dk = offs_t[:, None] * (H * DK) + offs_dk[None, :]
+    tile_v = offs_t[:, None] * (H * DV) + offs_v[None, :]
     causal = offs_t[:, None] >= offs_t[None, :]
     if CAUSAL:
         seg = i_s
     else:
         seg = NS
-    base = st_ptr + (i_bh * (NS + 1) + seg) * (D * D + D)
-    S = tl.load(base + offs_d[:, None] * D + offs_v[None, :])
-    z = tl.zeros([D], dtype=tl.float32)
+    base = st_ptr + (i_bh * (NS + 1) + seg) * (DK * DV + DK)
+    S = tl.load(base + offs_dk[:, None] * DV + offs_v[None, :])
+    z = tl.zeros([DK], dtype=tl.float32)
     if NORMALIZE:
-        z = tl.load(base + D * D + offs_d)
-    q_base = q_ptr + row0
-    k_base = k_ptr + row0
-    v_base = v_ptr + row0
-    o_base = o_ptr + row0
+        z = tl.load(base + DK * DV + offs_dk)
+    q_base = q_ptr + rowk0
+    k_base = k_ptr + rowk0
+    v_base = v_ptr + rowv0
+    o_base = o_ptr + rowv0
     for t0 in range(0, t_len, BT):
         mt = offs_t < t_len - t0
-        a_c = _features(tl.load(q_base + tile_d, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if NORMALIZE:
             den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
         if CAUSAL:
-            b_c = _features(tl.load(k_base + tile_d, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+            b_c = _features(tl.load(k_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
             v_c = _cast(tl.load(v_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
             A = tl.where(causal, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
             num += _dot(_cast(A, q_ptr, DOT_MODE), v_c, DOT_MODE)
@@ -326,22 +338,22 @@ def fwd_kernel(
             if i_v == 0:
                 tl.store(rden_ptr + trow0 + t0 + offs_t, rd, mask=mt)
         tl.store(o_base + tile_v, num.to(o_ptr.dtype.element_ty), mask=mt[:, None])
-        q_base += BT * H * D
-        k_base += BT * H * D
-        v_base += BT * H * D
-        o_base += BT * H * D
+        q_base += BT * H * DK
+        k_base += BT * H * DK
+        v_base += BT * H * DV
+        o_base += BT * H * DV
 
 
 @triton.autotune(
     configs=_configs("bwd_dqdk_kernel", "BK"),
-    key=["D"],
+    key=["DK", "DV"],
     prune_configs_by={"early_config_prune": _pruner("BK", 2, 128, state_rows="BK")},
 )
 @triton.jit
 def bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, rden_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
     T, H, L, NS,
-    D: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """dq and dk for one K-tile of one segment, chunks in reverse order:
@@ -349,14 +361,14 @@ def bwd_dqdk_kernel(
       db = v dS_next^T + dz_next + tril(g v^T + r)^T a
     S_prev is walked backwards from the prefix of the next segment (S -= b^T v), which saves a forward
     sweep; dS_next accumulates a^T g from the suffix of the later segments."""
-    i_k, i_s, i_bh, row0, trow0, t_len = _program(D // BK, NS, L, T, H, D)
+    i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
-    offs_d = tl.arange(0, D)
-    tile_k = offs_t[:, None] * (H * D) + offs_k[None, :]
-    tile_d = offs_t[:, None] * (H * D) + offs_d[None, :]
+    offs_dv = tl.arange(0, DV)
+    tile_k = offs_t[:, None] * (H * DK) + offs_k[None, :]
+    tile_dv = offs_t[:, None] * (H * DV) + offs_dv[None, :]
     causal = offs_t[:, None] >= offs_t[None, :]
-    M = D * D + D
+    M = DK * DV + DK
     if CAUSAL:
         fseg = i_s + 1
         bseg = i_s
@@ -365,31 +377,32 @@ def bwd_dqdk_kernel(
         bseg = NS
     fbase = st_ptr + (i_bh * (NS + 1) + fseg) * M
     bbase = dst_ptr + (i_bh * (NS + 1) + bseg) * M
-    S = tl.load(fbase + offs_k[:, None] * D + offs_d[None, :])
-    dS = tl.load(bbase + offs_k[:, None] * D + offs_d[None, :])
+    S = tl.load(fbase + offs_k[:, None] * DV + offs_dv[None, :])
+    dS = tl.load(bbase + offs_k[:, None] * DV + offs_dv[None, :])
     z = tl.zeros([BK], dtype=tl.float32)
     dz = tl.zeros([BK], dtype=tl.float32)
     if NORMALIZE:
-        z = tl.load(fbase + D * D + offs_k)
-        dz = tl.load(bbase + D * D + offs_k)
+        z = tl.load(fbase + DK * DV + offs_k)
+        dz = tl.load(bbase + DK * DV + offs_k)
     n_blk = tl.cdiv(t_len, BT)
-    last = (n_blk - 1).to(tl.int64) * (BT * H * D)
-    q_base = q_ptr + row0 + last
-    k_base = k_ptr + row0 + last
-    v_base = v_ptr + row0 + last
-    do_base = do_ptr + row0 + last
-    dq_base = dq_ptr + row0 + last
-    dk_base = dk_ptr + row0 + last
+    last_k = (n_blk - 1).to(tl.int64) * (BT * H * DK)
+    last_v = (n_blk - 1).to(tl.int64) * (BT * H * DV)
+    q_base = q_ptr + rowk0 + last_k
+    k_base = k_ptr + rowk0 + last_k
+    v_base = v_ptr + rowv0 + last_v
+    do_base = do_ptr + rowv0 + last_v
+    dq_base = dq_ptr + rowk0 + last_k
+    dk_base = dk_ptr + rowk0 + last_k
     for j in range(0, n_blk):
         t0 = (n_blk - 1 - j) * BT
         mt = offs_t < t_len - t0
         b_c = _features(tl.load(k_base + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
-        v_c = _cast(tl.load(v_base + tile_d, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+        v_c = _cast(tl.load(v_base + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
         if CAUSAL:
             S -= _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
                 z -= tl.sum(b_c.to(tl.float32), axis=0)
-        g = tl.load(do_base + tile_d, mask=mt[:, None], other=0.0)
+        g = tl.load(do_base + tile_dv, mask=mt[:, None], other=0.0)
         if NORMALIZE:
             rr = tl.load(r_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
             rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
@@ -423,53 +436,54 @@ def bwd_dqdk_kernel(
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
             if NORMALIZE:
                 dz += tl.sum(a_c.to(tl.float32) * rr[:, None], axis=0)
-        q_base -= BT * H * D
-        k_base -= BT * H * D
-        v_base -= BT * H * D
-        do_base -= BT * H * D
-        dq_base -= BT * H * D
-        dk_base -= BT * H * D
+        q_base -= BT * H * DK
+        k_base -= BT * H * DK
+        v_base -= BT * H * DV
+        do_base -= BT * H * DV
+        dq_base -= BT * H * DK
+        dk_base -= BT * H * DK
 
 
 @triton.autotune(
     configs=_configs("bwd_dv_kernel", "BV"),
-    key=["D"],
-    prune_configs_by={"early_config_prune": _pruner("BV", 1, 128, state_rows="D")},
+    key=["DK", "DV"],
+    prune_configs_by={"early_config_prune": _pruner("BV", 1, 128, state_rows="full")},
 )
 @triton.jit
 def bwd_dv_kernel(
     q_ptr, k_ptr, do_ptr, rden_ptr, dst_ptr, dv_ptr,
     T, H, L, NS,
-    D: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """dv for one V-tile of one segment, chunks in reverse: dv = b dS_next + tril(a b^T)^T g
-    (contracts over K: full K here); dS_next (D x BV) accumulates a^T g."""
-    i_v, i_s, i_bh, row0, trow0, t_len = _program(D // BV, NS, L, T, H, D)
+    (contracts over K: full K here); dS_next (DK x BV) accumulates a^T g."""
+    i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
     offs_t = tl.arange(0, BT)
-    offs_d = tl.arange(0, D)
+    offs_dk = tl.arange(0, DK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    tile_d = offs_t[:, None] * (H * D) + offs_d[None, :]
-    tile_v = offs_t[:, None] * (H * D) + offs_v[None, :]
+    tile_dk = offs_t[:, None] * (H * DK) + offs_dk[None, :]
+    tile_v = offs_t[:, None] * (H * DV) + offs_v[None, :]
     causal_t = offs_t[:, None] <= offs_t[None, :]  # [s, t]: s <= t
     if CAUSAL:
         seg = i_s
     else:
         seg = NS
-    dS = tl.load(dst_ptr + (i_bh * (NS + 1) + seg) * (D * D + D) + offs_d[:, None] * D + offs_v[None, :])
+    dS = tl.load(dst_ptr + (i_bh * (NS + 1) + seg) * (DK * DV + DK) + offs_dk[:, None] * DV + offs_v[None, :])
     n_blk = tl.cdiv(t_len, BT)
-    last = (n_blk - 1).to(tl.int64) * (BT * H * D)
-    q_base = q_ptr + row0 + last
-    k_base = k_ptr + row0 + last
-    do_base = do_ptr + row0 + last
-    dv_base = dv_ptr + row0 + last
+    last_k = (n_blk - 1).to(tl.int64) * (BT * H * DK)
+    last_v = (n_blk - 1).to(tl.int64) * (BT * H * DV)
+    q_base = q_ptr + rowk0 + last_k
+    k_base = k_ptr + rowk0 + last_k
+    do_base = do_ptr + rowv0 + last_v
+    dv_base = dv_ptr + rowv0 + last_v
     for j in range(0, n_blk):
         t0 = (n_blk - 1 - j) * BT
         mt = offs_t < t_len - t0
-        b_c = _features(tl.load(k_base + tile_d, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        b_c = _features(tl.load(k_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
         dv = _dot(b_c, _cast(dS, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
-            a_c = _features(tl.load(q_base + tile_d, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+            a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
             g = tl.load(do_base + tile_v, mask=mt[:, None], other=0.0)
             if NORMALIZE:
                 rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
@@ -480,7 +494,7 @@ def bwd_dv_kernel(
             dv += _dot(_cast(At, q_ptr, DOT_MODE), g_c, DOT_MODE)
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
         tl.store(dv_base + tile_v, dv.to(dv_ptr.dtype.element_ty), mask=mt[:, None])
-        q_base -= BT * H * D
-        k_base -= BT * H * D
-        do_base -= BT * H * D
-        dv_base -= BT * H * D
+        q_base -= BT * H * DK
+        k_base -= BT * H * DK
+        do_base -= BT * H * DV
+        dv_base -= BT * H * DV

@@ -33,7 +33,7 @@ def linear_attention_naive(
 ) -> torch.Tensor:
     """o_t = phi(q_t) S_t / (phi(q_t) . z_t + eps), S_t = sum_{s<=t} phi(k_s)^T v_s, z_t = sum_{s<=t} phi(k_s).
 
-    q, k, v: [B, T, H, D]. Without `causal` the sums run over the whole sequence; without
+    q, k: [B, T, H, DK], v: [B, T, H, DV] (o is [B, T, H, DV]). Without `causal` the sums run over the whole sequence; without
     `normalize` the division is dropped. O(T^2) memory: a reference, not a fast path.
     """
     phi = feature_map_fn(feature_map)

@@ -62,13 +62,15 @@ def _dot_mode(dtype: torch.dtype) -> int:
 if HAVE_TRITON:
 
     def _grid(D: int, n_seq_segments: int, tile: str):
-        """Programs of a kernel split over `tile` (BK or BV) tiles of the head dim. A tile that does not
-        divide D would leave rows of the state (or of the outputs) unwritten: the pruner never keeps one,
-        but a config forced with MMM_LA_CONFIG skips the pruner, hence the check."""
+        """Programs of a kernel split over `tile` tiles of a head width D: BK tiles of the key width DK,
+        BV tiles of the value width DV. A tile that does not divide D would leave rows of the state (or of
+        the outputs) unwritten: the pruner never keeps one, but a config forced with MMM_LA_CONFIG skips
+        the pruner, hence the check."""
 
         def grid(meta):
             if D % meta[tile]:
-                raise ValueError(f"linear attention config {tile}={meta[tile]} does not divide head_dim {D}")
+                role = "key width DK" if tile == "BK" else "value width DV"
+                raise ValueError(f"linear attention config {tile}={meta[tile]} does not divide head_dim {D} (the {role})")
             return (D // meta[tile] * n_seq_segments,)
 
         return grid
@@ -77,23 +79,25 @@ if HAVE_TRITON:
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         feature: int, normalize: bool, causal: bool, eps: float, seg_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns o [B,T,H,D], rden = 1/(den+eps) [B,H,T] fp32 (zeros when not normalizing) and the
-        exclusive per-segment prefix states [B*H, NS+1, D*D+D] fp32 (entry NS = total), kept for backward.
-        Every element of o, rden and states is written: states 0..NS-1 by chunk_state_kernel (all D/BK
-        row tiles of every segment), entry NS by the scan, rden by fwd_kernel when normalizing."""
-        B, T, H, D = q.shape
+        """q, k [B,T,H,DK], v [B,T,H,DV]. Returns o [B,T,H,DV], rden = 1/(den+eps) [B,H,T] fp32 (zeros
+        when not normalizing) and the exclusive per-segment prefix states [B*H, NS+1, DK*DV+DK] fp32 (entry
+        NS = total), kept for backward. Every element of o, rden and states is written: states 0..NS-1 by
+        chunk_state_kernel (all DK/BK row tiles of every segment), entry NS by the scan, rden by fwd_kernel
+        when normalizing."""
+        B, T, H, DK = q.shape
+        DV = v.shape[-1]
         NS = triton.cdiv(T, seg_len)
-        M = D * D + D
-        o = torch.empty_like(q)
+        M = DK * DV + DK
+        o = torch.empty_like(v)
         alloc = torch.empty if normalize else torch.zeros
         rden = alloc((B, H, T), dtype=torch.float32, device=q.device)
         states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=q.device)
-        common = dict(T=T, H=H, L=seg_len, NS=NS, D=D, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
-        wrap_triton(kernels.chunk_state_kernel)[_grid(D, NS * B * H, "BK")](
+        common = dict(T=T, H=H, L=seg_len, NS=NS, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
+        wrap_triton(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             k, v, v, rden, rden, states, BWD=False, **common)
         wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
-        wrap_triton(kernels.fwd_kernel)[_grid(D, NS * B * H, "BV")](
+        wrap_triton(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
             q, k, v, o, rden, states, eps=eps, CAUSAL=causal, **common)
         return o, rden, states
 
@@ -104,20 +108,21 @@ if HAVE_TRITON:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv from the forward's saved o, rden and prefix states. r (the normalizer's gradient) is
         written by chunk_state_kernel and read only when normalizing; zeros otherwise."""
-        B, T, H, D = q.shape
+        B, T, H, DK = q.shape
+        DV = v.shape[-1]
         NS = triton.cdiv(T, seg_len)
-        M = D * D + D
+        M = DK * DV + DK
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         r = (torch.empty if normalize else torch.zeros)((B, H, T), dtype=torch.float32, device=q.device)
         dstates = torch.empty_like(states)
-        common = dict(T=T, H=H, L=seg_len, NS=NS, D=D, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
-        wrap_triton(kernels.chunk_state_kernel)[_grid(D, NS * B * H, "BK")](
+        common = dict(T=T, H=H, L=seg_len, NS=NS, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
+        wrap_triton(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             q, do, o, rden, r, dstates, BWD=True, **common)
         wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
-        wrap_triton(kernels.bwd_dqdk_kernel)[_grid(D, NS * B * H, "BK")](
+        wrap_triton(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
             q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, **common)
-        wrap_triton(kernels.bwd_dv_kernel)[_grid(D, NS * B * H, "BV")](
+        wrap_triton(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
             q, k, do, rden, dstates, dv, CAUSAL=causal, **common)
         return dq, dk, dv
 
@@ -130,6 +135,7 @@ if HAVE_TRITON:
         # Without this, autograd allocates and zero-fills gradients for rden and states (states is
         # [B*H, NS+1, D*D+D] fp32) on every backward, only for _backward to ignore them. (do is never
         # None: o is the only differentiable output, so backward runs only when it has a gradient.)
+        # (states is [B*H, NS+1, DK*DV+DK] in general.)
         ctx.set_materialize_grads(False)
 
     def _gradients(backward_launches):
@@ -156,9 +162,13 @@ def _check_inputs(q, k, v, feature_map, normalize, causal, eps) -> None:
         check_float_tensor(name, t)
     if q.dim() != 4:
         raise ValueError(f"q must have 4 dimensions [batch, seq_len, heads, head_dim], got shape {tuple(q.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the same shape as q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v must have shape [batch, seq_len, heads, v_dim] with batch, seq_len, heads as q's "
+            f"{tuple(q.shape[:3])} (v_dim may differ from q's head_dim), got {tuple(v.shape)}")
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}")
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
@@ -183,12 +193,12 @@ def _uses_kernel(q: torch.Tensor) -> bool:
 def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps=1e-6, seg_len=None):
     """The Triton path without dispatch; seg_len (a multiple of kernels.SEGMENT_MULTIPLE) picks the
     segment length, which tests and the benchmark vary."""
-    D = q.shape[-1]
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"head_dim (last dimension of q, k, v) must be one of {SUPPORTED_HEAD_DIMS} for the Triton kernel, "
-            f"got {D}; pad the head dimension or use linear_attention_naive"
-        )
+    for width, role, where in ((q.shape[-1], "key", "q and k"), (v.shape[-1], "value", "v")):
+        if width not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f"{role} head_dim (last dimension of {where}) must be one of {SUPPORTED_HEAD_DIMS} for the Triton "
+                f"kernel (the key and value widths are chosen independently), got {width}; pad it or use "
+                f"linear_attention_naive")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, H, _ = q.shape
     if seg_len is None:
@@ -211,9 +221,10 @@ def linear_attention(
 ) -> torch.Tensor:
     """Linear attention o_t = phi(q_t) S_t / (phi(q_t) . z_t + eps) with S_t = sum_{s<=t} phi(k_s)^T v_s,
     z_t = sum_{s<=t} phi(k_s) (sums over the whole sequence when causal=False; no division when
-    normalize=False). q, k, v: [batch, seq_len, heads, head_dim], one float dtype, one device; q is not
-    scaled here. phi: 'elu' (elu(x)+1), 'relu' or None (identity). Output in the input dtype; state and
-    accumulation in fp32. The Triton kernel takes head_dim in SUPPORTED_HEAD_DIMS.
+    normalize=False). q, k: [batch, seq_len, heads, head_dim], v: [batch, seq_len, heads, v_dim] (o is
+    shaped like v), one float dtype, one device; q is not scaled here. phi: 'elu' (elu(x)+1), 'relu' or
+    None (identity). Output in the input dtype; state and accumulation in fp32. The Triton kernel takes
+    head_dim and v_dim each in SUPPORTED_HEAD_DIMS (independently).
     """
     _check_inputs(q, k, v, feature_map, normalize, causal, eps)
     if not _uses_kernel(q):
