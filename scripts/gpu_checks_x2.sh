@@ -7,22 +7,9 @@
 #   stream B, GPU 1: FFT, attention (flex, 128k) and block-path GPU tests
 # Usage (repo root): OUT=/some/dir DEADLINE_S=540 bash scripts/gpu_checks_x2.sh
 set -uo pipefail
-ROOT=${OUT:-runs/gpu_checks}
-export OUT=$ROOT/r  # child scripts write their JSON to $OUT
-mkdir -p "$OUT"
-END=$((SECONDS + ${DEADLINE_S:-540}))
-export PYTHONUNBUFFERED=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-runs/gpu_checks}
+source scripts/gpu_steps.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-
-# step NAME MAX_S CMD...: runs CMD with the smaller of MAX_S and the time left, logs to $OUT/NAME.log
-step() {
-  local name=$1 max=$2; shift 2
-  local left=$((END - SECONDS - 5)); local t=$((max < left ? max : left))
-  if ((t < 20)); then echo "[skip] $name (no time left)" | tee -a "$OUT/steps.txt"; return; fi
-  local t0=$SECONDS
-  timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
-  echo "[rc=$? ${name} $((SECONDS - t0))s of ${t}s]" | tee -a "$OUT/steps.txt"
-}
 
 if [[ ${DIST:-1} == 1 ]]; then step distributed 150 env OUT="$OUT/distributed" bash scripts/gpu_train_distributed.sh; fi
 
@@ -41,5 +28,4 @@ if [[ ${DIST:-1} == 1 ]]; then step distributed 150 env OUT="$OUT/distributed" b
     tests/test_attention_flex.py tests/test_attention_gpu.py tests/test_block_paths.py
 ) &
 wait
-cat "$OUT/steps.txt"
-tar czf "$ROOT/results.tgz" -C "$OUT" . && rm -rf "$OUT" && echo "packed $(du -h "$ROOT/results.tgz" | cut -f1)"
+pack
