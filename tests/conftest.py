@@ -46,8 +46,13 @@ class OpNames:
         names = self.names = []
 
         class _Mode(TorchDispatchMode):
+            # on CUDA, wrap_triton launches reach the mode as a higher-order operator
+            # (triton_kernel_wrapper_mutation), which has no overload packet: record it by name
+            supports_higher_order_operators = True
+
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                names.append(func.overloadpacket.__name__)
+                packet = getattr(func, "overloadpacket", None)
+                names.append(packet.__name__ if packet is not None else func.name())
                 return func(*args, **(kwargs or {}))
 
         self._mode = _Mode()
