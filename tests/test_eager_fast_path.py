@@ -59,3 +59,31 @@ def test_twin_and_op_agree_exactly_and_each_is_used_where_it_should(name, monkey
     assert f"{twin}Backward" not in _graph(y)
     for a, b in zip(eager, op):
         assert torch.equal(a, b)
+
+
+def test_eager_twins_launch_triton_directly():
+    """The eager twins run their bodies with wrap_triton off (as triton_op does for eager calls): left on,
+    every launch is dispatched as a higher-order operator, which made the Monarch and Kronecker twins
+    ~1000x slower on the H200. Under a dispatch mode the launches must stay visible to the mode."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    from mmm.ops import eager_function
+
+    seen = []
+
+    def forward(x):
+        seen.append(is_wrap_triton_enabled())
+        return x * 2
+
+    def backward(ctx, g):
+        seen.append(is_wrap_triton_enabled())
+        return g * 2
+
+    twin = eager_function("_Twice", forward, lambda ctx, inputs, output: None, backward)
+    x = torch.randn(3, requires_grad=True)
+    twin.apply(x).sum().backward()
+    assert seen == [False, False]
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+    with OpNames():
+        twin.apply(x)
+    assert seen[-1] is True

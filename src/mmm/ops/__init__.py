@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _kernels_enabled = True
@@ -40,9 +41,24 @@ def plain_eager(*tensors: torch.Tensor) -> bool:
             and all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors))
 
 
+def _direct_launches(body):
+    """`body` with its wrap_triton launches going straight to Triton, as triton_op does for eager calls.
+    Left on, each launch is dispatched as a higher-order operator: on the H200 (torch 2.11) that made
+    the eager twins of the Monarch and Kronecker ops ~1000x slower (1.2 s per call). Only where nothing
+    traces the call (compiled autograd may trace a backward)."""
+
+    def run(*args):
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+            return body(*args)
+        with set_wrap_triton_enabled(False):
+            return body(*args)
+
+    return run
+
+
 def eager_function(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
     """A plain autograd.Function from an op's forward body (the launches, no torch.library layer), the
     setup_context its op registers, and a backward that calls the backward body directly."""
-    methods = dict(forward=staticmethod(forward), setup_context=staticmethod(setup_context),
-                   backward=staticmethod(backward))
+    methods = dict(forward=staticmethod(_direct_launches(forward)), setup_context=staticmethod(setup_context),
+                   backward=staticmethod(_direct_launches(backward)))
     return type(name, (torch.autograd.Function,), methods)
