@@ -456,9 +456,22 @@ def _errors_vs_fp64(fn, q, k, v, go, ref):
 def test_gpu_bf16_within_twice_pytorch_bf16_error(D, T, feature_map, normalize):
     """Kernel error (bf16 in, bf16 out) at most 2x the error of the naive reference run in bf16 end to
     end, both against the fp64 reference, for the output and all three gradients."""
-    B, H = 1, 4
-    q, k, v = make_inputs(B, T, H, D, feature_map, normalize, dtype=torch.bfloat16, device="cuda")
-    go = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = make_inputs(1, T, 4, D, feature_map, normalize, dtype=torch.bfloat16, device="cuda")
+    _assert_within_twice_pytorch_bf16(q, k, v, feature_map, normalize)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("DK,DV", [(256, 128), (64, 128), (128, 64)])
+def test_gpu_bf16_key_width_differs_from_value_width(DK, DV):
+    """Prefeatured maps (Hedgehog: features in PyTorch, identity in the kernel) run with DK = feature
+    width != DV: positive features, normalized, against fp64 like the equal-width test."""
+    q, k = (torch.rand(1, 1000, 4, DK, device="cuda").add_(0.05).to(torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, 1000, 4, DV, device="cuda", dtype=torch.bfloat16)
+    _assert_within_twice_pytorch_bf16(q, k, v, None, True)
+
+
+def _assert_within_twice_pytorch_bf16(q, k, v, feature_map, normalize):
+    go = torch.randn_like(v)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     o64 = linear_attention_naive(q64, k64, v64, feature_map, normalize)
     o64.backward(go.double())
