@@ -13,7 +13,8 @@ at the case's T (`attention_inputs`: same heads and head dim as the case).
 The Hedgehog row's map is fitted (`train_hedgehog`, once per process) to the same trained layer's q/k
 on the start of its *training* text (`training_qkv`), then judged on the held-out q/k/v like every other
 row, so its error is beside elu+1's and FAVOR+'s on the same inputs; the fit's time and steps are in the
-row's info (not in its time). Hedgehog and FAVOR+ rows run mmm's PyTorch path of linear attention.
+row's info (not in its time). The Hedgehog row runs the fused kernel on features computed in PyTorch
+(key width = feature width, 2 D); the FAVOR+ row runs mmm's PyTorch path (its map rescales queries).
 
 `attn.crossover`: exact (`mmm.attention(method="exact")`, SDPA's own backend choice) and linear (elu,
 normalized) at T in 512..4096 (quick: 64, 128). The setup first times forward+backward of both at every
