@@ -22,7 +22,6 @@ step() {
 }
 
 pack() {
-
   tar czf "$ROOT/results.tgz" -C "$OUT" . && rm -rf "$OUT" && echo "packed $(du -h "$ROOT/results.tgz" | cut -f1)"
 }
 

@@ -31,13 +31,19 @@ def reference_only():
         _kernels_enabled = previous
 
 
+def _untraced() -> bool:
+    """Nothing records this call: not torch.compile, no dispatch mode (FakeTensor, functionalization,
+    op loggers)."""
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
 def plain_eager(*tensors: torch.Tensor) -> bool:
     """Whether a call runs in plain eager mode: not traced by torch.compile, no dispatch mode active
     (FakeTensor, functionalization, op loggers), plain tensors or Parameters (no subclasses such as
     DTensor). Only then may an op call its kernels through its `eager_function` twin instead of its
     torch.library op: the op's dispatch and generated autograd cost host time on every call (~100 us per
     forward+backward on the CI CPU), which kernels of ~0.1 ms cannot hide."""
-    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+    return (_untraced()
             and all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors))
 
 
@@ -48,7 +54,7 @@ def _direct_launches(body):
     traces the call (compiled autograd may trace a backward)."""
 
     def run(*args):
-        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        if not _untraced():
             return body(*args)
         with set_wrap_triton_enabled(False):
             return body(*args)
