@@ -1,0 +1,236 @@
+"""The "dft" path of fft_conv: single-block circulant and Toeplitz products with the FFT done as
+tensor-core GEMMs inside one Triton kernel per direction (dft_kernels.py explains the algorithm).
+
+Which products it takes (`plan`): one block (kernel [1, 1, L//2 + 1]) and
+- circulant-like: n_in, n_out <= L = n (one branch), or
+- Toeplitz-like: L even, n_in, n_out <= L/2 = n (two branches: the even and odd frequencies of the
+  length-2n transform, each a length-n four-step FFT),
+with n = N1 * N2 a power of two in [256, 16384] (N1, N2 in {16, 32, 64, 128}; tl.dot needs >= 16).
+
+Ops (torch.library custom ops with fake implementations and autograd, so torch.compile traces them):
+  mmm::fft_dft_conv(x, kernel, n_in, L, n_out) -> y
+  mmm::fft_dft_conv_backward(dy, x, kernel, n_in, L, need_dx, need_dkernel) -> (dx, dkernel)
+The backward recomputes the input's spectrum from x (saved instead of a spectrum: no extra memory).
+dx is the same kernel with the conjugate spectrum; the kernel's gradient comes from
+S = sum over pairs of W conj(U) (U, W: DFTs of the packed x and dy pairs): the cross terms between
+the two tokens of a pair are i times a Hermitian spectrum, so the Hermitian part of S,
+P[k] = (S[k] + conj(S[-k])) / 2, is sum_t DY_t conj(X_t), and dkernel = (w_f / L) P (naive.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .naive import hermitian_weights
+
+try:
+    import triton
+
+    from . import dft_kernels
+    from .kernels import INTERPRET
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+    INTERPRET = False
+
+BOUND = 2.0**14  # ||s z||_2 of a scaled pair: every intermediate stays below it (fp16 max 65504)
+SIZES = tuple(1 << k for k in range(8, 15))  # n = N1 * N2
+
+
+def factor(n: int) -> tuple[int, int] | None:
+    """(N1, N2) with N1 * N2 = n, both in [16, 128], N1 >= N2; None when n is not such a size."""
+    if n not in SIZES:
+        return None
+    n1 = 1 << ((n.bit_length()) // 2)
+    return n1, n // n1
+
+
+def plan(p: int, q: int, n_in: int, L: int, n_out: int) -> tuple[int, int, int] | None:
+    """(N1, N2, branches) for this product, or None when the dft path cannot take it."""
+    if p != 1 or q != 1:
+        return None
+    if L in SIZES and n_in <= L and n_out <= L:
+        return (*factor(L), 1)
+    if L % 2 == 0 and L // 2 in SIZES and n_in <= L // 2 and n_out <= L // 2:
+        return (*factor(L // 2), 2)
+    return None
+
+
+def _config(n1: int, n2: int, nb: int) -> dict:
+    """Row blocks (BK: phase 1 and the correlation, BN: phase 2) and warps. Under the interpreter one
+    block (its cost grows with loop steps). On the GPU, blocks of <= 64 rows keep the fp32 complex
+    tiles small enough not to spill (scripts/gpu_fft_dft.py --ptxas reports registers and spills)."""
+    if INTERPRET:
+        return dict(BK=n1, BN=n1, num_warps=4, progs_per_sm=1)
+    return dict(BK=min(n1, 64), BN=min(n1, 64), num_warps=8 if n1 * n2 >= 8192 else 4, progs_per_sm=1)
+
+
+CONFIG_OVERRIDE: dict | None = None  # set by scripts/gpu_fft_dft.py to time other configs
+
+
+def config(n1: int, n2: int, nb: int) -> dict:
+    return CONFIG_OVERRIDE if CONFIG_OVERRIDE is not None else _config(n1, n2, nb)
+
+
+def _angle(num: torch.Tensor, den: int) -> torch.Tensor:
+    """2 pi num / den in fp64 with num reduced mod den first (exact integers, accurate angles)."""
+    return (num % den).double() * (2 * math.pi / den)
+
+
+def _ri(z: torch.Tensor, with_neg: bool) -> torch.Tensor:
+    parts = [z.real, z.imag, -z.imag] if with_neg else [z.real, z.imag]
+    return torch.stack(parts, dim=-3)
+
+
+@functools.lru_cache(maxsize=32)
+def tables(n1: int, n2: int, nb: int, device: str, dtype: torch.dtype):
+    """DFT tables of dft_kernels.py in `dtype`: F1 [nb, 3, n1, n1] (re, im, -im), F1^H likewise,
+    F2 [3, n2, n2], TW [nb, 2, n1, n2]. Branch 1 (Toeplitz odd frequencies) has phi folded in."""
+    n = n1 * n2
+    k1, k2 = torch.arange(n1), torch.arange(n2)
+
+    def e(num, den):  # exp(-2 pi i num / den)
+        return torch.polar(torch.ones(num.shape, dtype=torch.float64), -_angle(num, den))
+
+    f2 = e(k2[:, None] * k2[None, :], n2) / math.sqrt(n2)
+    f1, tw = [], []
+    for b in range(nb):  # phi[N2 n1 + n2] = exp(-i pi b n1 / N1) exp(-i pi b n2 / n)
+        f1.append(e(k1[:, None] * k1[None, :] * 2 + b * k1[None, :], 2 * n1) / math.sqrt(n1))
+        tw.append(e(k1[:, None] * k2[None, :] * 2 + b * k2[None, :], 2 * n))
+    f1 = torch.stack(f1)
+    out = (_ri(f1, True), _ri(f1.conj().transpose(-1, -2), True), _ri(f2, True), _ri(torch.stack(tw), False))
+    return tuple(t.to(device=device, dtype=dtype).contiguous() for t in out)
+
+
+def _full_spectrum(kernel: torch.Tensor, L: int) -> torch.Tensor:
+    """kernel [L//2 + 1] complex -> the Hermitian [L] spectrum irfft uses (DC and Nyquist real)."""
+    k = kernel.to(torch.complex64)
+    dc, rest = k[:1].real.to(k.dtype), k[1:]
+    if L % 2 == 0:
+        mid = rest[-1:].real.to(k.dtype)
+        return torch.cat([dc, rest[:-1], mid, rest[:-1].flip(0).conj()])
+    return torch.cat([dc, rest, rest.flip(0).conj()])
+
+
+def _spectrum_table(kernel: torch.Tensor, L: int, n1: int, n2: int, nb: int, conj: bool):
+    """The spectrum in the kernels' layout, [nb, 2, n1, n2] fp32 with entry (b, k1, k2) = K[nb j + b] /
+    nb (j = k1 + n1 k2; 1/nb: the two Toeplitz branches are halves), scaled by g = 2^k so that
+    max |.| <= 1, and 1/g as a [1] tensor (no host sync)."""
+    K = _full_spectrum(kernel, L)
+    if conj:
+        K = K.conj()
+    K = K.reshape(n2, n1, nb).permute(2, 1, 0) / nb  # [b, k1, k2] = K[nb (k1 + n1 k2) + b]
+    peak = K.abs().amax().clamp_min(1e-30)
+    g = torch.exp2(torch.floor(torch.log2(1.0 / peak)).clamp(-100, 100))
+    table = torch.stack([K.real, K.imag], dim=1) * g
+    return table.float().contiguous(), (1.0 / g).reshape(1).float()
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    # fp16 GEMM operands on the GPU; fp32 under the interpreter (its fp16 tl.dot is fine but its
+    # numpy fp16 would be slow, and the tests compare against fp32 references)
+    return torch.float32 if INTERPRET or x.dtype == torch.float32 else torch.float16
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def conv(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int, conj: bool = False) -> torch.Tensor:
+    """y [N, n_out] = first n_out of irfft_L(rfft_L(x padded) * K) for x [N, n_in] (unit stride along
+    rows); with `conj`, K conjugated (the adjoint)."""
+    n1, n2, nb = plan(1, 1, n_in, L, n_out)
+    N = x.shape[0]
+    n_pairs = (N + 1) // 2
+    dt = _work_dtype(x)
+    f1, f1h, f2, tw = tables(n1, n2, nb, str(x.device), dt)
+    ktab, gain = _spectrum_table(kernel, L, n1, n2, nb, conj)
+    cfg = config(n1, n2, nb)
+    grid = max(1, min(n_pairs, _num_sms(x.device) * cfg["progs_per_sm"]))
+    scratch = torch.empty(grid, nb, 2, n1, n2, device=x.device, dtype=dt)
+    y = torch.empty(N, n_out, device=x.device, dtype=x.dtype)
+    dft_kernels.dft_conv_kernel[(grid,)](
+        x, y, f1, f1h, f2, tw, ktab, gain, scratch, N, n_pairs, n_in, n_out, x.stride(0), y.stride(0),
+        N1=n1, N2=n2, NB=nb, BK=cfg["BK"], BN=cfg["BN"], BOUND=BOUND,
+        PREC="ieee" if dt == torch.float32 else "tf32", num_warps=cfg["num_warps"])
+    return y
+
+
+def corr(x: torch.Tensor, dy: torch.Tensor, n_in: int, L: int, n_out: int) -> torch.Tensor:
+    """dkernel [L//2 + 1] complex64 = (w_f / L) sum_t conj(X_t) DY_t (naive.conv_backward)."""
+    n1, n2, nb = plan(1, 1, n_in, L, n_out)
+    N = x.shape[0]
+    n_pairs = (N + 1) // 2
+    dt = _work_dtype(x)
+    f1, _, f2, tw = tables(n1, n2, nb, str(x.device), dt)
+    cfg = config(n1, n2, nb)
+    blocks = n1 // cfg["BK"]
+    # about 4 programs per SM, each a chunk of pairs; more chunks would only grow the partial sums
+    chunks = max(1, min(n_pairs, triton.cdiv(4 * _num_sms(x.device), blocks * nb)))
+    per_chunk = triton.cdiv(n_pairs, chunks)
+    chunks = triton.cdiv(n_pairs, per_chunk)
+    part = torch.empty(chunks, nb, 2, n1, n2, device=x.device, dtype=torch.float32)
+    dft_kernels.dft_corr_kernel[(blocks, chunks, nb)](
+        x, dy, f1, f2, tw, part, N, n_pairs, n_in, n_out, x.stride(0), dy.stride(0), per_chunk,
+        N1=n1, N2=n2, BK=cfg["BK"], BOUND=BOUND, PREC="ieee" if dt == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"])
+    s = part.sum(0)
+    S = torch.complex(s[:, 0], s[:, 1])  # [b, k1, k2] = unitary S_b[k1 + n1 k2]
+    S = S.permute(2, 1, 0).reshape(L) * (L // nb)  # full length-L order nb j + b, non-unitary
+    P = 0.5 * (S + S.roll(-1).flip(0).conj())  # S[-k] = S[(L - k) mod L]
+    return P[: L // 2 + 1] * (hermitian_weights(L, x.device) / L)
+
+
+# --------------------------------------------------------------------------------------------------
+# ops
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("mmm::fft_dft_conv", mutates_args=())
+def dft_conv_op(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int) -> torch.Tensor:
+    """x [N, n_in], kernel [1, 1, L//2 + 1] complex -> y [N, n_out] in x's dtype."""
+    return conv(x, kernel[0, 0], n_in, L, n_out)
+
+
+@dft_conv_op.register_fake
+def _(x, kernel, n_in, L, n_out):
+    return x.new_empty(x.shape[0], n_out)
+
+
+@torch.library.custom_op("mmm::fft_dft_conv_backward", mutates_args=())
+def dft_conv_backward_op(dy: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int,
+                         need_dx: bool, need_dkernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx [N, n_in] or empty, dkernel like kernel or empty) from dy [N, n_out]."""
+    n_out = dy.shape[1]
+    dx = conv(dy, kernel[0, 0], n_out, L, n_in, conj=True) if need_dx else dy.new_empty(0)
+    dk = corr(x, dy, n_in, L, n_out).to(kernel.dtype).reshape(kernel.shape) if need_dkernel else kernel.new_empty(0)
+    return dx, dk
+
+
+@dft_conv_backward_op.register_fake
+def _(dy, x, kernel, n_in, L, need_dx, need_dkernel):
+    dx = dy.new_empty(dy.shape[0], n_in) if need_dx else dy.new_empty(0)
+    return dx, (kernel.new_empty(kernel.shape) if need_dkernel else kernel.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, kernel, n_in, L, n_out = inputs
+    ctx.save_for_backward(x, kernel)
+    ctx.n_in, ctx.L = n_in, L
+
+
+def _backward(ctx, dy):
+    x, kernel = ctx.saved_tensors
+    need_dx, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dx or need_dk):
+        return None, None, None, None, None
+    dx, dk = dft_conv_backward_op(dy.contiguous(), x, kernel, ctx.n_in, ctx.L, need_dx, need_dk)
+    return (dx if need_dx else None), (dk if need_dk else None), None, None, None
+
+
+dft_conv_op.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,175 @@
+"""Triton kernels of the "dft" path: the FFT of a circulant / Toeplitz product done as tensor-core GEMMs,
+the whole product for a pair of tokens in one kernel (x read once, y written once).
+
+Four-step FFT of length n = N1 * N2. A row viewed as the matrix Z[n1, n2] = z[N2 n1 + n2] (row-major,
+no copy) has the unitary DFT  Zhat[k1 + N1 k2] = C[k1, k2]  with
+    A = F1 @ Z        (F1 [k1, n1] = exp(-2 pi i k1 n1 / N1) / sqrt(N1))
+    B = A * TW        (TW [k1, n2] = exp(-2 pi i k1 n2 / n), elementwise)
+    C = B @ F2        (F2 [n2, k2] = exp(-2 pi i n2 k2 / N2) / sqrt(N2)).
+The inverse runs the same steps backwards with the adjoints (D = Y @ conj(F2), E = D * conj(TW),
+G = F1^H @ E) and lands in the row's natural order again, so neither end needs a transpose. The
+spectrum of the kernel is stored in the [k1, k2] order of C.
+
+Two real tokens ride as one complex row z = x_a + i x_b: the product is real-linear and maps real rows
+to real rows, so Re / Im of the result are y_a / y_b. Toeplitz (circular length 2n, first n outputs)
+is a sum of NB = 2 "branches" of length n: even frequencies are DFT_n(x), odd ones DFT_n(phi x) with
+phi[m] = exp(-i pi m / n); phi's factors fold into F1's columns and TW's columns (tables per branch),
+and the inverse of the odd branch is the adjoint of its forward. Circulant is NB = 1.
+
+Precision: the GEMM operands are the tables' dtype DT (fp16 on the GPU, fp32 under the interpreter),
+accumulation and the elementwise steps are fp32. Every stage is unitary, so no entry of any
+intermediate exceeds the L2 norm of the row: each pair is scaled by s = 2^k with ||s z||_2 <= BOUND
+(< fp16 max) and the kernel's spectrum by g = 2^k with max |g K| <= 1; the output is divided by s g.
+
+Kernels:
+- `dft_conv_kernel`: y = the product (forward, or the adjoint with conj(K) for dx). Persistent
+  programs loop over pairs. Phase 1 walks row blocks of k1 (everything up to E is row-local) and
+  writes E to a per-program scratch (L2-resident); phase 2 reads it back whole for G = F1^H @ E, one
+  block of output rows at a time. Offsets along tokens are int64.
+- `dft_corr_kernel`: the kernel's gradient, sum over pairs of W * conj(U) (U = DFT of the x pair,
+  W = of the dy pair), for one row block of the spectrum and one chunk of pairs per program; the
+  chunks' partial sums are added afterwards (deterministic).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _cdot(ar, ai, br, bi, bni, acc_r, acc_i, PREC: tl.constexpr):
+    """acc + (ar + i ai) @ (br + i bi), with bni = -bi (tables carry it, so no operand is negated)."""
+    acc_r = tl.dot(ar, br, acc_r, input_precision=PREC)
+    acc_r = tl.dot(ai, bni, acc_r, input_precision=PREC)
+    acc_i = tl.dot(ar, bi, acc_i, input_precision=PREC)
+    acc_i = tl.dot(ai, br, acc_i, input_precision=PREC)
+    return acc_r, acc_i
+
+
+@triton.jit
+def _cdot_left(tr, ti, tni, dr, di, acc_r, acc_i, PREC: tl.constexpr):
+    """acc + (tr + i ti) @ (dr + i di), with tni = -ti."""
+    acc_r = tl.dot(tr, dr, acc_r, input_precision=PREC)
+    acc_r = tl.dot(tni, di, acc_r, input_precision=PREC)
+    acc_i = tl.dot(tr, di, acc_i, input_precision=PREC)
+    acc_i = tl.dot(ti, dr, acc_i, input_precision=PREC)
+    return acc_r, acc_i
+
+
+@triton.jit
+def _load_pair(ptr, row_a, n_rows, row_stride, n_valid, BOUND: tl.constexpr, DT: tl.constexpr,
+               N1: tl.constexpr, N2: tl.constexpr):
+    """Rows row_a and row_a + 1 (zero when past n_rows or past n_valid entries) as Z = s (x_a + i x_b)
+    [N1, N2] in DT, and the pair's scale s = 2^k with ||s z||_2 <= BOUND."""
+    m = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    valid = m < n_valid
+    xa = tl.load(ptr + row_a * row_stride + m, mask=valid, other=0.0).to(tl.float32)
+    xb = tl.load(ptr + (row_a + 1) * row_stride + m, mask=valid & (row_a + 1 < n_rows), other=0.0).to(tl.float32)
+    ssq = tl.sum(tl.sum(xa * xa + xb * xb, axis=1), axis=0)
+    e = tl.floor(tl.log2(BOUND / tl.sqrt(tl.maximum(ssq, 1e-30))))
+    s = tl.exp2(tl.minimum(tl.maximum(e, -100.0), 100.0))
+    return (xa * s).to(DT), (xb * s).to(DT), s
+
+
+@triton.jit
+def _forward_rows(zr, zi, f1_ptr, tw_ptr, f2r, f2i, f2ni, b, k0,
+                  N1: tl.constexpr, N2: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Rows k1 in [k0, k0 + BK) of C (branch b) in fp32, and the twiddles of those rows (fp32)."""
+    DT = f1_ptr.dtype.element_ty
+    rk = k0 + tl.arange(0, BK)
+    r1 = tl.arange(0, N1)
+    r2 = tl.arange(0, N2)
+    f1 = f1_ptr + b * 3 * N1 * N1 + rk[:, None] * N1 + r1[None, :]
+    zero = tl.zeros([BK, N2], dtype=tl.float32)
+    ar, ai = _cdot_left(tl.load(f1), tl.load(f1 + N1 * N1), tl.load(f1 + 2 * N1 * N1), zr, zi, zero, zero, PREC)
+    tw = tw_ptr + b * 2 * N1 * N2 + rk[:, None] * N2 + r2[None, :]
+    twr = tl.load(tw).to(tl.float32)
+    twi = tl.load(tw + N1 * N2).to(tl.float32)
+    br = (ar * twr - ai * twi).to(DT)
+    bi = (ar * twi + ai * twr).to(DT)
+    cr, ci = _cdot(br, bi, f2r, f2i, f2ni, zero, zero, PREC)
+    return cr, ci, twr, twi
+
+
+@triton.jit
+def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_ptr, scratch_ptr,
+                    N, N_PAIRS, N_IN, N_OUT, x_stride, y_stride,
+                    N1: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                    BOUND: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    DT = f1_ptr.dtype.element_ty
+    TILE: tl.constexpr = N1 * N2
+    r1 = tl.arange(0, N1)
+    r2 = tl.arange(0, N2)
+    f2 = f2_ptr + r2[:, None] * N2 + r2[None, :]
+    f2r = tl.load(f2)
+    f2i = tl.load(f2 + N2 * N2)
+    f2ni = tl.load(f2 + 2 * N2 * N2)
+    gain = tl.load(gain_ptr)
+    scratch = scratch_ptr + pid.to(tl.int64) * (NB * 2 * TILE)
+    for pair in range(pid, N_PAIRS, tl.num_programs(0)):
+        row_a = 2 * tl.cast(pair, tl.int64)
+        zr, zi, s = _load_pair(x_ptr, row_a, N, x_stride, N_IN, BOUND, DT, N1, N2)
+        # phase 1: up to E = (Y @ conj(F2)) * conj(TW), one block of rows k1 at a time, into the scratch
+        for b in tl.static_range(NB):
+            for k0 in tl.static_range(0, N1, BK):
+                cr, ci, twr, twi = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2r, f2i, f2ni, b, k0, N1, N2, BK, PREC)
+                blk = b * 2 * TILE + (k0 + tl.arange(0, BK))[:, None] * N2 + r2[None, :]
+                kr = tl.load(k_ptr + blk)
+                ki = tl.load(k_ptr + blk + TILE)
+                yr = (cr * kr - ci * ki).to(DT)
+                yi = (cr * ki + ci * kr).to(DT)
+                zero = tl.zeros([BK, N2], dtype=tl.float32)
+                dr, di = _cdot(yr, yi, f2r, f2ni, f2i, zero, zero, PREC)  # conj(F2) = f2r - i f2i
+                tl.store(scratch + blk, (dr * twr + di * twi).to(DT))
+                tl.store(scratch + blk + TILE, (di * twr - dr * twi).to(DT))
+        tl.debug_barrier()
+        # phase 2: G = sum_b F1_b^H @ E_b, one block of output rows n1 at a time
+        full = r1[:, None] * N2 + r2[None, :]
+        for n0 in tl.static_range(0, N1, BN):
+            rn = n0 + tl.arange(0, BN)
+            gr = tl.zeros([BN, N2], dtype=tl.float32)
+            gi = tl.zeros([BN, N2], dtype=tl.float32)
+            for b in tl.static_range(NB):
+                er = tl.load(scratch + b * 2 * TILE + full)
+                ei = tl.load(scratch + b * 2 * TILE + TILE + full)
+                fh = f1h_ptr + b * 3 * N1 * N1 + rn[:, None] * N1 + r1[None, :]
+                gr, gi = _cdot_left(tl.load(fh), tl.load(fh + N1 * N1), tl.load(fh + 2 * N1 * N1), er, ei, gr, gi, PREC)
+            out = rn[:, None] * N2 + r2[None, :]
+            o = gain / s
+            ok = out < N_OUT
+            tl.store(y_ptr + row_a * y_stride + out, (gr * o).to(y_ptr.dtype.element_ty), mask=ok)
+            tl.store(y_ptr + (row_a + 1) * y_stride + out, (gi * o).to(y_ptr.dtype.element_ty), mask=ok & (row_a + 1 < N))
+        tl.debug_barrier()  # the next pair's phase 1 overwrites the scratch
+
+
+@triton.jit
+def dft_corr_kernel(x_ptr, dy_ptr, f1_ptr, f2_ptr, tw_ptr, part_ptr,
+                    N, N_PAIRS, N_IN, N_DY, x_stride, dy_stride, PAIRS_PER_CHUNK,
+                    N1: tl.constexpr, N2: tl.constexpr, BK: tl.constexpr, BOUND: tl.constexpr, PREC: tl.constexpr):
+    k0 = tl.program_id(0) * BK
+    chunk = tl.program_id(1)
+    b = tl.program_id(2)
+    DT = f1_ptr.dtype.element_ty
+    TILE: tl.constexpr = N1 * N2
+    r2 = tl.arange(0, N2)
+    f2 = f2_ptr + r2[:, None] * N2 + r2[None, :]
+    f2r = tl.load(f2)
+    f2i = tl.load(f2 + N2 * N2)
+    f2ni = tl.load(f2 + 2 * N2 * N2)
+    acc_r = tl.zeros([BK, N2], dtype=tl.float32)
+    acc_i = tl.zeros([BK, N2], dtype=tl.float32)
+    first = chunk * PAIRS_PER_CHUNK
+    for pair in range(first, tl.minimum(first + PAIRS_PER_CHUNK, N_PAIRS)):
+        row_a = 2 * tl.cast(pair, tl.int64)
+        zr, zi, su = _load_pair(x_ptr, row_a, N, x_stride, N_IN, BOUND, DT, N1, N2)
+        ur, ui, _, _ = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2r, f2i, f2ni, b, k0, N1, N2, BK, PREC)
+        zr, zi, sw = _load_pair(dy_ptr, row_a, N, dy_stride, N_DY, BOUND, DT, N1, N2)
+        wr, wi, _, _ = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2r, f2i, f2ni, b, k0, N1, N2, BK, PREC)
+        inv = 1.0 / (su * sw)
+        acc_r += (wr * ur + wi * ui) * inv  # W conj(U)
+        acc_i += (wi * ur - wr * ui) * inv
+    blk = part_ptr + (chunk.to(tl.int64) * tl.num_programs(2) + b) * 2 * TILE + (k0 + tl.arange(0, BK))[:, None] * N2 + r2[None, :]
+    tl.store(blk, acc_r)
+    tl.store(blk + TILE, acc_i)
