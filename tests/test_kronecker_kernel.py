@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from mmm.ops.kronecker import kron_matmul, naive
+from mmm.ops.kronecker import kernels, kron_matmul, naive
 from mmm.ops.kronecker.op import use_kernel
 
-from conftest import rel_err
+from conftest import grads, rel_err
 
 SHAPES = [  # (N, terms, o1, i1, o2, i2)
     (5, 1, 4, 4, 4, 4),
@@ -14,7 +14,12 @@ SHAPES = [  # (N, terms, o1, i1, o2, i2)
     (9, 1, 5, 6, 7, 40),     # one term, i2 over several chunks: the fused dX/dA backward loops
     (1, 3, 8, 16, 40, 40),   # second factor wider than one tile: several o2 and p tiles
     (33, 1, 16, 12, 9, 7),
+    (17, 1, 9, 20, 24, 70),  # one term, rectangular factors, i2 over several chunks with a partial last one
+    (2, 1, 3, 5, 33, 6),     # fewer tokens than token splits
 ]
+
+# the backward paths: (ONE_PASS_BWD, FUSED_DX_DA); the one-pass and fused ones apply to one term only
+BACKWARDS = {"two_pass": (False, False), "fused_dx_dA": (False, True), "one_pass": (True, False)}
 
 
 def _inputs(N, r, o1, i1, o2, i2, dtype, device="cpu"):
@@ -24,12 +29,11 @@ def _inputs(N, r, o1, i1, o2, i2, dtype, device="cpu"):
     return x, A, B
 
 
-@pytest.mark.parametrize("fused_dx_da", [False, True], ids=["separate_bwd", "fused_dx_dA"])
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_forward_and_gradients_match_reference(shape, fused_dx_da, monkeypatch):
-    from mmm.ops.kronecker import kernels
-
-    monkeypatch.setattr(kernels, "FUSED_DX_DA", fused_dx_da)
+def test_forward_and_gradients_match_reference(shape, backward, monkeypatch):
+    monkeypatch.setattr(kernels, "ONE_PASS_BWD", BACKWARDS[backward][0])
+    monkeypatch.setattr(kernels, "FUSED_DX_DA", BACKWARDS[backward][1])
     N, r, o1, i1, o2, i2 = shape
     x, A, B = _inputs(*shape, torch.float32)
     assert use_kernel(x)  # the interpreter path really runs
@@ -51,6 +55,38 @@ def test_leading_dims_and_strided_input():
     y = kron_matmul(xs, A, B)
     assert y.shape == (3, 2, 16)
     assert rel_err(y, naive.kron_matmul(xs.reshape(-1, 32).double(), A.double(), B.double()).reshape(3, 2, 16)) < 1e-5
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_gradients_of_non_contiguous_inputs(backward, monkeypatch):
+    monkeypatch.setattr(kernels, "ONE_PASS_BWD", BACKWARDS[backward][0])
+    monkeypatch.setattr(kernels, "FUSED_DX_DA", BACKWARDS[backward][1])
+    N, o1, i1, o2, i2 = 7, 6, 5, 4, 36
+    x = torch.randn(N, 2 * i1 * i2)[:, ::2]                # every other column
+    A = torch.randn(1, i1, o1).transpose(1, 2)          # [1, o1, i1], transposed storage
+    B = torch.randn(1, o2, 2 * i2)[..., i2:]            # [1, o2, i2], row stride 2 i2
+    assert not (x.is_contiguous() or A.is_contiguous() or B.is_contiguous())
+    y, *got = grads(kron_matmul, (x, A, B), g := torch.randn(N, o1 * o2))
+    y64, *ref = grads(naive.kron_matmul, (x.double(), A.double(), B.double()), g.double())
+    assert rel_err(y, y64) < 1e-5
+    for name, a, b in zip("xAB", got, ref):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_one_pass_backward_on_strided_views():
+    """The kernel itself on strided dY, X, A, B and dX (the op passes contiguous ones, the kernel takes strides)."""
+    N, o1, i1, o2, i2 = 5, 7, 9, 20, 40
+    dY = torch.randn(o2, N, o1).permute(1, 2, 0)                  # [N, o1, o2], token stride o1
+    X = torch.randn(N, i1, 2 * i2)[..., 1::2]                      # [N, i1, i2], column stride 2
+    A = torch.randn(1, i1, o1).transpose(1, 2)
+    B = torch.randn(1, i2, o2).transpose(1, 2)
+    dX_buf = torch.full((N, i2, i1), float("nan"))
+    dX = dX_buf.transpose(1, 2)                                    # [N, i1, i2], written through strides
+    dA, dB = kernels.kron_bwd_one_pass(dY, X, A, B, dX)
+    d64, x64, a64, b64 = (t.double() for t in (dY, X, A[0], B[0]))
+    assert rel_err(dX, torch.einsum("ao,nab,bi->noi", a64, d64, b64)) < 1e-5
+    assert rel_err(dA[0], torch.einsum("nab,bi,nci->ac", d64, b64, x64)) < 1e-5
+    assert rel_err(dB[0], torch.einsum("nab,ac,nci->bi", d64, a64, x64)) < 1e-5
 
 
 def test_bad_input():

@@ -245,10 +245,120 @@ def kron_dx_and_da(dY: torch.Tensor, X: torch.Tensor, A: torch.Tensor, B: torch.
     return partial.sum(0, keepdim=True)
 
 
-def _programs_target(device: torch.device) -> int:
+# One-pass backward for one term: each program reads its tokens' dY_n and X_n once and produces dX_n and the
+# partial sums of both factor gradients, instead of a second pass over dY and X for dB (~537 MB at d = 16384,
+# n = 8192). Timed against the two-pass path by scripts/gpu_kronecker.py; tests run every path.
+ONE_PASS_BWD = True
+# i2 columns per program (at most; see _one_pass_chunk). Compiled for sm_90 (scripts/kron_bwd_ptxas.py), 8 warps
+# hold both fp32 accumulators without spilling at 128 x 128 factors with chunks of 32 or 64 (179-250 registers,
+# so one program per SM), and at 128 x 256 with chunks of 32; 4 warps spill 0.3-9 KB in every case.
+ONE_PASS_CHUNK = 32 if INTERPRET else 64
+ONE_PASS_ACC_B = 128 * 64   # largest dB accumulator tile [o2, chunk] (elements) that compiled without spills
+ONE_PASS_PROGRAMS_PER_SM = 1  # programs per SM in the launch (one fits: ~all registers of an SM each)
+SMEM_LIMIT = 227 * 1024     # bytes of shared memory one block may use on the H100/H200
+
+
+def _one_pass_chunk(I2: int, O2: int) -> int:
+    return max(16, min(_pad(I2), ONE_PASS_CHUNK, ONE_PASS_ACC_B // _pad(O2)))
+
+
+def _one_pass_configs():
+    if INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2, 3)]
+
+
+def _one_pass_prune(configs, named_args, **kwargs):
+    """Drop configs that would not fit in shared memory: per pipeline stage dY_n and X_n's chunk, once A,
+    B's chunk and one [o1, chunk] operand (this sum matched the compiled sizes for sm_90 to the byte)."""
+    elem = named_args["dy_ptr"].element_size()
+    BO1, BI1, BO2, BC = kwargs["BO1"], kwargs["BI1"], kwargs["BO2"], kwargs["BC"]
+    per_stage = (BO1 * BO2 + BI1 * BC) * elem
+    once = (BO1 * BI1 + BO2 * BC + BO1 * BC) * elem
+    fits = [c for c in configs if once + per_stage * max(1, c.num_stages) <= SMEM_LIMIT]
+    return fits or [min(configs, key=lambda c: c.num_stages)]
+
+
+@triton.autotune(configs=_one_pass_configs(), key=["I1", "I2", "O1", "O2", "KEY_N", "BC"],
+                 prune_configs_by={"early_config_prune": _one_pass_prune})
+@triton.jit
+def kron_bwd_one_pass_kernel(
+    dy_ptr, x_ptr, a_ptr, b_ptr, dx_ptr, pa_ptr, pb_ptr,
+    N, I1, I2, O1, O2, TOK, KEY_N,
+    sdn, sd1, sd2,
+    sxn, sx1, sx2,
+    sao, sai,
+    sbo, sbi,
+    sen, se1, se2,
+    pas, pac, pao, pai,
+    pbs, pbo, pbi,
+    BO1: tl.constexpr, BI1: tl.constexpr, BO2: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One term (r = 1). Program (chunk, split) takes columns c of dX and dB (a chunk of i2) for the split's
+    tokens: dX_n[:, c] = A^T (dY_n B[:, c]) written out, and partial sums of dA = sum_n (dY_n B[:, c]) X_n[:, c]^T
+    (over this chunk's columns: the chunks' partials are added afterwards) and of dB[:, c] = sum_n dY_n^T (A X_n[:, c]).
+    The chunk programs of one split are launched side by side, so they share each dY_n through L2."""
+    chunk = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    o1 = tl.arange(0, BO1)
+    i1 = tl.arange(0, BI1)
+    o2 = tl.arange(0, BO2)
+    c = chunk * BC + tl.arange(0, BC)
+    o1_ok, i1_ok, o2_ok, c_ok = o1 < O1, i1 < I1, o2 < O2, c < I2
+    dt = dy_ptr.dtype.element_ty
+    a = tl.load(a_ptr + o1[:, None] * sao + i1[None, :] * sai, mask=o1_ok[:, None] & i1_ok[None, :], other=0.0)
+    bc = tl.load(b_ptr + o2[:, None] * sbo + c[None, :] * sbi, mask=o2_ok[:, None] & c_ok[None, :], other=0.0)
+    dy_off = o1.to(tl.int64)[:, None] * sd1 + o2[None, :] * sd2
+    x_off = i1.to(tl.int64)[:, None] * sx1 + c[None, :] * sx2
+    dx_off = i1.to(tl.int64)[:, None] * se1 + c[None, :] * se2
+    acc_a = tl.zeros((BO1, BI1), dtype=tl.float32)
+    acc_b = tl.zeros((BO2, BC), dtype=tl.float32)
+    for t in range(TOK):
+        n = split * TOK + t
+        n_ok = n < N
+        dy = tl.load(dy_ptr + n * sdn + dy_off, mask=n_ok & o1_ok[:, None] & o2_ok[None, :], other=0.0)
+        xc = tl.load(x_ptr + n * sxn + x_off, mask=n_ok & i1_ok[:, None] & c_ok[None, :], other=0.0)
+        tc = tl.dot(dy, bc, input_precision=PRECISION).to(dt)                      # (dY_n B)[:, c]  [o1, c]
+        dxc = tl.dot(tl.trans(a), tc, input_precision=PRECISION)                     # dX_n[:, c]     [i1, c]
+        tl.store(dx_ptr + n * sen + dx_off, dxc.to(dt), mask=n_ok & i1_ok[:, None] & c_ok[None, :])
+        acc_a = tl.dot(tc, tl.trans(xc), acc_a, input_precision=PRECISION)          # dA += ..       [o1, i1]
+        uc = tl.dot(a, xc, input_precision=PRECISION).to(dt)                        # (A X_n)[:, c]  [o1, c]
+        acc_b = tl.dot(tl.trans(dy), uc, acc_b, input_precision=PRECISION)          # dB[:, c] += .. [o2, c]
+    tl.store(pa_ptr + split * pas + chunk * pac + o1[:, None] * pao + i1[None, :] * pai, acc_a,
+             mask=o1_ok[:, None] & i1_ok[None, :])
+    tl.store(pb_ptr + split * pbs + o2[:, None] * pbo + c[None, :] * pbi, acc_b, mask=o2_ok[:, None] & c_ok[None, :])
+
+
+def kron_bwd_one_pass(dY: torch.Tensor, X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dX: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one term: writes dX[n] = A[0]^T dY[n] B[0] into dX and returns (dA, dB) in fp32, [1, o1, i1] and
+    [1, o2, i2]. dY [N, o1, o2], X and dX [N, i1, i2] (strided views); one read of dY and X."""
+    N, O1, O2 = dY.shape
+    I1, I2 = X.shape[1:]
+    BC = _one_pass_chunk(I2, O2)
+    chunks = triton.cdiv(I2, BC)
+    splits = max(1, min(N, ONE_PASS_PROGRAMS_PER_SM * _sm_count(dY.device) // chunks))
+    tok = triton.cdiv(N, splits)
+    splits = triton.cdiv(N, tok)
+    part_a = torch.empty((splits, chunks, O1, I1), device=dY.device, dtype=torch.float32)
+    part_b = torch.empty((splits, O2, I2), device=dY.device, dtype=torch.float32)
+    wrap_triton(kron_bwd_one_pass_kernel)[(chunks, splits)](
+        dY, X, A, B, dX, part_a, part_b, N, I1, I2, O1, O2, tok, _key_n(N),
+        *dY.stride(), *X.stride(), *A.stride()[1:], *B.stride()[1:], *dX.stride(), *part_a.stride(), *part_b.stride(),
+        BO1=_pad(O1), BI1=_pad(I1), BO2=_pad(O2), BC=BC, PRECISION=_precision(dY.dtype),
+    )
+    return part_a.sum((0, 1)).unsqueeze(0), part_b.sum(0, keepdim=True)
+
+
+def _sm_count(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs_target(device: torch.device) -> int:
+    return _sm_count(device) if INTERPRET or device.type != "cuda" else 4 * _sm_count(device)
 
 
 def _key_n(n: int) -> int:

@@ -15,7 +15,7 @@ if HAVE_TRITON:
     from torch.library import triton_op
 
     from . import kernels
-    from .kernels import kron_apply, kron_dx_and_da, kron_factor_grad, supported
+    from .kernels import kron_apply, kron_bwd_one_pass, kron_dx_and_da, kron_factor_grad, supported
 
     def _kron_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """x [N, i1*i2], A [r, o1, i1], B [r, o2, i2] -> y [N, o1*o2]."""
@@ -35,6 +35,9 @@ if HAVE_TRITON:
         dY = dy.view(N, o1, o2)
         X = x.view(N, i1, i2)
         dx = torch.empty_like(x)
+        if kernels.ONE_PASS_BWD and A.shape[0] == 1:  # dx, dA and dB from one read of dy and x
+            dA, dB = kron_bwd_one_pass(dY, X, A, B, dx.view(N, i1, i2))
+            return dx, dA.to(A.dtype), dB.to(B.dtype)
         if kernels.FUSED_DX_DA and A.shape[0] == 1:
             dA = kron_dx_and_da(dY, X, A, B, dx.view(N, i1, i2))
         else:
