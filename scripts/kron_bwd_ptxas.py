@@ -101,7 +101,7 @@ def main() -> None:
         chunks = [kk.ONE_PASS_CHUNK] if args.quick else [32, 64, 128]
         for bc in chunks:
             for warps in (4, 8):
-                for stages in (1, 2, 3):
+                for stages in (1, 2, 3, 4):
                     consts = dict(BO1=f1, BI1=f1, BO2=f2, BC=bc, PRECISION="ieee")
                     try:
                         r = compile_and_assemble(kk.kron_bwd_one_pass_kernel, launch_values(f1, f2, bc), consts,

@@ -12,6 +12,9 @@ arithmetic is 2 r (i1 i2 o2 + o1 i1 o2) per token instead of 2 i1 i2 o1 o2 for t
 - `kron_factor_grad_kernel`: out_j = sum_n G_n F_j H_n^T, a reduction over tokens split across
   programs (partial sums in fp32, added up afterwards), F_j loaded once per program. dA_j =
   sum_n dY_n B_j X_n^T and dB_j = sum_n dY_n^T A_j X_n are both this kernel with other strides.
+- `kron_dx_da_kernel` (one term): dX_n and dA in one pass over the tokens; dB then takes a second pass.
+- `kron_bwd_one_pass_kernel` (one term): dX_n, dA and dB in one pass; each program owns a chunk of i2
+  columns, so it holds dA's [o1, i1] accumulator and only a [o2, chunk] slice of dB's.
 
 Tiles: the first factor's dims (i1, o1) are one tile each (<= 128 padded), the second factor's
 contracted dim one tile (<= 256), so layers up to 128 x 256 = 32768 wide run here; larger factors
@@ -265,18 +268,22 @@ def _one_pass_chunk(I2: int, O2: int) -> int:
 def _one_pass_configs():
     if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2, 3)]
+    return [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2, 3, 4)]
 
 
 def _one_pass_prune(configs, named_args, **kwargs):
     """Drop configs that would not fit in shared memory: per pipeline stage dY_n and X_n's chunk, once A,
-    B's chunk and one [o1, chunk] operand (this sum matched the compiled sizes for sm_90 to the byte)."""
+    B's chunk and one [o1, chunk] operand (this sum matched the compiled sizes for sm_90 to the byte).
+    With one program per SM only its own pipeline hides memory latency, and with num_stages = 2 the next
+    token's loads are issued after this token's products and waited for at once (seen in the TTGIR), so
+    1 and 2 stages are kept only when no deeper pipeline fits."""
     elem = named_args["dy_ptr"].element_size()
     BO1, BI1, BO2, BC = kwargs["BO1"], kwargs["BI1"], kwargs["BO2"], kwargs["BC"]
     per_stage = (BO1 * BO2 + BI1 * BC) * elem
     once = (BO1 * BI1 + BO2 * BC + BO1 * BC) * elem
     fits = [c for c in configs if once + per_stage * max(1, c.num_stages) <= SMEM_LIMIT]
-    return fits or [min(configs, key=lambda c: c.num_stages)]
+    deep = [c for c in fits if c.num_stages >= 3]
+    return deep or fits or [min(configs, key=lambda c: c.num_stages)]
 
 
 @triton.autotune(configs=_one_pass_configs(), key=["I1", "I2", "O1", "O2", "KEY_N", "BC"],
