@@ -15,11 +15,16 @@ SHAPES = [  # (N, terms, o1, i1, o2, i2)
     (1, 3, 8, 16, 40, 40),   # second factor wider than one tile: several o2 and p tiles
     (33, 1, 16, 12, 9, 7),
     (17, 1, 9, 20, 24, 70),  # one term, rectangular factors, i2 over several chunks with a partial last one
-    (2, 1, 3, 5, 33, 6),     # fewer tokens than token splits
+    (2, 1, 3, 5, 33, 6),     # one token per program, o2 > i2
 ]
 
 # the backward paths: (ONE_PASS_BWD, FUSED_DX_DA); the one-pass and fused ones apply to one term only
 BACKWARDS = {"two_pass": (False, False), "fused_dx_dA": (False, True), "one_pass": (True, False)}
+
+
+def _use_backward(name, monkeypatch):
+    monkeypatch.setattr(kernels, "ONE_PASS_BWD", BACKWARDS[name][0])
+    monkeypatch.setattr(kernels, "FUSED_DX_DA", BACKWARDS[name][1])
 
 
 def _inputs(N, r, o1, i1, o2, i2, dtype, device="cpu"):
@@ -32,20 +37,19 @@ def _inputs(N, r, o1, i1, o2, i2, dtype, device="cpu"):
 @pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_and_gradients_match_reference(shape, backward, monkeypatch):
-    monkeypatch.setattr(kernels, "ONE_PASS_BWD", BACKWARDS[backward][0])
-    monkeypatch.setattr(kernels, "FUSED_DX_DA", BACKWARDS[backward][1])
+    _use_backward(backward, monkeypatch)
     N, r, o1, i1, o2, i2 = shape
     x, A, B = _inputs(*shape, torch.float32)
     assert use_kernel(x)  # the interpreter path really runs
     x, A, B = (t.requires_grad_() for t in (x, A, B))
     y = kron_matmul(x, A, B)
     g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, A, B), g)
+    got = torch.autograd.grad(y, (x, A, B), g)
     x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
     y64 = naive.kron_matmul(x64, A64, B64)
     ref = torch.autograd.grad(y64, (x64, A64, B64), g.double())
     assert rel_err(y, y64) < 1e-5
-    for name, a, b in zip("xAB", grads, ref):
+    for name, a, b in zip("xAB", got, ref):
         assert rel_err(a, b) < 1e-5, name
 
 
@@ -59,12 +63,11 @@ def test_leading_dims_and_strided_input():
 
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_gradients_of_non_contiguous_inputs(backward, monkeypatch):
-    monkeypatch.setattr(kernels, "ONE_PASS_BWD", BACKWARDS[backward][0])
-    monkeypatch.setattr(kernels, "FUSED_DX_DA", BACKWARDS[backward][1])
+    _use_backward(backward, monkeypatch)
     N, o1, i1, o2, i2 = 7, 6, 5, 4, 36
-    x = torch.randn(N, 2 * i1 * i2)[:, ::2]                # every other column
-    A = torch.randn(1, i1, o1).transpose(1, 2)          # [1, o1, i1], transposed storage
-    B = torch.randn(1, o2, 2 * i2)[..., i2:]            # [1, o2, i2], row stride 2 i2
+    x = torch.randn(N, 2 * i1 * i2)[:, ::2]       # every other column
+    A = torch.randn(1, i1, o1).transpose(1, 2)    # [1, o1, i1], transposed storage
+    B = torch.randn(1, o2, 2 * i2)[..., i2:]      # [1, o2, i2], row stride 2 i2
     assert not (x.is_contiguous() or A.is_contiguous() or B.is_contiguous())
     y, *got = grads(kron_matmul, (x, A, B), g := torch.randn(N, o1 * o2))
     y64, *ref = grads(naive.kron_matmul, (x.double(), A.double(), B.double()), g.double())
@@ -76,12 +79,11 @@ def test_gradients_of_non_contiguous_inputs(backward, monkeypatch):
 def test_one_pass_backward_on_strided_views():
     """The kernel itself on strided dY, X, A, B and dX (the op passes contiguous ones, the kernel takes strides)."""
     N, o1, i1, o2, i2 = 5, 7, 9, 20, 40
-    dY = torch.randn(o2, N, o1).permute(1, 2, 0)                  # [N, o1, o2], token stride o1
-    X = torch.randn(N, i1, 2 * i2)[..., 1::2]                      # [N, i1, i2], column stride 2
+    dY = torch.randn(o2, N, o1).permute(1, 2, 0)      # [N, o1, o2], token stride o1
+    X = torch.randn(N, i1, 2 * i2)[..., 1::2]          # [N, i1, i2], column stride 2
     A = torch.randn(1, i1, o1).transpose(1, 2)
     B = torch.randn(1, i2, o2).transpose(1, 2)
-    dX_buf = torch.full((N, i2, i1), float("nan"))
-    dX = dX_buf.transpose(1, 2)                                    # [N, i1, i2], written through strides
+    dX = torch.full((N, i2, i1), float("nan")).transpose(1, 2)   # [N, i1, i2], NaN until written
     dA, dB = kernels.kron_bwd_one_pass(dY, X, A, B, dX)
     d64, x64, a64, b64 = (t.double() for t in (dY, X, A[0], B[0]))
     assert rel_err(dX, torch.einsum("ao,nab,bi->noi", a64, d64, b64)) < 1e-5
@@ -102,8 +104,11 @@ def test_bad_input():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(4096, 1, 128, 128, 128, 128), (1000, 2, 64, 64, 128, 128), (512, 1, 128, 128, 256, 256)], ids=str)
-def test_gpu_bf16_within_twice_torch_error(shape):
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("shape", [(4096, 1, 128, 128, 128, 128), (1000, 2, 64, 64, 128, 128), (512, 1, 128, 128, 256, 256),
+                                   (777, 1, 96, 80, 48, 200)], ids=str)
+def test_gpu_bf16_within_twice_torch_error(shape, backward, monkeypatch):
+    _use_backward(backward, monkeypatch)
     x, A, B = _inputs(*shape, torch.bfloat16, "cuda")
     x, A, B = (t.requires_grad_() for t in (x, A, B))
     y = kron_matmul(x, A, B)

@@ -273,7 +273,7 @@ def _one_pass_configs():
 
 def _one_pass_prune(configs, named_args, **kwargs):
     """Drop configs that would not fit in shared memory: per pipeline stage dY_n and X_n's chunk, once A,
-    B's chunk and one [o1, chunk] operand (this sum matched the compiled sizes for sm_90 to the byte).
+    B's chunk and one [o1, chunk] operand (the compiled sizes for sm_90 at 128 x 128 and 128 x 256 factors).
     With one program per SM only its own pipeline hides memory latency, and with num_stages = 2 the next
     token's loads are issued after this token's products and waited for at once (seen in the TTGIR), so
     1 and 2 stages are kept only when no deeper pipeline fits."""
