@@ -53,10 +53,11 @@ def plan(p: int, q: int, n_in: int, L: int, n_out: int) -> tuple[int, int, int] 
     """(N1, N2, branches) for this product, or None when the dft path cannot take it."""
     if p != 1 or q != 1:
         return None
-    if L in SIZES and n_in <= L and n_out <= L:
-        return (*factor(L), 1)
+    # two branches of n = L/2 first where the rows fit: n (N1 + N2) x 2 is less work than L (N1' + N2')
     if L % 2 == 0 and L // 2 in SIZES and n_in <= L // 2 and n_out <= L // 2:
         return (*factor(L // 2), 2)
+    if L in SIZES and n_in <= L and n_out <= L:
+        return (*factor(L), 1)
     return None
 
 
@@ -102,18 +103,20 @@ def tables(n1: int, n2: int, nb: int, device: str, dtype: torch.dtype):
         f1.append(e(k1[:, None] * k1[None, :] * 2 + b * k1[None, :], 2 * n1) / math.sqrt(n1))
         tw.append(e(k1[:, None] * k2[None, :] * 2 + b * k2[None, :], 2 * n))
     f1 = torch.stack(f1)
-    out = (_ri(f1, True), _ri(f1.conj().transpose(-1, -2), True), _ri(f2, True), _ri(torch.stack(tw), False))
+    out = (_ri(f1, True), _ri(f1.conj_physical().transpose(-1, -2), True), _ri(f2, True), _ri(torch.stack(tw), False))
     return tuple(t.to(device=device, dtype=dtype).contiguous() for t in out)
 
 
 def _full_spectrum(kernel: torch.Tensor, L: int) -> torch.Tensor:
-    """kernel [L//2 + 1] complex -> the Hermitian [L] spectrum irfft uses (DC and Nyquist real)."""
+    """kernel [L//2 + 1] complex -> the Hermitian [L] spectrum irfft uses (DC and Nyquist real).
+    conj_physical, not conj, here and below: inside a custom op called under a dispatch mode
+    (torch.compile, opcheck) torch.cat dropped a lazy conj view's conjugation (torch 2.13, CPU)."""
     k = kernel.to(torch.complex64)
     dc, rest = k[:1].real.to(k.dtype), k[1:]
     if L % 2 == 0:
         mid = rest[-1:].real.to(k.dtype)
-        return torch.cat([dc, rest[:-1], mid, rest[:-1].flip(0).conj()])
-    return torch.cat([dc, rest, rest.flip(0).conj()])
+        return torch.cat([dc, rest[:-1], mid, rest[:-1].flip(0).conj_physical()])
+    return torch.cat([dc, rest, rest.flip(0).conj_physical()])
 
 
 def _spectrum_table(kernel: torch.Tensor, L: int, n1: int, n2: int, nb: int, conj: bool):
@@ -122,7 +125,7 @@ def _spectrum_table(kernel: torch.Tensor, L: int, n1: int, n2: int, nb: int, con
     max |.| <= 1, and 1/g as a [1] tensor (no host sync)."""
     K = _full_spectrum(kernel, L)
     if conj:
-        K = K.conj()
+        K = K.conj_physical()
     K = K.reshape(n2, n1, nb).permute(2, 1, 0) / nb  # [b, k1, k2] = K[nb (k1 + n1 k2) + b]
     peak = K.abs().amax().clamp_min(1e-30)
     g = torch.exp2(torch.floor(torch.log2(1.0 / peak)).clamp(-100, 100))
@@ -130,9 +133,14 @@ def _spectrum_table(kernel: torch.Tensor, L: int, n1: int, n2: int, nb: int, con
     return table.float().contiguous(), (1.0 / g).reshape(1).float()
 
 
+WORK_DTYPE: torch.dtype | None = None  # tests: fp16 GEMM operands under the interpreter as well
+
+
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
-    # fp16 GEMM operands on the GPU; fp32 under the interpreter (its fp16 tl.dot is fine but its
-    # numpy fp16 would be slow, and the tests compare against fp32 references)
+    """fp16 GEMM operands for bf16/fp16 x on the GPU; fp32 for fp32 x and under the interpreter (tests
+    compare it with fp32 references; WORK_DTYPE there checks the fp16 arithmetic)."""
+    if WORK_DTYPE is not None:
+        return WORK_DTYPE
     return torch.float32 if INTERPRET or x.dtype == torch.float32 else torch.float16
 
 
@@ -154,12 +162,14 @@ def conv(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int, c
     cfg = config(n1, n2, nb)
     grid = max(1, min(n_pairs, _num_sms(x.device) * cfg["progs_per_sm"]))
     scratch = torch.empty(grid, nb, 2, n1, n2, device=x.device, dtype=dt)
-    y = torch.empty(N, n_out, device=x.device, dtype=x.dtype)
+    # the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even): round in torch there
+    truncating = INTERPRET and x.dtype == torch.bfloat16
+    y = torch.empty(N, n_out, device=x.device, dtype=torch.float32 if truncating else x.dtype)
     dft_kernels.dft_conv_kernel[(grid,)](
         x, y, f1, f1h, f2, tw, ktab, gain, scratch, N, n_pairs, n_in, n_out, x.stride(0), y.stride(0),
         N1=n1, N2=n2, NB=nb, BK=cfg["BK"], BN=cfg["BN"], BOUND=BOUND,
         PREC="ieee" if dt == torch.float32 else "tf32", num_warps=cfg["num_warps"])
-    return y
+    return y.to(x.dtype) if truncating else y
 
 
 def corr(x: torch.Tensor, dy: torch.Tensor, n_in: int, L: int, n_out: int) -> torch.Tensor:
@@ -183,7 +193,7 @@ def corr(x: torch.Tensor, dy: torch.Tensor, n_in: int, L: int, n_out: int) -> to
     s = part.sum(0)
     S = torch.complex(s[:, 0], s[:, 1])  # [b, k1, k2] = unitary S_b[k1 + n1 k2]
     S = S.permute(2, 1, 0).reshape(L) * (L // nb)  # full length-L order nb j + b, non-unitary
-    P = 0.5 * (S + S.roll(-1).flip(0).conj())  # S[-k] = S[(L - k) mod L]
+    P = 0.5 * (S + S.roll(-1).flip(0).conj_physical())  # S[-k] = S[(L - k) mod L]
     return P[: L // 2 + 1] * (hermitian_weights(L, x.device) / L)
 
 

@@ -18,8 +18,9 @@ and the inverse of the odd branch is the adjoint of its forward. Circulant is NB
 
 Precision: the GEMM operands are the tables' dtype DT (fp16 on the GPU, fp32 under the interpreter),
 accumulation and the elementwise steps are fp32. Every stage is unitary, so no entry of any
-intermediate exceeds the L2 norm of the row: each pair is scaled by s = 2^k with ||s z||_2 <= BOUND
-(< fp16 max) and the kernel's spectrum by g = 2^k with max |g K| <= 1; the output is divided by s g.
+intermediate exceeds the L2 norm of the row: each token is scaled by s = 2^k so that the packed row
+has ||z||_2 <= BOUND (< fp16 max), the kernel's spectrum by g = 2^k with max |g K| <= 1, and each
+output row is divided by its s g.
 
 Kernels:
 - `dft_conv_kernel`: y = the product (forward, or the adjoint with conj(K) for dx). Persistent
@@ -58,24 +59,48 @@ def _cdot_left(tr, ti, tni, dr, di, acc_r, acc_i, PREC: tl.constexpr):
 
 
 @triton.jit
-def _load_pair(ptr, row_a, n_rows, row_stride, n_valid, BOUND: tl.constexpr, DT: tl.constexpr,
-               N1: tl.constexpr, N2: tl.constexpr):
-    """Rows row_a and row_a + 1 (zero when past n_rows or past n_valid entries) as Z = s (x_a + i x_b)
-    [N1, N2] in DT, and the pair's scale s = 2^k with ||s z||_2 <= BOUND."""
+def _row_scale(x, BOUND: tl.constexpr):
+    """s = 2^k with ||s x||_2 <= BOUND for a tile x (fp32); the sum of squares is taken after scaling
+    by the largest entry, so rows near fp32's limits neither overflow nor underflow it."""
+    m = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    ep = -tl.ceil(tl.log2(tl.maximum(m, 1e-37)))  # max |2^ep x| in (1/2, 1]
+    xp = x * tl.exp2(ep)
+    ssq = tl.maximum(tl.sum(tl.sum(xp * xp, axis=1), axis=0), 0.25)
+    e = ep + tl.floor(tl.log2(BOUND / tl.sqrt(ssq)))
+    return tl.exp2(tl.minimum(tl.maximum(e, -126.0), 126.0))  # an all-zero row: a large, harmless s
+
+
+@triton.jit
+def _load_pair(ptr, row_a, n_rows, row_stride, n_valid, SHARED_SCALE: tl.constexpr, BOUND: tl.constexpr,
+               DT: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr):
+    """Rows row_a and row_a + 1 (zero past n_rows or past n_valid entries) as Z = s_a x_a + i s_b x_b
+    [N1, N2] in DT, and the scales s_a, s_b (powers of two, ||Z||_2 <= BOUND). Each token gets its own
+    scale (the product is real-linear, so Re and Im never mix): a small row beside a large one keeps
+    its relative precision. SHARED_SCALE: one scale for both (the kernel's gradient sums W conj(U)
+    over the pair, which needs s_a t_a = s_b t_b)."""
     m = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     valid = m < n_valid
     xa = tl.load(ptr + row_a * row_stride + m, mask=valid, other=0.0).to(tl.float32)
     xb = tl.load(ptr + (row_a + 1) * row_stride + m, mask=valid & (row_a + 1 < n_rows), other=0.0).to(tl.float32)
-    ssq = tl.sum(tl.sum(xa * xa + xb * xb, axis=1), axis=0)
-    e = tl.floor(tl.log2(BOUND / tl.sqrt(tl.maximum(ssq, 1e-30))))
-    s = tl.exp2(tl.minimum(tl.maximum(e, -100.0), 100.0))
-    return (xa * s).to(DT), (xb * s).to(DT), s
+    sa = _row_scale(xa, BOUND * 0.7071)
+    sb = _row_scale(xb, BOUND * 0.7071)
+    if SHARED_SCALE:
+        sa = tl.minimum(sa, sb)
+        sb = sa
+    return (xa * sa).to(DT), (xb * sb).to(DT), sa, sb
 
 
 @triton.jit
-def _forward_rows(zr, zi, f1_ptr, tw_ptr, f2r, f2i, f2ni, b, k0,
+def _load_f2(f2_ptr, N2: tl.constexpr):
+    """F2 as (re, im, -im) [N2, N2]; loaded where used (from L2) rather than held in registers."""
+    f2 = f2_ptr + tl.arange(0, N2)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    return tl.load(f2), tl.load(f2 + N2 * N2), tl.load(f2 + 2 * N2 * N2)
+
+
+@triton.jit
+def _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0,
                   N1: tl.constexpr, N2: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Rows k1 in [k0, k0 + BK) of C (branch b) in fp32, and the twiddles of those rows (fp32)."""
+    """Rows k1 in [k0, k0 + BK) of C (branch b) in fp32."""
     DT = f1_ptr.dtype.element_ty
     rk = k0 + tl.arange(0, BK)
     r1 = tl.arange(0, N1)
@@ -88,8 +113,9 @@ def _forward_rows(zr, zi, f1_ptr, tw_ptr, f2r, f2i, f2ni, b, k0,
     twi = tl.load(tw + N1 * N2).to(tl.float32)
     br = (ar * twr - ai * twi).to(DT)
     bi = (ar * twi + ai * twr).to(DT)
+    f2r, f2i, f2ni = _load_f2(f2_ptr, N2)
     cr, ci = _cdot(br, bi, f2r, f2i, f2ni, zero, zero, PREC)
-    return cr, ci, twr, twi
+    return cr, ci
 
 
 @triton.jit
@@ -102,26 +128,26 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
     TILE: tl.constexpr = N1 * N2
     r1 = tl.arange(0, N1)
     r2 = tl.arange(0, N2)
-    f2 = f2_ptr + r2[:, None] * N2 + r2[None, :]
-    f2r = tl.load(f2)
-    f2i = tl.load(f2 + N2 * N2)
-    f2ni = tl.load(f2 + 2 * N2 * N2)
     gain = tl.load(gain_ptr)
     scratch = scratch_ptr + pid.to(tl.int64) * (NB * 2 * TILE)
     for pair in range(pid, N_PAIRS, tl.num_programs(0)):
         row_a = 2 * tl.cast(pair, tl.int64)
-        zr, zi, s = _load_pair(x_ptr, row_a, N, x_stride, N_IN, BOUND, DT, N1, N2)
         # phase 1: up to E = (Y @ conj(F2)) * conj(TW), one block of rows k1 at a time, into the scratch
         for b in tl.static_range(NB):
             for k0 in tl.static_range(0, N1, BK):
-                cr, ci, twr, twi = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2r, f2i, f2ni, b, k0, N1, N2, BK, PREC)
+                # Z reloaded per block (L2): holding it across the blocks would spill
+                zr, zi, sa, sb = _load_pair(x_ptr, row_a, N, x_stride, N_IN, False, BOUND, DT, N1, N2)
+                cr, ci = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, PREC)
                 blk = b * 2 * TILE + (k0 + tl.arange(0, BK))[:, None] * N2 + r2[None, :]
                 kr = tl.load(k_ptr + blk)
                 ki = tl.load(k_ptr + blk + TILE)
                 yr = (cr * kr - ci * ki).to(DT)
                 yi = (cr * ki + ci * kr).to(DT)
                 zero = tl.zeros([BK, N2], dtype=tl.float32)
+                f2r, f2i, f2ni = _load_f2(f2_ptr, N2)
                 dr, di = _cdot(yr, yi, f2r, f2ni, f2i, zero, zero, PREC)  # conj(F2) = f2r - i f2i
+                twr = tl.load(tw_ptr + blk).to(tl.float32)  # reloaded (L2): not held across the dots
+                twi = tl.load(tw_ptr + blk + TILE).to(tl.float32)
                 tl.store(scratch + blk, (dr * twr + di * twi).to(DT))
                 tl.store(scratch + blk + TILE, (di * twr - dr * twi).to(DT))
         tl.debug_barrier()
@@ -137,10 +163,10 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
                 fh = f1h_ptr + b * 3 * N1 * N1 + rn[:, None] * N1 + r1[None, :]
                 gr, gi = _cdot_left(tl.load(fh), tl.load(fh + N1 * N1), tl.load(fh + 2 * N1 * N1), er, ei, gr, gi, PREC)
             out = rn[:, None] * N2 + r2[None, :]
-            o = gain / s
             ok = out < N_OUT
-            tl.store(y_ptr + row_a * y_stride + out, (gr * o).to(y_ptr.dtype.element_ty), mask=ok)
-            tl.store(y_ptr + (row_a + 1) * y_stride + out, (gi * o).to(y_ptr.dtype.element_ty), mask=ok & (row_a + 1 < N))
+            tl.store(y_ptr + row_a * y_stride + out, (gr * (gain / sa)).to(y_ptr.dtype.element_ty), mask=ok)
+            tl.store(y_ptr + (row_a + 1) * y_stride + out, (gi * (gain / sb)).to(y_ptr.dtype.element_ty),
+                     mask=ok & (row_a + 1 < N))
         tl.debug_barrier()  # the next pair's phase 1 overwrites the scratch
 
 
@@ -154,19 +180,15 @@ def dft_corr_kernel(x_ptr, dy_ptr, f1_ptr, f2_ptr, tw_ptr, part_ptr,
     DT = f1_ptr.dtype.element_ty
     TILE: tl.constexpr = N1 * N2
     r2 = tl.arange(0, N2)
-    f2 = f2_ptr + r2[:, None] * N2 + r2[None, :]
-    f2r = tl.load(f2)
-    f2i = tl.load(f2 + N2 * N2)
-    f2ni = tl.load(f2 + 2 * N2 * N2)
     acc_r = tl.zeros([BK, N2], dtype=tl.float32)
     acc_i = tl.zeros([BK, N2], dtype=tl.float32)
     first = chunk * PAIRS_PER_CHUNK
     for pair in range(first, tl.minimum(first + PAIRS_PER_CHUNK, N_PAIRS)):
         row_a = 2 * tl.cast(pair, tl.int64)
-        zr, zi, su = _load_pair(x_ptr, row_a, N, x_stride, N_IN, BOUND, DT, N1, N2)
-        ur, ui, _, _ = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2r, f2i, f2ni, b, k0, N1, N2, BK, PREC)
-        zr, zi, sw = _load_pair(dy_ptr, row_a, N, dy_stride, N_DY, BOUND, DT, N1, N2)
-        wr, wi, _, _ = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2r, f2i, f2ni, b, k0, N1, N2, BK, PREC)
+        zr, zi, su, _ = _load_pair(x_ptr, row_a, N, x_stride, N_IN, True, BOUND, DT, N1, N2)
+        ur, ui = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, PREC)
+        zr, zi, sw, _ = _load_pair(dy_ptr, row_a, N, dy_stride, N_DY, True, BOUND, DT, N1, N2)
+        wr, wi = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, PREC)
         inv = 1.0 / (su * sw)
         acc_r += (wr * ur + wi * ui) * inv  # W conj(U)
         acc_i += (wi * ur - wr * ui) * inv

@@ -17,6 +17,10 @@ Paths (`mode`), see naive.py for the operation itself:
   `with fft_precision("fp32"):` turns it off. Its error, with cuFFT's half transform emulated on CPU
   (every radix-2 stage rounded to fp16), is 1.02-1.12x PyTorch's own bf16 error for the same dense
   product at d = 256..16384 (tests/test_fft_structures.py); scripts/gpu_fft_structures.py measures it.
+- "dft": single-block circulant / Toeplitz products with the FFT as tensor-core GEMMs in one Triton
+  kernel per direction (dft.py, dft_kernels.py); its own ops mmm::fft_dft_conv(_backward). Taken for
+  bf16/fp16 x on CUDA where dft.plan accepts the sizes, only while DFT_PATH is True (off until timed
+  on the GPU: scripts/gpu_fft_dft.py); `force_mode("dft")` takes it anywhere it applies.
 
 fp16 range. Each row of x is scaled by a power of two s_t with max|s_t x_t| <= b = min(1, 2^15/n_in)
 (exact, undone at the end), so every partial sum inside the forward FFT, bounded by the row block's
@@ -42,13 +46,14 @@ from .. import kernels_enabled
 from . import naive
 
 try:
-    from . import kernels
+    from . import dft, kernels
 
     HAVE_TRITON = True
 except ImportError:  # CPU installs without triton use the reference
     HAVE_TRITON = False
 
-MODES = ("torch", "packed", "packed16")
+MODES = ("torch", "packed", "packed16", "dft")
+DFT_PATH = False  # the "dft" path for bf16/fp16 on CUDA where it applies; off until timed on the GPU
 _precision = "fp16"
 _half_fft_works: dict[str, bool] = {}
 _forced_mode: str | None = None
@@ -283,6 +288,14 @@ def fft_conv(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: in
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     mode = pick_mode(x2, L) if kernels_enabled() else "torch"
+    auto_dft = mode != "torch" and _forced_mode is None and DFT_PATH and _precision == "fp16" and x2.dtype in (torch.float16, torch.bfloat16)
+    if mode == "dft" or auto_dft:
+        if dft.plan(p, q, n_in, L, n_out) is not None and x2.dtype != torch.float64:
+            return dft.dft_conv_op(x2, kernel, n_in, L, n_out).reshape(*lead, p * n_out)
+        if mode == "dft":
+            raise ValueError(f"the dft path takes fp32/bf16/fp16 x and one block (kernel [1, 1, L//2 + 1]) with n_in, n_out <= n "
+                             f"and L = n or 2n, n in {dft.SIZES}; got {x2.dtype}, kernel {tuple(kernel.shape)}, "
+                             f"n_in={n_in}, L={L}, n_out={n_out}")
     if mode != "torch" and (L % 2 or x2.dtype == torch.float64):
         raise ValueError(f"the {mode} path needs an even L and fp32/bf16/fp16 x, got L={L}, {x2.dtype}")
     y = fft_conv_op(x2, kernel, n_in, L, n_out, mode)[0]
