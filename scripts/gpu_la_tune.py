@@ -1,8 +1,7 @@
-"""H200: linear-attention kernel configs and the normalizer-as-dots switch, timed at long and short T.
+"""H200: linear-attention kernel configs, timed at long and short T.
 
 Each job forces one complete set of configs (all four kernels, so nothing autotunes and only the job's
-kernels compile) or none ("auto": the autotuner), with kernels.NORMALIZER_DOTS on or off, for key width
-DK (value width 128). Jobs compile in parallel subprocesses, then run one at a time, each in a fresh
+kernels compile) or none ("auto": the autotuner), for key width DK (value width 128). Jobs compile in parallel subprocesses, then run one at a time, each in a fresh
 process (a CUDA fault stays in its job): a bf16 correctness check at B=2 T=1000 H=3 against the fp64
 reference (pass: every error of o, dq, dk, dv within 2x the error of the reference run in bf16), then
 median fwd and fwd+bwd times (elu+1, normalized, causal, B=1 H=16) at T = 131072 and 8192, and CUDA time
@@ -37,15 +36,14 @@ def jobs() -> list[dict]:
     from mmm.ops.linear_attention import kernels
 
     base = {k: tuple(kernels.CONFIGS[k][0]) for k in KERNELS}
-    out = [dict(label="auto", configs=None, zdots=False, dk=128),
-           dict(label="base", configs=base, zdots=False, dk=128),
-           dict(label="base+zdots", configs=base, zdots=True, dk=128)]
+    out = [dict(label="auto", configs=None, dk=128),
+           dict(label="base", configs=base, dk=128)]
     for k, alts in ALTERNATIVES.items():
-        out += [dict(label=f"{k.replace('_kernel', '')}={','.join(map(str, c))}", configs={**base, k: c}, zdots=False, dk=128)
+        out += [dict(label=f"{k.replace('_kernel', '')}={','.join(map(str, c))}", configs={**base, k: c}, dk=128)
                 for c in alts]
-    out += [dict(label="dk256 auto", configs=None, zdots=False, dk=256),
-            dict(label="dk256 wide", configs=WIDE, zdots=False, dk=256),
-            dict(label="dk256 wide fwd=32,16", configs={**WIDE, "fwd_kernel": (32, 16, 4, 2)}, zdots=False, dk=256)]
+    out += [dict(label="dk256 auto", configs=None, dk=256),
+            dict(label="dk256 wide", configs=WIDE, dk=256),
+            dict(label="dk256 wide fwd=32,16", configs={**WIDE, "fwd_kernel": (32, 16, 4, 2)}, dk=256)]
     return out
 
 
@@ -55,7 +53,6 @@ def worker(job: dict, warm_only: bool) -> dict:
 
     from mmm.ops.linear_attention import kernels, linear_attention_naive, op
 
-    kernels.NORMALIZER_DOTS = job["zdots"]
     dk, dv, bf = job["dk"], 128, torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, 1000, 3, dk, generator=gen) for _ in range(2))
@@ -130,7 +127,7 @@ def main() -> None:
     for job, w in zip(todo, warm):
         r = run(job, False, 90) if "error" not in w else w
         results.append(r)
-        print(json.dumps({k: r.get(k) for k in ("label", "zdots", "dk", "ok", "worst_ratio", "fwd_131072", "fb_131072",
+        print(json.dumps({k: r.get(k) for k in ("label", "dk", "ok", "worst_ratio", "fwd_131072", "fb_131072",
                                                 "fwd_8192", "fb_8192", "kernels_ms", "chosen", "error")}), flush=True)
         with open(os.path.join(os.environ.get("OUT", "."), "la_tune.json"), "w") as f:
             json.dump(results, f, indent=1)

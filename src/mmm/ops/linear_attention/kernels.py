@@ -67,13 +67,20 @@ SCAN_BLOCK = 1024
 FEATURE_CODES = {None: 0, "identity": 0, "elu": 1, "relu": 2}
 
 # (BT, tile size, num_warps, num_stages) per autotuned kernel, the tile being BK or BV.
+# Best first: scripts/gpu_la_tune.py timed each alone at T = 128k (B=1, H=16, D=128, bf16, elu+1 normalized,
+# results/h200/2026-12-04-la-tune.md): chunk_state (128, 128, 8, 2) 1.76 ms vs 2.77 for (128, 64, 8, 2);
+# fwd (64, 64, 4, 2) 2.69 vs 3.93 for (64, 32, 4, 2); dv (64, 64, 4, 2) 1.99 vs 3.54. Wider value tiles
+# recompute the features and the [BT, BT] scores for fewer tiles. (64, 128, 8, 2) was faster still for fwd
+# and dv (2.42, 1.72) but has the replicated-row layout conversion behind the 2026-11-28 fault (--ir
+# report of gpu_linear_attention_configs.py): not used. (16, 32, 4, 2) is for DK = 256 (Hedgehog), where
+# the forward took 13.6 ms instead of 21.5 with the others.
 CONFIGS = {
     # one dot: 8 warps are fine here (no layout conversion between dots)
-    "chunk_state_kernel": [(128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3), (32, 64, 8, 2)],
+    "chunk_state_kernel": [(128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)],
     # several dots: 4 warps (see the module docstring); BT = 32 dots run on the mma v2 path
-    "fwd_kernel": [(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2)],
+    "fwd_kernel": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2)],
     "bwd_dqdk_kernel": [(64, 16, 4, 3), (64, 16, 4, 2), (64, 32, 4, 2)],
-    "bwd_dv_kernel": [(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2)],
+    "bwd_dv_kernel": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
 }
 INTERPRET_CONFIG = (16, 16, 1, 1)  # the interpreter runs one config (autotuning several fails there)
 
@@ -188,46 +195,6 @@ def _dphi(f, FEATURE: tl.constexpr):
         return tl.where(f > 0, 1.0, 0.0)
 
 
-# NORMALIZER_DOTS: the normalizer's vector sums as tensor-core dots instead of cross-warp reductions of
-# fp32 copies of whole [BT, D] feature tiles (registers and shuffles). A vector z is held as a [D, ZW]
-# matrix of equal columns, so its update (b^T 1, a^T r) and its use (a . z) are dots like the rest of the
-# chunk. Off until timed on the GPU (scripts/gpu_la_tune.py).
-NORMALIZER_DOTS = False
-ZW: tl.constexpr = tl.constexpr(16)
-
-
-@triton.jit
-def _dot_z(a_c, Z, like_ptr, DOT_MODE: tl.constexpr):
-    """a . z for every row of a_c, from Z [D, ZW] (equal columns). In mode 0 Z goes in as two bf16 parts
-    (hi + lo), so the product keeps ~16 bits of z (z grows with the sequence; one bf16 copy keeps 8)."""
-    if DOT_MODE == 0:
-        hi = Z.to(like_ptr.dtype.element_ty)
-        lo = (Z - hi.to(tl.float32)).to(like_ptr.dtype.element_ty)
-        r = tl.dot(a_c, lo, tl.dot(a_c, hi))
-    else:
-        r = _dot(a_c, Z, DOT_MODE)
-    return tl.max(r, axis=1)  # the columns are equal: any one of them
-
-
-@triton.jit
-def _colsum(x_c, w, like_ptr, DOT_MODE: tl.constexpr):
-    """sum_t w[t] x_c[t, :] as a [D, ZW] matrix of equal columns: x_c^T (w as ZW equal columns), with w
-    in two parts (hi + lo) in mode 0 so that the weights keep ~16 bits."""
-    W = tl.broadcast_to(w[:, None], [w.shape[0], ZW])
-    if DOT_MODE == 0:
-        hi = W.to(like_ptr.dtype.element_ty)
-        lo = (W - hi.to(tl.float32)).to(like_ptr.dtype.element_ty)
-        return tl.dot(tl.trans(x_c), lo, tl.dot(tl.trans(x_c), hi))
-    else:
-        return _dot(tl.trans(x_c), W, DOT_MODE)
-
-
-@triton.jit
-def _ones_colsum(x_c, like_ptr, DOT_MODE: tl.constexpr):
-    """sum_t x_c[t, :] as a [D, ZW] matrix of equal columns (ones are exact in any dtype: one dot)."""
-    return _dot(tl.trans(x_c), _cast(tl.full([x_c.shape[0], ZW], 1.0, tl.float32), like_ptr, DOT_MODE), DOT_MODE)
-
-
 @triton.jit
 def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
     """1-D grid (no 65535 limit on B*H), tile index fastest, so the tiles of one (head, segment), which
@@ -258,7 +225,7 @@ def chunk_state_kernel(
     x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, st_ptr,
     T, H, L, NS,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
-    DOT_MODE: tl.constexpr, ZDOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """One segment's local sum of phi(x)^T y (a BK-row tile of the DK x DV state, full V) and of the
     normalizer vector. Forward: x = k, y = v, vector = sum b. Backward: x = q, y = do * rden,
@@ -274,7 +241,6 @@ def chunk_state_kernel(
     o_base = o_ptr + rowv0
     acc = tl.zeros([BK, DV], dtype=tl.float32)
     vec = tl.zeros([BK], dtype=tl.float32)
-    vecm = tl.zeros([BK, ZW], dtype=tl.float32)  # vec as equal columns (ZDOTS)
     for t0 in range(0, t_len, BT):
         mt = offs_t < t_len - t0
         x_c = _features(tl.load(x_base + tile_k, mask=mt[:, None], other=0.0), mt, x_ptr, FEATURE, DOT_MODE)
@@ -287,24 +253,16 @@ def chunk_state_kernel(
                 if i_k == 0:
                     tl.store(r_ptr + trow0 + t0 + offs_t, r, mask=mt)
                 y_c = _cast(y.to(tl.float32) * rd[:, None], x_ptr, DOT_MODE)
-                if ZDOTS:
-                    vecm += _colsum(x_c, r, x_ptr, DOT_MODE)
-                else:
-                    vec += tl.sum(x_c.to(tl.float32) * r[:, None], axis=0)
+                vec += tl.sum(x_c.to(tl.float32) * r[:, None], axis=0)
             else:
                 y_c = _cast(y, x_ptr, DOT_MODE)
-                if ZDOTS:
-                    vecm += _ones_colsum(x_c, x_ptr, DOT_MODE)
-                else:
-                    vec += tl.sum(x_c.to(tl.float32), axis=0)
+                vec += tl.sum(x_c.to(tl.float32), axis=0)
         else:
             y_c = _cast(y, x_ptr, DOT_MODE)
         acc += _dot(tl.trans(x_c), y_c, DOT_MODE)
         x_base += BT * H * DK
         y_base += BT * H * DV
         o_base += BT * H * DV
-    if ZDOTS:
-        vec = tl.max(vecm, axis=1)
     base = st_ptr + (i_bh * (NS + 1) + i_s) * (DK * DV + DK)
     tl.store(base + offs_k[:, None] * DV + offs_dv[None, :], acc)
     tl.store(base + DK * DV + offs_k, vec)
@@ -342,7 +300,7 @@ def fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rden_ptr, st_ptr,
     T, H, L, NS, eps,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_MODE: tl.constexpr, ZDOTS: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
     chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps)."""
@@ -362,7 +320,6 @@ def fwd_kernel(
     z = tl.zeros([DK], dtype=tl.float32)
     if NORMALIZE:
         z = tl.load(base + DK * DV + offs_dk)
-    Z = tl.broadcast_to(z[:, None], [DK, ZW])  # z as equal columns (ZDOTS)
     q_base = q_ptr + rowk0
     k_base = k_ptr + rowk0
     v_base = v_ptr + rowv0
@@ -372,10 +329,7 @@ def fwd_kernel(
         a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if NORMALIZE:
-            if ZDOTS:
-                den = _dot_z(a_c, Z, q_ptr, DOT_MODE)
-            else:
-                den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
+            den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
         if CAUSAL:
             b_c = _features(tl.load(k_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
             v_c = _cast(tl.load(v_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
@@ -384,10 +338,7 @@ def fwd_kernel(
             S += _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
                 den += tl.sum(A, axis=1)
-                if ZDOTS:
-                    Z += _ones_colsum(b_c, q_ptr, DOT_MODE)
-                else:
-                    z += tl.sum(b_c.to(tl.float32), axis=0)
+                z += tl.sum(b_c.to(tl.float32), axis=0)
         if NORMALIZE:
             rd = 1.0 / (den + eps)
             num = num * rd[:, None]
@@ -410,7 +361,7 @@ def bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, rden_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
     T, H, L, NS,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_MODE: tl.constexpr, ZDOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """dq and dk for one K-tile of one segment, chunks in reverse order:
       da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
@@ -440,8 +391,6 @@ def bwd_dqdk_kernel(
     if NORMALIZE:
         z = tl.load(fbase + DK * DV + offs_k)
         dz = tl.load(bbase + DK * DV + offs_k)
-    Z = tl.broadcast_to(z[:, None], [BK, ZW])  # z, dz as equal columns (ZDOTS)
-    dZ = tl.broadcast_to(dz[:, None], [BK, ZW])
     n_blk = tl.cdiv(t_len, BT)
     last_k = (n_blk - 1).to(tl.int64) * (BT * H * DK)
     last_v = (n_blk - 1).to(tl.int64) * (BT * H * DV)
@@ -459,11 +408,7 @@ def bwd_dqdk_kernel(
         if CAUSAL:
             S -= _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
-                if ZDOTS:
-                    Z -= _ones_colsum(b_c, q_ptr, DOT_MODE)
-                    z = tl.max(Z, axis=1)
-                else:
-                    z -= tl.sum(b_c.to(tl.float32), axis=0)
+                z -= tl.sum(b_c.to(tl.float32), axis=0)
         g = tl.load(do_base + tile_dv, mask=mt[:, None], other=0.0)
         if NORMALIZE:
             rr = tl.load(r_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
@@ -497,11 +442,7 @@ def bwd_dqdk_kernel(
         if CAUSAL:
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
             if NORMALIZE:
-                if ZDOTS:
-                    dZ += _colsum(a_c, rr, q_ptr, DOT_MODE)
-                    dz = tl.max(dZ, axis=1)
-                else:
-                    dz += tl.sum(a_c.to(tl.float32) * rr[:, None], axis=0)
+                dz += tl.sum(a_c.to(tl.float32) * rr[:, None], axis=0)
         q_base -= BT * H * DK
         k_base -= BT * H * DK
         v_base -= BT * H * DV

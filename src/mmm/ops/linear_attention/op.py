@@ -94,11 +94,11 @@ if HAVE_TRITON:
         states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=q.device)
         common = dict(T=T, H=H, L=seg_len, NS=NS, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
         wrap_triton(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            k, v, v, rden, rden, states, BWD=False, ZDOTS=kernels.NORMALIZER_DOTS, **common)
+            k, v, v, rden, rden, states, BWD=False, **common)
         wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
         wrap_triton(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
-            q, k, v, o, rden, states, eps=eps, CAUSAL=causal, ZDOTS=kernels.NORMALIZER_DOTS, **common)
+            q, k, v, o, rden, states, eps=eps, CAUSAL=causal, **common)
         return o, rden, states
 
     def _backward_launches(
@@ -117,11 +117,11 @@ if HAVE_TRITON:
         dstates = torch.empty_like(states)
         common = dict(T=T, H=H, L=seg_len, NS=NS, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
         wrap_triton(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            q, do, o, rden, r, dstates, BWD=True, ZDOTS=kernels.NORMALIZER_DOTS, **common)
+            q, do, o, rden, r, dstates, BWD=True, **common)
         wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         wrap_triton(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
-            q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, ZDOTS=kernels.NORMALIZER_DOTS, **common)
+            q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, **common)
         wrap_triton(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
             q, k, do, rden, dstates, dv, CAUSAL=causal, **common)
         return dq, dk, dv
