@@ -189,6 +189,48 @@ def test_bad_inputs(make, error, match):
         linear_attention(q, k, v)
 
 
+def naive_rden(q, k, feature_map, causal, eps):
+    """1 / (phi(q_t) . sum_{s <= t} phi(k_s) + eps) as [B, H, T] (the sum over all s when not causal)."""
+    phi = {"elu": lambda x: torch.nn.functional.elu(x) + 1, "relu": torch.relu, None: lambda x: x}[feature_map]
+    a, b = phi(q), phi(k)
+    z = b.cumsum(1) if causal else b.sum(1, keepdim=True)
+    return (1.0 / ((a * z).sum(-1) + eps)).transpose(1, 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("feature_map,causal", [("elu", True), ("relu", False)])
+def test_rden_output_and_its_gradient(feature_map, causal, poisoned_empty):
+    """with_rden: rden matches the reference, and gradients through both o and rden (as hybrid attention
+    uses them), or through rden alone, match fp64."""
+    q, k, v = make_inputs(2, 45, 3, 16, feature_map, True, dv=32)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    o, rden = linear_attention(qs, ks, vs, feature_map, causal=causal, with_rden=True)
+    go, gr = torch.randn_like(o), torch.randn_like(rden)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o_ref = linear_attention_naive(q64, k64, v64, feature_map, True, causal, 1e-6)
+    r_ref = naive_rden(q64, k64, feature_map, causal, 1e-6)
+    assert rden.dtype == torch.float32 and rden.shape == (2, 3, 45)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(rden, r_ref) < 1e-5
+    got = torch.autograd.grad((o * go).sum() + (rden * gr).sum(), (qs, ks, vs))
+    want = torch.autograd.grad((o_ref * go.double()).sum() + (r_ref * gr.double()).sum(), (q64, k64, v64), retain_graph=True)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+    _, rden = linear_attention(qs, ks, vs, feature_map, causal=causal, with_rden=True)
+    got = torch.autograd.grad((rden * gr).sum(), (qs, ks))
+    want = torch.autograd.grad((r_ref * gr.double()).sum(), (q64, k64))
+    for name, a, b in zip(("dq", "dk"), got, want):
+        assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+
+
+@needs_kernel
+def test_rden_needs_the_normalized_kernel():
+    q = torch.randn(1, 3, 2, 16)
+    with pytest.raises(ValueError, match="with_rden"):
+        linear_attention(q, q, q, normalize=False, with_rden=True)
+    with pytest.raises(ValueError, match="with_rden"):
+        linear_attention(q.double(), q.double(), q.double(), with_rden=True)
+
+
 def test_bad_options():
     q = torch.randn(1, 3, 2, 16)
     with pytest.raises(ValueError, match="feature_map"):

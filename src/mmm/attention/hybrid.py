@@ -33,9 +33,11 @@ and the two parts meet in the same shared normaliser with r_i = max(lse_i, l_i) 
 sums are a causal linear attention whose state at row i holds the keys j <= i - w: queries from row w on
 against the keys and values up to row T - 1 - w, i.e. the sequence shifted by w (`prefix_far_sums`;
 two-sided adds the same on the reversed sequence for the keys j >= i + w). For elu / relu maps that is
-the Triton op mmm.ops.linear_attention (normalised: its output times the fp32 denominator
-phi(q_i) . sum_{j <= i-w} phi(k_j), a cumulative sum, gives the numerator back); for other maps, the
-chunked PyTorch sums of linear.py. O(T w d + T F Dv), no T x T tensor. `hybrid_path` says which runs.
+the Triton op mmm.ops.linear_attention, which returns its normalised output and its fp32 rden = 1 / (den
++ eps), both differentiable, so num = o / rden and den = 1 / rden - eps come back without another pass
+over the features; the combination is one compiled elementwise pass (`kernel_far_part`, `_combine`). For
+other maps, the chunked PyTorch sums of linear.py. O(T w d + T F Dv), no T x T tensor. `hybrid_path` says
+which runs.
 """
 
 from __future__ import annotations
@@ -98,26 +100,58 @@ def combine_lse(o_w, lse, far_num, far_den, log_scale, eps: float) -> torch.Tens
     return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
 
 
-def prefix_far_sums(q, k, v, fq, fk, fmap: FeatureMap, window: int, eps: float, chunk_size: int):
+def prefix_far_sums(q, k, v, fq, fk, window: int, chunk_size: int):
     """Far sums over the keys j <= i - window, grouped like `linear_features` (fq [B, Hk, g, T, F], fk
     [B, Hk, 1, T, F]; q, k, v the inputs [B, T, H, D]): num [B, Hk, g, T, Dv], den [B, Hk, g, T], zero
     for the rows i < window, which have no far key. Causal linear attention of the queries from row
-    `window` on against the keys and values up to row T - 1 - window."""
-    t, hk = q.shape[1], k.shape[2]
+    `window` on against the keys and values up to row T - 1 - window, in chunked PyTorch sums."""
+    t = q.shape[1]
     shifted = t - window
     if shifted <= 0:
         return fq.new_zeros(*fq.shape[:-1], v.shape[-1]), fq.new_zeros(fq.shape[:-1])
-    fq_s, fk_s = fq[..., window:, :], fk[..., :shifted, :]
-    o = linear_mod._triton_linear(q[:, window:], k[:, :shifted], v[:, :shifted], fmap, True, True, eps)
-    if o is None:
-        num, den = causal_sums(fq_s, fk_s, group_kv(v[:, :shifted].to(fq.dtype)), chunk_size)
-    else:
-        # The kernel returns num / (den + eps); its denominator in fp32 (a cumulative sum of key
-        # features) turns that back into the numerator.
-        den = torch.linalg.vecdot(fq_s, fk_s.cumsum(-2))
-        num = group_q(o, hk).to(fq.dtype) * (den + eps).unsqueeze(-1)
+    num, den = causal_sums(fq[..., window:, :], fk[..., :shifted, :], group_kv(v[:, :shifted].to(fq.dtype)), chunk_size)
     pad = torch.nn.functional.pad
     return pad(num, (0, 0, window, 0)), pad(den, (window, 0))
+
+
+def kernel_far_part(q, k, v, fmap: FeatureMap, window: int, eps: float):
+    """The far sums of `prefix_far_sums` through the Triton op, as it returns them: its normalized output
+    o = num / (den + eps) [B, H, T, Dv] and rden = 1 / (den + eps) [B, H, T] fp32 (both differentiable;
+    q's heads, GQA keys repeated), for the rows of the output. Rows i < window have no far key: o = 0 and
+    rden = 1 / eps there, so that num = o / rden and den = 1 / rden - eps are 0. None if T <= window."""
+    t = q.shape[1]
+    shifted = t - window
+    if shifted <= 0:
+        return None
+    o, rden = linear_mod._triton_linear(q[:, window:], k[:, :shifted], v[:, :shifted], fmap, True, True, eps, with_rden=True)
+    pad = torch.nn.functional.pad
+    return pad(o.transpose(1, 2), (0, 0, window, 0)), pad(rden, (window, 0), value=1.0 / eps)
+
+
+def combine_kernel_far(o_w, lse, parts, eps: float) -> torch.Tensor:
+    """`combine_lse` for maps without a query scale (l = 0, r = max(lse, 0)), with the far sums given as
+    `kernel_far_part` returns them (one part causal, two when two-sided): [B, H, T, Dv] fp32. Elementwise:
+    compiled into one pass on CUDA (`_combine`)."""
+    r = lse.clamp_min(0.0).detach()
+    near_scale, far_scale = torch.exp(lse - r), torch.exp(-r)
+    num = near_scale.unsqueeze(-1) * o_w.float()
+    den = near_scale + eps * far_scale
+    for o, rden in parts:
+        num = num + (far_scale / rden).unsqueeze(-1) * o.float()
+        den = den + far_scale * (1.0 / rden - eps)
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
+
+
+_compiled_combine = None
+
+
+def _combine(o_w, lse, parts, eps: float) -> torch.Tensor:
+    global _compiled_combine
+    if not o_w.is_cuda or torch.compiler.is_compiling():
+        return combine_kernel_far(o_w, lse, parts, eps)
+    if _compiled_combine is None:
+        _compiled_combine = torch.compile(combine_kernel_far, dynamic=True)
+    return _compiled_combine(o_w, lse, parts, eps)
 
 
 def flex_hybrid(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float, chunk_size: int) -> torch.Tensor:
@@ -125,14 +159,21 @@ def flex_hybrid(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float
     dt = compute_dtype(q)
     (b, t, h, _), hk = q.shape, k.shape[2]
     o_w, lse = flex.flex_band(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, causal, return_lse=True)
+    if linear_mod.triton_applies(q, v, fmap):  # no query scale then (triton_applies' condition)
+        parts = [kernel_far_part(q, k, v, fmap, window, eps)]
+        if not causal:  # keys j >= i + window: the same on the reversed sequence
+            rev = kernel_far_part(q.flip(1), k.flip(1), v.flip(1), fmap, window, eps)
+            parts.append(None if rev is None else (rev[0].flip(-2), rev[1].flip(-1)))
+        o = _combine(o_w, lse, [p for p in parts if p is not None], eps)
+        return o.transpose(1, 2).to(q.dtype)
     o_w = o_w.to(dt).reshape(b, hk, h // hk, t, -1)  # [B, H, T, Dv] -> grouped [B, Hk, g, T, Dv]
     lse = lse.to(dt).reshape(b, hk, h // hk, t)
     fq, log_scale, fk, _ = linear_features(q, k, None, fmap)
-    far_num, far_den = prefix_far_sums(q, k, v, fq, fk, fmap, window, eps, chunk_size)
+    far_num, far_den = prefix_far_sums(q, k, v, fq, fk, window, chunk_size)
     if not causal:
         # Keys j >= i + window: the same sums on the reversed sequence.
         rq, rk, rv = q.flip(1), k.flip(1), v.flip(1)
-        num_r, den_r = prefix_far_sums(rq, rk, rv, fq.flip(-2), fk.flip(-2), fmap, window, eps, chunk_size)
+        num_r, den_r = prefix_far_sums(rq, rk, rv, fq.flip(-2), fk.flip(-2), window, chunk_size)
         far_num, far_den = far_num + num_r.flip(-2), far_den + den_r.flip(-1)
     o = combine_lse(o_w, lse, far_num, far_den, log_scale, eps)
     return ungroup(o).to(q.dtype)

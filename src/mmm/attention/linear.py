@@ -30,9 +30,9 @@ KERNEL_ON_CPU_INTERPRETER = False
 _NATIVE_MAPS = (EluFeatureMap, ReluFeatureMap)  # maps the kernel applies itself, elementwise
 
 
-def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps: float):
+def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps: float, with_rden: bool = False):
     """The one dispatch point to the Triton kernel `mmm.ops.linear_attention.linear_attention`; None means
-    "use the PyTorch path" (see `triton_applies`).
+    "use the PyTorch path" (see `triton_applies`). with_rden: (o, 1 / (den + eps)) instead of o.
 
     The kernel takes q, k [B, T, H, DK] and v [B, T, H, DV] (GQA heads are repeated here) with DK and DV
     each in its SUPPORTED_HEAD_DIMS and fp32 state, and computes this module's formulas. elu+1 and relu it
@@ -48,13 +48,13 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
         s = q.shape[-1] ** -0.25  # the feature maps' input scaling, applied here since the kernel does not
-        return kernel(q * s, k * s, v, feature_map=fmap.name, normalize=normalize, causal=causal, eps=eps)
+        return kernel(q * s, k * s, v, feature_map=fmap.name, normalize=normalize, causal=causal, eps=eps, with_rden=with_rden)
     dt = compute_dtype(q)
     fq, _ = fmap.features(q.to(dt), True)  # no log scale: rescales_queries is False here
     fk, _ = fmap.features(k.to(dt), False)
     if groups > 1:
         fk, v = fk.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    return kernel(fq.to(q.dtype), fk.to(q.dtype), v, feature_map=None, normalize=normalize, causal=causal, eps=eps)
+    return kernel(fq.to(q.dtype), fk.to(q.dtype), v, feature_map=None, normalize=normalize, causal=causal, eps=eps, with_rden=with_rden)
 
 
 def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap) -> bool:

@@ -222,14 +222,17 @@ def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
 )
 @triton.jit
 def chunk_state_kernel(
-    x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, st_ptr,
+    x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, st_ptr,
     T, H, L, NS,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
+    HAS_DRDEN: tl.constexpr,
     DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """One segment's local sum of phi(x)^T y (a BK-row tile of the DK x DV state, full V) and of the
     normalizer vector. Forward: x = k, y = v, vector = sum b. Backward: x = q, y = do * rden,
-    vector = sum r a, with r computed here (it needs the full V row of do and o) and written out."""
+    vector = sum r a, with r computed here (it needs the full V row of do and o) and written out. With
+    HAS_DRDEN, rden itself was used downstream (hybrid attention reads the denominator off it): its
+    gradient drden adds d rden / d den * drden = -rden^2 drden to r."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -250,6 +253,8 @@ def chunk_state_kernel(
                 rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
                 o = tl.load(o_base + tile_dv, mask=mt[:, None], other=0.0)
                 r = -tl.sum(y.to(tl.float32) * o.to(tl.float32), axis=1) * rd
+                if HAS_DRDEN:
+                    r -= tl.load(drden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0) * rd * rd
                 if i_k == 0:
                     tl.store(r_ptr + trow0 + t0 + offs_t, r, mask=mt)
                 y_c = _cast(y.to(tl.float32) * rd[:, None], x_ptr, DOT_MODE)

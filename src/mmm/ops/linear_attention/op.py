@@ -94,7 +94,7 @@ if HAVE_TRITON:
         states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=q.device)
         common = dict(T=T, H=H, L=seg_len, NS=NS, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
         wrap_triton(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            k, v, v, rden, rden, states, BWD=False, **common)
+            k, v, v, rden, rden, rden, states, BWD=False, HAS_DRDEN=False, **common)
         wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
         wrap_triton(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
@@ -104,10 +104,11 @@ if HAVE_TRITON:
     def _backward_launches(
         do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
         rden: torch.Tensor, states: torch.Tensor,
-        feature: int, normalize: bool, causal: bool, seg_len: int,
+        feature: int, normalize: bool, causal: bool, seg_len: int, drden: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv from the forward's saved o, rden and prefix states. r (the normalizer's gradient) is
-        written by chunk_state_kernel and read only when normalizing; zeros otherwise."""
+        written by chunk_state_kernel and read only when normalizing; zeros otherwise. drden: the gradient
+        of the rden output, when something used it (None otherwise)."""
         B, T, H, DK = q.shape
         DV = v.shape[-1]
         NS = triton.cdiv(T, seg_len)
@@ -117,7 +118,8 @@ if HAVE_TRITON:
         dstates = torch.empty_like(states)
         common = dict(T=T, H=H, L=seg_len, NS=NS, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
         wrap_triton(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            q, do, o, rden, r, dstates, BWD=True, **common)
+            q, do, o, rden, r, rden if drden is None else drden, dstates, BWD=True,
+            HAS_DRDEN=normalize and drden is not None, **common)
         wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         wrap_triton(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
@@ -131,17 +133,18 @@ if HAVE_TRITON:
         o, rden, states = output
         ctx.save_for_backward(q, k, v, o, rden, states)
         ctx.config = (feature, normalize, causal, seg_len)
-        ctx.mark_non_differentiable(rden, states)
+        # rden = 1 / (den + eps) is differentiable: hybrid attention reads the denominator off it.
+        ctx.mark_non_differentiable(states)
         # Without this, autograd allocates and zero-fills gradients for rden and states (states is
-        # [B*H, NS+1, D*D+D] fp32) on every backward, only for _backward to ignore them. (do is never
-        # None: o is the only differentiable output, so backward runs only when it has a gradient.)
-        # (states is [B*H, NS+1, DK*DV+DK] in general.)
+        # [B*H, NS+1, DK*DV+DK] fp32) on every backward, only for _backward to ignore them.
         ctx.set_materialize_grads(False)
 
     def _gradients(backward_launches):
-        def backward(ctx, do, _drden, _dstates):
+        def backward(ctx, do, drden, _dstates):
             q, k, v, o, rden, states = ctx.saved_tensors
-            dq, dk, dv = backward_launches(do.contiguous(), q, k, v, o, rden, states, *ctx.config)
+            do = torch.zeros_like(o) if do is None else do.contiguous()
+            drden = None if drden is None else drden.contiguous()
+            dq, dk, dv = backward_launches(do, q, k, v, o, rden, states, *ctx.config, drden)
             return dq, dk, dv, None, None, None, None, None
 
         return backward
@@ -190,9 +193,10 @@ def _uses_kernel(q: torch.Tensor) -> bool:
     )
 
 
-def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps=1e-6, seg_len=None):
+def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps=1e-6, seg_len=None, with_rden=False):
     """The Triton path without dispatch; seg_len (a multiple of kernels.SEGMENT_MULTIPLE) picks the
-    segment length, which tests and the benchmark vary."""
+    segment length, which tests and the benchmark vary. with_rden: return (o, rden) with rden = 1 / (den
+    + eps) [B, H, T] fp32, differentiable (normalized only)."""
     for width, role, where in ((q.shape[-1], "key", "q and k"), (v.shape[-1], "value", "v")):
         if width not in SUPPORTED_HEAD_DIMS:
             raise ValueError(
@@ -206,8 +210,8 @@ def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps
     elif seg_len <= 0 or seg_len % kernels.SEGMENT_MULTIPLE:
         raise ValueError(f"seg_len must be a positive multiple of {kernels.SEGMENT_MULTIPLE}, got {seg_len}")
     args = (q, k, v, kernels.FEATURE_CODES[feature_map], normalize, causal, float(eps), seg_len)
-    o, _, _ = (_EagerLinearAttention.apply if plain_eager(q, k, v) else linear_attention_fwd)(*args)
-    return o
+    o, rden, _ = (_EagerLinearAttention.apply if plain_eager(q, k, v) else linear_attention_fwd)(*args)
+    return (o, rden) if with_rden else o
 
 
 def linear_attention(
@@ -218,15 +222,21 @@ def linear_attention(
     normalize: bool = True,
     causal: bool = True,
     eps: float = 1e-6,
-) -> torch.Tensor:
+    with_rden: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Linear attention o_t = phi(q_t) S_t / (phi(q_t) . z_t + eps) with S_t = sum_{s<=t} phi(k_s)^T v_s,
     z_t = sum_{s<=t} phi(k_s) (sums over the whole sequence when causal=False; no division when
     normalize=False). q, k: [batch, seq_len, heads, head_dim], v: [batch, seq_len, heads, v_dim] (o is
     shaped like v), one float dtype, one device; q is not scaled here. phi: 'elu' (elu(x)+1), 'relu' or
     None (identity). Output in the input dtype; state and accumulation in fp32. The Triton kernel takes
     head_dim and v_dim each in SUPPORTED_HEAD_DIMS (independently).
+    with_rden=True (normalized, Triton kernel only) returns (o, rden) with rden = 1 / (den + eps)
+    [batch, heads, seq_len] fp32, differentiable: the denominator without a second pass over the sequence.
     """
     _check_inputs(q, k, v, feature_map, normalize, causal, eps)
+    if with_rden and not (normalize and _uses_kernel(q)):
+        raise ValueError("with_rden=True needs normalize=True and the Triton kernel (CUDA, or CPU under "
+                         "TRITON_INTERPRET=1, a float dtype other than float64, seq_len > 0)")
     if not _uses_kernel(q):
         return linear_attention_naive(q, k, v, feature_map, normalize, causal, eps)
-    return _kernel_forward(q, k, v, feature_map, normalize, causal, eps)
+    return _kernel_forward(q, k, v, feature_map, normalize, causal, eps, with_rden=with_rden)
