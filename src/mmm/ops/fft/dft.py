@@ -74,7 +74,10 @@ CONFIG_OVERRIDE: dict | None = None  # set by scripts/gpu_fft_dft.py to time oth
 
 
 def config(n1: int, n2: int, nb: int) -> dict:
-    return CONFIG_OVERRIDE if CONFIG_OVERRIDE is not None else _config(n1, n2, nb)
+    if CONFIG_OVERRIDE is None:
+        return _config(n1, n2, nb)
+    # row blocks no taller than the tile (a taller one would read and write past the tables)
+    return {**CONFIG_OVERRIDE, "BK": min(CONFIG_OVERRIDE["BK"], n1), "BN": min(CONFIG_OVERRIDE["BN"], n1)}
 
 
 def _angle(num: torch.Tensor, den: int) -> torch.Tensor:
@@ -82,15 +85,14 @@ def _angle(num: torch.Tensor, den: int) -> torch.Tensor:
     return (num % den).double() * (2 * math.pi / den)
 
 
-def _ri(z: torch.Tensor, with_neg: bool) -> torch.Tensor:
-    parts = [z.real, z.imag, -z.imag] if with_neg else [z.real, z.imag]
-    return torch.stack(parts, dim=-3)
+def _ri(z: torch.Tensor) -> torch.Tensor:
+    return torch.stack([z.real, z.imag], dim=-3)
 
 
 @functools.lru_cache(maxsize=32)
 def tables(n1: int, n2: int, nb: int, device: str, dtype: torch.dtype):
-    """DFT tables of dft_kernels.py in `dtype`: F1 [nb, 3, n1, n1] (re, im, -im), F1^H likewise,
-    F2 [3, n2, n2], TW [nb, 2, n1, n2]. Branch 1 (Toeplitz odd frequencies) has phi folded in."""
+    """DFT tables of dft_kernels.py in `dtype`, (re, im) pairs: F1 [nb, 2, n1, n1], F1^H likewise,
+    F2 [2, n2, n2], TW [nb, 2, n1, n2]. Branch 1 (Toeplitz odd frequencies) has phi folded in."""
     n = n1 * n2
     k1, k2 = torch.arange(n1), torch.arange(n2)
 
@@ -103,7 +105,7 @@ def tables(n1: int, n2: int, nb: int, device: str, dtype: torch.dtype):
         f1.append(e(k1[:, None] * k1[None, :] * 2 + b * k1[None, :], 2 * n1) / math.sqrt(n1))
         tw.append(e(k1[:, None] * k2[None, :] * 2 + b * k2[None, :], 2 * n))
     f1 = torch.stack(f1)
-    out = (_ri(f1, True), _ri(f1.conj_physical().transpose(-1, -2), True), _ri(f2, True), _ri(torch.stack(tw), False))
+    out = (_ri(f1), _ri(f1.conj_physical().transpose(-1, -2)), _ri(f2), _ri(torch.stack(tw)))
     return tuple(t.to(device=device, dtype=dtype).contiguous() for t in out)
 
 

@@ -39,22 +39,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _cdot(ar, ai, br, bi, bni, acc_r, acc_i, PREC: tl.constexpr):
-    """acc + (ar + i ai) @ (br + i bi), with bni = -bi (tables carry it, so no operand is negated)."""
-    acc_r = tl.dot(ar, br, acc_r, input_precision=PREC)
-    acc_r = tl.dot(ai, bni, acc_r, input_precision=PREC)
-    acc_i = tl.dot(ar, bi, acc_i, input_precision=PREC)
-    acc_i = tl.dot(ai, br, acc_i, input_precision=PREC)
-    return acc_r, acc_i
-
-
-@triton.jit
-def _cdot_left(tr, ti, tni, dr, di, acc_r, acc_i, PREC: tl.constexpr):
-    """acc + (tr + i ti) @ (dr + i di), with tni = -ti."""
-    acc_r = tl.dot(tr, dr, acc_r, input_precision=PREC)
-    acc_r = tl.dot(tni, di, acc_r, input_precision=PREC)
-    acc_i = tl.dot(tr, di, acc_i, input_precision=PREC)
-    acc_i = tl.dot(ti, dr, acc_i, input_precision=PREC)
+def _cdot(ar, ai, br, bi, acc_r, acc_i, CONJ_B: tl.constexpr, PREC: tl.constexpr):
+    """acc + (ar + i ai) @ (br + i bi), or @ (br - i bi) with CONJ_B. The left operands are registers
+    (negating them is free), the right ones tables (so no table needs a negated copy)."""
+    if CONJ_B:
+        acc_r = tl.dot(ar, br, acc_r, input_precision=PREC)
+        acc_r = tl.dot(ai, bi, acc_r, input_precision=PREC)
+        acc_i = tl.dot(ai, br, acc_i, input_precision=PREC)
+        acc_i = tl.dot(-ar, bi, acc_i, input_precision=PREC)
+    else:
+        acc_r = tl.dot(ar, br, acc_r, input_precision=PREC)
+        acc_r = tl.dot(-ai, bi, acc_r, input_precision=PREC)
+        acc_i = tl.dot(ar, bi, acc_i, input_precision=PREC)
+        acc_i = tl.dot(ai, br, acc_i, input_precision=PREC)
     return acc_r, acc_i
 
 
@@ -92,9 +89,9 @@ def _load_pair(ptr, row_a, n_rows, row_stride, n_valid, SHARED_SCALE: tl.constex
 
 @triton.jit
 def _load_f2(f2_ptr, N2: tl.constexpr):
-    """F2 as (re, im, -im) [N2, N2]; loaded where used (from L2) rather than held in registers."""
+    """F2 as (re, im) [N2, N2]; loaded where used (from L2) rather than held in registers."""
     f2 = f2_ptr + tl.arange(0, N2)[:, None] * N2 + tl.arange(0, N2)[None, :]
-    return tl.load(f2), tl.load(f2 + N2 * N2), tl.load(f2 + 2 * N2 * N2)
+    return tl.load(f2), tl.load(f2 + N2 * N2)
 
 
 @triton.jit
@@ -105,16 +102,16 @@ def _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0,
     rk = k0 + tl.arange(0, BK)
     r1 = tl.arange(0, N1)
     r2 = tl.arange(0, N2)
-    f1 = f1_ptr + b * 3 * N1 * N1 + rk[:, None] * N1 + r1[None, :]
+    f1 = f1_ptr + b * 2 * N1 * N1 + rk[:, None] * N1 + r1[None, :]
     zero = tl.zeros([BK, N2], dtype=tl.float32)
-    ar, ai = _cdot_left(tl.load(f1), tl.load(f1 + N1 * N1), tl.load(f1 + 2 * N1 * N1), zr, zi, zero, zero, PREC)
+    ar, ai = _cdot(tl.load(f1), tl.load(f1 + N1 * N1), zr, zi, zero, zero, False, PREC)
     tw = tw_ptr + b * 2 * N1 * N2 + rk[:, None] * N2 + r2[None, :]
     twr = tl.load(tw).to(tl.float32)
     twi = tl.load(tw + N1 * N2).to(tl.float32)
     br = (ar * twr - ai * twi).to(DT)
     bi = (ar * twi + ai * twr).to(DT)
-    f2r, f2i, f2ni = _load_f2(f2_ptr, N2)
-    cr, ci = _cdot(br, bi, f2r, f2i, f2ni, zero, zero, PREC)
+    f2r, f2i = _load_f2(f2_ptr, N2)
+    cr, ci = _cdot(br, bi, f2r, f2i, zero, zero, False, PREC)
     return cr, ci
 
 
@@ -144,8 +141,8 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
                 yr = (cr * kr - ci * ki).to(DT)
                 yi = (cr * ki + ci * kr).to(DT)
                 zero = tl.zeros([BK, N2], dtype=tl.float32)
-                f2r, f2i, f2ni = _load_f2(f2_ptr, N2)
-                dr, di = _cdot(yr, yi, f2r, f2ni, f2i, zero, zero, PREC)  # conj(F2) = f2r - i f2i
+                f2r, f2i = _load_f2(f2_ptr, N2)
+                dr, di = _cdot(yr, yi, f2r, f2i, zero, zero, True, PREC)  # @ conj(F2)
                 twr = tl.load(tw_ptr + blk).to(tl.float32)  # reloaded (L2): not held across the dots
                 twi = tl.load(tw_ptr + blk + TILE).to(tl.float32)
                 tl.store(scratch + blk, (dr * twr + di * twi).to(DT))
@@ -160,8 +157,8 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
             for b in tl.static_range(NB):
                 er = tl.load(scratch + b * 2 * TILE + full)
                 ei = tl.load(scratch + b * 2 * TILE + TILE + full)
-                fh = f1h_ptr + b * 3 * N1 * N1 + rn[:, None] * N1 + r1[None, :]
-                gr, gi = _cdot_left(tl.load(fh), tl.load(fh + N1 * N1), tl.load(fh + 2 * N1 * N1), er, ei, gr, gi, PREC)
+                fh = f1h_ptr + b * 2 * N1 * N1 + rn[:, None] * N1 + r1[None, :]
+                gr, gi = _cdot(tl.load(fh), tl.load(fh + N1 * N1), er, ei, gr, gi, False, PREC)
             out = rn[:, None] * N2 + r2[None, :]
             ok = out < N_OUT
             tl.store(y_ptr + row_a * y_stride + out, (gr * (gain / sa)).to(y_ptr.dtype.element_ty), mask=ok)
