@@ -113,6 +113,16 @@ def test_key_and_value_widths_differ(dk, dv, feature_map, normalize, causal, poi
 
 
 @needs_kernel
+@pytest.mark.parametrize("feature_map,normalize,causal", [("elu", True, True), ("relu", True, False), (None, False, True)])
+def test_dq_and_dk_in_two_launches(feature_map, normalize, causal, poisoned_empty, monkeypatch):
+    """kernels.SPLIT_DQDK: dq and dk from two launches of the backward kernel (PART 1, 2), each writing
+    only its own gradient (the NaN-poisoned buffers catch one that writes nothing)."""
+    monkeypatch.setattr(op.kernels, "SPLIT_DQDK", True)
+    q, k, v = make_inputs(2, 50, 2, 32, feature_map, normalize, dv=16)
+    check_against_fp64(q, k, v, feature_map, normalize, causal, seg_len=32, tol=2e-5)
+
+
+@needs_kernel
 def test_default_segments_and_public_function(poisoned_empty):
     q, k, v = make_inputs(1, 100, 2, 16, "elu", True)
     o = linear_attention(q, k, v)

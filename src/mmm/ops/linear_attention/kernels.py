@@ -79,10 +79,14 @@ CONFIGS = {
     "chunk_state_kernel": [(128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)],
     # several dots: 4 warps (see the module docstring); BT = 32 dots run on the mma v2 path
     "fwd_kernel": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2)],
-    "bwd_dqdk_kernel": [(64, 16, 4, 3), (64, 16, 4, 2), (64, 32, 4, 2)],
+    # (64, 64, 4, 2) only for the split launches (one state each: see bwd_dqdk_kernel's PART)
+    "bwd_dqdk_kernel": [(64, 16, 4, 3), (64, 16, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
     "bwd_dv_kernel": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
 }
-INTERPRET_CONFIG = (16, 16, 1, 1)  # the interpreter runs one config (autotuning several fails there)
+INTERPRET_CONFIG = (16, 16, 1, 1)
+# dq and dk in two launches of bwd_dqdk_kernel (PART 1 and 2) instead of one (PART 0); set from
+# scripts/gpu_la_tune.py's measurement
+SPLIT_DQDK = False  # the interpreter runs one config (autotuning several fails there)
 
 
 def _forced_configs(spec: str) -> dict:
@@ -115,8 +119,9 @@ def _configs(kernel: str, tile: str):
     return [triton.Config({"BT": bt, tile: t}, num_warps=w, num_stages=s) for bt, t, w, s in options]
 
 
-def _pruner(tile: str, n_states: int, max_tile_rows: int, state_rows: str | None = None):
-    """Keep configs whose tile fits its width, whose fp32 state(s) need <= 64 registers a thread and whose
+def _pruner(tile: str, n_states, max_tile_rows: int, state_rows: str | None = None):
+    """Keep configs whose tile fits its width, whose fp32 state(s) (n_states of them: a number, or a
+    function of the kernel's arguments) need <= 64 registers a thread and whose
     full-width [BT, W] row tiles have <= max_tile_rows * 128 elements (these limits keep ptxas from spilling
     much). The tile (BK or BV) splits one width (DK or DV, "tiled"); the kernel holds the other one whole
     ("full": the state is tile x full, its full-width row tiles are BT x full).
@@ -137,10 +142,11 @@ def _pruner(tile: str, n_states: int, max_tile_rows: int, state_rows: str | None
 
     def prune(configs, named_args, **kwargs):
         tiled, full = widths(named_args, kwargs)
+        states = n_states({**named_args, **kwargs}) if callable(n_states) else n_states
         keep = [
             c for c in configs
             if c.kwargs[tile] <= tiled
-            and n_states * c.kwargs[tile] * full <= 64 * 32 * c.num_warps
+            and states * c.kwargs[tile] * full <= 64 * 32 * c.num_warps
             and c.kwargs["BT"] * full <= max_tile_rows * 128
             and safe_warps(c, full)
         ]
@@ -358,21 +364,23 @@ def fwd_kernel(
 
 @triton.autotune(
     configs=_configs("bwd_dqdk_kernel", "BK"),
-    key=["DK", "DV"],
-    prune_configs_by={"early_config_prune": _pruner("BK", 2, 128, state_rows="BK")},
+    key=["DK", "DV", "PART"],
+    prune_configs_by={"early_config_prune": _pruner("BK", lambda kw: 2 if kw["PART"] == 0 else 1, 128, state_rows="BK")},
 )
 @triton.jit
 def bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, rden_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
     T, H, L, NS,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    DOT_MODE: tl.constexpr, PART: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """dq and dk for one K-tile of one segment, chunks in reverse order:
       da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
       db = v dS_next^T + dz_next + tril(g v^T + r)^T a
     S_prev is walked backwards from the prefix of the next segment (S -= b^T v), which saves a forward
-    sweep; dS_next accumulates a^T g from the suffix of the later segments."""
+    sweep; dS_next accumulates a^T g from the suffix of the later segments.
+    PART: 0 both, 1 dq only, 2 dk only. Apart, each launch holds one state instead of two, so it can take
+    wider K tiles: fewer programs recompute the [BT, BT] scores g v^T, which contract over all of V."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -389,13 +397,16 @@ def bwd_dqdk_kernel(
         bseg = NS
     fbase = st_ptr + (i_bh * (NS + 1) + fseg) * M
     bbase = dst_ptr + (i_bh * (NS + 1) + bseg) * M
-    S = tl.load(fbase + offs_k[:, None] * DV + offs_dv[None, :])
-    dS = tl.load(bbase + offs_k[:, None] * DV + offs_dv[None, :])
-    z = tl.zeros([BK], dtype=tl.float32)
-    dz = tl.zeros([BK], dtype=tl.float32)
-    if NORMALIZE:
-        z = tl.load(fbase + DK * DV + offs_k)
-        dz = tl.load(bbase + DK * DV + offs_k)
+    if PART != 2:
+        S = tl.load(fbase + offs_k[:, None] * DV + offs_dv[None, :])
+        z = tl.zeros([BK], dtype=tl.float32)
+        if NORMALIZE:
+            z = tl.load(fbase + DK * DV + offs_k)
+    if PART != 1:
+        dS = tl.load(bbase + offs_k[:, None] * DV + offs_dv[None, :])
+        dz = tl.zeros([BK], dtype=tl.float32)
+        if NORMALIZE:
+            dz = tl.load(bbase + DK * DV + offs_k)
     n_blk = tl.cdiv(t_len, BT)
     last_k = (n_blk - 1).to(tl.int64) * (BT * H * DK)
     last_v = (n_blk - 1).to(tl.int64) * (BT * H * DV)
@@ -410,7 +421,7 @@ def bwd_dqdk_kernel(
         mt = offs_t < t_len - t0
         b_c = _features(tl.load(k_base + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
         v_c = _cast(tl.load(v_base + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
-        if CAUSAL:
+        if CAUSAL and PART != 2:
             S -= _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
                 z -= tl.sum(b_c.to(tl.float32), axis=0)
@@ -421,30 +432,31 @@ def bwd_dqdk_kernel(
             g_c = _cast(g.to(tl.float32) * rd[:, None], q_ptr, DOT_MODE)
         else:
             g_c = _cast(g, q_ptr, DOT_MODE)
-        # dq
-        da = _dot(g_c, tl.trans(_cast(S, q_ptr, DOT_MODE)), DOT_MODE)
-        if NORMALIZE:
-            da += rr[:, None] * z[None, :]
         if CAUSAL:
             dA = _dot(g_c, tl.trans(v_c), DOT_MODE)
             if NORMALIZE:
                 dA += rr[:, None]
             dA_c = _cast(tl.where(causal, dA, 0.0), q_ptr, DOT_MODE)
-            da += _dot(dA_c, b_c, DOT_MODE)
         a_c = _features(tl.load(q_base + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
-        if FEATURE != 0:
-            da = da * _dphi(a_c, FEATURE)
-        tl.store(dq_base + tile_k, da.to(dq_ptr.dtype.element_ty), mask=mt[:, None])
-        # dk
-        db = _dot(v_c, tl.trans(_cast(dS, q_ptr, DOT_MODE)), DOT_MODE)
-        if NORMALIZE:
-            db += dz[None, :]
-        if CAUSAL:
-            db += _dot(tl.trans(dA_c), a_c, DOT_MODE)
-        if FEATURE != 0:
-            db = db * _dphi(b_c, FEATURE)
-        tl.store(dk_base + tile_k, db.to(dk_ptr.dtype.element_ty), mask=mt[:, None])
-        if CAUSAL:
+        if PART != 2:  # dq
+            da = _dot(g_c, tl.trans(_cast(S, q_ptr, DOT_MODE)), DOT_MODE)
+            if NORMALIZE:
+                da += rr[:, None] * z[None, :]
+            if CAUSAL:
+                da += _dot(dA_c, b_c, DOT_MODE)
+            if FEATURE != 0:
+                da = da * _dphi(a_c, FEATURE)
+            tl.store(dq_base + tile_k, da.to(dq_ptr.dtype.element_ty), mask=mt[:, None])
+        if PART != 1:  # dk
+            db = _dot(v_c, tl.trans(_cast(dS, q_ptr, DOT_MODE)), DOT_MODE)
+            if NORMALIZE:
+                db += dz[None, :]
+            if CAUSAL:
+                db += _dot(tl.trans(dA_c), a_c, DOT_MODE)
+            if FEATURE != 0:
+                db = db * _dphi(b_c, FEATURE)
+            tl.store(dk_base + tile_k, db.to(dk_ptr.dtype.element_ty), mask=mt[:, None])
+        if CAUSAL and PART != 1:
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
             if NORMALIZE:
                 dz += tl.sum(a_c.to(tl.float32) * rr[:, None], axis=0)

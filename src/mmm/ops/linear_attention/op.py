@@ -122,8 +122,9 @@ if HAVE_TRITON:
             HAS_DRDEN=normalize and drden is not None, **common)
         wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
-        wrap_triton(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
-            q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, **common)
+        for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
+            wrap_triton(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
+                q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, **common)
         wrap_triton(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
             q, k, do, rden, dstates, dv, CAUSAL=causal, **common)
         return dq, dk, dv
