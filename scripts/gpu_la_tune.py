@@ -24,7 +24,7 @@ KERNELS = ("chunk_state_kernel", "fwd_kernel", "bwd_dqdk_kernel", "bwd_dv_kernel
 # one factor at a time from the first entries of kernels.CONFIGS ("base"); the dq/dk configs with
 # kernels.SPLIT_DQDK on (two launches, one state each)
 ALTERNATIVES = {
-    "bwd_dqdk_kernel": [(64, 16, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
+    "bwd_dqdk_kernel": [(64, 32, 4, 2), (64, 64, 4, 2)],
 }
 SPLIT_ALTERNATIVES = ("bwd_dqdk_kernel",)
 
@@ -34,8 +34,7 @@ def jobs() -> list[dict]:
 
     base = {k: tuple(kernels.CONFIGS[k][0]) for k in KERNELS}
     out = [dict(label="auto", configs=None, dk=128, split=False),
-           dict(label="auto split", configs=None, dk=128, split=True),
-           dict(label="base", configs=base, dk=128, split=False)]
+           dict(label="auto split", configs=None, dk=128, split=True)]
     for k, alts in ALTERNATIVES.items():
         split = k in SPLIT_ALTERNATIVES
         out += [dict(label=f"{k.replace('_kernel', '')}={','.join(map(str, c))}{' split' if split else ''}",
