@@ -62,12 +62,16 @@ def plan(p: int, q: int, n_in: int, L: int, n_out: int) -> tuple[int, int, int] 
 
 
 def _config(n1: int, n2: int, nb: int) -> dict:
-    """Row blocks (BK: phase 1 and the correlation, BN: phase 2) and warps. Under the interpreter one
-    block (its cost grows with loop steps). On the GPU, blocks of <= 64 rows keep the fp32 complex
-    tiles small enough not to spill (scripts/gpu_fft_dft.py --ptxas reports registers and spills)."""
+    """Row blocks (BK: phase 1 of the product, BN: its phase 2, BKC: the kernel's gradient), warps and
+    persistent programs per SM. Under the interpreter one block (its cost grows with loop steps). On
+    the GPU the configs that compile for sm_90 with no or next to no register spills (scripts/
+    gpu_fft_dft.py --ptxas): at 128 x 128, blocks of 32 rows (mma.sync; 64-row blocks take wgmma but
+    spill ~1 KB); at 64 x 64 and below, 64-row blocks on one warpgroup (wgmma, no spills)."""
     if INTERPRET:
-        return dict(BK=n1, BN=n1, num_warps=4, progs_per_sm=1)
-    return dict(BK=min(n1, 64), BN=min(n1, 64), num_warps=8 if n1 * n2 >= 8192 else 4, progs_per_sm=1)
+        return dict(BK=n1, BN=n1, num_warps=4, progs_per_sm=1, BKC=n1, corr_warps=4)
+    if n1 * n2 >= 8192:
+        return dict(BK=32, BN=32, num_warps=8, progs_per_sm=1, BKC=32, corr_warps=8)
+    return dict(BK=min(n1, 64), BN=min(n1, 64), num_warps=4, progs_per_sm=2, BKC=min(n1, 32), corr_warps=4)
 
 
 CONFIG_OVERRIDE: dict | None = None  # set by scripts/gpu_fft_dft.py to time other configs
@@ -77,7 +81,8 @@ def config(n1: int, n2: int, nb: int) -> dict:
     if CONFIG_OVERRIDE is None:
         return _config(n1, n2, nb)
     # row blocks no taller than the tile (a taller one would read and write past the tables)
-    return {**CONFIG_OVERRIDE, "BK": min(CONFIG_OVERRIDE["BK"], n1), "BN": min(CONFIG_OVERRIDE["BN"], n1)}
+    cfg = {**_config(n1, n2, nb), **CONFIG_OVERRIDE}
+    return {**cfg, "BK": min(cfg["BK"], n1), "BN": min(cfg["BN"], n1), "BKC": min(cfg["BKC"], n1)}
 
 
 def _angle(num: torch.Tensor, den: int) -> torch.Tensor:
@@ -182,16 +187,17 @@ def corr(x: torch.Tensor, dy: torch.Tensor, n_in: int, L: int, n_out: int) -> to
     dt = _work_dtype(x)
     f1, _, f2, tw = tables(n1, n2, nb, str(x.device), dt)
     cfg = config(n1, n2, nb)
-    blocks = n1 // cfg["BK"]
+    blocks = n1 // cfg["BKC"]
     # about 4 programs per SM, each a chunk of pairs; more chunks would only grow the partial sums
     chunks = max(1, min(n_pairs, triton.cdiv(4 * _num_sms(x.device), blocks * nb)))
     per_chunk = triton.cdiv(n_pairs, chunks)
     chunks = triton.cdiv(n_pairs, per_chunk)
-    part = torch.empty(chunks, nb, 2, n1, n2, device=x.device, dtype=torch.float32)
+    part = torch.zeros(chunks, nb, 2, n1, n2, device=x.device, dtype=torch.float32)
+    stash = torch.empty(blocks * chunks * nb, 2, cfg["BKC"], n2, device=x.device, dtype=torch.float32)
     dft_kernels.dft_corr_kernel[(blocks, chunks, nb)](
-        x, dy, f1, f2, tw, part, N, n_pairs, n_in, n_out, x.stride(0), dy.stride(0), per_chunk,
-        N1=n1, N2=n2, BK=cfg["BK"], BOUND=BOUND, PREC="ieee" if dt == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"])
+        x, dy, f1, f2, tw, part, stash, N, n_pairs, n_in, n_out, x.stride(0), dy.stride(0), per_chunk,
+        N1=n1, N2=n2, BK=cfg["BKC"], BOUND=BOUND, PREC="ieee" if dt == torch.float32 else "tf32",
+        num_warps=cfg["corr_warps"])
     s = part.sum(0)
     S = torch.complex(s[:, 0], s[:, 1])  # [b, k1, k2] = unitary S_b[k1 + n1 k2]
     S = S.permute(2, 1, 0).reshape(L) * (L // nb)  # full length-L order nb j + b, non-unitary

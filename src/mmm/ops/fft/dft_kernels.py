@@ -29,7 +29,8 @@ Kernels:
   block of output rows at a time. Offsets along tokens are int64.
 - `dft_corr_kernel`: the kernel's gradient, sum over pairs of W * conj(U) (U = DFT of the x pair,
   W = of the dy pair), for one row block of the spectrum and one chunk of pairs per program; the
-  chunks' partial sums are added afterwards (deterministic).
+  chunks' partial sums are added afterwards (deterministic). The partial sum and U wait in global
+  memory (L2) while W is computed, to keep one transform's tiles in registers at a time.
 """
 
 from __future__ import annotations
@@ -57,13 +58,11 @@ def _cdot(ar, ai, br, bi, acc_r, acc_i, CONJ_B: tl.constexpr, PREC: tl.constexpr
 
 @triton.jit
 def _row_scale(x, BOUND: tl.constexpr):
-    """s = 2^k with ||s x||_2 <= BOUND for a tile x (fp32); the sum of squares is taken after scaling
-    by the largest entry, so rows near fp32's limits neither overflow nor underflow it."""
-    m = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    ep = -tl.ceil(tl.log2(tl.maximum(m, 1e-37)))  # max |2^ep x| in (1/2, 1]
-    xp = x * tl.exp2(ep)
-    ssq = tl.maximum(tl.sum(tl.sum(xp * xp, axis=1), axis=0), 0.25)
-    e = ep + tl.floor(tl.log2(BOUND / tl.sqrt(ssq)))
+    """s = 2^k with sqrt(numel) max|s x| <= BOUND, so ||s x||_2 <= BOUND for a tile x. The max, not
+    the L2 norm: one reduction that cannot overflow, and no fp32 copy of the tile held for it (the
+    norm would give up to ~2 more bits of headroom, which fp16's exponent range does not need)."""
+    m = tl.max(tl.max(tl.abs(x), axis=1), axis=0).to(tl.float32)
+    e = tl.floor(tl.log2(BOUND / tl.sqrt(x.numel * 1.0))) - tl.ceil(tl.log2(tl.maximum(m, 1e-37)))
     return tl.exp2(tl.minimum(tl.maximum(e, -126.0), 126.0))  # an all-zero row: a large, harmless s
 
 
@@ -77,14 +76,14 @@ def _load_pair(ptr, row_a, n_rows, row_stride, n_valid, SHARED_SCALE: tl.constex
     over the pair, which needs s_a t_a = s_b t_b)."""
     m = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     valid = m < n_valid
-    xa = tl.load(ptr + row_a * row_stride + m, mask=valid, other=0.0).to(tl.float32)
-    xb = tl.load(ptr + (row_a + 1) * row_stride + m, mask=valid & (row_a + 1 < n_rows), other=0.0).to(tl.float32)
+    xa = tl.load(ptr + row_a * row_stride + m, mask=valid, other=0.0)
+    xb = tl.load(ptr + (row_a + 1) * row_stride + m, mask=valid & (row_a + 1 < n_rows), other=0.0)
     sa = _row_scale(xa, BOUND * 0.7071)
     sb = _row_scale(xb, BOUND * 0.7071)
     if SHARED_SCALE:
         sa = tl.minimum(sa, sb)
         sb = sa
-    return (xa * sa).to(DT), (xb * sb).to(DT), sa, sb
+    return (xa.to(tl.float32) * sa).to(DT), (xb.to(tl.float32) * sb).to(DT), sa, sb
 
 
 @triton.jit
@@ -168,7 +167,7 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
 
 
 @triton.jit
-def dft_corr_kernel(x_ptr, dy_ptr, f1_ptr, f2_ptr, tw_ptr, part_ptr,
+def dft_corr_kernel(x_ptr, dy_ptr, f1_ptr, f2_ptr, tw_ptr, part_ptr, stash_ptr,
                     N, N_PAIRS, N_IN, N_DY, x_stride, dy_stride, PAIRS_PER_CHUNK,
                     N1: tl.constexpr, N2: tl.constexpr, BK: tl.constexpr, BOUND: tl.constexpr, PREC: tl.constexpr):
     k0 = tl.program_id(0) * BK
@@ -176,19 +175,25 @@ def dft_corr_kernel(x_ptr, dy_ptr, f1_ptr, f2_ptr, tw_ptr, part_ptr,
     b = tl.program_id(2)
     DT = f1_ptr.dtype.element_ty
     TILE: tl.constexpr = N1 * N2
-    r2 = tl.arange(0, N2)
-    acc_r = tl.zeros([BK, N2], dtype=tl.float32)
-    acc_i = tl.zeros([BK, N2], dtype=tl.float32)
+    rows = (k0 + tl.arange(0, BK))[:, None] * N2 + tl.arange(0, N2)[None, :]
+    # this program's partial sum (zero-filled) and a stash for U: both in global memory (L2), so that
+    # only one transform's tiles are live in registers at a time
+    part = part_ptr + (chunk.to(tl.int64) * tl.num_programs(2) + b) * 2 * TILE + rows
+    pid = (chunk * tl.num_programs(2) + b) * tl.num_programs(0) + tl.program_id(0)
+    stash = stash_ptr + pid.to(tl.int64) * 2 * BK * N2 + tl.arange(0, BK)[:, None] * N2 + tl.arange(0, N2)[None, :]
     first = chunk * PAIRS_PER_CHUNK
     for pair in range(first, tl.minimum(first + PAIRS_PER_CHUNK, N_PAIRS)):
         row_a = 2 * tl.cast(pair, tl.int64)
         zr, zi, su, _ = _load_pair(x_ptr, row_a, N, x_stride, N_IN, True, BOUND, DT, N1, N2)
         ur, ui = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, PREC)
+        tl.store(stash, ur)
+        tl.store(stash + BK * N2, ui)
         zr, zi, sw, _ = _load_pair(dy_ptr, row_a, N, dy_stride, N_DY, True, BOUND, DT, N1, N2)
         wr, wi = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, PREC)
+        tl.debug_barrier()
+        ur = tl.load(stash)
+        ui = tl.load(stash + BK * N2)
         inv = 1.0 / (su * sw)
-        acc_r += (wr * ur + wi * ui) * inv  # W conj(U)
-        acc_i += (wi * ur - wr * ui) * inv
-    blk = part_ptr + (chunk.to(tl.int64) * tl.num_programs(2) + b) * 2 * TILE + (k0 + tl.arange(0, BK))[:, None] * N2 + r2[None, :]
-    tl.store(blk, acc_r)
-    tl.store(blk + TILE, acc_i)
+        tl.store(part, tl.load(part) + (wr * ur + wi * ui) * inv)  # W conj(U)
+        tl.store(part + TILE, tl.load(part + TILE) + (wi * ur - wr * ui) * inv)
+        tl.debug_barrier()  # the next pair overwrites the stash
