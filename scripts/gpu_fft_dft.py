@@ -34,7 +34,8 @@ sys.path.insert(0, SRC)
 N_TOKENS = 8192
 SIZES = (4096, 16384)
 # changes to dft._config's choice for the 128 x 128 tiles of d = 16384 ({} = the default)
-SWEEP = [{}, dict(BK=64, BN=64), dict(BK=32, BN=64), dict(BKC=64)]
+# (fused=False: the backward's dx and kernel gradient by two kernels, dft.FUSED_BACKWARD)
+SWEEP = [{}, dict(fused=False), dict(BK=64, BN=64), dict(BK=32, BN=64), dict(fused=False, BKC=64)]
 
 
 # ------------------------------------------------------------------ --ptxas: sm_90 compile report, no GPU
@@ -80,19 +81,22 @@ def ptxas_report() -> None:
                     wgmma=ttgir.count("warp_group_dot "), mma=ttgir.count(" tt.dot ") + ttgir.count("ttg.dot "))
 
     seen = set()
-    print("kernel  n1 x n2  NB  rows warps: regs  spill st/ld B  smem KB  wgmma/mma dots", flush=True)
+    print("kernel       n1 x n2  NB  rows warps: regs  spill st/ld B  smem KB  wgmma/mma dots", flush=True)
     for n1, n2, nb, change in [(128, 128, 1, c) for c in SWEEP] + [(128, 128, 2, {}), (64, 64, 1, {}), (64, 64, 2, {})]:
+        change = {k: v for k, v in change.items() if k != "fused"}
         cfg = {**dft._config(n1, n2, nb), **change}
+        conv = dict(N1=n1, N2=n2, NB=nb, BK=cfg["BK"], BN=cfg["BN"])
         for name, kernel, consts, warps in [
-                ("conv", dft_kernels.dft_conv_kernel, dict(N1=n1, N2=n2, NB=nb, BK=cfg["BK"], BN=cfg["BN"]), cfg["num_warps"]),
+                ("conv", dft_kernels.dft_conv_kernel, dict(conv, CORR=False), cfg["num_warps"]),
+                ("conv+grad", dft_kernels.dft_conv_kernel, dict(conv, CORR=True), cfg["num_warps"]),
                 ("corr", dft_kernels.dft_corr_kernel, dict(N1=n1, N2=n2, BK=cfg["BKC"]), cfg["corr_warps"])]:
             key = (name, warps, *sorted(consts.items()))
             if key in seen or (name == "corr" and nb == 2):  # corr's branch is a grid axis, not a constant
                 continue
             seen.add(key)
             r = compile_one(kernel, dict(consts, BOUND=dft.BOUND, PREC="tf32"), warps)
-            rows = f"{consts['BK']}/{consts['BN']}" if name == "conv" else f"{consts['BK']}"
-            print(f"{name}  {n1:4d}x{n2:<4d} {nb:2d} {rows:>6s} {warps:4d}:  {r['regs']:4d}  {r['spill_store']:5d}/{r['spill_load']:<5d}  "
+            rows = f"{consts['BK']}/{consts['BN']}" if "BN" in consts else f"{consts['BK']}"
+            print(f"{name:9s}  {n1:4d}x{n2:<4d} {nb:2d} {rows:>6s} {warps:4d}:  {r['regs']:4d}  {r['spill_store']:5d}/{r['spill_load']:<5d}  "
                   f"{r['smem_kb']:7.1f}  {r['wgmma']}/{r['mma']}", flush=True)
 
 
@@ -203,19 +207,20 @@ def gpu_main(args) -> None:
         if time.time() - t_start > args.budget_s * 0.5:
             print("sweep cut short by the time budget", flush=True)
             break
-        dft.CONFIG_OVERRIDE = change
-        label = f"config {change or 'default'} -> {dft.config(128, 128, 1)}"
+        dft.FUSED_BACKWARD = change.get("fused", True)
+        dft.CONFIG_OVERRIDE = {k: v for k, v in change.items() if k != "fused"}
+        label = f"config {change or 'default'} -> {dft.config(128, 128, 1)}, fused backward {dft.FUSED_BACKWARD}"
         try:
             fwd, fb = time_structure(s, "dft", SIZES[-1])
         except Exception as e:  # a config that does not compile or launch (shared memory, registers)
             print(f"{label}: failed {type(e).__name__}: {str(e)[:160]}", flush=True)
             result["sweep"].append(dict(change=change, error=str(e)[:300]))
             continue
-        result["sweep"].append(dict(change=change, config=dft.config(128, 128, 1), fwd_ms=fwd, fwd_bwd_ms=fb))
+        result["sweep"].append(dict(change=change, config=dft.config(128, 128, 1), fused=dft.FUSED_BACKWARD, fwd_ms=fwd, fwd_bwd_ms=fb))
         print(f"{label}: fwd {fwd:.3f} ms  f+b {fb:.3f} ms", flush=True)
         if best is None or fb < best[1]:
             best = (dict(change), fb)
-    dft.CONFIG_OVERRIDE = None
+    dft.CONFIG_OVERRIDE, dft.FUSED_BACKWARD = None, True
     del s
     result["best_config_16384"] = best[0] if best else None
 
@@ -240,9 +245,10 @@ def gpu_main(args) -> None:
             s = make(kind, d, torch.bfloat16)
             for mode in ("packed16", "dft"):
                 if mode == "dft" and best is not None and d == SIZES[-1]:
-                    dft.CONFIG_OVERRIDE = best[0]
+                    dft.CONFIG_OVERRIDE = {k: v for k, v in best[0].items() if k != "fused"}
+                    dft.FUSED_BACKWARD = best[0].get("fused", True)
                 fwd, fb = time_structure(s, mode, d)
-                dft.CONFIG_OVERRIDE = None
+                dft.CONFIG_OVERRIDE, dft.FUSED_BACKWARD = None, True
                 rows.append(dict(structure=kind, d=d, mode=mode, fwd_ms=fwd, fwd_bwd_ms=fb,
                                  x_dense_fwd=dense[0] / fwd, x_dense_fwd_bwd=dense[1] / fb))
             del s

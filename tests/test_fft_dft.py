@@ -61,6 +61,28 @@ def test_forward_and_gradients_match_fp64(n_in, L, n_out):
         assert rel_err(torch.view_as_real(a) if a.is_complex() else a, torch.view_as_real(b) if b.is_complex() else b) < 1e-5, name
 
 
+@pytest.mark.parametrize("n_in,L,n_out", [(256, 256, 256), (200, 512, 130)])
+def test_each_backward_route_matches_fp64(n_in, L, n_out, monkeypatch):
+    """dx and dkernel from one fused pass (the default), from two kernels, and each alone; rows of very
+    different sizes side by side (the fused pass ties the two tokens' scales of x to dy's)."""
+    x = torch.randn(9, n_in, device=DEV) * torch.logspace(-3, 3, 9, device=DEV)[:, None]
+    dy = torch.randn(9, n_out, device=DEV) * torch.logspace(2, -2, 9, device=DEV)[:, None]
+    kernel = _kernel(L)
+    _, rdx, rdk = _reference(x, kernel, dy, n_in, L, n_out)
+    for fused in (True, False):
+        monkeypatch.setattr(dft, "FUSED_BACKWARD", fused)
+        for need_dx, need_dk in [(True, True), (True, False), (False, True)]:
+            dx, dk = dft.dft_conv_backward_op(dy, x, kernel, n_in, L, need_dx, need_dk)
+            if need_dx:
+                assert rel_err(dx, rdx) < 1e-5, (fused, need_dx, need_dk)
+            else:
+                assert dx.numel() == 0
+            if need_dk:
+                assert rel_err(torch.view_as_real(dk), torch.view_as_real(rdk)) < 1e-5, (fused, need_dx, need_dk)
+            else:
+                assert dk.numel() == 0
+
+
 def test_strided_rows_leading_dims_and_one_token():
     n, L = 256, 512
     kernel = _kernel(L).requires_grad_(True)

@@ -75,6 +75,9 @@ def _config(n1: int, n2: int, nb: int) -> dict:
 
 
 CONFIG_OVERRIDE: dict | None = None  # set by scripts/gpu_fft_dft.py to time other configs
+# dx and the kernel's gradient in one pass (the dx kernel has DFT(dy) already and recomputes DFT(x)),
+# else the gradient by its own kernel (both DFTs again); scripts/gpu_fft_dft.py times both
+FUSED_BACKWARD = True
 
 
 def config(n1: int, n2: int, nb: int) -> dict:
@@ -157,9 +160,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def conv(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int, conj: bool = False) -> torch.Tensor:
+def conv(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int, conj: bool = False,
+         u: torch.Tensor | None = None, n_u: int = 0):
     """y [N, n_out] = first n_out of irfft_L(rfft_L(x padded) * K) for x [N, n_in] (unit stride along
-    rows); with `conj`, K conjugated (the adjoint)."""
+    rows); with `conj`, K conjugated (the adjoint). With `u` [N, n_u] (the backward: x = dy, u = the
+    forward's input), also the kernel's gradient from the same pass: returns (y, dkernel)."""
     n1, n2, nb = plan(1, 1, n_in, L, n_out)
     N = x.shape[0]
     n_pairs = (N + 1) // 2
@@ -169,18 +174,33 @@ def conv(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int, c
     cfg = config(n1, n2, nb)
     grid = max(1, min(n_pairs, _num_sms(x.device) * cfg["progs_per_sm"]))
     scratch = torch.empty(grid, nb, 2, n1, n2, device=x.device, dtype=dt)
+    corr = u is not None
+    part = torch.zeros(grid if corr else 1, nb, 2, n1, n2, device=x.device, dtype=torch.float32)
+    stash = torch.empty(grid if corr else 1, 2, cfg["BK"], n2, device=x.device, dtype=torch.float32)
     # the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even): round in torch there
     truncating = INTERPRET and x.dtype == torch.bfloat16
     y = torch.empty(N, n_out, device=x.device, dtype=torch.float32 if truncating else x.dtype)
     dft_kernels.dft_conv_kernel[(grid,)](
-        x, y, f1, f1h, f2, tw, ktab, gain, scratch, N, n_pairs, n_in, n_out, x.stride(0), y.stride(0),
-        N1=n1, N2=n2, NB=nb, BK=cfg["BK"], BN=cfg["BN"], BOUND=BOUND,
+        x, y, f1, f1h, f2, tw, ktab, gain, scratch, u if corr else x, part, stash,
+        N, n_pairs, n_in, n_out, x.stride(0), y.stride(0), n_u if corr else 0, u.stride(0) if corr else 0,
+        N1=n1, N2=n2, NB=nb, BK=cfg["BK"], BN=cfg["BN"], CORR=corr, BOUND=BOUND,
         PREC="ieee" if dt == torch.float32 else "tf32", num_warps=cfg["num_warps"])
-    return y.to(x.dtype) if truncating else y
+    y = y.to(x.dtype) if truncating else y
+    return (y, _dkernel(part, L, n1, n2, nb)) if corr else y
+
+
+def _dkernel(part: torch.Tensor, L: int, n1: int, n2: int, nb: int) -> torch.Tensor:
+    """dkernel [L//2 + 1] complex64 = (w_f / L) sum_t conj(X_t) DY_t from the kernels' partial sums
+    [programs, nb, 2, n1, n2] of the unitary W conj(U) (see the module docstring)."""
+    s = part.sum(0)  # a fixed order: deterministic
+    S = torch.complex(s[:, 0], s[:, 1])  # [b, k1, k2] = unitary S_b[k1 + n1 k2]
+    S = S.permute(2, 1, 0).reshape(L) * (L // nb)  # full length-L order nb j + b, non-unitary
+    P = 0.5 * (S + S.roll(-1).flip(0).conj_physical())  # S[-k] = S[(L - k) mod L]
+    return P[: L // 2 + 1] * (hermitian_weights(L, part.device) / L)
 
 
 def corr(x: torch.Tensor, dy: torch.Tensor, n_in: int, L: int, n_out: int) -> torch.Tensor:
-    """dkernel [L//2 + 1] complex64 = (w_f / L) sum_t conj(X_t) DY_t (naive.conv_backward)."""
+    """dkernel [L//2 + 1] complex64 = (w_f / L) sum_t conj(X_t) DY_t (naive.conv_backward), alone."""
     n1, n2, nb = plan(1, 1, n_in, L, n_out)
     N = x.shape[0]
     n_pairs = (N + 1) // 2
@@ -198,11 +218,7 @@ def corr(x: torch.Tensor, dy: torch.Tensor, n_in: int, L: int, n_out: int) -> to
         x, dy, f1, f2, tw, part, stash, N, n_pairs, n_in, n_out, x.stride(0), dy.stride(0), per_chunk,
         N1=n1, N2=n2, BK=cfg["BKC"], BOUND=BOUND, PREC="ieee" if dt == torch.float32 else "tf32",
         num_warps=cfg["corr_warps"])
-    s = part.sum(0)
-    S = torch.complex(s[:, 0], s[:, 1])  # [b, k1, k2] = unitary S_b[k1 + n1 k2]
-    S = S.permute(2, 1, 0).reshape(L) * (L // nb)  # full length-L order nb j + b, non-unitary
-    P = 0.5 * (S + S.roll(-1).flip(0).conj_physical())  # S[-k] = S[(L - k) mod L]
-    return P[: L // 2 + 1] * (hermitian_weights(L, x.device) / L)
+    return _dkernel(part, L, n1, n2, nb)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,9 +241,12 @@ def dft_conv_backward_op(dy: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor
                          need_dx: bool, need_dkernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [N, n_in] or empty, dkernel like kernel or empty) from dy [N, n_out]."""
     n_out = dy.shape[1]
-    dx = conv(dy, kernel[0, 0], n_out, L, n_in, conj=True) if need_dx else dy.new_empty(0)
-    dk = corr(x, dy, n_in, L, n_out).to(kernel.dtype).reshape(kernel.shape) if need_dkernel else kernel.new_empty(0)
-    return dx, dk
+    if need_dx and need_dkernel and FUSED_BACKWARD:
+        dx, dk = conv(dy, kernel[0, 0], n_out, L, n_in, conj=True, u=x, n_u=n_in)
+    else:
+        dx = conv(dy, kernel[0, 0], n_out, L, n_in, conj=True) if need_dx else dy.new_empty(0)
+        dk = corr(x, dy, n_in, L, n_out) if need_dkernel else None
+    return dx, (dk.to(kernel.dtype).reshape(kernel.shape) if need_dkernel else kernel.new_empty(0))
 
 
 @dft_conv_backward_op.register_fake

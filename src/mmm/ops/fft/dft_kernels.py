@@ -27,7 +27,10 @@ Kernels:
   programs loop over pairs. Phase 1 walks row blocks of k1 (everything up to E is row-local) and
   writes E to a per-program scratch (L2-resident); phase 2 reads it back whole for G = F1^H @ E, one
   block of output rows at a time. Offsets along tokens are int64.
-- `dft_corr_kernel`: the kernel's gradient, sum over pairs of W * conj(U) (U = DFT of the x pair,
+  With CORR (the backward, x = dy): also the kernel's gradient, sum over the program's pairs of
+  W conj(U) with U = DFT of the forward's x pair recomputed (W's rows are already there), into a
+  per-program partial sum (L2), reduced afterwards.
+- `dft_corr_kernel`: the kernel's gradient alone (when dx is not needed), sum over pairs of W * conj(U) (U = DFT of the x pair,
   W = of the dy pair), for one row block of the spectrum and one chunk of pairs per program; the
   chunks' partial sums are added afterwards (deterministic). The partial sum and U wait in global
   memory (L2) while W is computed, to keep one transform's tiles in registers at a time.
@@ -67,17 +70,24 @@ def _row_scale(x, BOUND: tl.constexpr):
 
 
 @triton.jit
-def _load_pair(ptr, row_a, n_rows, row_stride, n_valid, SHARED_SCALE: tl.constexpr, BOUND: tl.constexpr,
-               DT: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr):
-    """Rows row_a and row_a + 1 (zero past n_rows or past n_valid entries) as Z = s_a x_a + i s_b x_b
-    [N1, N2] in DT, and the scales s_a, s_b (powers of two, ||Z||_2 <= BOUND). Each token gets its own
-    scale (the product is real-linear, so Re and Im never mix): a small row beside a large one keeps
-    its relative precision. SHARED_SCALE: one scale for both (the kernel's gradient sums W conj(U)
-    over the pair, which needs s_a t_a = s_b t_b)."""
+def _load_rows(ptr, row_a, n_rows, row_stride, n_valid, N1: tl.constexpr, N2: tl.constexpr):
+    """Rows row_a and row_a + 1 as [N1, N2] tiles (zero past n_rows or past n_valid entries)."""
     m = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     valid = m < n_valid
     xa = tl.load(ptr + row_a * row_stride + m, mask=valid, other=0.0)
     xb = tl.load(ptr + (row_a + 1) * row_stride + m, mask=valid & (row_a + 1 < n_rows), other=0.0)
+    return xa, xb
+
+
+@triton.jit
+def _load_pair(ptr, row_a, n_rows, row_stride, n_valid, SHARED_SCALE: tl.constexpr, BOUND: tl.constexpr,
+               DT: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr):
+    """Rows row_a and row_a + 1 as Z = s_a x_a + i s_b x_b [N1, N2] in DT, and the scales s_a, s_b
+    (powers of two, ||Z||_2 <= BOUND). Each token gets its own scale (the product is real-linear, so
+    Re and Im never mix): a small row beside a large one keeps its relative precision. SHARED_SCALE:
+    one scale for both (the kernel's gradient sums W conj(U) over the pair, which needs s_a t_a =
+    s_b t_b for the scales s of x and t of dy)."""
+    xa, xb = _load_rows(ptr, row_a, n_rows, row_stride, n_valid, N1, N2)
     sa = _row_scale(xa, BOUND * 0.7071)
     sb = _row_scale(xb, BOUND * 0.7071)
     if SHARED_SCALE:
@@ -116,9 +126,10 @@ def _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0,
 
 @triton.jit
 def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_ptr, scratch_ptr,
-                    N, N_PAIRS, N_IN, N_OUT, x_stride, y_stride,
+                    u_ptr, part_ptr, stash_ptr,
+                    N, N_PAIRS, N_IN, N_OUT, x_stride, y_stride, N_U, u_stride,
                     N1: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                    BOUND: tl.constexpr, PREC: tl.constexpr):
+                    CORR: tl.constexpr, BOUND: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     DT = f1_ptr.dtype.element_ty
     TILE: tl.constexpr = N1 * N2
@@ -126,6 +137,8 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
     r2 = tl.arange(0, N2)
     gain = tl.load(gain_ptr)
     scratch = scratch_ptr + pid.to(tl.int64) * (NB * 2 * TILE)
+    part = part_ptr + pid.to(tl.int64) * (NB * 2 * TILE)
+    stash = stash_ptr + pid.to(tl.int64) * (2 * BK * N2) + tl.arange(0, BK)[:, None] * N2 + r2[None, :]
     for pair in range(pid, N_PAIRS, tl.num_programs(0)):
         row_a = 2 * tl.cast(pair, tl.int64)
         # phase 1: up to E = (Y @ conj(F2)) * conj(TW), one block of rows k1 at a time, into the scratch
@@ -135,6 +148,9 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
                 zr, zi, sa, sb = _load_pair(x_ptr, row_a, N, x_stride, N_IN, False, BOUND, DT, N1, N2)
                 cr, ci = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, PREC)
                 blk = b * 2 * TILE + (k0 + tl.arange(0, BK))[:, None] * N2 + r2[None, :]
+                if CORR:  # these rows of W = DFT(dy pair) wait in L2 for U's
+                    tl.store(stash, cr)
+                    tl.store(stash + BK * N2, ci)
                 kr = tl.load(k_ptr + blk)
                 ki = tl.load(k_ptr + blk + TILE)
                 yr = (cr * kr - ci * ki).to(DT)
@@ -146,6 +162,19 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
                 twi = tl.load(tw_ptr + blk + TILE).to(tl.float32)
                 tl.store(scratch + blk, (dr * twr + di * twi).to(DT))
                 tl.store(scratch + blk + TILE, (di * twr - dr * twi).to(DT))
+                if CORR:
+                    # U = DFT(x pair) scaled so that both tokens' products W conj(U) carry the same
+                    # factor c = s_a t_a = s_b t_b (t: dy's scales, sa / sb here), each s <= its own bound
+                    ua, ub = _load_rows(u_ptr, row_a, N, u_stride, N_U, N1, N2)
+                    c = tl.minimum(_row_scale(ua, BOUND * 0.7071) * sa, _row_scale(ub, BOUND * 0.7071) * sb)
+                    ur, ui = _forward_rows((ua.to(tl.float32) * (c / sa)).to(DT), (ub.to(tl.float32) * (c / sb)).to(DT),
+                                           f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, PREC)
+                    tl.debug_barrier()
+                    wr = tl.load(stash)
+                    wi = tl.load(stash + BK * N2)
+                    tl.store(part + blk, tl.load(part + blk) + (wr * ur + wi * ui) / c)  # W conj(U)
+                    tl.store(part + blk + TILE, tl.load(part + blk + TILE) + (wi * ur - wr * ui) / c)
+                    tl.debug_barrier()  # the next block overwrites the stash
         tl.debug_barrier()
         # phase 2: G = sum_b F1_b^H @ E_b, one block of output rows n1 at a time
         full = r1[:, None] * N2 + r2[None, :]
