@@ -276,7 +276,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ptxas", action="store_true", help="sm_90 compile report of the configs (no GPU)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run under TRITON_INTERPRET=1 (tiny sizes)")
-    ap.add_argument("--budget-s", type=float, default=200, help="the config sweep stops at half of this")
+    ap.add_argument("--budget-s", type=float, default=220,
+                    help="no new sweep config after half of this (each new config compiles two kernels)")
     args = ap.parse_args()
     if args.ptxas:
         ptxas_report()
