@@ -69,10 +69,10 @@ def _config(n1: int, n2: int, nb: int) -> dict:
     gradient kernel; 64-row blocks take wgmma but spill 1.2-2.3 KB); at 64 x 64, 64-row blocks on one
     warpgroup (wgmma, no spills). Untimed: scripts/gpu_fft_dft.py sweeps the alternatives."""
     if INTERPRET:
-        return dict(BK=n1, BN=n1, num_warps=4, progs_per_sm=1, BKC=n1, corr_warps=4)
+        return dict(BK=n1, BN=n1, KC=n1, num_warps=4, progs_per_sm=1, BKC=n1, corr_warps=4)
     if n1 * n2 >= 8192:
-        return dict(BK=32, BN=32, num_warps=8, progs_per_sm=1, BKC=32, corr_warps=8)
-    return dict(BK=min(n1, 64), BN=min(n1, 64), num_warps=4, progs_per_sm=2, BKC=min(n1, 32), corr_warps=4)
+        return dict(BK=32, BN=32, KC=32, num_warps=8, progs_per_sm=1, BKC=32, corr_warps=8)
+    return dict(BK=min(n1, 64), BN=min(n1, 64), KC=min(n1, 32), num_warps=4, progs_per_sm=2, BKC=min(n1, 32), corr_warps=4)
 
 
 CONFIG_OVERRIDE: dict | None = None  # set by scripts/gpu_fft_dft.py to time other configs
@@ -86,7 +86,7 @@ def config(n1: int, n2: int, nb: int) -> dict:
         return _config(n1, n2, nb)
     # row blocks no taller than the tile (a taller one would read and write past the tables)
     cfg = {**_config(n1, n2, nb), **CONFIG_OVERRIDE}
-    return {**cfg, "BK": min(cfg["BK"], n1), "BN": min(cfg["BN"], n1), "BKC": min(cfg["BKC"], n1)}
+    return {**cfg, **{k: min(cfg[k], n1) for k in ("BK", "BN", "BKC", "KC")}}
 
 
 def _angle(num: torch.Tensor, den: int) -> torch.Tensor:
@@ -184,7 +184,7 @@ def conv(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int, c
     dft_kernels.dft_conv_kernel[(grid,)](
         x, y, f1, f1h, f2, tw, ktab, gain, scratch, u if corr else x, part, stash,
         N, n_pairs, n_in, n_out, x.stride(0), y.stride(0), n_u if corr else 0, u.stride(0) if corr else 0,
-        N1=n1, N2=n2, NB=nb, BK=cfg["BK"], BN=cfg["BN"], CORR=corr, BOUND=BOUND,
+        N1=n1, N2=n2, NB=nb, BK=cfg["BK"], BN=cfg["BN"], KC=cfg["KC"], CORR=corr, BOUND=BOUND,
         PREC="ieee" if dt == torch.float32 else "tf32", num_warps=cfg["num_warps"])
     y = y.to(x.dtype) if truncating else y
     return (y, _dkernel(part, L, n1, n2, nb)) if corr else y
@@ -217,7 +217,7 @@ def corr(x: torch.Tensor, dy: torch.Tensor, n_in: int, L: int, n_out: int) -> to
     stash = torch.empty(blocks * chunks * nb, 2, cfg["BKC"], n2, device=x.device, dtype=torch.float32)
     dft_kernels.dft_corr_kernel[(blocks, chunks, nb)](
         x, dy, f1, f2, tw, part, stash, N, n_pairs, n_in, n_out, x.stride(0), dy.stride(0), per_chunk,
-        N1=n1, N2=n2, BK=cfg["BKC"], BOUND=BOUND, PREC="ieee" if dt == torch.float32 else "tf32",
+        N1=n1, N2=n2, BK=cfg["BKC"], KC=cfg["KC"], BOUND=BOUND, PREC="ieee" if dt == torch.float32 else "tf32",
         num_warps=cfg["corr_warps"])
     return _dkernel(part, L, n1, n2, nb)
 

@@ -60,19 +60,10 @@ def _cdot(ar, ai, br, bi, acc_r, acc_i, CONJ_B: tl.constexpr, PREC: tl.constexpr
 
 
 @triton.jit
-def _row_scale(x, BOUND: tl.constexpr):
-    """s = 2^k with sqrt(numel) max|s x| <= BOUND, so ||s x||_2 <= BOUND for a tile x. The max, not
-    the L2 norm: one reduction that cannot overflow, and no fp32 copy of the tile held for it (the
-    norm would give up to ~2 more bits of headroom, which fp16's exponent range does not need)."""
-    m = tl.max(tl.max(tl.abs(x), axis=1), axis=0).to(tl.float32)
-    e = tl.floor(tl.log2(BOUND / tl.sqrt(x.numel * 1.0))) - tl.ceil(tl.log2(tl.maximum(m, 1e-37)))
-    return tl.exp2(tl.minimum(tl.maximum(e, -126.0), 126.0))  # an all-zero row: a large, harmless s
-
-
-@triton.jit
-def _load_rows(ptr, row_a, n_rows, row_stride, n_valid, N1: tl.constexpr, N2: tl.constexpr):
-    """Rows row_a and row_a + 1 as [N1, N2] tiles (zero past n_rows or past n_valid entries)."""
-    m = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+def _load_chunk(ptr, row_a, n_rows, row_stride, n_valid, k, KC: tl.constexpr, N2: tl.constexpr):
+    """Rows k..k+KC of the [N1, N2] tiles of tokens row_a and row_a + 1 (zero past n_rows tokens or
+    past n_valid entries)."""
+    m = (k + tl.arange(0, KC))[:, None] * N2 + tl.arange(0, N2)[None, :]
     valid = m < n_valid
     xa = tl.load(ptr + row_a * row_stride + m, mask=valid, other=0.0)
     xb = tl.load(ptr + (row_a + 1) * row_stride + m, mask=valid & (row_a + 1 < n_rows), other=0.0)
@@ -80,20 +71,26 @@ def _load_rows(ptr, row_a, n_rows, row_stride, n_valid, N1: tl.constexpr, N2: tl
 
 
 @triton.jit
-def _load_pair(ptr, row_a, n_rows, row_stride, n_valid, SHARED_SCALE: tl.constexpr, BOUND: tl.constexpr,
-               DT: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr):
-    """Rows row_a and row_a + 1 as Z = s_a x_a + i s_b x_b [N1, N2] in DT, and the scales s_a, s_b
-    (powers of two, ||Z||_2 <= BOUND). Each token gets its own scale (the product is real-linear, so
-    Re and Im never mix): a small row beside a large one keeps its relative precision. SHARED_SCALE:
-    one scale for both (the kernel's gradient sums W conj(U) over the pair, which needs s_a t_a =
-    s_b t_b for the scales s of x and t of dy)."""
-    xa, xb = _load_rows(ptr, row_a, n_rows, row_stride, n_valid, N1, N2)
-    sa = _row_scale(xa, BOUND * 0.7071)
-    sb = _row_scale(xb, BOUND * 0.7071)
-    if SHARED_SCALE:
-        sa = tl.minimum(sa, sb)
-        sb = sa
-    return (xa.to(tl.float32) * sa).to(DT), (xb.to(tl.float32) * sb).to(DT), sa, sb
+def _scale(m, BOUND: tl.constexpr, NUMEL: tl.constexpr):
+    """s = 2^k with sqrt(NUMEL) m s <= BOUND / sqrt(2) for a row's largest magnitude m, so the packed
+    pair has ||z||_2 <= BOUND. The max, not the L2 norm: it cannot overflow (the norm would give up to
+    ~2 more bits of headroom, which fp16's exponent range does not need)."""
+    e = tl.floor(tl.log2(BOUND * 0.7071 / tl.sqrt(NUMEL * 1.0))) - tl.ceil(tl.log2(tl.maximum(m, 1e-37)))
+    return tl.exp2(tl.minimum(tl.maximum(e, -126.0), 126.0))  # an all-zero row: a large, harmless s
+
+
+@triton.jit
+def _pair_scales(ptr, row_a, n_rows, row_stride, n_valid, BOUND: tl.constexpr,
+                 N1: tl.constexpr, N2: tl.constexpr, KC: tl.constexpr):
+    """The scales s_a, s_b of tokens row_a and row_a + 1, each its own: the product is real-linear, so
+    Re and Im never mix, and a small row beside a large one keeps its relative precision."""
+    ma = 0.0
+    mb = 0.0
+    for k in range(0, N1, KC):
+        xa, xb = _load_chunk(ptr, row_a, n_rows, row_stride, n_valid, k, KC, N2)
+        ma = tl.maximum(ma, tl.max(tl.max(tl.abs(xa), axis=1), axis=0).to(tl.float32))
+        mb = tl.maximum(mb, tl.max(tl.max(tl.abs(xb), axis=1), axis=0).to(tl.float32))
+    return _scale(ma, BOUND, N1 * N2), _scale(mb, BOUND, N1 * N2)
 
 
 @triton.jit
@@ -104,16 +101,22 @@ def _load_f2(f2_ptr, N2: tl.constexpr):
 
 
 @triton.jit
-def _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0,
-                  N1: tl.constexpr, N2: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Rows k1 in [k0, k0 + BK) of C (branch b) in fp32."""
+def _forward_rows(ptr, row_a, n_rows, row_stride, n_valid, sa, sb, f1_ptr, tw_ptr, f2_ptr, b, k0,
+                  N1: tl.constexpr, N2: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr):
+    """Rows k1 in [k0, k0 + BK) of C (branch b) in fp32 for Z = s_a x_a + i s_b x_b, x_a and x_b the
+    rows row_a and row_a + 1 at `ptr`. Stage 1 runs over the tile in chunks of KC rows (its K
+    dimension), so the tile is never whole in registers."""
     DT = f1_ptr.dtype.element_ty
     rk = k0 + tl.arange(0, BK)
-    r1 = tl.arange(0, N1)
     r2 = tl.arange(0, N2)
-    f1 = f1_ptr + b * 2 * N1 * N1 + rk[:, None] * N1 + r1[None, :]
     zero = tl.zeros([BK, N2], dtype=tl.float32)
-    ar, ai = _cdot(tl.load(f1), tl.load(f1 + N1 * N1), zr, zi, zero, zero, False, PREC)
+    ar = zero
+    ai = zero
+    for k in range(0, N1, KC):
+        xa, xb = _load_chunk(ptr, row_a, n_rows, row_stride, n_valid, k, KC, N2)
+        f1 = f1_ptr + b * 2 * N1 * N1 + rk[:, None] * N1 + (k + tl.arange(0, KC))[None, :]
+        ar, ai = _cdot(tl.load(f1), tl.load(f1 + N1 * N1), (xa.to(tl.float32) * sa).to(DT),
+                       (xb.to(tl.float32) * sb).to(DT), ar, ai, False, PREC)
     tw = tw_ptr + b * 2 * N1 * N2 + rk[:, None] * N2 + r2[None, :]
     twr = tl.load(tw).to(tl.float32)
     twi = tl.load(tw + N1 * N2).to(tl.float32)
@@ -129,7 +132,7 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
                     u_ptr, part_ptr, stash_ptr,
                     N, N_PAIRS, N_IN, N_OUT, x_stride, y_stride, N_U, u_stride,
                     N1: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                    CORR: tl.constexpr, BOUND: tl.constexpr, PREC: tl.constexpr):
+                    KC: tl.constexpr, CORR: tl.constexpr, BOUND: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     DT = f1_ptr.dtype.element_ty
     TILE: tl.constexpr = N1 * N2
@@ -141,12 +144,17 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
     stash = stash_ptr + pid.to(tl.int64) * (2 * BK * N2) + tl.arange(0, BK)[:, None] * N2 + r2[None, :]
     for pair in range(pid, N_PAIRS, tl.num_programs(0)):
         row_a = 2 * tl.cast(pair, tl.int64)
+        sa, sb = _pair_scales(x_ptr, row_a, N, x_stride, N_IN, BOUND, N1, N2, KC)
+        if CORR:
+            # U = DFT(x pair) scaled so that both tokens' products W conj(U) carry one factor
+            # c = s_a t_a = s_b t_b (t: dy's scales, sa / sb here; each s <= its own bound)
+            ua, ub = _pair_scales(u_ptr, row_a, N, u_stride, N_U, BOUND, N1, N2, KC)
+            c = tl.minimum(ua * sa, ub * sb)
         # phase 1: up to E = (Y @ conj(F2)) * conj(TW), one block of rows k1 at a time, into the scratch
         for b in tl.static_range(NB):
             for k0 in tl.static_range(0, N1, BK):
-                # Z reloaded per block (L2): holding it across the blocks would spill
-                zr, zi, sa, sb = _load_pair(x_ptr, row_a, N, x_stride, N_IN, False, BOUND, DT, N1, N2)
-                cr, ci = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, PREC)
+                cr, ci = _forward_rows(x_ptr, row_a, N, x_stride, N_IN, sa, sb, f1_ptr, tw_ptr, f2_ptr, b, k0,
+                                       N1, N2, BK, KC, PREC)
                 blk = b * 2 * TILE + (k0 + tl.arange(0, BK))[:, None] * N2 + r2[None, :]
                 if CORR:  # these rows of W = DFT(dy pair) wait in L2 for U's
                     tl.store(stash, cr)
@@ -163,12 +171,8 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
                 tl.store(scratch + blk, (dr * twr + di * twi).to(DT))
                 tl.store(scratch + blk + TILE, (di * twr - dr * twi).to(DT))
                 if CORR:
-                    # U = DFT(x pair) scaled so that both tokens' products W conj(U) carry the same
-                    # factor c = s_a t_a = s_b t_b (t: dy's scales, sa / sb here), each s <= its own bound
-                    ua, ub = _load_rows(u_ptr, row_a, N, u_stride, N_U, N1, N2)
-                    c = tl.minimum(_row_scale(ua, BOUND * 0.7071) * sa, _row_scale(ub, BOUND * 0.7071) * sb)
-                    ur, ui = _forward_rows((ua.to(tl.float32) * (c / sa)).to(DT), (ub.to(tl.float32) * (c / sb)).to(DT),
-                                           f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, PREC)
+                    ur, ui = _forward_rows(u_ptr, row_a, N, u_stride, N_U, c / sa, c / sb, f1_ptr, tw_ptr, f2_ptr, b, k0,
+                                           N1, N2, BK, KC, PREC)
                     tl.debug_barrier()
                     wr = tl.load(stash)
                     wi = tl.load(stash + BK * N2)
@@ -177,16 +181,17 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
                     tl.debug_barrier()  # the next block overwrites the stash
         tl.debug_barrier()
         # phase 2: G = sum_b F1_b^H @ E_b, one block of output rows n1 at a time
-        full = r1[:, None] * N2 + r2[None, :]
         for n0 in tl.static_range(0, N1, BN):
             rn = n0 + tl.arange(0, BN)
             gr = tl.zeros([BN, N2], dtype=tl.float32)
             gi = tl.zeros([BN, N2], dtype=tl.float32)
             for b in tl.static_range(NB):
-                er = tl.load(scratch + b * 2 * TILE + full)
-                ei = tl.load(scratch + b * 2 * TILE + TILE + full)
-                fh = f1h_ptr + b * 2 * N1 * N1 + rn[:, None] * N1 + r1[None, :]
-                gr, gi = _cdot(tl.load(fh), tl.load(fh + N1 * N1), er, ei, gr, gi, False, PREC)
+                for k in range(0, N1, KC):  # E in chunks of KC rows (the K dimension)
+                    rows = (k + tl.arange(0, KC))[:, None] * N2 + r2[None, :]
+                    er = tl.load(scratch + b * 2 * TILE + rows)
+                    ei = tl.load(scratch + b * 2 * TILE + TILE + rows)
+                    fh = f1h_ptr + b * 2 * N1 * N1 + rn[:, None] * N1 + (k + tl.arange(0, KC))[None, :]
+                    gr, gi = _cdot(tl.load(fh), tl.load(fh + N1 * N1), er, ei, gr, gi, False, PREC)
             out = rn[:, None] * N2 + r2[None, :]
             ok = out < N_OUT
             tl.store(y_ptr + row_a * y_stride + out, (gr * (gain / sa)).to(y_ptr.dtype.element_ty), mask=ok)
@@ -198,7 +203,8 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
 @triton.jit
 def dft_corr_kernel(x_ptr, dy_ptr, f1_ptr, f2_ptr, tw_ptr, part_ptr, stash_ptr,
                     N, N_PAIRS, N_IN, N_DY, x_stride, dy_stride, PAIRS_PER_CHUNK,
-                    N1: tl.constexpr, N2: tl.constexpr, BK: tl.constexpr, BOUND: tl.constexpr, PREC: tl.constexpr):
+                    N1: tl.constexpr, N2: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, BOUND: tl.constexpr,
+                    PREC: tl.constexpr):
     k0 = tl.program_id(0) * BK
     chunk = tl.program_id(1)
     b = tl.program_id(2)
@@ -213,12 +219,15 @@ def dft_corr_kernel(x_ptr, dy_ptr, f1_ptr, f2_ptr, tw_ptr, part_ptr, stash_ptr,
     first = chunk * PAIRS_PER_CHUNK
     for pair in range(first, tl.minimum(first + PAIRS_PER_CHUNK, N_PAIRS)):
         row_a = 2 * tl.cast(pair, tl.int64)
-        zr, zi, su, _ = _load_pair(x_ptr, row_a, N, x_stride, N_IN, True, BOUND, DT, N1, N2)
-        ur, ui = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, PREC)
+        # one scale per pair for x and one for dy: the sum over the pair needs s_a t_a = s_b t_b
+        sa, sb = _pair_scales(x_ptr, row_a, N, x_stride, N_IN, BOUND, N1, N2, KC)
+        su = tl.minimum(sa, sb)
+        ur, ui = _forward_rows(x_ptr, row_a, N, x_stride, N_IN, su, su, f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, KC, PREC)
         tl.store(stash, ur)
         tl.store(stash + BK * N2, ui)
-        zr, zi, sw, _ = _load_pair(dy_ptr, row_a, N, dy_stride, N_DY, True, BOUND, DT, N1, N2)
-        wr, wi = _forward_rows(zr, zi, f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, PREC)
+        sa, sb = _pair_scales(dy_ptr, row_a, N, dy_stride, N_DY, BOUND, N1, N2, KC)
+        sw = tl.minimum(sa, sb)
+        wr, wi = _forward_rows(dy_ptr, row_a, N, dy_stride, N_DY, sw, sw, f1_ptr, tw_ptr, f2_ptr, b, k0, N1, N2, BK, KC, PREC)
         tl.debug_barrier()
         ur = tl.load(stash)
         ui = tl.load(stash + BK * N2)
