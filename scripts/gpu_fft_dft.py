@@ -35,7 +35,7 @@ N_TOKENS = 8192
 SIZES = (4096, 16384)
 # changes to dft._config's choice for the 128 x 128 tiles of d = 16384 ({} = the default)
 # (fused=False: the backward's dx and kernel gradient by two kernels, dft.FUSED_BACKWARD)
-SWEEP = [{}, dict(fused=False), dict(BK=64, BN=64), dict(BK=32, BN=64), dict(fused=False, BKC=64)]
+SWEEP = [{}, dict(fused=False), dict(BK=64, BN=64), dict(BK=64, BN=64, KC=16), dict(BK=32, BN=64)]
 
 
 # ------------------------------------------------------------------ --ptxas: sm_90 compile report, no GPU
@@ -81,22 +81,22 @@ def ptxas_report() -> None:
                     wgmma=ttgir.count("warp_group_dot "), mma=ttgir.count(" tt.dot ") + ttgir.count("ttg.dot "))
 
     seen = set()
-    print("kernel       n1 x n2  NB  rows warps: regs  spill st/ld B  smem KB  wgmma/mma dots", flush=True)
+    print("kernel       n1 x n2  NB  rows/KC  warps: regs  spill st/ld B  smem KB  wgmma/mma dots", flush=True)
     for n1, n2, nb, change in [(128, 128, 1, c) for c in SWEEP] + [(128, 128, 2, {}), (64, 64, 1, {}), (64, 64, 2, {})]:
         change = {k: v for k, v in change.items() if k != "fused"}
         cfg = {**dft._config(n1, n2, nb), **change}
-        conv = dict(N1=n1, N2=n2, NB=nb, BK=cfg["BK"], BN=cfg["BN"])
+        conv = dict(N1=n1, N2=n2, NB=nb, BK=cfg["BK"], BN=cfg["BN"], KC=cfg["KC"])
         for name, kernel, consts, warps in [
                 ("conv", dft_kernels.dft_conv_kernel, dict(conv, CORR=False), cfg["num_warps"]),
                 ("conv+grad", dft_kernels.dft_conv_kernel, dict(conv, CORR=True), cfg["num_warps"]),
-                ("corr", dft_kernels.dft_corr_kernel, dict(N1=n1, N2=n2, BK=cfg["BKC"]), cfg["corr_warps"])]:
+                ("corr", dft_kernels.dft_corr_kernel, dict(N1=n1, N2=n2, BK=cfg["BKC"], KC=cfg["KC"]), cfg["corr_warps"])]:
             key = (name, warps, *sorted(consts.items()))
             if key in seen or (name == "corr" and nb == 2):  # corr's branch is a grid axis, not a constant
                 continue
             seen.add(key)
             r = compile_one(kernel, dict(consts, BOUND=dft.BOUND, PREC="tf32"), warps)
-            rows = f"{consts['BK']}/{consts['BN']}" if "BN" in consts else f"{consts['BK']}"
-            print(f"{name:9s}  {n1:4d}x{n2:<4d} {nb:2d} {rows:>6s} {warps:4d}:  {r['regs']:4d}  {r['spill_store']:5d}/{r['spill_load']:<5d}  "
+            rows = (f"{consts['BK']}/{consts['BN']}" if "BN" in consts else f"{consts['BK']}") + f"/{consts['KC']}"
+            print(f"{name:9s}  {n1:4d}x{n2:<4d} {nb:2d} {rows:>9s} {warps:4d}:  {r['regs']:4d}  {r['spill_store']:5d}/{r['spill_load']:<5d}  "
                   f"{r['smem_kb']:7.1f}  {r['wgmma']}/{r['mma']}", flush=True)
 
 

@@ -94,36 +94,35 @@ def _pair_scales(ptr, row_a, n_rows, row_stride, n_valid, BOUND: tl.constexpr,
 
 
 @triton.jit
-def _load_f2(f2_ptr, N2: tl.constexpr):
-    """F2 as (re, im) [N2, N2]; loaded where used (from L2) rather than held in registers."""
-    f2 = f2_ptr + tl.arange(0, N2)[:, None] * N2 + tl.arange(0, N2)[None, :]
-    return tl.load(f2), tl.load(f2 + N2 * N2)
-
-
-@triton.jit
 def _forward_rows(ptr, row_a, n_rows, row_stride, n_valid, sa, sb, f1_ptr, tw_ptr, f2_ptr, b, k0,
                   N1: tl.constexpr, N2: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr):
     """Rows k1 in [k0, k0 + BK) of C (branch b) in fp32 for Z = s_a x_a + i s_b x_b, x_a and x_b the
-    rows row_a and row_a + 1 at `ptr`. Stage 1 runs over the tile in chunks of KC rows (its K
-    dimension), so the tile is never whole in registers."""
+    rows row_a and row_a + 1 at `ptr`. Streamed over chunks of KC columns n2 (stage 2's K dimension):
+    per chunk, stage 1 on those columns of Z, their twiddles and their share of stage 2, so that only
+    C's accumulators are whole in registers."""
     DT = f1_ptr.dtype.element_ty
     rk = k0 + tl.arange(0, BK)
+    r1 = tl.arange(0, N1)
     r2 = tl.arange(0, N2)
-    zero = tl.zeros([BK, N2], dtype=tl.float32)
-    ar = zero
-    ai = zero
-    for k in range(0, N1, KC):
-        xa, xb = _load_chunk(ptr, row_a, n_rows, row_stride, n_valid, k, KC, N2)
-        f1 = f1_ptr + b * 2 * N1 * N1 + rk[:, None] * N1 + (k + tl.arange(0, KC))[None, :]
-        ar, ai = _cdot(tl.load(f1), tl.load(f1 + N1 * N1), (xa.to(tl.float32) * sa).to(DT),
-                       (xb.to(tl.float32) * sb).to(DT), ar, ai, False, PREC)
-    tw = tw_ptr + b * 2 * N1 * N2 + rk[:, None] * N2 + r2[None, :]
-    twr = tl.load(tw).to(tl.float32)
-    twi = tl.load(tw + N1 * N2).to(tl.float32)
-    br = (ar * twr - ai * twi).to(DT)
-    bi = (ar * twi + ai * twr).to(DT)
-    f2r, f2i = _load_f2(f2_ptr, N2)
-    cr, ci = _cdot(br, bi, f2r, f2i, zero, zero, False, PREC)
+    f1 = f1_ptr + b * 2 * N1 * N1 + rk[:, None] * N1 + r1[None, :]
+    f1r = tl.load(f1)
+    f1i = tl.load(f1 + N1 * N1)
+    zero = tl.zeros([BK, KC], dtype=tl.float32)
+    cr = tl.zeros([BK, N2], dtype=tl.float32)
+    ci = tl.zeros([BK, N2], dtype=tl.float32)
+    for c0 in range(0, N2, KC):
+        cols = c0 + tl.arange(0, KC)
+        m = r1[:, None] * N2 + cols[None, :]
+        valid = m < n_valid
+        xa = tl.load(ptr + row_a * row_stride + m, mask=valid, other=0.0).to(tl.float32)
+        xb = tl.load(ptr + (row_a + 1) * row_stride + m, mask=valid & (row_a + 1 < n_rows), other=0.0).to(tl.float32)
+        ar, ai = _cdot(f1r, f1i, (xa * sa).to(DT), (xb * sb).to(DT), zero, zero, False, PREC)
+        tw = tw_ptr + b * 2 * N1 * N2 + rk[:, None] * N2 + cols[None, :]
+        twr = tl.load(tw).to(tl.float32)
+        twi = tl.load(tw + N1 * N2).to(tl.float32)
+        f2 = f2_ptr + cols[:, None] * N2 + r2[None, :]  # rows c0.. of F2
+        cr, ci = _cdot((ar * twr - ai * twi).to(DT), (ar * twi + ai * twr).to(DT), tl.load(f2), tl.load(f2 + N2 * N2),
+                       cr, ci, False, PREC)
     return cr, ci
 
 
@@ -163,13 +162,17 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
                 ki = tl.load(k_ptr + blk + TILE)
                 yr = (cr * kr - ci * ki).to(DT)
                 yi = (cr * ki + ci * kr).to(DT)
-                zero = tl.zeros([BK, N2], dtype=tl.float32)
-                f2r, f2i = _load_f2(f2_ptr, N2)
-                dr, di = _cdot(yr, yi, f2r, f2i, zero, zero, True, PREC)  # @ conj(F2)
-                twr = tl.load(tw_ptr + blk).to(tl.float32)  # reloaded (L2): not held across the dots
-                twi = tl.load(tw_ptr + blk + TILE).to(tl.float32)
-                tl.store(scratch + blk, (dr * twr + di * twi).to(DT))
-                tl.store(scratch + blk + TILE, (di * twr - dr * twi).to(DT))
+                # D = Y @ conj(F2) and E = D * conj(TW), KC output columns at a time
+                for c0 in range(0, N2, KC):
+                    cols = c0 + tl.arange(0, KC)
+                    f2 = f2_ptr + r2[:, None] * N2 + cols[None, :]  # columns c0.. of F2
+                    zero = tl.zeros([BK, KC], dtype=tl.float32)
+                    dr, di = _cdot(yr, yi, tl.load(f2), tl.load(f2 + N2 * N2), zero, zero, True, PREC)
+                    chunk = b * 2 * TILE + (k0 + tl.arange(0, BK))[:, None] * N2 + cols[None, :]
+                    twr = tl.load(tw_ptr + chunk).to(tl.float32)
+                    twi = tl.load(tw_ptr + chunk + TILE).to(tl.float32)
+                    tl.store(scratch + chunk, (dr * twr + di * twi).to(DT))
+                    tl.store(scratch + chunk + TILE, (di * twr - dr * twi).to(DT))
                 if CORR:
                     ur, ui = _forward_rows(u_ptr, row_a, N, u_stride, N_U, c / sa, c / sb, f1_ptr, tw_ptr, f2_ptr, b, k0,
                                            N1, N2, BK, KC, PREC)
