@@ -69,10 +69,10 @@ def _config(n1: int, n2: int, nb: int) -> dict:
     gradient kernel; 64-row blocks take wgmma but spill 1.2-2.3 KB); at 64 x 64, 64-row blocks on one
     warpgroup (wgmma, no spills). Untimed: scripts/gpu_fft_dft.py sweeps the alternatives."""
     if INTERPRET:
-        return dict(BK=n1, BN=n1, KC=n1, num_warps=4, progs_per_sm=1, BKC=n1, corr_warps=4)
+        return dict(BK=n1, BN=n1, KC=n2, num_warps=4, progs_per_sm=1, BKC=n1, corr_warps=4)
     if n1 * n2 >= 8192:
         return dict(BK=32, BN=32, KC=32, num_warps=8, progs_per_sm=1, BKC=32, corr_warps=8)
-    return dict(BK=min(n1, 64), BN=min(n1, 64), KC=min(n1, 32), num_warps=4, progs_per_sm=2, BKC=min(n1, 32), corr_warps=4)
+    return dict(BK=min(n1, 64), BN=min(n1, 64), KC=min(n2, 32), num_warps=4, progs_per_sm=2, BKC=min(n1, 32), corr_warps=4)
 
 
 CONFIG_OVERRIDE: dict | None = None  # set by scripts/gpu_fft_dft.py to time other configs
@@ -84,9 +84,10 @@ FUSED_BACKWARD = True
 def config(n1: int, n2: int, nb: int) -> dict:
     if CONFIG_OVERRIDE is None:
         return _config(n1, n2, nb)
-    # row blocks no taller than the tile (a taller one would read and write past the tables)
+    # blocks no larger than the tile (larger ones would read and write past the tables); KC chunks
+    # both the rows (N1) and the columns (N2)
     cfg = {**_config(n1, n2, nb), **CONFIG_OVERRIDE}
-    return {**cfg, **{k: min(cfg[k], n1) for k in ("BK", "BN", "BKC", "KC")}}
+    return {**cfg, **{k: min(cfg[k], n1) for k in ("BK", "BN", "BKC")}, "KC": min(cfg["KC"], n1, n2)}
 
 
 def _angle(num: torch.Tensor, den: int) -> torch.Tensor:
