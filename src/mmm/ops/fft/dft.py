@@ -62,12 +62,12 @@ def plan(p: int, q: int, n_in: int, L: int, n_out: int) -> tuple[int, int, int] 
 
 
 def _config(n1: int, n2: int, nb: int) -> dict:
-    """Row blocks (BK: phase 1 of the product, BN: its phase 2, BKC: the kernel's gradient), warps and
-    persistent programs per SM. Under the interpreter one block (its cost grows with loop steps). On
-    the GPU the configs with the fewest register spills for sm_90 (scripts/gpu_fft_dft.py --ptxas):
-    at 128 x 128, 32-row blocks (mma.sync; spills 160 B, 412 B with the fused gradient, none in the
-    gradient kernel; 64-row blocks take wgmma but spill 1.2-2.3 KB); at 64 x 64, 64-row blocks on one
-    warpgroup (wgmma, no spills). Untimed: scripts/gpu_fft_dft.py sweeps the alternatives."""
+    """Row blocks (BK: phase 1 of the product, BN: its phase 2, BKC: the kernel's gradient), the chunk
+    KC that streams the other operands, warps and persistent programs per SM. Under the interpreter
+    one block (its cost grows with loop steps). On the GPU the configs with the fewest register
+    spills for sm_90 (scripts/gpu_fft_dft.py --ptxas): at 128 x 128, 32-row blocks (mma.sync; no
+    spills, 44 B with the fused gradient; 64-row blocks take wgmma but spill 0.5-1.3 KB); at 64 x 64,
+    64-row blocks on one warpgroup (wgmma). Untimed: scripts/gpu_fft_dft.py sweeps alternatives."""
     if INTERPRET:
         return dict(BK=n1, BN=n1, KC=n2, num_warps=4, progs_per_sm=1, BKC=n1, corr_warps=4)
     if n1 * n2 >= 8192:

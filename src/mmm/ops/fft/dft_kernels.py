@@ -22,18 +22,19 @@ intermediate exceeds the L2 norm of the row: each token is scaled by s = 2^k so 
 has ||z||_2 <= BOUND (< fp16 max), the kernel's spectrum by g = 2^k with max |g K| <= 1, and each
 output row is divided by its s g.
 
-Kernels:
+Kernels (register pressure is what shapes them: every tile beyond C's accumulators is streamed in
+chunks of KC rows or columns, and whatever must wait goes to L2, not registers):
 - `dft_conv_kernel`: y = the product (forward, or the adjoint with conj(K) for dx). Persistent
-  programs loop over pairs. Phase 1 walks row blocks of k1 (everything up to E is row-local) and
-  writes E to a per-program scratch (L2-resident); phase 2 reads it back whole for G = F1^H @ E, one
-  block of output rows at a time. Offsets along tokens are int64.
+  programs loop over pairs. Phase 1 walks row blocks of k1 (everything up to E is row-local): stage 1,
+  the twiddle and stage 2 streamed over column chunks of Z (`_forward_rows`), the spectrum's product,
+  then D and E one chunk of output columns at a time into a per-program scratch (L2-resident).
+  Phase 2: G = F1^H @ E one block of output rows at a time, E read back in chunks of rows.
   With CORR (the backward, x = dy): also the kernel's gradient, sum over the program's pairs of
-  W conj(U) with U = DFT of the forward's x pair recomputed (W's rows are already there), into a
-  per-program partial sum (L2), reduced afterwards.
-- `dft_corr_kernel`: the kernel's gradient alone (when dx is not needed), sum over pairs of W * conj(U) (U = DFT of the x pair,
-  W = of the dy pair), for one row block of the spectrum and one chunk of pairs per program; the
-  chunks' partial sums are added afterwards (deterministic). The partial sum and U wait in global
-  memory (L2) while W is computed, to keep one transform's tiles in registers at a time.
+  W conj(U) with U = DFT of the forward's x pair recomputed (W's rows are C, already there), into a
+  per-program partial sum (L2), reduced afterwards. Offsets along tokens are int64.
+- `dft_corr_kernel`: the kernel's gradient alone (when dx is not needed): sum over pairs of W conj(U)
+  for one row block of the spectrum and one chunk of pairs per program, U waiting in L2 while W is
+  computed; the chunks' partial sums are added afterwards (deterministic).
 """
 
 from __future__ import annotations
@@ -135,7 +136,6 @@ def dft_conv_kernel(x_ptr, y_ptr, f1_ptr, f1h_ptr, f2_ptr, tw_ptr, k_ptr, gain_p
     pid = tl.program_id(0)
     DT = f1_ptr.dtype.element_ty
     TILE: tl.constexpr = N1 * N2
-    r1 = tl.arange(0, N1)
     r2 = tl.arange(0, N2)
     gain = tl.load(gain_ptr)
     scratch = scratch_ptr + pid.to(tl.int64) * (NB * 2 * TILE)
@@ -214,8 +214,8 @@ def dft_corr_kernel(x_ptr, dy_ptr, f1_ptr, f2_ptr, tw_ptr, part_ptr, stash_ptr,
     DT = f1_ptr.dtype.element_ty
     TILE: tl.constexpr = N1 * N2
     rows = (k0 + tl.arange(0, BK))[:, None] * N2 + tl.arange(0, N2)[None, :]
-    # this program's partial sum (zero-filled) and a stash for U: both in global memory (L2), so that
-    # only one transform's tiles are live in registers at a time
+    # this program's partial sum (zero-filled) and a stash for U, both in L2: one transform's tiles
+    # in registers at a time
     part = part_ptr + (chunk.to(tl.int64) * tl.num_programs(2) + b) * 2 * TILE + rows
     pid = (chunk * tl.num_programs(2) + b) * tl.num_programs(0) + tl.program_id(0)
     stash = stash_ptr + pid.to(tl.int64) * 2 * BK * N2 + tl.arange(0, BK)[:, None] * N2 + tl.arange(0, N2)[None, :]
