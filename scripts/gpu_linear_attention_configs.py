@@ -228,19 +228,19 @@ def ir_report(D: int, DV: int | None = None) -> None:
     from mmm.ops.linear_attention import kernels
 
     cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
-    fp32_ptrs = {"rden_ptr", "r_ptr", "st_ptr", "dst_ptr"}
+    fp32_ptrs = {"rden_ptr", "r_ptr", "drden_ptr", "st_ptr", "dst_ptr"}
     tiles = {"chunk_state_kernel": "BK", "fwd_kernel": "BV", "bwd_dqdk_kernel": "BK", "bwd_dv_kernel": "BV"}
     DV = D if DV is None else DV
     print(f"DK={D} DV={DV}: kernel variant (BT,tile,warps,stages): shared bytes, registers, spill bytes, mma warpsPerCTA, flags")
     for name, tile in tiles.items():
         fn = getattr(kernels, name).fn
-        variants = [{"BWD": False}, {"BWD": True}] if name == "chunk_state_kernel" else [{"CAUSAL": True}]
+        variants = ([{"BWD": False, "HAS_DRDEN": False}, {"BWD": True, "HAS_DRDEN": False}] if name == "chunk_state_kernel"
+                    else [{"CAUSAL": True, "PART": 1}, {"CAUSAL": True, "PART": 2}] if name == "bwd_dqdk_kernel"
+                    else [{"CAUSAL": True}])
         options = kernels.CONFIGS[name] + RETIRED.get(name, []) + CANDIDATES.get(name, [])
         for bt, t, w, st in options:
             for var in variants:
                 consts = dict(DK=D, DV=DV, FEATURE=1, NORMALIZE=True, DOT_MODE=0, BT=bt, **{tile: t}, **var)
-                if "ZDOTS" in fn.arg_names:
-                    consts["ZDOTS"] = False
                 sig = {a: "constexpr" if a in consts else ("*fp32" if a in fp32_ptrs else "*bf16") if a.endswith("_ptr")
                        else "fp32" if a == "eps" else "i32" for a in fn.arg_names}
                 src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},

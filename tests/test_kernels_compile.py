@@ -43,13 +43,13 @@ KERNELS = {
     "kron_factor_grad_kernel": ("kronecker", "*bf16", {"out_ptr": "*fp32"}, dict(BP=32, BK1=32, BK2=32, PRECISION="ieee")),
     "kron_dx_da_kernel": ("kronecker", "*bf16", {"part_ptr": "*fp32"}, dict(BO1=32, BI1=32, BO2=32, PRECISION="ieee")),
     # linear attention, bf16, DK = DV = 128, elu features, normalised, causal; fp32 states and row factors
-    "chunk_state_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "st_ptr": "*fp32"},
-                           dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, BWD=True, DOT_MODE=0)),
+    "chunk_state_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "drden_ptr": "*fp32", "st_ptr": "*fp32"},
+                           dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, BWD=True, HAS_DRDEN=True, DOT_MODE=0)),
     "scan_kernel": ("linear_attention", "*fp32", {}, dict(REVERSE=True, BLOCK="SCAN_BLOCK")),
     "fwd_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "st_ptr": "*fp32"},
                    dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0)),
     "bwd_dqdk_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "st_ptr": "*fp32", "dst_ptr": "*fp32"},
-                        dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0)),
+                        dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, PART=1)),
     "bwd_dv_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "dst_ptr": "*fp32"},
                       dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0)),
 }

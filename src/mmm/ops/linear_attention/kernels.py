@@ -365,7 +365,7 @@ def fwd_kernel(
 @triton.autotune(
     configs=_configs("bwd_dqdk_kernel", "BK"),
     key=["DK", "DV", "PART"],
-    prune_configs_by={"early_config_prune": _pruner("BK", lambda kw: 2 if kw["PART"] == 0 else 1, 128, state_rows="BK")},
+    prune_configs_by={"early_config_prune": _pruner("BK", lambda kw: 2 if kw.get("PART", 0) == 0 else 1, 128, state_rows="BK")},
 )
 @triton.jit
 def bwd_dqdk_kernel(
