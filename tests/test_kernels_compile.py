@@ -42,6 +42,8 @@ KERNELS = {
     "kron_apply_kernel": ("kronecker", "*bf16", {}, dict(R=1, BI1=32, BO1=32, BI2=32, PRECISION="ieee")),
     "kron_factor_grad_kernel": ("kronecker", "*bf16", {"out_ptr": "*fp32"}, dict(BP=32, BK1=32, BK2=32, PRECISION="ieee")),
     "kron_dx_da_kernel": ("kronecker", "*bf16", {"part_ptr": "*fp32"}, dict(BO1=32, BI1=32, BO2=32, PRECISION="ieee")),
+    "kron_bwd_one_pass_kernel": ("kronecker", "*bf16", {"pa_ptr": "*fp32", "pb_ptr": "*fp32"},
+                                 dict(BO1=32, BI1=32, BO2=32, BC=32, PRECISION="ieee")),
     # linear attention, bf16, DK = DV = 128, elu features, normalised, causal; fp32 states and row factors
     "chunk_state_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "drden_ptr": "*fp32", "st_ptr": "*fp32"},
                            dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, BWD=True, HAS_DRDEN=True, DOT_MODE=0)),
