@@ -35,7 +35,7 @@ N_TOKENS = 8192
 SIZES = (4096, 16384)
 # changes to dft._config's choice for the 128 x 128 tiles of d = 16384 ({} = the default)
 # (fused=False: the backward's dx and kernel gradient by two kernels, dft.FUSED_BACKWARD)
-SWEEP = [{}, dict(fused=False), dict(BK=64, BN=64), dict(BK=64, BN=64, KC=16), dict(BK=32, BN=64)]
+SWEEP = [{}, dict(fused=False), dict(BK=64), dict(BK=64, KC=16), dict(BN=32)]
 
 
 # ------------------------------------------------------------------ --ptxas: sm_90 compile report, no GPU
