@@ -67,13 +67,14 @@ def _config(n1: int, n2: int, nb: int) -> dict:
     one block (its cost grows with loop steps). On the GPU the configs with the fewest register
     spills for sm_90 (scripts/gpu_fft_dft.py --ptxas): at 128 x 128, phase 1 in 32-row blocks
     (mma.sync) and phase 2 whole (wgmma; each of E and F1^H read once): 0-24 B of spills; 64-row
-    phase-1 blocks would take wgmma but spill 0.4-1.3 KB. At 64 x 64, 64-row blocks on one warpgroup
-    (wgmma). Untimed: scripts/gpu_fft_dft.py sweeps alternatives."""
+    phase-1 blocks would take wgmma but spill 0.4-1.3 KB. At 64 x 64 the same shape on one warpgroup,
+    two programs per SM: no spills (64-row phase-1 blocks: wgmma, 8-270 B). Untimed:
+    scripts/gpu_fft_dft.py sweeps alternatives at 128 x 128."""
     if INTERPRET:
         return dict(BK=n1, BN=n1, KC=n2, num_warps=4, progs_per_sm=1, BKC=n1, corr_warps=4)
     if n1 * n2 >= 8192:
         return dict(BK=32, BN=128, KC=32, num_warps=8, progs_per_sm=1, BKC=32, corr_warps=8)
-    return dict(BK=min(n1, 64), BN=min(n1, 64), KC=min(n2, 32), num_warps=4, progs_per_sm=2, BKC=min(n1, 32), corr_warps=4)
+    return dict(BK=min(n1, 32), BN=n1, KC=min(n2, 32), num_warps=4, progs_per_sm=2, BKC=min(n1, 32), corr_warps=4)
 
 
 CONFIG_OVERRIDE: dict | None = None  # set by scripts/gpu_fft_dft.py to time other configs
