@@ -52,8 +52,8 @@ def train_hedgehog(
     progress: bool = True,
 ) -> FeatureMap:
     """Train `feature_map` (default: a new per-head `HedgehogFeatureMap`, F = 2 head_dim) on queries
-    q [B, T, H, D] and keys k [B, T, Hk, D] (e.g. collected from a layer on real text; B slices of
-    different texts fit a map that generalises better than one long slice of one text) with Adam.
+    q [B, T, H, D] and keys k [B, T, Hk, D] (e.g. collected from a layer on real text; B may hold
+    slices of several texts, as the bench's `HedgehogFit` does) with Adam.
     Costs O(sample_rows T F) per step. Returns the map, trained, in eval mode, on q's device."""
     check_qkv(q, k, k)
     for name, val in (("steps", steps), ("sample_rows", sample_rows)):
