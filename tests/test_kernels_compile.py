@@ -54,6 +54,16 @@ KERNELS = {
                         dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, PART=1)),
     "bwd_dv_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "dst_ptr": "*fp32"},
                       dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0)),
+    # FFT as DFT GEMMs ("fft.dft_kernels": a module name with a dot is taken as is), 128 x 128 tiles, two
+    # Toeplitz branches, bf16 rows, fp16 tables and scratch, fp32 spectrum, partial sums and stash
+    "dft_conv_kernel": ("fft.dft_kernels", "*fp16",
+                        {"x_ptr": "*bf16", "y_ptr": "*bf16", "u_ptr": "*bf16", "k_ptr": "*fp32", "gain_ptr": "*fp32",
+                         "part_ptr": "*fp32", "stash_ptr": "*fp32"},
+                        dict(N1=128, N2=128, NB=2, BK=32, BN=128, KC=32, CORR=True, BOUND=2.0**14, PREC="tf32",
+                             num_warps=8)),
+    "dft_corr_kernel": ("fft.dft_kernels", "*fp16",
+                        {"x_ptr": "*bf16", "dy_ptr": "*bf16", "part_ptr": "*fp32", "stash_ptr": "*fp32"},
+                        dict(N1=128, N2=128, BK=32, KC=32, BOUND=2.0**14, PREC="tf32", num_warps=8)),
 }
 FLOAT_SCALARS = {"bound", "eps"}  # every other non-constexpr argument is an int (i32)
 
@@ -67,9 +77,10 @@ def compile_for_sm90(name: str) -> None:
     from triton.compiler import ASTSource
 
     module_name, ptr, ptr_overrides, consts = KERNELS[name]
-    module = importlib.import_module(f"mmm.ops.{module_name}.kernels")
+    consts = dict(consts)  # "num_warps" there is a launch option, not a constexpr
+    module = importlib.import_module(f"mmm.ops.{module_name}" if "." in module_name else f"mmm.ops.{module_name}.kernels")
     kernel = getattr(module, name)
-    options = dict(num_warps=4, num_stages=3)  # a plain launch's defaults
+    options = dict(num_warps=consts.pop("num_warps", 4), num_stages=3)  # a plain launch's defaults
     if isinstance(kernel, triton.runtime.Autotuner):
         config = kernel.configs[0]  # the GPU list: this process imported the module without the interpreter
         consts = {**consts, **config.kwargs}
