@@ -10,7 +10,7 @@ import torch
 
 from mmm.bench import CASES, Variant, Workload, bench_case, derive, floor_ms, median_ms, run_case
 from mmm.bench.cases_linear import structured_configs
-from mmm.bench.timing import TimerSettings
+from mmm.bench.timing import TimerSettings, host_ms
 from mmm.cli import main
 
 FAST = TimerSettings(warmup_ms=0.0, rep_ms=0.0, min_reps=3, max_reps=3)
@@ -184,6 +184,18 @@ def test_timer_drops_grads_before_every_call_and_sees_sleep():
     assert median_ms(lambda: time.sleep(0.003), "cpu", FAST) >= 3.0
     with pytest.raises(ValueError, match="device"):
         median_ms(lambda: None, "meta", FAST)
+
+
+def test_host_time_is_cuda_only():
+    assert host_ms(lambda: None, "cpu") is None
+
+
+@pytest.mark.gpu
+def test_host_time_sees_host_work_but_not_queued_gpu_work():
+    a = torch.randn(4096, 4096, device="cuda")
+    gpu_bound = lambda: [a @ a for _ in range(20)]  # noqa: E731  ~20 ms of GPU work, issued in microseconds
+    assert host_ms(gpu_bound, "cuda", reps=3) < 0.5 * median_ms(gpu_bound, "cuda", FAST)
+    assert host_ms(lambda: time.sleep(0.003), "cuda", reps=3) >= 3.0
 
 
 def test_linear_case_keeps_only_structures_the_shape_takes():

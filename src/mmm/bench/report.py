@@ -21,6 +21,7 @@ COLUMNS: list[tuple[str, str, Callable]] = [
     ("fwd_ms", "fwd ms", _ms),
     ("fwd_bwd_ms", "fwd+bwd ms", _ms),
     ("bwd_over_fwd", "bwd/fwd", _r),
+    ("host_fwd_bwd_ms", "host f+b ms", _ms),  # near fwd+bwd ms: launch-bound (see bench/timing.py)
     ("speedup_fwd", "speedup fwd", _x),
     ("speedup_fwd_bwd", "speedup f+b", _x),
     ("flops", "GFLOP fwd", lambda v: f"{v / 1e9:.4g}"),
@@ -60,6 +61,8 @@ def header_lines(header: dict) -> list[str]:
         f"measured in this run: matmul {header['matmul_tflops']:.4g} TFLOP/s ({header['dtype']}, "
         f"{header['matmul_size']}^3), copy {header['copy_gbps']:.4g} GB/s",
         "floor = max(FLOPs / matmul rate, min bytes / copy bandwidth); speedup = baseline time / variant time",
+        "host f+b ms: host time to issue one forward+backward on an idle GPU (CUDA only); near fwd+bwd ms "
+        "means launch-bound",
     ]
 
 

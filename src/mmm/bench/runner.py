@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from .registry import Case, Variant
-from .timing import FULL, QUICK, TimerSettings, median_ms
+from .timing import FULL, QUICK, TimerSettings, host_ms, median_ms
 
 
 def floor_ms(flops: float | None, nbytes: float | None, matmul_tflops: float, copy_gbps: float) -> float | None:
@@ -51,7 +51,7 @@ def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
 def measure_variant(variant: Variant, device: torch.device, settings: TimerSettings) -> dict:
     """One row of raw measurements; an exception (OOM, unsupported dtype, ...) becomes its `error`."""
     row = {"variant": variant.label, "baseline": variant.baseline, "fwd_ms": None, "fwd_bwd_ms": None,
-           "flops": None, "bytes": None, "fwd_bwd_flops": None, "fwd_bwd_bytes": None,
+           "host_fwd_bwd_ms": None, "flops": None, "bytes": None, "fwd_bwd_flops": None, "fwd_bwd_bytes": None,
            "quality": {}, "info": {}, "error": None}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -63,6 +63,7 @@ def measure_variant(variant: Variant, device: torch.device, settings: TimerSetti
         row["fwd_ms"] = median_ms(_no_grad(work.forward), device, settings)
         if work.forward_backward is not None:
             row["fwd_bwd_ms"] = median_ms(work.forward_backward, device, settings, work.grad_to_none)
+            row["host_fwd_bwd_ms"] = host_ms(work.forward_backward, device, grad_to_none=work.grad_to_none)
     except Exception as exc:  # recorded in the report; the run goes on with the next variant
         row["error"] = _error_text(exc)
     finally:

@@ -7,6 +7,9 @@ estimate the cost, warmup up to `warmup_ms`, then at least `min_reps` timed call
 CUDA: CUDA events around each call, with the L2 cache overwritten before every call so each run reads
 its operands from HBM, as a layer inside a large model does (the same idea as triton.testing.do_bench,
 with a floor on the number of repeats so that slow calls still get a real median). CPU: perf_counter.
+`host_ms` (CUDA only) is the time the host takes to issue one call, the GPU idle before it: when it is
+close to the CUDA-event time the call is launch-bound (Python, dispatch and launch overhead), not
+kernel-bound, and only fewer launches or CUDA graphs make it faster.
 Gradients listed in `grad_to_none` are dropped before every call, outside the timed region, so a
 forward+backward callable measures a fresh backward rather than an accumulation into old gradients.
 """
@@ -100,3 +103,21 @@ def median_ms(
     times(min(settings.max_reps, max(0, int(settings.warmup_ms / estimate) - 2)))
     n = min(settings.max_reps, max(settings.min_reps, int(settings.rep_ms / estimate)))
     return statistics.median(times(n))
+
+
+def host_ms(fn: Callable[[], object], device: torch.device | str, reps: int = 10,
+            grad_to_none: Sequence[torch.Tensor] = ()) -> float | None:
+    """Median host time to issue one call of `fn` on an idle CUDA device, in ms (None off CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    times = []
+    with torch.cuda.device(device.index if device.index is not None else torch.cuda.current_device()):
+        for _ in range(reps + 1):  # the first call is untimed (caches, allocator)
+            _drop_grads(grad_to_none)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(times[1:])
