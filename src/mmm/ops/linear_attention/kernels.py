@@ -28,8 +28,9 @@ H=16, D=128 a unit is 0.54 GB, so about 0.8 ms forward and 1.7 ms backward at 4.
 TFLOP/s. Memory-bound by design: the backward/forward ratio is about 2 at best.
 
 DOT_MODE: 0 = operands in the input dtype (bf16), 1 = fp32 operands in tf32 (fp16 inputs, whose state
-could overflow fp16, and fp32 inputs, for which IEEE dots spill registers badly on sm_90), 2 = fp32
-operands, IEEE (under TRITON_INTERPRET, where bf16 dots are wrong).
+could overflow fp16, and fp32 inputs when torch.get_float32_matmul_precision() is not "highest"), 2 = fp32
+operands, IEEE (fp32 inputs at PyTorch's default precision, where these dots spill registers on sm_90,
+and everything under TRITON_INTERPRET, where bf16 dots are wrong).
 
 Tile configs were chosen from the sm_90 compiler's report, which needs no GPU (triton.compile with
 GPUTarget("cuda", 90, 32), then cuobjdump -res-usage on the cubin; scripts/gpu_linear_attention_configs.py

@@ -54,8 +54,12 @@ def _dot_mode(dtype: torch.dtype) -> int:
         return 2  # fp32 operands, IEEE: bf16 dots are wrong under the interpreter
     if dtype == torch.bfloat16:
         return 0  # bf16 operands, fp32 accumulation
-    # fp16: an fp16 copy of the state could overflow on long sequences; fp32: IEEE fp32 dots spill
-    # registers badly on sm_90. Both use fp32 operands in tf32 (about 3e-4 relative error).
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        # PyTorch's default for fp32 matmuls: IEEE. Correct, but these dots spill registers on sm_90:
+        # torch.set_float32_matmul_precision("high") selects the faster tf32 mode below.
+        return 2
+    # fp16 (an fp16 copy of the state could overflow on long sequences) and fp32 when PyTorch allows
+    # tf32: fp32 operands in tf32 (about 3e-4 relative error).
     return 1
 
 
