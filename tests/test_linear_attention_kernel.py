@@ -542,7 +542,8 @@ def test_gpu_opcheck(normalize, causal):
     torch.library.opcheck(torch.ops.mmm.linear_attention_fwd.default, args)
     o, rden, states = torch.ops.mmm.linear_attention_fwd(*args)
     do = torch.randn_like(o)
-    bwd_args = (do, q.detach(), k.detach(), v.detach(), o.detach(), rden, states, 1, normalize, causal, 128)
+    # rden is a differentiable output: detach it and the states, or opcheck differentiates the backward op
+    bwd_args = (do, q.detach(), k.detach(), v.detach(), o.detach(), rden.detach(), states.detach(), 1, normalize, causal, 128)
     torch.library.opcheck(torch.ops.mmm.linear_attention_bwd.default, bwd_args)
 
 
@@ -615,3 +616,27 @@ def test_plain_eager_only_without_tracing_modes_or_subclasses():
         pass
 
     assert not plain_eager(x.as_subclass(Sub))
+
+
+@needs_kernel
+@pytest.mark.parametrize("split", [True, False])
+def test_fp32_dq_within_twice_pytorch_fp32_error_on_a_long_segment(split, monkeypatch):
+    """The backward must not lose fp32 precision along a segment: dq of the first rows, computed from the
+    segment's end state by subtracting chunks, had ~100x PyTorch's fp32 error on the GPU (T = 1000).
+    The split dq launch sweeps forward from the segment's start instead (the one-launch form, PART 0,
+    still subtracts: its dq error grows with the segment length, so it is only bounded loosely here)."""
+    monkeypatch.setattr(op.kernels, "SPLIT_DQDK", split)
+    torch.manual_seed(0)
+    q, k, v = make_inputs(1, 640, 1, 16, "elu", True)
+    go = torch.randn_like(v)
+    grads = {}
+    for name, fn in (("kernel", lambda a, b, c: op._kernel_forward(a, b, c, "elu", True, True, 1e-6, seg_len=640)),
+                     ("torch", lambda a, b, c: linear_attention_naive(a, b, c, "elu", True, True, 1e-6)),
+                     ("fp64", lambda a, b, c: linear_attention_naive(a, b, c, "elu", True, True, 1e-6))):
+        dt = torch.float64 if name == "fp64" else torch.float32
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        grads[name] = torch.autograd.grad(fn(*leaves), leaves, go.to(dt))
+    errs = {n: [rel_err(g, r) for g, r in zip(grads[n], grads["fp64"])] for n in ("kernel", "torch")}
+    bound = 2 if split else 20
+    for got, own in zip(errs["kernel"], errs["torch"]):
+        assert got <= bound * own + 1e-7, errs

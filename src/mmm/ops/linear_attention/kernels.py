@@ -375,13 +375,17 @@ def bwd_dqdk_kernel(
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_MODE: tl.constexpr, PART: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
-    """dq and dk for one K-tile of one segment, chunks in reverse order:
+    """dq and dk for one K-tile of one segment:
       da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
       db = v dS_next^T + dz_next + tril(g v^T + r)^T a
-    S_prev is walked backwards from the prefix of the next segment (S -= b^T v), which saves a forward
-    sweep; dS_next accumulates a^T g from the suffix of the later segments.
     PART: 0 both, 1 dq only, 2 dk only. Apart, each launch holds one state instead of two, so it can take
-    wider K tiles: fewer programs recompute the [BT, BT] scores g v^T, which contract over all of V."""
+    wider K tiles: fewer programs recompute the [BT, BT] scores g v^T, which contract over all of V.
+    dS_next accumulates a^T g over the chunks in reverse order from the suffix of the later segments.
+    S_prev: PART 1 sweeps the chunks forward from the segment's prefix (S += b^T v after each chunk, as the
+    forward does). PART 0 must go in reverse for dS, so it walks S backwards from the prefix of the next
+    segment (S -= b^T v): each subtraction leaves rounding of the size of the larger state, so the first
+    rows' dq lose precision in proportion to the segment length (in fp32: ~7x PyTorch's error at 640
+    tokens; hidden by bf16's own error)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -392,6 +396,8 @@ def bwd_dqdk_kernel(
     M = DK * DV + DK
     if CAUSAL:
         fseg = i_s + 1
+        if PART == 1:
+            fseg = i_s
         bseg = i_s
     else:
         fseg = NS
@@ -409,24 +415,21 @@ def bwd_dqdk_kernel(
         if NORMALIZE:
             dz = tl.load(bbase + DK * DV + offs_k)
     n_blk = tl.cdiv(t_len, BT)
-    last_k = (n_blk - 1).to(tl.int64) * (BT * H * DK)
-    last_v = (n_blk - 1).to(tl.int64) * (BT * H * DV)
-    q_base = q_ptr + rowk0 + last_k
-    k_base = k_ptr + rowk0 + last_k
-    v_base = v_ptr + rowv0 + last_v
-    do_base = do_ptr + rowv0 + last_v
-    dq_base = dq_ptr + rowk0 + last_k
-    dk_base = dk_ptr + rowk0 + last_k
     for j in range(0, n_blk):
-        t0 = (n_blk - 1 - j) * BT
+        if PART == 1:
+            t0 = j * BT
+        else:
+            t0 = (n_blk - 1 - j) * BT
+        off_k = rowk0 + t0.to(tl.int64) * (H * DK)
+        off_v = rowv0 + t0.to(tl.int64) * (H * DV)
         mt = offs_t < t_len - t0
-        b_c = _features(tl.load(k_base + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
-        v_c = _cast(tl.load(v_base + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
-        if CAUSAL and PART != 2:
+        b_c = _features(tl.load(k_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        v_c = _cast(tl.load(v_ptr + off_v + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+        if CAUSAL and PART == 0:
             S -= _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
                 z -= tl.sum(b_c.to(tl.float32), axis=0)
-        g = tl.load(do_base + tile_dv, mask=mt[:, None], other=0.0)
+        g = tl.load(do_ptr + off_v + tile_dv, mask=mt[:, None], other=0.0)
         if NORMALIZE:
             rr = tl.load(r_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
             rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
@@ -438,7 +441,7 @@ def bwd_dqdk_kernel(
             if NORMALIZE:
                 dA += rr[:, None]
             dA_c = _cast(tl.where(causal, dA, 0.0), q_ptr, DOT_MODE)
-        a_c = _features(tl.load(q_base + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        a_c = _features(tl.load(q_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
         if PART != 2:  # dq
             da = _dot(g_c, tl.trans(_cast(S, q_ptr, DOT_MODE)), DOT_MODE)
             if NORMALIZE:
@@ -447,7 +450,11 @@ def bwd_dqdk_kernel(
                 da += _dot(dA_c, b_c, DOT_MODE)
             if FEATURE != 0:
                 da = da * _dphi(a_c, FEATURE)
-            tl.store(dq_base + tile_k, da.to(dq_ptr.dtype.element_ty), mask=mt[:, None])
+            tl.store(dq_ptr + off_k + tile_k, da.to(dq_ptr.dtype.element_ty), mask=mt[:, None])
+        if CAUSAL and PART == 1:
+            S += _dot(tl.trans(b_c), v_c, DOT_MODE)
+            if NORMALIZE:
+                z += tl.sum(b_c.to(tl.float32), axis=0)
         if PART != 1:  # dk
             db = _dot(v_c, tl.trans(_cast(dS, q_ptr, DOT_MODE)), DOT_MODE)
             if NORMALIZE:
@@ -456,17 +463,11 @@ def bwd_dqdk_kernel(
                 db += _dot(tl.trans(dA_c), a_c, DOT_MODE)
             if FEATURE != 0:
                 db = db * _dphi(b_c, FEATURE)
-            tl.store(dk_base + tile_k, db.to(dk_ptr.dtype.element_ty), mask=mt[:, None])
+            tl.store(dk_ptr + off_k + tile_k, db.to(dk_ptr.dtype.element_ty), mask=mt[:, None])
         if CAUSAL and PART != 1:
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
             if NORMALIZE:
                 dz += tl.sum(a_c.to(tl.float32) * rr[:, None], axis=0)
-        q_base -= BT * H * DK
-        k_base -= BT * H * DK
-        v_base -= BT * H * DV
-        do_base -= BT * H * DV
-        dq_base -= BT * H * DK
-        dk_base -= BT * H * DK
 
 
 @triton.autotune(
