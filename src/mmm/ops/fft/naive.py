@@ -22,12 +22,10 @@ import torch
 
 
 def hermitian_weights(L: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """w_f of the docstring: [L//2 + 1]; 2 except at DC and (for even L) Nyquist."""
-    w = torch.full((L // 2 + 1,), 2.0, device=device, dtype=dtype)
-    w[0] = 1.0
-    if L % 2 == 0:
-        w[-1] = 1.0
-    return w
+    """w_f of the docstring: [L//2 + 1]; 2 except at DC and (for even L) Nyquist. Built by device ops
+    only: item assignments (w[0] = 1.0) copy from the host and synchronize with a CUDA device."""
+    f = torch.arange(L // 2 + 1, device=device)
+    return torch.where((f == 0) | (2 * f == L), 1.0, 2.0).to(dtype)
 
 
 def mix(X: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
