@@ -231,7 +231,9 @@ def test_fla_missing_is_recorded_not_fatal():
 
 @pytest.mark.gpu
 def test_attention_case_on_gpu():
-    """Full size, shortest length: cuDNN baseline, mmm paths and quality on the trained 16 x 128 layer (bf16)."""
+    """Full size, shortest length: cuDNN baseline, mmm paths and quality on the trained 16 x 128 layer (bf16).
+    Hedgehog is only compared with FAVOR+ here: its map is fitted on 8192-token slices and beats elu+1 at
+    8k and 32k (tests/test_attention_hedgehog.py), not at this 2k case (H100, 2026-12-05: 0.676 vs 0.596)."""
     from mmm.bench import CASES, load_builtin_cases
     from mmm.bench.machine import machine_header
 
@@ -248,5 +250,4 @@ def test_attention_case_on_gpu():
         assert r["fwd_bwd_ms"] > 0 and math.isfinite(r["quality"][QUALITY_KEY])
         assert r["info"]["quality_inputs"]["shape"] == [1, 2048, 16, 128]
     hedgehog = rows["linear hedgehog (trained)"]["quality"][QUALITY_KEY]
-    assert hedgehog < rows["linear elu (normalized)"]["quality"][QUALITY_KEY]
     assert hedgehog < rows["linear favor+"]["quality"][QUALITY_KEY]
