@@ -48,6 +48,7 @@ from ..attention.api import exact_rows, sample_query_rows
 from ..attention.feature_maps import FeatureMap, make_feature_map
 from ..attention.hedgehog import train_hedgehog
 from .attention_inputs import real_qkv, training_qkv
+from .graphs import graphed
 from .registry import Variant, Workload, bench_case
 from .timing import FULL, QUICK, median_ms
 
@@ -314,6 +315,8 @@ def _causal_setup(t: int, sizes: Sizes):
             need_bytes=peak_bytes("hybrid", b, h, t, w),
             info={"call": f"mmm.attention(method='hybrid', window={w}, feature_map='elu')"},
             error_fn=mmm_error("hybrid", window=w, feature_map="elu"), real=real))
+        if cuda:  # without host overhead (the fixed cost that dominates at short T): cuDNN and elu
+            variants += [graphed(variants[0]), graphed(variants[2])]
         # fla is GPU-only: listed on CUDA always (a missing install shows as an error), on CPU if installed
         if cuda or importlib.util.find_spec("fla") is not None:
             variants.append(fla_variant("fla chunk_linear_attn (normalized, elu+1)", "normalized", inputs, grad, lin, real))

@@ -26,6 +26,7 @@ from ..configs import (
 )
 from ..linear import StructuredLinear
 from ..ops import reference_only
+from .graphs import graphed
 from .registry import Variant, Workload, bench_case
 
 FULL_TOKENS, FULL_DIMS = 8192, (4096, 8192, 16384, 32768)
@@ -119,6 +120,11 @@ def _linear_setup(n: int, d_in: int, d_out: int):
         variants = [linear_variant("dense nn.Linear", x, grad, baseline=True)]
         configs = structured_configs(d_in, d_out)
         variants += [linear_variant(label, x, grad, config) for label, config in configs]
+        if device.type == "cuda" and d_in == d_out and d_in in COMPILED_REFERENCE_DIMS:
+            # the same layers without host overhead: what their kernels take (launch-bound rows differ)
+            variants += [graphed(linear_variant("dense nn.Linear", x, grad))]
+            variants += [graphed(linear_variant(label, x, grad, config))
+                         for label, config in configs if not isinstance(config, LDRConfig)]
         if d_in == d_out and d_in in COMPILED_REFERENCE_DIMS:
             # what a user gets today without mmm's kernels: torch.compile of the plain PyTorch structure
             variants += [linear_variant(f"{label} [compiled ref]", x, grad, config, compile=True, reference=True)
