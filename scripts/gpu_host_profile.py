@@ -36,7 +36,6 @@ def sync_points(step) -> list[str]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             step()
-            torch.cuda.set_sync_debug_mode(0)
         for w in caught:
             if "synchroniz" in str(w.message):
                 found.append(f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:100]}")

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from .registry import Variant, Workload
+from .timing import without_grad
 
 WARMUP_CALLS = 3  # autotuning and caches run here, outside the capture (they synchronize)
 
@@ -36,14 +37,6 @@ def _capture(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> torch.c
     return graph
 
 
-def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
-    def run():
-        with torch.no_grad():
-            return fn()
-
-    return run
-
-
 def graphed(variant: Variant) -> Variant:
     """`variant` replayed from CUDA graphs (forward under no_grad, and forward+backward), labelled
     "<label> [cuda graph]". Building it fails (and the bench records the error) where the work cannot be
@@ -51,7 +44,7 @@ def graphed(variant: Variant) -> Variant:
 
     def build() -> Workload:
         work = variant.build()
-        forward = _capture(_no_grad(work.forward), work.grad_to_none)
+        forward = _capture(without_grad(work.forward), work.grad_to_none)
         both = _capture(work.forward_backward, work.grad_to_none) if work.forward_backward else None
         info = dict(work.info, cuda_graph=True)
         return dataclasses.replace(work, forward=forward.replay, forward_backward=both and both.replay,

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from .registry import Case, Variant
-from .timing import FULL, QUICK, TimerSettings, host_ms, median_ms
+from .timing import FULL, QUICK, TimerSettings, host_ms, median_ms, without_grad
 
 
 def floor_ms(flops: float | None, nbytes: float | None, matmul_tflops: float, copy_gbps: float) -> float | None:
@@ -40,14 +40,6 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
-    def run():
-        with torch.no_grad():
-            return fn()
-
-    return run
-
-
 def measure_variant(variant: Variant, device: torch.device, settings: TimerSettings) -> dict:
     """One row of raw measurements; an exception (OOM, unsupported dtype, ...) becomes its `error`."""
     row = {"variant": variant.label, "baseline": variant.baseline, "fwd_ms": None, "fwd_bwd_ms": None,
@@ -60,7 +52,7 @@ def measure_variant(variant: Variant, device: torch.device, settings: TimerSetti
         work = variant.build()
         row.update(flops=work.flops, bytes=work.bytes, fwd_bwd_flops=work.fwd_bwd_flops,
                    fwd_bwd_bytes=work.fwd_bwd_bytes, quality=dict(work.quality), info=dict(work.info))
-        row["fwd_ms"] = median_ms(_no_grad(work.forward), device, settings)
+        row["fwd_ms"] = median_ms(without_grad(work.forward), device, settings)
         if work.forward_backward is not None:
             row["fwd_bwd_ms"] = median_ms(work.forward_backward, device, settings, work.grad_to_none)
             row["host_fwd_bwd_ms"] = host_ms(work.forward_backward, device, grad_to_none=work.grad_to_none)

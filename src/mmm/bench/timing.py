@@ -50,6 +50,16 @@ def _drop_grads(tensors: Sequence[torch.Tensor]) -> None:
         t.grad = None
 
 
+def without_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn called under torch.no_grad (how forward passes are timed: inference)."""
+
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
 def _cuda_times(fn: Callable[[], object], n: int, device: torch.device, grad_to_none) -> list[float]:
     flush = _flush_buffer(device)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
