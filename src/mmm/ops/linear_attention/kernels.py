@@ -76,8 +76,10 @@ FEATURE_CODES = {None: 0, "identity": 0, "elu": 1, "relu": 2}
 # report of gpu_linear_attention_configs.py): not used. (16, 32, 4, 2) is for DK = 256 (Hedgehog), where
 # the forward took 13.6 ms instead of 21.5 with the others.
 CONFIGS = {
-    # one dot: 8 warps are fine here (no layout conversion between dots)
-    "chunk_state_kernel": [(128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)],
+    # one dot: 8 warps are fine here (no layout conversion between dots). (128, 128, 8, 3): untimed, for
+    # the autotuner to try (one program per SM either way by registers; a third stage may hide more of
+    # the load latency: 172/198 KB of shared memory forward/backward, spills as with 2 stages)
+    "chunk_state_kernel": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)],
     # several dots: 4 warps (see the module docstring); BT = 32 dots run on the mma v2 path
     "fwd_kernel": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2)],
     # (64, 64, 4, 2) only for the split launches (one state each: see bwd_dqdk_kernel's PART)
