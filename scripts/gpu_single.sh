@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One call on a single-GPU machine (H200 or H100), phases chosen by name, every result packed into
+# $OUT/results.tgz (the device tool returns only a few files). Run from the repository root:
+#   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh tests            # GPU tests, 6 processes, ~4 min
+#   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh attn128k         # issue-4 bench at 128k, ~5 min
+#   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh attn32k attn8k linear host
+# Phases: tests (no timing: may share the GPU), then timing phases, each alone: attn128k, attn32k, attn8k,
+# crossover (mmm bench attention cases; fla from .whl when carried), linear (mmm bench linear.square.d16384),
+# host (scripts/gpu_host_profile.py). Bench files land as bench_<phase>.{md,json,png}.
+set -uo pipefail
+OUT=${OUT:-runs/gpu_single}
+source scripts/gpu_steps.sh
+if compgen -G ".whl/*.whl" > /dev/null; then  # fla for the attention benches, carried as wheels
+  pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > /dev/null 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
+bench() {  # bench PHASE MAX_S CASES
+  step "$1" "$2" python -m mmm bench --no-progress --cases "$3" --json "$OUT/bench_$1.json" \
+    --markdown "$OUT/bench_$1.md" --plot "$OUT/bench_$1.png"
+}
+
+tests() {  # six pytest processes side by side (-v: a timeout still leaves each test's verdict)
+  local t="timeout -k 5 220 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
+  $t tests/test_no_host_sync.py tests/test_bench.py > "$OUT/t_sync_bench.log" 2>&1 &
+  $t tests/test_fft_structures.py tests/test_fft_dft.py > "$OUT/t_fft.log" 2>&1 &
+  $t tests/test_linear_attention_kernel.py > "$OUT/t_la.log" 2>&1 &
+  $t tests/test_attention_gpu.py tests/test_attention_flex.py > "$OUT/t_attention.log" 2>&1 &
+  $t tests/test_block_structures.py tests/test_checkpoint.py tests/test_projection_methods.py > "$OUT/t_structures.log" 2>&1 &
+  $t tests/test_kronecker_kernel.py tests/test_block_kernels.py tests/test_block_paths.py > "$OUT/t_block.log" 2>&1 &
+  wait
+  grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
+}
+
+for phase in "$@"; do
+  case $phase in
+    tests) step tests 240 bash -c "$(declare -f tests); OUT=$OUT; tests" ;;
+    attn128k) bench attn128k 330 attn.causal.T131072 ;;
+    attn32k) bench attn32k 200 attn.causal.T32768 ;;
+    attn8k) bench attn8k 150 attn.causal.T8192 ;;
+    crossover) bench crossover 200 attn.crossover ;;
+    linear) bench linear 150 linear.square.d16384 ;;
+    host) step host 90 python scripts/gpu_host_profile.py ;;
+    *) echo "unknown phase $phase" | tee -a "$OUT/steps.txt" ;;
+  esac
+done
+cat "$OUT/steps.txt" 2>/dev/null
+pack
