@@ -115,13 +115,15 @@ def median_ms(
     return statistics.median(times(n))
 
 
-def host_ms(fn: Callable[[], object], device: torch.device | str, reps: int = 10,
+def host_ms(fn: Callable[[], object], device: torch.device | str, reps: int = 10, budget_s: float = 1.0,
             grad_to_none: Sequence[torch.Tensor] = ()) -> float | None:
-    """Median host time to issue one call of `fn` on an idle CUDA device, in ms (None off CUDA)."""
+    """Median host time to issue one call of `fn` on an idle CUDA device, in ms (None off CUDA), over
+    `reps` calls or as many as fit in `budget_s` (at least two: slow calls are GPU-bound anyway)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
     times = []
+    start = time.perf_counter()
     with torch.cuda.device(device.index if device.index is not None else torch.cuda.current_device()):
         for _ in range(reps + 1):  # the first call is untimed (caches, allocator)
             _drop_grads(grad_to_none)
@@ -129,5 +131,7 @@ def host_ms(fn: Callable[[], object], device: torch.device | str, reps: int = 10
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+            if len(times) >= 3 and time.perf_counter() - start > budget_s:
+                break
         torch.cuda.synchronize()
     return statistics.median(times[1:])
