@@ -367,6 +367,57 @@ def test_hedgehog_features_through_the_kernel_match_the_pytorch_path(causal, nor
 
 
 @pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_wide_features_through_the_kernel_in_slices(causal, normalize, monkeypatch):
+    """Features wider than linear.KEY_SPLIT (here 16, Hedgehog's F = 32) go through the kernel as one call
+    per 16-wide slice, combined through the normalisers: output, rden and every gradient as one 32-wide
+    call and as the PyTorch path, in fp32."""
+    from mmm.attention import linear as linear_mod
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
+    fmap = HedgehogFeatureMap(16, num_features=16, num_heads=H, num_kv_heads=HK)  # F = 32
+    with torch.no_grad():
+        for p in fmap.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    q, k, v = qkv(torch.float32, d=16, dv=32)
+    g = torch.randn(B, T, H, 32)
+    params = [q, k, v, *fmap.parameters()]
+    calls = []  # key widths of the kernel calls
+
+    def run(kernel: bool, split):
+        monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", kernel)
+        monkeypatch.setattr(linear_mod, "KEY_SPLIT", split)
+        o = mmm.attention(q, k, v, "linear", feature_map=fmap, causal=causal, normalize=normalize)
+        return [o, *torch.autograd.grad(o, params, g)]
+
+    import mmm.ops.linear_attention as la
+
+    real = la.linear_attention
+
+    def counting(q_, *args, **kwargs):
+        calls.append(q_.shape[-1])
+        return real(q_, *args, **kwargs)
+
+    monkeypatch.setattr(la, "linear_attention", counting)
+    sliced = run(True, 16)
+    assert calls == [16, 16]
+    for got, want in zip(sliced, run(True, None)):
+        assert rel_err(got, want) < 1e-5
+    assert calls[2:] == [32]
+    for got, want in zip(sliced, run(False, 16)):
+        assert rel_err(got, want) < 1e-5
+    if normalize:  # the combined rden is the whole denominator's
+        monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", True)
+        fq = fmap.features(q, True)[0]
+        o, rden = linear_mod._triton_linear(q, k, v, fmap, causal, True, 1e-6, with_rden=True)
+        monkeypatch.setattr(linear_mod, "KEY_SPLIT", None)
+        o1, rden1 = linear_mod._triton_linear(q, k, v, fmap, causal, True, 1e-6, with_rden=True)
+        assert fq.shape[-1] == 32 and rel_err(o, o1) < 1e-5 and rel_err(rden, rden1) < 1e-5
+
+
+@pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
 @pytest.mark.parametrize("fmap_name", ["elu", "relu"])
 def test_native_maps_with_v_dim_other_than_head_dim_through_the_kernel(fmap_name, monkeypatch):
     """elu / relu with v wider than q and k (key width 16, value width 32) take the kernel and match the

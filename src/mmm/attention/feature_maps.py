@@ -51,6 +51,9 @@ class FeatureMap(nn.Module):
     name = ""
     # whether `features` may return a query log scale (then phi(q) is not the features as returned)
     rescales_queries = False
+    # every feature >= 0 (so every partial denominator phi(q).z is too): lets linear.py combine
+    # kernel runs over slices of the features through their normalisers without cancellation
+    nonnegative = False
 
     def __init__(self, head_dim: int):
         super().__init__()
@@ -202,6 +205,7 @@ class HedgehogFeatureMap(FeatureMap):
     """
 
     name = "hedgehog"
+    nonnegative = True  # softmax outputs
 
     def __init__(self, head_dim: int, num_features: int | None = None, num_heads: int = 1, num_kv_heads: int | None = None):
         super().__init__(head_dim)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 
 from . import flex
+from ._compiled import compiled_on_cuda
 from . import linear as linear_mod
 from ._layout import chunk, chunk_groups, compute_dtype, group_kv, group_q, ungroup, unchunk
 from .feature_maps import FeatureMap
@@ -142,16 +143,7 @@ def combine_kernel_far(o_w, lse, parts, eps: float) -> torch.Tensor:
     return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
 
 
-_compiled_combine = None
-
-
-def _combine(o_w, lse, parts, eps: float) -> torch.Tensor:
-    global _compiled_combine
-    if not o_w.is_cuda or torch.compiler.is_compiling():
-        return combine_kernel_far(o_w, lse, parts, eps)
-    if _compiled_combine is None:
-        _compiled_combine = torch.compile(combine_kernel_far, dynamic=True)
-    return _compiled_combine(o_w, lse, parts, eps)
+_combine = compiled_on_cuda(combine_kernel_far)
 
 
 def flex_hybrid(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float, chunk_size: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ._compiled import compiled_on_cuda
 from ._layout import chunk, chunk_groups, compute_dtype, group_kv, group_q, ungroup, unchunk
 from .feature_maps import EluFeatureMap, FeatureMap, ReluFeatureMap
 
@@ -28,6 +29,12 @@ USE_TRITON_KERNEL = True
 # The kernel also runs on CPU tensors under TRITON_INTERPRET=1 (slowly): tests set this to route them there.
 KERNEL_ON_CPU_INTERPRETER = False
 _NATIVE_MAPS = (EluFeatureMap, ReluFeatureMap)  # maps the kernel applies itself, elementwise
+# Features wider than this go through the kernel as slices of this width, one call each, combined through
+# their normalisers (`_sum_parts`). At 128k tokens the kernel took 37 ms forward+backward at key width 256
+# (its 256-wide tiles spill registers) against 10 ms at 128 (H200, results/h200/2026-12-04-la-tune.md):
+# Hedgehog's 2 x 128 features cost two 128-wide runs instead. Normalised only for maps whose features are
+# non-negative (`FeatureMap.nonnegative`: no partial denominator cancels). None: one call, any width.
+KEY_SPLIT: int | None = 128
 
 
 def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps: float, with_rden: bool = False):
@@ -54,7 +61,27 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     fk, _ = fmap.features(k.to(dt), False)
     if groups > 1:
         fk, v = fk.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    return kernel(fq.to(q.dtype), fk.to(q.dtype), v, feature_map=None, normalize=normalize, causal=causal, eps=eps, with_rden=with_rden)
+    fq, fk = fq.to(q.dtype), fk.to(q.dtype)
+    width = fq.shape[-1]
+    if not (KEY_SPLIT and width > KEY_SPLIT and width % KEY_SPLIT == 0 and (fmap.nonnegative or not normalize)):
+        return kernel(fq, fk, v, feature_map=None, normalize=normalize, causal=causal, eps=eps, with_rden=with_rden)
+    parts = [kernel(a, b, v, feature_map=None, normalize=normalize, causal=causal, eps=eps, with_rden=normalize)
+             for a, b in zip(fq.split(KEY_SPLIT, -1), fk.split(KEY_SPLIT, -1))]
+    if not normalize:  # the numerators add up
+        return sum(parts[1:], parts[0])
+    o, rden = _sum_parts(parts, eps)
+    return (o.to(q.dtype), rden) if with_rden else o.to(q.dtype)
+
+
+@compiled_on_cuda
+def _sum_parts(parts: list, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised kernel outputs over slices of the features, [(o [B, T, H, Dv], rden [B, H, T] = 1 / (den
+    + eps)), ...], as one: num = sum o / rden, den = sum (1 / rden - eps); returns (num / (den + eps) in
+    fp32, its rden). Elementwise: one compiled pass on CUDA."""
+    num = sum(o.float() / rden.transpose(1, 2).unsqueeze(-1) for o, rden in parts)
+    den = sum(1.0 / rden - eps for _, rden in parts)
+    rden_all = 1.0 / (den + eps)
+    return num * rden_all.transpose(1, 2).unsqueeze(-1), rden_all
 
 
 def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap) -> bool:
