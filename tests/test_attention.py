@@ -369,19 +369,23 @@ def test_hedgehog_features_through_the_kernel_match_the_pytorch_path(causal, nor
 @pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_wide_features_through_the_kernel_in_slices(causal, normalize, monkeypatch):
-    """Features wider than linear.KEY_SPLIT (here 16, Hedgehog's F = 32) go through the kernel as one call
-    per 16-wide slice, combined through the normalisers: output, rden and every gradient as one 32-wide
-    call and as the PyTorch path, in fp32."""
+@pytest.mark.parametrize("kind", ["hedgehog", "elu"])
+def test_wide_keys_through_the_kernel_in_slices(kind, causal, normalize, monkeypatch):
+    """Key widths over linear.KEY_SPLIT (here 16: Hedgehog's F = 32 features, or elu at head dim 32) go
+    through the kernel as one call per 16-wide slice, combined through the normalisers: output, rden and
+    every gradient as one 32-wide call and as the PyTorch path, in fp32, GQA included."""
     from mmm.attention import linear as linear_mod
 
     pytest.importorskip("triton")
     monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
-    fmap = HedgehogFeatureMap(16, num_features=16, num_heads=H, num_kv_heads=HK)  # F = 32
-    with torch.no_grad():
-        for p in fmap.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    q, k, v = qkv(torch.float32, d=16, dv=32)
+    if kind == "hedgehog":
+        fmap = HedgehogFeatureMap(16, num_features=16, num_heads=H, num_kv_heads=HK)  # F = 32
+        with torch.no_grad():
+            for p in fmap.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    else:
+        fmap = make_feature_map("elu", 32)
+    q, k, v = qkv(torch.float32, d=16 if kind == "hedgehog" else 32, dv=32)
     g = torch.randn(B, T, H, 32)
     params = [q, k, v, *fmap.parameters()]
     calls = []  # key widths of the kernel calls

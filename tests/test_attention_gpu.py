@@ -101,20 +101,25 @@ def test_decode_on_cuda_matches_parallel():
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_hedgehog_key_slices_within_twice_pytorch_bf16_error(normalize):
-    """Hedgehog at head dim 128 (F = 256 features) runs as two 128-wide kernel calls (linear.KEY_SPLIT):
-    output and q, k, v gradients in bf16 within 2x the larger of the PyTorch path's error and PyTorch's
-    own in bf16 (the formula computed end to end in bf16), against fp64."""
+@pytest.mark.parametrize("kind", ["hedgehog", "elu"])
+def test_key_slices_within_twice_pytorch_bf16_error(kind, normalize):
+    """Key width 256 (Hedgehog's features at head dim 128, or elu at head dim 256) runs as two 128-wide
+    kernel calls (linear.KEY_SPLIT): output and q, k, v gradients in bf16 within 2x the larger of the
+    PyTorch path's error and PyTorch's own in bf16 (the formula end to end in bf16), against fp64."""
     import copy
 
     from mmm.attention.feature_maps import HedgehogFeatureMap
 
     assert linear_mod.KEY_SPLIT == 128
-    fmap = HedgehogFeatureMap(128, num_heads=4, num_kv_heads=4).cuda()
-    with torch.no_grad():
-        for p in fmap.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    q, k, v = qkv(2000, torch.bfloat16, b=1, h=4, hk=4, d=128)
+    d = 128 if kind == "hedgehog" else 256
+    if kind == "hedgehog":
+        fmap = HedgehogFeatureMap(128, num_heads=4, num_kv_heads=4).cuda()
+        with torch.no_grad():
+            for p in fmap.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    else:
+        fmap = make_feature_map("elu", 256)
+    q, k, v = qkv(2000, torch.bfloat16, b=1, h=4, hk=4, d=d)
     ref = naive.naive_linear(q, k, v, copy.deepcopy(fmap).double(), True, normalize)
     g = torch.randn_like(ref)
     grads_ref = torch.autograd.grad(ref, (q, k, v), g)
@@ -126,8 +131,12 @@ def test_hedgehog_key_slices_within_twice_pytorch_bf16_error(normalize):
             results[use_kernel] = (out, torch.autograd.grad(out, (q, k, v), g.to(torch.bfloat16)))
         finally:
             linear_mod.USE_TRITON_KERNEL = True
-    half = copy.deepcopy(fmap).to(torch.bfloat16)
-    own = linear_attention_naive(half(q, is_query=True), half(k, is_query=False), v, None, normalize, True)
+    if kind == "hedgehog":
+        half = copy.deepcopy(fmap).to(torch.bfloat16)
+        own = linear_attention_naive(half(q, is_query=True), half(k, is_query=False), v, None, normalize, True)
+    else:
+        s = d**-0.25
+        own = linear_attention_naive(q * s, k * s, v, "elu", normalize, True)
     results["own"] = (own, torch.autograd.grad(own, (q, k, v), g.to(torch.bfloat16)))
     (o_k, g_k), (o_p, g_p), (o_o, g_o) = results[True], results[False], results["own"]
     assert rel_err(o_k, ref) <= 2 * max(rel_err(o_p, ref), rel_err(o_o, ref)) + 1e-5

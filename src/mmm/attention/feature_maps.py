@@ -87,6 +87,7 @@ class EluFeatureMap(FeatureMap):
     """phi(x) = elu(x d^-1/4) + 1 (Katharopoulos et al. 2020, with the softmax logit scaling)."""
 
     name = "elu"
+    nonnegative = True  # elu(x) + 1 > 0
 
     @property
     def feature_dim(self) -> int:
@@ -100,6 +101,7 @@ class ReluFeatureMap(FeatureMap):
     """phi(x) = relu(x d^-1/4). Rows whose features are all zero get output 0 when normalised (eps)."""
 
     name = "relu"
+    nonnegative = True  # relu(x) >= 0
 
     @property
     def feature_dim(self) -> int:

@@ -29,10 +29,10 @@ USE_TRITON_KERNEL = True
 # The kernel also runs on CPU tensors under TRITON_INTERPRET=1 (slowly): tests set this to route them there.
 KERNEL_ON_CPU_INTERPRETER = False
 _NATIVE_MAPS = (EluFeatureMap, ReluFeatureMap)  # maps the kernel applies itself, elementwise
-# Features wider than this go through the kernel as slices of this width, one call each, combined through
-# their normalisers (`_sum_parts`). At 128k tokens the kernel took 37 ms forward+backward at key width 256
-# (its 256-wide tiles spill registers) against 10 ms at 128 (H200, results/h200/2026-12-04-la-tune.md):
-# Hedgehog's 2 x 128 features cost two 128-wide runs instead. Normalised only for maps whose features are
+# Key widths over this (head dim 256 with elu / relu, Hedgehog's 2 x 128 features) go through the kernel as
+# slices of this width, one call each, combined through their normalisers (`_sum_parts`). At 128k tokens
+# the kernel took 37 ms forward+backward at key width 256 (its 256-wide tiles spill registers) against
+# 10 ms at 128 (H200, results/h200/2026-12-04-la-tune.md). Normalised only for maps whose features are
 # non-negative (`FeatureMap.nonnegative`: no partial denominator cancels). None: one call, any width.
 KEY_SPLIT: int | None = 128
 
@@ -45,28 +45,28 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     each in its SUPPORTED_HEAD_DIMS and fp32 state, and computes this module's formulas. elu+1 and relu it
     applies itself, elementwise inside its loops. Any other map without a query rescaling (Hedgehog, ...)
     has its features computed here, in one PyTorch pass over q and k, and the kernel runs with identity
-    features on them: DK = F, DV = v's own width (no padding)."""
+    features on them: DK = F, DV = v's own width (no padding). Key widths over KEY_SPLIT run as slices."""
     if not triton_applies(q, v, fmap):
         return None
     from mmm.ops.linear_attention import linear_attention as kernel
 
     groups = q.shape[2] // k.shape[2]
     if isinstance(fmap, _NATIVE_MAPS):
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
         s = q.shape[-1] ** -0.25  # the feature maps' input scaling, applied here since the kernel does not
-        return kernel(q * s, k * s, v, feature_map=fmap.name, normalize=normalize, causal=causal, eps=eps, with_rden=with_rden)
-    dt = compute_dtype(q)
-    fq, _ = fmap.features(q.to(dt), True)  # no log scale: rescales_queries is False here
-    fk, _ = fmap.features(k.to(dt), False)
+        kq, kk, name = q * s, k * s, fmap.name
+    else:
+        dt = compute_dtype(q)
+        kq = fmap.features(q.to(dt), True)[0].to(q.dtype)  # no log scale: rescales_queries is False here
+        kk = fmap.features(k.to(dt), False)[0].to(q.dtype)
+        name = None
     if groups > 1:
-        fk, v = fk.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    fq, fk = fq.to(q.dtype), fk.to(q.dtype)
-    width = fq.shape[-1]
+        kk, v = kk.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    width = kq.shape[-1]
+    run = lambda a, b, rden: kernel(a, b, v, feature_map=name, normalize=normalize, causal=causal, eps=eps, with_rden=rden)  # noqa: E731
     if not (KEY_SPLIT and width > KEY_SPLIT and width % KEY_SPLIT == 0 and (fmap.nonnegative or not normalize)):
-        return kernel(fq, fk, v, feature_map=None, normalize=normalize, causal=causal, eps=eps, with_rden=with_rden)
-    parts = [kernel(a, b, v, feature_map=None, normalize=normalize, causal=causal, eps=eps, with_rden=normalize)
-             for a, b in zip(fq.split(KEY_SPLIT, -1), fk.split(KEY_SPLIT, -1))]
+        return run(kq, kk, with_rden)
+    # the maps act elementwise (elu, relu) or were applied above: phi(q).phi(k) is a sum over the slices
+    parts = [run(a, b, normalize) for a, b in zip(kq.split(KEY_SPLIT, -1), kk.split(KEY_SPLIT, -1))]
     if not normalize:  # the numerators add up
         return sum(parts[1:], parts[0])
     o, rden = _sum_parts(parts, eps)
