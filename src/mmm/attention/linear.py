@@ -62,13 +62,16 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     if groups > 1:
         kk, v = kk.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     width = kq.shape[-1]
-    run = lambda a, b, rden: kernel(a, b, v, feature_map=name, normalize=normalize, causal=causal, eps=eps, with_rden=rden)  # noqa: E731
+
+    def run(a, b, rden: bool):
+        return kernel(a, b, v, feature_map=name, normalize=normalize, causal=causal, eps=eps, with_rden=rden)
+
     if not (KEY_SPLIT and width > KEY_SPLIT and width % KEY_SPLIT == 0 and (fmap.nonnegative or not normalize)):
         return run(kq, kk, with_rden)
     # the maps act elementwise (elu, relu) or were applied above: phi(q).phi(k) is a sum over the slices
     parts = [run(a, b, normalize) for a, b in zip(kq.split(KEY_SPLIT, -1), kk.split(KEY_SPLIT, -1))]
-    if not normalize:  # the numerators add up
-        return sum(parts[1:], parts[0])
+    if not normalize:  # the numerators add up (in fp32, rounded once)
+        return sum(p.float() for p in parts).to(q.dtype)
     o, rden = _sum_parts(parts, eps)
     return (o.to(q.dtype), rden) if with_rden else o.to(q.dtype)
 
