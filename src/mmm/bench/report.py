@@ -61,8 +61,8 @@ def header_lines(header: dict) -> list[str]:
         f"measured in this run: matmul {header['matmul_tflops']:.4g} TFLOP/s ({header['dtype']}, "
         f"{header['matmul_size']}^3), copy {header['copy_gbps']:.4g} GB/s",
         "floor = max(FLOPs / matmul rate, min bytes / copy bandwidth); speedup = baseline time / variant time",
-        "host f+b ms: host time to issue one forward+backward on an idle GPU (CUDA only); near fwd+bwd ms "
-        "means launch-bound",
+        "host f+b ms: host time to issue one forward+backward, calls back to back (CUDA only); near fwd+bwd "
+        "ms means launch-bound",
     ]
 
 

@@ -7,9 +7,9 @@ estimate the cost, warmup up to `warmup_ms`, then at least `min_reps` timed call
 CUDA: CUDA events around each call, with the L2 cache overwritten before every call so each run reads
 its operands from HBM, as a layer inside a large model does (the same idea as triton.testing.do_bench,
 with a floor on the number of repeats so that slow calls still get a real median). CPU: perf_counter.
-`host_ms` (CUDA only) is the time the host takes to issue one call, the GPU idle before it: when it is
-close to the CUDA-event time the call is launch-bound (Python, dispatch and launch overhead), not
-kernel-bound, and only fewer launches or CUDA graphs make it faster.
+`host_ms` (CUDA only) is the time the host takes to issue one call, calls issued back to back with the
+GPU running behind: when it is close to the CUDA-event time the call is launch-bound (Python, dispatch
+and launch overhead), not kernel-bound, and only fewer launches or CUDA graphs make it faster.
 Gradients listed in `grad_to_none` are dropped before every call, outside the timed region, so a
 forward+backward callable measures a fresh backward rather than an accumulation into old gradients.
 """
@@ -115,23 +115,21 @@ def median_ms(
     return statistics.median(times(n))
 
 
-def host_ms(fn: Callable[[], object], device: torch.device | str, reps: int = 10, budget_s: float = 1.0,
+def host_ms(fn: Callable[[], object], device: torch.device | str, reps: int = 10,
             grad_to_none: Sequence[torch.Tensor] = ()) -> float | None:
-    """Median host time to issue one call of `fn` on an idle CUDA device, in ms (None off CUDA), over
-    `reps` calls or as many as fit in `budget_s` (at least two: slow calls are GPU-bound anyway)."""
+    """Host time to issue one call of `fn`, in ms (None off CUDA): `reps` calls issued back to back after
+    a warm one, the GPU left to run behind (only the last waits for it), as in a training loop."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    times = []
-    start = time.perf_counter()
     with torch.cuda.device(device.index if device.index is not None else torch.cuda.current_device()):
-        for _ in range(reps + 1):  # the first call is untimed (caches, allocator)
-            _drop_grads(grad_to_none)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-            if len(times) >= 3 and time.perf_counter() - start > budget_s:
-                break
+        _drop_grads(grad_to_none)
+        fn()
         torch.cuda.synchronize()
-    return statistics.median(times[1:])
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            _drop_grads(grad_to_none)
+            fn()
+        issued = time.perf_counter() - t0
+        torch.cuda.synchronize()
+    return issued / reps * 1e3
