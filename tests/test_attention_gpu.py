@@ -1,6 +1,7 @@
 """GPU checks of mmm.attention: the Triton linear-attention dispatch against the PyTorch path, SDPA
 backends, and 128k-token runs. Run on a CUDA machine: pytest -m gpu tests/test_attention_gpu.py"""
 
+import copy
 import math
 
 import pytest
@@ -21,6 +22,26 @@ def qkv(t, dtype, b=2, h=8, hk=2, d=64, scale=1.0):
     return tuple((scale * torch.randn(b, t, n, d, device="cuda")).to(dtype).requires_grad_() for n in (h, hk, hk))
 
 
+def assert_kernel_within_twice_pytorch(q, k, v, own, monkeypatch, **kw):
+    """mmm.attention(q, k, v, "linear", **kw) through the Triton kernel against fp64: output and every
+    gradient within 2x (plus a hair) the larger of the error of its PyTorch path and of `own`, the formula
+    computed end to end in the inputs' dtype (PyTorch's own error there)."""
+    ref = naive.naive_linear(q, k, v, copy.deepcopy(kw["feature_map"]).double(), kw.get("causal", True),
+                             kw.get("normalize", True))
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), g)
+    results = {}
+    for use_kernel in (True, False):
+        monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", use_kernel)
+        out = mmm.attention(q, k, v, "linear", **kw)
+        results[use_kernel] = (out, torch.autograd.grad(out, (q, k, v), g.to(q.dtype)))
+    results["own"] = (own, torch.autograd.grad(own, (q, k, v), g.to(q.dtype)))
+    (o_k, g_k), (o_p, g_p), (o_o, g_o) = results[True], results[False], results["own"]
+    assert rel_err(o_k, ref) <= 2 * max(rel_err(o_p, ref), rel_err(o_o, ref)) + 1e-5
+    for a, b, c, r in zip(g_k, g_p, g_o, grads_ref):
+        assert rel_err(a, r) <= 2 * max(rel_err(b, r), rel_err(c, r)) + 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
@@ -29,25 +50,10 @@ def test_triton_dispatch_matches_pytorch_path(name, causal, normalize, dtype, mo
     q, k, v = qkv(1000, dtype)
     fmap = make_feature_map(name, 64)
     assert linear_mod._triton_linear(q, k, v, fmap, causal, normalize, 1e-6) is not None, "kernel not used"
-    kw = dict(feature_map=name, causal=causal, normalize=normalize)
-    ref = naive.naive_linear(q, k, v, fmap.double(), causal, normalize)
-    g = torch.randn_like(ref)
-    grads_ref = torch.autograd.grad(ref, (q, k, v), g)
-    results = {}
-    for use_kernel in (True, False):
-        monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", use_kernel)
-        out = mmm.attention(q, k, v, "linear", **kw)
-        results[use_kernel] = (out, torch.autograd.grad(out, (q, k, v), g.to(dtype)))
     # PyTorch's own error in this dtype: the quadratic form computed end to end in `dtype`.
     s, rep = 64**-0.25, q.shape[2] // k.shape[2]
     own = linear_attention_naive(q * s, k.repeat_interleave(rep, 2) * s, v.repeat_interleave(rep, 2), name, normalize, causal)
-    results["own"] = (own, torch.autograd.grad(own, (q, k, v), g.to(dtype)))
-    # The kernel's error against fp64 is at most 2x (plus a hair) the larger of the PyTorch path's and
-    # PyTorch's own in this dtype, forward and every gradient.
-    (o_k, g_k), (o_p, g_p), (o_o, g_o) = results[True], results[False], results["own"]
-    assert rel_err(o_k, ref) <= 2 * max(rel_err(o_p, ref), rel_err(o_o, ref)) + 1e-5
-    for a, b, c, r in zip(g_k, g_p, g_o, grads_ref):
-        assert rel_err(a, r) <= 2 * max(rel_err(b, r), rel_err(c, r)) + 1e-5
+    assert_kernel_within_twice_pytorch(q, k, v, own, monkeypatch, feature_map=fmap, causal=causal, normalize=normalize)
 
 
 def test_exact_backend_on_cuda():
@@ -102,12 +108,10 @@ def test_decode_on_cuda_matches_parallel():
 
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("kind", ["hedgehog", "elu"])
-def test_key_slices_within_twice_pytorch_bf16_error(kind, normalize):
+def test_key_slices_within_twice_pytorch_bf16_error(kind, normalize, monkeypatch):
     """Key width 256 (Hedgehog's features at head dim 128, or elu at head dim 256) runs as two 128-wide
     kernel calls (linear.KEY_SPLIT): output and q, k, v gradients in bf16 within 2x the larger of the
     PyTorch path's error and PyTorch's own in bf16 (the formula end to end in bf16), against fp64."""
-    import copy
-
     from mmm.attention.feature_maps import HedgehogFeatureMap
 
     assert linear_mod.KEY_SPLIT == 128
@@ -120,25 +124,10 @@ def test_key_slices_within_twice_pytorch_bf16_error(kind, normalize):
     else:
         fmap = make_feature_map("elu", 256)
     q, k, v = qkv(2000, torch.bfloat16, b=1, h=4, hk=4, d=d)
-    ref = naive.naive_linear(q, k, v, copy.deepcopy(fmap).double(), True, normalize)
-    g = torch.randn_like(ref)
-    grads_ref = torch.autograd.grad(ref, (q, k, v), g)
-    results = {}
-    for use_kernel in (True, False):
-        linear_mod.USE_TRITON_KERNEL = use_kernel
-        try:
-            out = mmm.attention(q, k, v, "linear", feature_map=fmap, normalize=normalize)
-            results[use_kernel] = (out, torch.autograd.grad(out, (q, k, v), g.to(torch.bfloat16)))
-        finally:
-            linear_mod.USE_TRITON_KERNEL = True
     if kind == "hedgehog":
         half = copy.deepcopy(fmap).to(torch.bfloat16)
         own = linear_attention_naive(half(q, is_query=True), half(k, is_query=False), v, None, normalize, True)
     else:
         s = d**-0.25
         own = linear_attention_naive(q * s, k * s, v, "elu", normalize, True)
-    results["own"] = (own, torch.autograd.grad(own, (q, k, v), g.to(torch.bfloat16)))
-    (o_k, g_k), (o_p, g_p), (o_o, g_o) = results[True], results[False], results["own"]
-    assert rel_err(o_k, ref) <= 2 * max(rel_err(o_p, ref), rel_err(o_o, ref)) + 1e-5
-    for a, b, c, r in zip(g_k, g_p, g_o, grads_ref):
-        assert rel_err(a, r) <= 2 * max(rel_err(b, r), rel_err(c, r)) + 1e-5
+    assert_kernel_within_twice_pytorch(q, k, v, own, monkeypatch, feature_map=fmap, normalize=normalize)
