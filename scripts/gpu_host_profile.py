@@ -4,7 +4,7 @@
     PYTHONPATH=src python scripts/gpu_host_profile.py [--d 16384] [--n 8192] [--structures kronecker circulant]
 
 For each structure (bf16, x [n, d] -> [n, d], the bench's layer): the GPU time (CUDA events) and host
-time (to issue, on an idle GPU) of f+b, every operation that synchronizes with the GPU
+time (to issue, calls back to back) of f+b, every operation that synchronizes with the GPU
 (torch.cuda.set_sync_debug_mode, with the line that called it), and the Python functions taking the
 most host time (cProfile, own time, 10 calls). Writes $OUT/host_profile.txt too.
 """

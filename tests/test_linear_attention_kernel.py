@@ -622,7 +622,7 @@ def test_plain_eager_only_without_tracing_modes_or_subclasses():
 @pytest.mark.parametrize("split", [True, False])
 def test_fp32_dq_within_twice_pytorch_fp32_error_on_a_long_segment(split, monkeypatch):
     """The backward must not lose fp32 precision along a segment: dq of the first rows, computed from the
-    segment's end state by subtracting chunks, had ~100x PyTorch's fp32 error on the GPU (T = 1000).
+    segment's end state by subtracting chunks, had ~40x PyTorch's fp32 error on the GPU (T = 1000).
     The split dq launch sweeps forward from the segment's start instead (the one-launch form, PART 0,
     still subtracts: its dq error grows with the segment length, so it is only bounded loosely here)."""
     monkeypatch.setattr(op.kernels, "SPLIT_DQDK", split)
