@@ -150,6 +150,7 @@ def run(args) -> int:
         d = setup(args.device)
     except RuntimeError as exc:  # e.g. more processes per node than GPUs
         raise SystemExit(f"mmm train: {exc}") from None
+    clean = False
     try:
         corpus = load_corpus(args.data, min_len=args.seq_len + 1, token_dtype=args.token_dtype, vocab_size=args.vocab_size)
         cfg = configs_from_args(args, corpus.vocab_size)
@@ -166,8 +167,9 @@ def run(args) -> int:
                 tps = f"{log['tokens_per_s']:,.0f} tok/s" if log["tokens_per_s"] else "n/a tok/s"
                 print(f"done: {log['steps_done']} steps, final val loss {log['final_val_loss']:.4f}, {tps}, "
                       f"{log['params'] / 1e6:.2f}M params; wrote {cfg.out}/log.json, loss.png, checkpoint.safetensors")
+        clean = True
     except (ValueError, FileNotFoundError) as exc:  # bad input: the message says what to change
         raise SystemExit(f"mmm train: {exc}") from None
     finally:
-        teardown(d)
+        teardown(d, clean)
     return 0

@@ -166,11 +166,13 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, dist_info: Dist | None
           on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train one model; returns the log (also written to out/log.json on rank 0)."""
     d = dist_info or setup(cfg.device)
+    log = None
     try:
-        return _train(cfg, corpus, d, on_step)
+        log = _train(cfg, corpus, d, on_step)
+        return log
     finally:
         if dist_info is None:
-            teardown(d)
+            teardown(d, clean=log is not None)
 
 
 def _train(cfg: TrainConfig, corpus: Corpus | None, d: Dist, on_step) -> dict[str, Any]:
