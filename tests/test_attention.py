@@ -25,16 +25,19 @@ def qkv(dtype=torch.float64, t=T, h=H, hk=HK, d=D, dv=DV, scale=1.0, requires_gr
 
 
 def fmap_for(name, d=D):
-    """A map with parameters away from their init (hedgehog), so nothing about it is special."""
+    """A map with parameters away from their init (hedgehog) and a hybrid calibration c_h away from 0,
+    one per head, so nothing about it is special."""
     if name == "hedgehog":
         fmap = HedgehogFeatureMap(d, num_features=6, num_heads=H, num_kv_heads=HK).double()
         with torch.no_grad():
             for p in fmap.parameters():
                 p.add_(0.3 * torch.randn_like(p))
-        return fmap
-    if name == "favor":
-        return FavorFeatureMap(d, num_features=24, seed=1).double()
-    return make_feature_map(name, d).double()
+    elif name == "favor":
+        fmap = FavorFeatureMap(d, num_features=24, seed=1).double()
+    else:
+        fmap = make_feature_map(name, d).double()
+    fmap.hybrid_log_scale = torch.randn(H, dtype=torch.float64)
+    return fmap
 
 
 def reference(method, q, k, v, causal, fmap=None, normalize=True, window=WINDOW, eps=1e-6):

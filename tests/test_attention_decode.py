@@ -17,15 +17,18 @@ def qkv(dtype=torch.float64):
 
 
 def fmap_for(name):
+    """A map with a hybrid calibration c_h away from 0, one per head (and Hedgehog parameters away from init)."""
     if name == "favor":
-        return FavorFeatureMap(D, num_features=16, seed=2).double()
-    if name == "hedgehog":
+        fmap = FavorFeatureMap(D, num_features=16, seed=2).double()
+    elif name == "hedgehog":
         fmap = HedgehogFeatureMap(D, num_heads=H, num_kv_heads=HK).double()
         with torch.no_grad():
             for p in fmap.parameters():
                 p.add_(0.3 * torch.randn_like(p))
-        return fmap
-    return make_feature_map(name, D)
+    else:
+        fmap = make_feature_map(name, D)
+    fmap.hybrid_log_scale = torch.randn(H)
+    return fmap
 
 
 def run_steps(q, k, v, state, start=0):

@@ -17,6 +17,7 @@ from mmm.bench.cases_attention import (
     QUICK_HEDGEHOG,
     QUICK_SIZES,
     attention_variant,
+    calibrated_elu,
     crossover_length,
     fla_variant,
     linear_flops,
@@ -84,6 +85,15 @@ def test_quick_attention_bench_end_to_end(tmp_path):
         fmap, _ = trained_hedgehog(True, torch.device("cpu"))  # the same cached map for every T
         assert hh["quality"][QUALITY_KEY] == pytest.approx(
             attention_error(real.q, real.k, real.v, "linear", feature_map=fmap, sample_rows=1024), rel=1e-6)
+        # the hybrid's calibration, fitted on the training text, lowers its held-out error
+        hy = rows[f"hybrid w={QUICK_SIZES.hybrid_window} elu (calibrated)"]
+        calibrated, _ = calibrated_elu(True, torch.device("cpu"), QUICK_SIZES.hybrid_window)
+        assert hy["info"]["calibration_log_scale"] == [round(c, 3) for c in calibrated.hybrid_log_scale.tolist()]
+        assert hy["quality"][QUALITY_KEY] == pytest.approx(attention_error(
+            real.q, real.k, real.v, "hybrid", window=QUICK_SIZES.hybrid_window, feature_map=calibrated, sample_rows=1024), rel=1e-6)
+        assert hy["info"]["quality_uncalibrated"] == pytest.approx(attention_error(
+            real.q, real.k, real.v, "hybrid", window=QUICK_SIZES.hybrid_window, feature_map="elu", sample_rows=1024), rel=1e-6)
+        assert hy["quality"][QUALITY_KEY] < hy["info"]["quality_uncalibrated"], hy
 
     cross = cases["attn.crossover.quick"]
     assert cross["error"] is None
@@ -233,7 +243,7 @@ def test_fla_missing_is_recorded_not_fatal():
 def test_attention_case_on_gpu():
     """Full size, shortest length: cuDNN baseline, mmm paths and quality on the trained 16 x 128 layer (bf16).
     Hedgehog is only compared with FAVOR+ here: its map is fitted on 8192-token slices and beats elu+1 at
-    8k and 32k (tests/test_attention_hedgehog.py), not at this 2k case (H100, 2026-12-05: 0.676 vs 0.596)."""
+    8k and 32k (tests/test_attention_fit.py), not at this 2k case (H100, 2026-12-05: 0.676 vs 0.596)."""
     from mmm.bench import CASES, load_builtin_cases
     from mmm.bench.machine import machine_header
 
@@ -244,10 +254,12 @@ def test_attention_case_on_gpu():
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["sdpa cudnn"]["error"] is None and rows["sdpa cudnn"]["baseline"]
     for label in ("linear elu (normalized)", "linear relu (normalized)", "linear favor+", "linear hedgehog (trained)",
-                  "window 256", "window 1024", "hybrid w=256 elu"):
+                  "window 256", "window 1024", "hybrid w=256 elu (calibrated)"):
         r = rows[label]
         assert r["error"] is None, (label, r["error"])
         assert r["fwd_bwd_ms"] > 0 and math.isfinite(r["quality"][QUALITY_KEY])
         assert r["info"]["quality_inputs"]["shape"] == [1, 2048, 16, 128]
     hedgehog = rows["linear hedgehog (trained)"]["quality"][QUALITY_KEY]
     assert hedgehog < rows["linear favor+"]["quality"][QUALITY_KEY]
+    hybrid = rows["hybrid w=256 elu (calibrated)"]
+    assert hybrid["quality"][QUALITY_KEY] < hybrid["info"]["quality_uncalibrated"], hybrid

@@ -7,12 +7,12 @@ q [batch, seq, heads, head_dim], k/v [batch, seq, kv_heads, ...] (kv_heads divid
 'exact' is softmax attention (PyTorch SDPA); 'window' is exact softmax on a band (equal to full
 attention only when the band covers every key); 'linear' and 'hybrid' replace exp(q.k/sqrt(d)) by a
 feature-map kernel: approximations, never lossless. See api.py for the arguments, window.py,
-linear.py and hybrid.py for the exact formulas, decode.py for token-by-token generation, hedgehog.py
-for fitting a learned feature map, naive.py for fp64 reference implementations. The length at
+linear.py and hybrid.py for the exact formulas, decode.py for token-by-token generation, fit.py
+for fitting a learned feature map and the hybrid's calibration, naive.py for fp64 reference implementations. The length at
 which 'auto' switches from exact to the approximation is `mmm.attention.api.AUTO_CROSSOVER`.
 
 This package is itself callable: `mmm.attention(q, k, v, ...)` is `mmm.attention.attention(q, k, v, ...)`,
-while `mmm.attention.decode`, `mmm.attention.hedgehog` etc. stay reachable as submodules.
+while `mmm.attention.decode`, `mmm.attention.fit` etc. stay reachable as submodules.
 """
 
 import sys
@@ -31,7 +31,7 @@ from .feature_maps import (
     make_feature_map,
 )
 from . import decode
-from .hedgehog import train_hedgehog
+from .fit import fit_hybrid, train_hedgehog
 
 __all__ = [
     "attention",
@@ -49,6 +49,7 @@ __all__ = [
     "HedgehogFeatureMap",
     "make_feature_map",
     "train_hedgehog",
+    "fit_hybrid",
     "decode",
 ]
 

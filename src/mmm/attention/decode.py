@@ -23,7 +23,7 @@ import torch
 
 from .api import DEFAULT_EPS, DEFAULT_WINDOW, _check_positive_int, attention, check_qkv, full_precision, resolve_feature_map
 from .feature_maps import FeatureMap
-from .hybrid import combine
+from .hybrid import combine, far_log_scale
 from .linear import finish
 
 DECODE_METHODS = ("linear", "hybrid")
@@ -168,7 +168,7 @@ def _step(q_t, k_t, v_t, state: DecodeState):
     qg = q_t.to(dt).reshape(b, hk, g, 1, -1)
     logits = (qg @ k_buf.unsqueeze(2).transpose(-1, -2)) * q_t.shape[-1] ** -0.5  # [B, Hk, g, 1, w]
     near = (torch.arange(w, device=q_t.device) <= t).unsqueeze(0)  # [1, w]: slots filled so far
-    ls = torch.zeros_like(fq[..., :1]) if log_scale is None else log_scale.unsqueeze(-1)  # [B, Hk, g, 1]
+    ls = far_log_scale(fmap, None if log_scale is None else log_scale.unsqueeze(-1), hk, g, dt)  # [B, Hk, g, 1] or [Hk, g, 1]
     fq1 = fq.unsqueeze(-2)  # [B, Hk, g, 1, F]
     o = combine(logits, near, v_buf.unsqueeze(2), fq1 @ s.unsqueeze(2), (fq1 @ z.unsqueeze(2).unsqueeze(-1)).squeeze(-1), ls, state.eps)
     new = dataclasses.replace(state, s=s, z=z, k_buf=k_buf, v_buf=v_buf, pos=t + 1)

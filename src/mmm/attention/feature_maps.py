@@ -22,7 +22,7 @@ own parameters to it.
              phi(q).phi(k) = 1 + s + s^2 / 2 with s = q.k / sqrt(d) (2nd-order Taylor of exp, as in Based)
     hedgehog phi(x) = [softmax(h), softmax(-h)], h = x' W + b per head,   F = 2 m
              learned so that its attention weights mimic softmax (Zhang et al. 2024); train with
-             `mmm.attention.hedgehog.train_hedgehog`.
+             `mmm.attention.fit.train_hedgehog`.
 """
 
 from __future__ import annotations
@@ -60,6 +60,20 @@ class FeatureMap(nn.Module):
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
         self.head_dim = head_dim
+        # c_h, per query head ([heads]) or shared ([1]): hybrid attention weighs a far key by
+        # exp(c_h) phi(q).phi(k) against exp(q.k / sqrt(d)) for a near one. Only the hybrid's shared
+        # normaliser sees it (in linear attention alone it cancels). 0 until fitted: `fit_hybrid`.
+        self.register_buffer("hybrid_log_scale", torch.zeros(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "hybrid_log_scale"
+        saved = state_dict.get(key)
+        if saved is not None and saved.dim() == 1 and saved.shape != self.hybrid_log_scale.shape:
+            # a fitted scale has one entry per head where a fresh map has one: take the saved shape
+            self.hybrid_log_scale = torch.zeros_like(saved, device=self.hybrid_log_scale.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if saved is None and key in missing_keys:  # saved before the calibration existed: c_h = 0, as then
+            missing_keys.remove(key)
 
     @property
     def feature_dim(self) -> int:
@@ -78,6 +92,14 @@ class FeatureMap(nn.Module):
     def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
         phi, log_scale = self.features(x, is_query)
         return phi if log_scale is None else phi * log_scale.exp().unsqueeze(-1)
+
+    def hybrid_log_scale_for(self, heads: int) -> torch.Tensor:
+        """c_h as [heads] (a shared entry repeated); a clear error when it was fitted to another head count."""
+        c = self.hybrid_log_scale
+        if c.dim() != 1 or c.numel() not in (1, heads):
+            raise ValueError(f"{type(self).__name__}.hybrid_log_scale has shape {tuple(c.shape)}, fitted for "
+                             f"{c.numel()} heads, but the input has {heads} query heads (expected [1] or [{heads}])")
+        return c.expand(heads)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, feature_dim={self.feature_dim}"

@@ -62,5 +62,6 @@ def naive_linear(q, k, v, fmap: FeatureMap, causal=True, normalize=True, eps=1e-
 def naive_hybrid(q, k, v, fmap: FeatureMap, window, causal=True, eps=1e-6):
     t = q.shape[1]
     visible, near = _visible(t, causal, q.device), _near(t, window, q.device)
-    w = torch.where(near, _scores(q, k).exp(), naive_kernel(q, k, fmap)).masked_fill(~visible, 0.0)
+    far = naive_kernel(q, k, fmap) * fmap.hybrid_log_scale_for(q.shape[2]).double().exp()[:, None, None]
+    w = torch.where(near, _scores(q, k).exp(), far).masked_fill(~visible, 0.0)
     return _apply(w, v, q.shape[2], eps)

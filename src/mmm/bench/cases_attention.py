@@ -15,6 +15,8 @@ on its *training* text (`training_qkv`, see `HedgehogFit`), then judged on the h
 row, so its error is beside elu+1's and FAVOR+'s on the same inputs; the fit's time and steps are in the
 row's info (not in its time). The Hedgehog row runs the fused kernel on features computed in PyTorch
 (key width = feature width, 2 D); the FAVOR+ row runs mmm's PyTorch path (its map rescales queries).
+The hybrid row's far keys weigh exp(c_h) (elu+1 kernel), c_h fitted per head by `fit_hybrid` on the same
+training slices (`calibrated_elu`); its info holds c_h and the error with c_h = 0 ("quality_uncalibrated").
 
 `attn.crossover`: exact (`mmm.attention(method="exact")`, SDPA's own backend choice) and linear (elu,
 normalized) at T in 512..4096 (quick: 64, 128). The setup first times forward+backward of both at every
@@ -46,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..attention import attention, attention_error, exact_backend
 from ..attention.api import exact_rows, sample_query_rows
 from ..attention.feature_maps import FeatureMap, make_feature_map
-from ..attention.hedgehog import train_hedgehog
+from ..attention.fit import fit_hybrid, train_hedgehog
 from .attention_inputs import real_qkv, training_qkv
 from .graphs import graphed
 from .registry import Variant, Workload, bench_case
@@ -237,14 +239,14 @@ def fla_variant(label: str, which: str, inputs, grad, flops: int, real: Callable
 _HEDGEHOG: dict[tuple[bool, str], tuple[FeatureMap, dict]] = {}
 
 
-def hedgehog_training_qk(fit: HedgehogFit, quick: bool, device) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """q, k [segments, train_len, H, D]: `fit`'s slices of the real-input layer's training-text capture,
-    and a description of that text."""
+def fit_slices(fit: HedgehogFit, quick: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """q, k, v [segments, train_len, H, D]: `fit`'s slices of the real-input layer's training-text
+    capture, and a description of that text."""
     data = training_qkv(fit.text_len or fit.segments * fit.train_len, quick, device)
     stride = data.q.shape[1] // fit.segments
     starts = [i * stride for i in range(fit.segments)]
-    q, k = (torch.cat([x[:, s:s + fit.train_len] for s in starts]) for x in (data.q, data.k))
-    return q, k, f"{fit.segments} x {fit.train_len} tokens at positions {starts} of {data.info['text']}"
+    q, k, v = (torch.cat([x[:, s:s + fit.train_len] for s in starts]) for x in (data.q, data.k, data.v))
+    return q, k, v, f"{fit.segments} x {fit.train_len} tokens at positions {starts} of {data.info['text']}"
 
 
 def trained_hedgehog(quick: bool, device: torch.device) -> tuple[FeatureMap, dict]:
@@ -253,7 +255,7 @@ def trained_hedgehog(quick: bool, device: torch.device) -> tuple[FeatureMap, dic
     key = (quick, str(device))
     if key not in _HEDGEHOG:
         fit = QUICK_HEDGEHOG if quick else FULL_HEDGEHOG
-        q, k, text = hedgehog_training_qk(fit, quick, device)
+        q, k, _, text = fit_slices(fit, quick, device)
         start = time.perf_counter()
         fmap = train_hedgehog(q, k, steps=fit.steps, lr=fit.lr, sample_rows=fit.sample_rows,
                               progress=sys.stderr.isatty())
@@ -265,6 +267,48 @@ def trained_hedgehog(quick: bool, device: torch.device) -> tuple[FeatureMap, dic
                 "hedgehog_feature_dim": fmap.feature_dim}
         _HEDGEHOG[key] = (fmap.requires_grad_(False), info)
     return _HEDGEHOG[key]
+
+
+_HYBRID: dict[tuple[bool, str, int], tuple[FeatureMap, dict]] = {}
+HYBRID_FIT_STEPS = {False: 100, True: 60}  # full, quick
+
+
+def calibrated_elu(quick: bool, device: torch.device, window: int) -> tuple[FeatureMap, dict]:
+    """elu+1 with the hybrid's calibration c_h fitted (`fit_hybrid`) to the real-input layer's q/k/v on
+    the Hedgehog fit's training slices (first call per process, device and window; cached), and info."""
+    key = (quick, str(device), window)
+    if key not in _HYBRID:
+        q, k, v, text = fit_slices(QUICK_HEDGEHOG if quick else FULL_HEDGEHOG, quick, device)
+        start = time.perf_counter()
+        steps = HYBRID_FIT_STEPS[quick]
+        fmap = fit_hybrid(q, k, v, "elu", window, steps=steps, sample_rows=128, progress=sys.stderr.isatty())
+        info = {"calibration_log_scale": [round(c, 3) for c in fmap.hybrid_log_scale.tolist()],
+                "calibration_seconds": round(time.perf_counter() - start, 2), "calibration_steps": steps,
+                "calibration_inputs": text}
+        _HYBRID[key] = (fmap.requires_grad_(False), info)
+    return _HYBRID[key]
+
+
+def hybrid_variant(label: str, inputs, grad, flops: int, bwd_factor: float, window: int, need_bytes: int, quick: bool,
+                   real: Callable) -> Variant:
+    """Hybrid elu+1 with its fitted calibration; the error without it (c_h = 0) goes in the info."""
+    def build() -> Workload:
+        fmap, fit_info = calibrated_elu(quick, inputs[0].device, window)
+        uncalibrated = {}
+
+        def error(q, k, v):
+            uncalibrated["quality_uncalibrated"] = mmm_error("hybrid", window=window, feature_map="elu")(q, k, v)
+            return mmm_error("hybrid", window=window, feature_map=fmap)(q, k, v)
+
+        work = attention_variant(label, mmm_path("hybrid", window=window, feature_map=fmap), inputs, grad, flops,
+                                 bwd_factor, need_bytes=need_bytes, error_fn=error, real=real,
+                                 info={"call": f"mmm.attention(method='hybrid', window={window}, "
+                                               "feature_map=<EluFeatureMap, hybrid_log_scale fitted by fit_hybrid>)",
+                                       **fit_info}).build()
+        work.info.update(uncalibrated)
+        return work
+
+    return Variant(label, build)
 
 
 def hedgehog_variant(label: str, inputs, grad, flops: int, quick: bool, real: Callable) -> Variant:
@@ -309,12 +353,9 @@ def _causal_setup(t: int, sizes: Sizes):
                 error_fn=mmm_error("window", window=w), real=real))
         w = sizes.hybrid_window
         near = softmax_flops(b, h, t, d, w)  # hybrid = window softmax + linear for the far keys
-        variants.append(attention_variant(
-            f"hybrid w={w} elu", mmm_path("hybrid", window=w, feature_map="elu"), inputs, grad,
-            near + lin, (near * SOFTMAX_BWD + lin * LINEAR_BWD) / (near + lin),
-            need_bytes=peak_bytes("hybrid", b, h, t, w),
-            info={"call": f"mmm.attention(method='hybrid', window={w}, feature_map='elu')"},
-            error_fn=mmm_error("hybrid", window=w, feature_map="elu"), real=real))
+        variants.append(hybrid_variant(f"hybrid w={w} elu (calibrated)", inputs, grad, near + lin,
+                                       (near * SOFTMAX_BWD + lin * LINEAR_BWD) / (near + lin), w,
+                                       peak_bytes("hybrid", b, h, t, w), quick, real))
         if cuda:  # without host overhead (the fixed cost that dominates at short T): cuDNN and elu
             variants += [graphed(variants[0]), graphed(variants[2])]
         # fla is GPU-only: listed on CUDA always (a missing install shows as an error), on CPU if installed
