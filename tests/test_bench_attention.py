@@ -17,9 +17,9 @@ from mmm.bench.cases_attention import (
     QUICK_HEDGEHOG,
     QUICK_SIZES,
     attention_variant,
-    calibrated_elu,
     crossover_length,
     fla_variant,
+    fitted_hybrid_map,
     linear_flops,
     softmax_flops,
     trained_hedgehog,
@@ -85,15 +85,19 @@ def test_quick_attention_bench_end_to_end(tmp_path):
         fmap, _ = trained_hedgehog(True, torch.device("cpu"))  # the same cached map for every T
         assert hh["quality"][QUALITY_KEY] == pytest.approx(
             attention_error(real.q, real.k, real.v, "linear", feature_map=fmap, sample_rows=1024), rel=1e-6)
-        # the hybrid's calibration, fitted on the training text, lowers its held-out error
-        hy = rows[f"hybrid w={QUICK_SIZES.hybrid_window} elu (calibrated)"]
-        calibrated, _ = calibrated_elu(True, torch.device("cpu"), QUICK_SIZES.hybrid_window)
+        # the hybrid's calibration, fitted on the training text, lowers its held-out error; a Hedgehog map
+        # trained inside the hybrid lowers it further
+        w = QUICK_SIZES.hybrid_window
+        hy, hh_hy = rows[f"hybrid w={w} elu (calibrated)"], rows[f"hybrid w={w} hedgehog (trained in the hybrid)"]
+        calibrated, _ = fitted_hybrid_map("elu", True, torch.device("cpu"), w)
         assert hy["info"]["calibration_log_scale"] == [round(c, 3) for c in calibrated.hybrid_log_scale.tolist()]
         assert hy["quality"][QUALITY_KEY] == pytest.approx(attention_error(
-            real.q, real.k, real.v, "hybrid", window=QUICK_SIZES.hybrid_window, feature_map=calibrated, sample_rows=1024), rel=1e-6)
+            real.q, real.k, real.v, "hybrid", window=w, feature_map=calibrated, sample_rows=1024), rel=1e-6)
         assert hy["info"]["quality_uncalibrated"] == pytest.approx(attention_error(
-            real.q, real.k, real.v, "hybrid", window=QUICK_SIZES.hybrid_window, feature_map="elu", sample_rows=1024), rel=1e-6)
+            real.q, real.k, real.v, "hybrid", window=w, feature_map="elu", sample_rows=1024), rel=1e-6)
         assert hy["quality"][QUALITY_KEY] < hy["info"]["quality_uncalibrated"], hy
+        assert hh_hy["quality"][QUALITY_KEY] < hy["quality"][QUALITY_KEY], (hh_hy["quality"], hy["quality"])
+        assert "quality_uncalibrated" not in hh_hy["info"] and hh_hy["info"]["fit_steps"] == QUICK_HEDGEHOG.steps
 
     cross = cases["attn.crossover.quick"]
     assert cross["error"] is None
@@ -263,3 +267,4 @@ def test_attention_case_on_gpu():
     assert hedgehog < rows["linear favor+"]["quality"][QUALITY_KEY]
     hybrid = rows["hybrid w=256 elu (calibrated)"]
     assert hybrid["quality"][QUALITY_KEY] < hybrid["info"]["quality_uncalibrated"], hybrid
+    assert rows["hybrid w=256 hedgehog (trained in the hybrid)"]["error"] is None

@@ -15,8 +15,9 @@ on its *training* text (`training_qkv`, see `HedgehogFit`), then judged on the h
 row, so its error is beside elu+1's and FAVOR+'s on the same inputs; the fit's time and steps are in the
 row's info (not in its time). The Hedgehog row runs the fused kernel on features computed in PyTorch
 (key width = feature width, 2 D); the FAVOR+ row runs mmm's PyTorch path (its map rescales queries).
-The hybrid row's far keys weigh exp(c_h) (elu+1 kernel), c_h fitted per head by `fit_hybrid` on the same
-training slices (`calibrated_elu`); its info holds c_h and the error with c_h = 0 ("quality_uncalibrated").
+The hybrid rows' far keys weigh exp(c_h) kappa, c_h fitted per head by `fit_hybrid` on the same training
+slices (`fitted_hybrid_map`): elu+1 with only c_h fitted (its info also holds the error with c_h = 0,
+"quality_uncalibrated"), and a Hedgehog map trained inside the hybrid together with c_h (LoLCATs' recipe).
 
 `attn.crossover`: exact (`mmm.attention(method="exact")`, SDPA's own backend choice) and linear (elu,
 normalized) at T in 512..4096 (quick: 64, 128). The setup first times forward+backward of both at every
@@ -47,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..attention import attention, attention_error, exact_backend
 from ..attention.api import exact_rows, sample_query_rows
-from ..attention.feature_maps import FeatureMap, make_feature_map
+from ..attention.feature_maps import FeatureMap, HedgehogFeatureMap, make_feature_map
 from ..attention.fit import fit_hybrid, train_hedgehog
 from .attention_inputs import real_qkv, training_qkv
 from .graphs import graphed
@@ -269,43 +270,51 @@ def trained_hedgehog(quick: bool, device: torch.device) -> tuple[FeatureMap, dic
     return _HEDGEHOG[key]
 
 
-_HYBRID: dict[tuple[bool, str, int], tuple[FeatureMap, dict]] = {}
-HYBRID_FIT_STEPS = {False: 100, True: 60}  # full, quick
+_HYBRID: dict[tuple[str, bool, str, int], tuple[FeatureMap, dict]] = {}
+HYBRID_MAPS = {"elu": "elu (calibrated)", "hedgehog": "hedgehog (trained in the hybrid)"}
 
 
-def calibrated_elu(quick: bool, device: torch.device, window: int) -> tuple[FeatureMap, dict]:
-    """elu+1 with the hybrid's calibration c_h fitted (`fit_hybrid`) to the real-input layer's q/k/v on
-    the Hedgehog fit's training slices (first call per process, device and window; cached), and info."""
-    key = (quick, str(device), window)
+def fitted_hybrid_map(name: str, quick: bool, device: torch.device, window: int) -> tuple[FeatureMap, dict]:
+    """A map for the hybrid rows, fitted by `fit_hybrid` to the real-input layer's q/k/v on the Hedgehog
+    fit's training slices, with that fit's steps: "elu" fits only the calibration c_h; "hedgehog" trains a
+    new Hedgehog map inside the hybrid with it (LoLCATs' recipe). First call per (name, device, window);
+    cached. Returns the frozen map and info on the fit."""
+    key = (name, quick, str(device), window)
     if key not in _HYBRID:
-        q, k, v, text = fit_slices(QUICK_HEDGEHOG if quick else FULL_HEDGEHOG, quick, device)
+        fit = QUICK_HEDGEHOG if quick else FULL_HEDGEHOG
+        q, k, v, text = fit_slices(fit, quick, device)
+        fmap = "elu" if name == "elu" else HedgehogFeatureMap(q.shape[-1], num_heads=q.shape[2], num_kv_heads=k.shape[2])
         start = time.perf_counter()
-        steps = HYBRID_FIT_STEPS[quick]
-        fmap = fit_hybrid(q, k, v, "elu", window, steps=steps, sample_rows=128, progress=sys.stderr.isatty())
+        fmap = fit_hybrid(q, k, v, fmap, window, train_map=name == "hedgehog", steps=fit.steps, map_lr=fit.lr,
+                          sample_rows=fit.sample_rows, progress=sys.stderr.isatty())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         info = {"calibration_log_scale": [round(c, 3) for c in fmap.hybrid_log_scale.tolist()],
-                "calibration_seconds": round(time.perf_counter() - start, 2), "calibration_steps": steps,
-                "calibration_inputs": text}
+                "fit_seconds": round(time.perf_counter() - start, 2), "fit_steps": fit.steps, "fit_inputs": text}
         _HYBRID[key] = (fmap.requires_grad_(False), info)
     return _HYBRID[key]
 
 
-def hybrid_variant(label: str, inputs, grad, flops: int, bwd_factor: float, window: int, need_bytes: int, quick: bool,
+def hybrid_variant(name: str, inputs, grad, flops: int, bwd_factor: float, window: int, need_bytes: int, quick: bool,
                    real: Callable) -> Variant:
-    """Hybrid elu+1 with its fitted calibration; the error without it (c_h = 0) goes in the info."""
+    """Hybrid attention with a map from `fitted_hybrid_map`; for elu the error without the calibration
+    (c_h = 0) goes in the info as well."""
+    label = f"hybrid w={window} {HYBRID_MAPS[name]}"
+
     def build() -> Workload:
-        fmap, fit_info = calibrated_elu(quick, inputs[0].device, window)
-        uncalibrated = {}
+        fmap, fit_info = fitted_hybrid_map(name, quick, inputs[0].device, window)
+        extra = {}
 
         def error(q, k, v):
-            uncalibrated["quality_uncalibrated"] = mmm_error("hybrid", window=window, feature_map="elu")(q, k, v)
+            if name == "elu":
+                extra["quality_uncalibrated"] = mmm_error("hybrid", window=window, feature_map="elu")(q, k, v)
             return mmm_error("hybrid", window=window, feature_map=fmap)(q, k, v)
 
         work = attention_variant(label, mmm_path("hybrid", window=window, feature_map=fmap), inputs, grad, flops,
                                  bwd_factor, need_bytes=need_bytes, error_fn=error, real=real,
-                                 info={"call": f"mmm.attention(method='hybrid', window={window}, "
-                                               "feature_map=<EluFeatureMap, hybrid_log_scale fitted by fit_hybrid>)",
-                                       **fit_info}).build()
-        work.info.update(uncalibrated)
+                                 info={"call": f"mmm.attention(method='hybrid', window={window}, feature_map=<"
+                                               f"{type(fmap).__name__} fitted by fit_hybrid>)", **fit_info}).build()
+        work.info.update(extra)
         return work
 
     return Variant(label, build)
@@ -353,9 +362,9 @@ def _causal_setup(t: int, sizes: Sizes):
                 error_fn=mmm_error("window", window=w), real=real))
         w = sizes.hybrid_window
         near = softmax_flops(b, h, t, d, w)  # hybrid = window softmax + linear for the far keys
-        variants.append(hybrid_variant(f"hybrid w={w} elu (calibrated)", inputs, grad, near + lin,
-                                       (near * SOFTMAX_BWD + lin * LINEAR_BWD) / (near + lin), w,
-                                       peak_bytes("hybrid", b, h, t, w), quick, real))
+        for name, far in (("elu", lin), ("hedgehog", linear_flops(b, h, t, d, 2 * d))):
+            variants.append(hybrid_variant(name, inputs, grad, near + far, (near * SOFTMAX_BWD + far * LINEAR_BWD) / (near + far),
+                                           w, peak_bytes("hybrid", b, h, t, w), quick, real))
         if cuda:  # without host overhead (the fixed cost that dominates at short T): cuDNN and elu
             variants += [graphed(variants[0]), graphed(variants[2])]
         # fla is GPU-only: listed on CUDA always (a missing install shows as an error), on CPU if installed
