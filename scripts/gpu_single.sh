@@ -6,7 +6,8 @@
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh attn32k attn8k linear host
 # Phases: tests (no timing: may share the GPU), then timing phases, each alone: attn128k, attn32k, attn8k,
 # crossover (mmm bench attention cases; fla from .whl when carried), linear (mmm bench linear.square.d16384),
-# host (scripts/gpu_host_profile.py). Bench files land as bench_<phase>.{md,json,png}.
+# host (scripts/gpu_host_profile.py), ncu (scripts/gpu_ncu.py: Nsight Compute counters and stall reasons of
+# the slow kernels, ~3 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -40,6 +41,7 @@ for phase in "$@"; do
     crossover) bench crossover 200 attn.crossover ;;
     linear) bench linear 150 linear.square.d16384 ;;
     host) step host 90 python scripts/gpu_host_profile.py ;;
+    ncu) step ncu 240 python scripts/gpu_ncu.py --profile ;;
     *) echo "unknown phase $phase" | tee -a "$OUT/steps.txt" ;;
   esac
 done
