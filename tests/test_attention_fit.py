@@ -89,18 +89,20 @@ def test_bench_fit_slices_training_text():
 # --- fit_hybrid ---------------------------------------------------------------------------------------
 
 
-def test_fit_hybrid_finds_a_known_calibration():
+@pytest.mark.parametrize("causal", [True, False])
+def test_fit_hybrid_finds_a_known_calibration(causal):
     """Taylor features on small logits give kappa = 1 + s + s^2/2 ~ exp(s), so the calibration that makes
     hybrid attention exact is c_h = 0 for every head: the fit gets there from c = (-2, 1.5)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, generator=gen) * s for s in (0.1, 0.1, 1.0))
     fmap = mmm.attention.TaylorFeatureMap(D)
     fmap.hybrid_log_scale = torch.tensor([-2.0, 1.5])
-    before = mmm.attention_error(q, k, v, "hybrid", window=8, feature_map=fmap, sample_rows=None)
-    fitted = fit_hybrid(q, k, v, fmap, window=8, steps=150, sample_rows=64, progress=False)
+    kw = dict(window=8, causal=causal)
+    before = mmm.attention_error(q, k, v, "hybrid", feature_map=fmap, sample_rows=None, **kw)
+    fitted = fit_hybrid(q, k, v, fmap, steps=150, sample_rows=64, progress=False, **kw)
     assert fitted is fmap and not fmap.training
     assert fmap.hybrid_log_scale.abs().max() < 0.05, fmap.hybrid_log_scale
-    after = mmm.attention_error(q, k, v, "hybrid", window=8, feature_map=fmap, sample_rows=None)
+    after = mmm.attention_error(q, k, v, "hybrid", feature_map=fmap, sample_rows=None, **kw)
     assert after < 0.05 * before, (after, before)
 
 
