@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a single-GPU machine (H200 or H100), phases chosen by name, every result packed into
 # $OUT/results.tgz (the device tool returns only a few files). Run from the repository root:
-#   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh tests            # GPU tests, 6 processes, ~4 min
+#   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh tests            # GPU tests, 7 processes, ~4 min
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh attn128k         # issue-4 bench at 128k, ~5 min
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh attn32k attn8k linear host
 # Phases: tests (no timing: may share the GPU), then timing phases, each alone: attn128k, attn32k, attn8k,
@@ -20,7 +20,7 @@ bench() {  # bench PHASE MAX_S CASES
     --markdown "$OUT/bench_$1.md" --plot "$OUT/bench_$1.png"
 }
 
-tests() {  # six pytest processes side by side (-v: a timeout still leaves each test's verdict)
+tests() {  # seven pytest processes side by side (-v: a timeout still leaves each test's verdict)
   local t="timeout -k 5 220 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
   $t tests/test_no_host_sync.py tests/test_bench.py > "$OUT/t_sync_bench.log" 2>&1 &
   $t tests/test_fft_structures.py tests/test_fft_dft.py > "$OUT/t_fft.log" 2>&1 &
@@ -28,6 +28,8 @@ tests() {  # six pytest processes side by side (-v: a timeout still leaves each 
   $t tests/test_attention_gpu.py tests/test_attention_flex.py > "$OUT/t_attention.log" 2>&1 &
   $t tests/test_block_structures.py tests/test_checkpoint.py tests/test_projection_methods.py > "$OUT/t_structures.log" 2>&1 &
   $t tests/test_kronecker_kernel.py tests/test_block_kernels.py tests/test_block_paths.py > "$OUT/t_block.log" 2>&1 &
+  # one process: both files' GPU tests train the full-size real-input layer once (cached per process)
+  $t tests/test_bench_attention.py tests/test_attention_fit.py > "$OUT/t_real_inputs.log" 2>&1 &
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
