@@ -4,6 +4,7 @@ Run on the H200 from the repository root (about 3-4 minutes, most of it compilin
     PYTHONPATH=src python scripts/gpu_linear_attention_configs.py
     PYTHONPATH=src python scripts/gpu_linear_attention_configs.py --sanitize   # each forced config under
         compute-sanitizer memcheck as well (small shape only, no timing; several minutes more)
+    ... --only fwd_kernel=64,128,8,2 bwd_dv_kernel=64,128,8,2   # just these forced configs (+ the baseline)
     TRITON_INTERPRET=1 PYTHONPATH=src python scripts/gpu_linear_attention_configs.py --smoke   # CPU dry run
     PYTHONPATH=src python scripts/gpu_linear_attention_configs.py --ir [--ir-d 128] [--ir-dv 64]   # no GPU
         needed: compile every config for sm_90 (key width --ir-d, value width --ir-dv, default the same) and
@@ -50,8 +51,11 @@ RETIRED = {
 # not in kernels.CONFIGS: 8-warp BT=128 tiles, and 3-stage pipelines of the chosen configs (the kernels
 # look latency-bound, ~10 us per chunk iteration on the H200; but a third stage takes these over ~113 KB
 # of shared memory, one program per SM instead of two: sm_90 report of 2026-12-05)
-CANDIDATES = {"fwd_kernel": [(128, 64, 8, 2), (64, 64, 4, 3)],
-              "bwd_dqdk_kernel": [(64, 64, 4, 3)], "bwd_dv_kernel": [(128, 64, 8, 2), (64, 64, 4, 3)]}
+# (64, 128, 8, 2): the fastest fwd and dv configs of the 2026-12-04 tuning run (2.42 / 1.72 ms vs 2.69 / 1.99
+# at 128k) but 8 warps at BT = 64, the pattern of the fault: run them under --sanitize first, with a
+# retired config beside them as the positive control (--only, the `sanitize` phase of gpu_single.sh)
+CANDIDATES = {"fwd_kernel": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
+              "bwd_dqdk_kernel": [(64, 64, 4, 3)], "bwd_dv_kernel": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)]}
 VARIANTS = [("elu", True, True), (None, False, True), ("relu", True, False)]
 # smallest relative error a dtype is held to: fp16 inputs use tf32 dots (DOT_MODE 1), which are less
 # exact than the reference run in that dtype, as are fp32 inputs when PyTorch allows tf32 (IEEE dots
@@ -280,6 +284,8 @@ def main():
     ap.add_argument("--sanitize", action="store_true")
     ap.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--budget-s", type=float, default=270, help="start no job after this many seconds")
+    ap.add_argument("--only", nargs="+", metavar="KERNEL=BT,tile,warps,stages",
+                    help="run only these forced configs (they must be in the lists above), plus the baseline")
     ap.add_argument("--ir", action="store_true", help="sm_90 compile report of every config (no GPU)")
     ap.add_argument("--ir-d", type=int, default=128, help="key width DK (and value width unless --ir-dv)")
     ap.add_argument("--ir-dv", type=int, default=None, help="value width DV (default: --ir-d)")
@@ -300,6 +306,9 @@ def main():
 
         print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), "triton", triton.__version__, flush=True)
     todo = jobs(args.smoke, kernels)
+    if args.only:  # the baseline (it fills the compile cache) and the named forced configs
+        wanted = {(name, tuple(int(x) for x in cfg.split(","))) for name, _, cfg in (o.partition("=") for o in args.only)}
+        todo = [todo[0]] + [j for j in todo[1:] if j["kind"] == "config" and (j["kernel"], tuple(j["config"])) in wanted]
     start = time.time()
     timeout = 500 if args.sanitize else 200
     results = []

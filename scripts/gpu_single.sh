@@ -7,7 +7,9 @@
 # Phases: tests (no timing: may share the GPU), then timing phases, each alone: attn128k, attn32k, attn8k,
 # crossover (mmm bench attention cases; fla from .whl when carried), linear (mmm bench linear.square.d16384),
 # host (scripts/gpu_host_profile.py), ncu (scripts/gpu_ncu.py: Nsight Compute counters and stall reasons of
-# the slow kernels, ~3 min). Bench files land as bench_<phase>.{md,json,png}.
+# the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64, under compute-sanitizer
+# beside a retired config of the 2026-11-28 fault as the positive control, ~3 min). Bench files land as
+# bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -44,6 +46,8 @@ for phase in "$@"; do
     linear) bench linear 150 linear.square.d16384 ;;
     host) step host 90 python scripts/gpu_host_profile.py ;;
     ncu) step ncu 240 python scripts/gpu_ncu.py --profile ;;
+    sanitize) step sanitize 300 python scripts/gpu_linear_attention_configs.py --sanitize --budget-s 200 \
+      --only fwd_kernel=64,128,8,2 bwd_dv_kernel=64,128,8,2 fwd_kernel=64,64,8,2 ;;
     *) echo "unknown phase $phase" | tee -a "$OUT/steps.txt" ;;
   esac
 done
