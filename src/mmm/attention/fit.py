@@ -26,15 +26,23 @@ from .api import _check_positive_int, check_qkv, full_precision
 from .feature_maps import FeatureMap, HedgehogFeatureMap, make_feature_map
 
 
+def _logits_and_kernel(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor):
+    """For query rows `rows` of fp32 q [B, T, H, D] against all of k [B, T, Hk, D]: the softmax logits
+    s and kappa = phi_s(q).phi(k), grouped [B, Hk, g, R, T], and the map's per-query log factor
+    (grouped [B, Hk, g, R], or None)."""
+    hk = k.shape[2]
+    qr = q[:, rows]
+    logits = group_q(qr, hk) @ group_kv(k).transpose(-1, -2) * q.shape[-1] ** -0.5
+    fq, lq = fmap.features(qr, True)
+    fk, _ = fmap.features(k, False)
+    kappa = group_q(fq, hk) @ group_kv(fk).transpose(-1, -2)
+    return logits, kappa, None if lq is None else group_q(lq, hk)
+
+
 def hedgehog_loss(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, causal: bool) -> torch.Tensor:
     """Cross-entropy between softmax weights and fmap's normalised linear weights (module docstring) for
     query rows `rows` of fp32 q [B, T, H, D], k [B, T, Hk, D]."""
-    hk = k.shape[2]
-    qr = q[:, rows]
-    logits = group_q(qr, hk) @ group_kv(k).transpose(-1, -2) * q.shape[-1] ** -0.5  # [B, Hk, g, R, T]
-    fq, _ = fmap.features(qr, True)  # a per-row factor of phi(q) cancels in a_ij
-    fk, _ = fmap.features(k, False)
-    kappa = group_q(fq, hk) @ group_kv(fk).transpose(-1, -2)
+    logits, kappa, _ = _logits_and_kernel(fmap, q, k, rows)  # a per-row factor of phi(q) cancels in a_ij
     if causal:
         hidden = torch.arange(k.shape[1], device=q.device) > rows[:, None]
         logits = logits.masked_fill(hidden, -torch.inf)
@@ -50,15 +58,11 @@ def hybrid_output_loss(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, v: to
     """||O - O_exact||^2 / ||O_exact||^2 over query rows `rows` (the square of `attention_error`'s
     measure) for hybrid attention with `window`, far keys weighed by exp(log_scale) ([H]); fp32 q
     [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv]."""
-    hk, t = k.shape[2], k.shape[1]
-    qr = q[:, rows]
-    logits = group_q(qr, hk) @ group_kv(k).transpose(-1, -2) * q.shape[-1] ** -0.5  # [B, Hk, g, R, T]
-    fq, lq = fmap.features(qr, True)
-    fk, _ = fmap.features(k, False)
-    log_kappa = (group_q(fq, hk) @ group_kv(fk).transpose(-1, -2)).clamp_min(torch.finfo(fq.dtype).tiny).log()
-    keys = torch.arange(t, device=q.device)
+    logits, kappa, lq = _logits_and_kernel(fmap, q, k, rows)
+    log_kappa = kappa.clamp_min(torch.finfo(kappa.dtype).tiny).log()
+    keys = torch.arange(k.shape[1], device=q.device)
     dist = rows[:, None] - keys if causal else (rows[:, None] - keys).abs()
-    far = log_scale.reshape(hk, -1, 1, 1) + (0.0 if lq is None else group_q(lq, hk).unsqueeze(-1)) + log_kappa
+    far = log_scale.reshape(k.shape[2], -1, 1, 1) + (0.0 if lq is None else lq.unsqueeze(-1)) + log_kappa
     hidden = dist < 0 if causal else torch.zeros_like(dist, dtype=torch.bool)
     log_w = torch.where(dist < window, logits, far).masked_fill(hidden, -torch.inf)
     vg = group_kv(v)
@@ -84,13 +88,12 @@ def _fit(loss_of, params: list, q: torch.Tensor, steps: int, lr: float, sample_r
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
 
-def _check_fit_args(q, k, steps, sample_rows, lr) -> tuple[torch.Tensor, torch.Tensor]:
-    check_qkv(q, k, k)
+def _check_fit_args(q, k, v, steps, sample_rows, lr) -> None:
+    check_qkv(q, k, v)
     for name, val in (("steps", steps), ("sample_rows", sample_rows)):
         _check_positive_int(name, val)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
-    return q.detach().float(), k.detach().float()
 
 
 def train_hedgehog(
@@ -109,7 +112,8 @@ def train_hedgehog(
     q [B, T, H, D] and keys k [B, T, Hk, D] (e.g. collected from a layer on real text; B may hold
     slices of several texts, as the bench's `HedgehogFit` does) with Adam, for linear attention.
     Costs O(sample_rows T F) per step. Returns the map, trained, in eval mode, on q's device."""
-    qf, kf = _check_fit_args(q, k, steps, sample_rows, lr)
+    _check_fit_args(q, k, k, steps, sample_rows, lr)
+    qf, kf = q.detach().float(), k.detach().float()
     h, d = q.shape[2], q.shape[3]
     fmap = HedgehogFeatureMap(d, num_heads=h, num_kv_heads=k.shape[2]) if feature_map is None else feature_map
     params = [p for p in fmap.parameters() if p.requires_grad]
@@ -144,9 +148,8 @@ def fit_hybrid(
     map inside the hybrid. Returns the map (`feature_map` itself when a module is given) with its
     `hybrid_log_scale` set, in eval mode, on q's device: pass it as
     `mmm.attention(..., method="hybrid", window=window, feature_map=map)`. O(sample_rows T (F + Dv)) a step."""
-    check_qkv(q, k, v)
-    qf, kf = _check_fit_args(q, k, steps, sample_rows, lr)
-    vf = v.detach().float()
+    _check_fit_args(q, k, v, steps, sample_rows, lr)
+    qf, kf, vf = (x.detach().float() for x in (q, k, v))
     _check_positive_int("window", window)
     fmap = make_feature_map(feature_map, q.shape[3]).to(q.device)
     c = nn.Parameter(fmap.hybrid_log_scale_for(q.shape[2]).detach().float().clone())
