@@ -37,7 +37,10 @@ def workloads():
     s = LA_SHAPE
     q, k, v = (torch.randn(s["B"], s["T"], s["H"], s["D"], device=dev, dtype=dt, requires_grad=True) for _ in range(3))
     go = torch.randn_like(q)
-    steps = [("linear attention elu T=32k", lambda: mmm.attention(q, k, v, "linear", feature_map="elu").backward(go))]
+    steps = [("linear attention elu T=32k", lambda: mmm.attention(q, k, v, "linear", feature_map="elu").backward(go)),
+             # the same kernels without the normaliser's cross-row sums (z, den, r): what those cost
+             ("linear attention elu unnormalized T=32k",
+              lambda: mmm.attention(q, k, v, "linear", feature_map="elu", normalize=False).backward(go))]
     n, d = 8192, 16384
     x = torch.randn(n, d, device=dev, dtype=dt, requires_grad=True)
     g = torch.randn(n, d, device=dev, dtype=dt)
