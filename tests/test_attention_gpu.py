@@ -48,7 +48,7 @@ def assert_kernel_within_twice_pytorch(q, k, v, own, monkeypatch, **kw):
 @pytest.mark.parametrize("name", ["elu", "relu"])
 def test_triton_dispatch_matches_pytorch_path(name, causal, normalize, dtype, monkeypatch):
     q, k, v = qkv(1000, dtype)
-    fmap = make_feature_map(name, 64)
+    fmap = make_feature_map(name, 64).cuda()
     assert linear_mod._triton_linear(q, k, v, fmap, causal, normalize, 1e-6) is not None, "kernel not used"
     # PyTorch's own error in this dtype: the quadratic form computed end to end in `dtype`.
     s, rep = 64**-0.25, q.shape[2] // k.shape[2]
@@ -122,7 +122,7 @@ def test_key_slices_within_twice_pytorch_bf16_error(kind, normalize, monkeypatch
             for p in fmap.parameters():
                 p.add_(0.05 * torch.randn_like(p))
     else:
-        fmap = make_feature_map("elu", 256)
+        fmap = make_feature_map("elu", 256).cuda()
     q, k, v = qkv(2000, torch.bfloat16, b=1, h=4, hk=4, d=d)
     if kind == "hedgehog":
         half = copy.deepcopy(fmap).to(torch.bfloat16)
