@@ -122,6 +122,27 @@ def test_failing_variant_is_recorded_and_the_run_goes_on(temporary_cases, tmp_pa
     assert rows["fine"]["speedup_fwd"] == pytest.approx(rows["base"]["fwd_ms"] / rows["fine"]["fwd_ms"])
 
 
+def test_run_cut_short_mid_case_leaves_the_rows_it_measured(temporary_cases, tmp_path):
+    """A timeout kills the process mid-case (simulated by an interrupt in the third variant's build): the
+    JSON and markdown already hold the case's first two rows, with their speedups."""
+    def killed():
+        raise KeyboardInterrupt
+
+    @temporary_cases("test.cut_short", group="test", quick=True)
+    def _(device, dtype, quick):
+        return [Variant("base", lambda: _matmul_workload(16), baseline=True),
+                Variant("second", lambda: _matmul_workload(8)),
+                Variant("killed here", killed)]
+
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--quick", "--cases", "test.*", "--no-progress", "--json", str(out), "--markdown", str(md)])
+    rows = json.loads(out.read_text())["cases"][0]["rows"]
+    assert [r["variant"] for r in rows] == ["base", "second"]
+    assert rows[1]["speedup_fwd"] == pytest.approx(rows[0]["fwd_ms"] / rows[1]["fwd_ms"])
+    assert "| second |" in md.read_text()
+
+
 def test_setup_failure_is_recorded(temporary_cases):
     @temporary_cases("test.setup_fails", group="test", quick=True)
     def setup(device, dtype, quick):

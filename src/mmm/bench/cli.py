@@ -100,15 +100,21 @@ def run(args: argparse.Namespace) -> int:
     outputs = [(path, write) for path, write in ((args.json, report.write_json), (args.markdown, report.write_markdown),
                                                  (args.plot, report.write_plot)) if path]
 
-    def case_done(case: dict) -> None:
-        # outputs are rewritten after every case, so a run cut short still leaves what it measured
-        results["cases"].append(case)
+    def write_outputs(cases: list[dict], plot: bool = True) -> None:
+        # the tables are rewritten after every row, so a run cut short (a timeout) still leaves what it
+        # measured; the plot (about a second to draw) after every case
         results["settings"]["wall_s"] = round(time.perf_counter() - start, 1)
-        tqdm.write("\n" + report.case_table(case))
         for path, write in outputs:
-            write(results, path)
+            if plot or write is not report.write_plot:
+                write({**results, "cases": cases}, path)
 
-    run_cases(cases, device, dtype, args.quick, header, progress=not args.no_progress, on_case_done=case_done)
+    def case_done(case: dict) -> None:
+        results["cases"].append(case)
+        tqdm.write("\n" + report.case_table(case))
+        write_outputs(results["cases"])
+
+    run_cases(cases, device, dtype, args.quick, header, progress=not args.no_progress, on_case_done=case_done,
+              on_row_done=lambda running: write_outputs(results["cases"] + [running], plot=False))
     rows = [r for c in results["cases"] for r in c["rows"]]
     failed = sum(1 for r in rows if r["error"]) + sum(1 for c in results["cases"] if c["error"])
     written = ", ".join(path for path, _ in outputs)

@@ -88,7 +88,8 @@ def derive(rows: list[dict], matmul_tflops: float, copy_gbps: float) -> list[dic
 
 
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, quick: bool, header: dict,
-             settings: TimerSettings | None = None) -> dict:
+             settings: TimerSettings | None = None, on_row_done: Callable[[dict], None] | None = None) -> dict:
+    """Time every variant of `case`; `on_row_done` gets the case so far (rows derived) after each row."""
     settings = settings or (QUICK if quick else FULL)
     result = {"name": case.name, "group": case.group, "description": case.description, "error": None, "rows": []}
     try:
@@ -98,6 +99,9 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, quick: bool, 
             # one line per variant as it ends, so a run cut short still shows where its time went
             tqdm.write(f"  {case.name} | {variant.label}: {row['info']['wall_s']:.1f} s"
                        + (f" ({row['error']})" if row["error"] else ""), file=sys.stderr)
+            if on_row_done:
+                derive(result["rows"], header["matmul_tflops"], header["copy_gbps"])
+                on_row_done(result)
     except Exception as exc:  # setup itself failed (e.g. OOM allocating the inputs)
         result["error"] = _error_text(exc)
     _free(device)
@@ -106,13 +110,15 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, quick: bool, 
 
 
 def run_cases(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, quick: bool, header: dict,
-              on_case_done: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
-    """Run `cases` in order (tqdm progress over cases); `header` supplies the roofline rates."""
+              on_case_done: Callable[[dict], None] | None = None, progress: bool = True,
+              on_row_done: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run `cases` in order (tqdm progress over cases); `header` supplies the roofline rates;
+    `on_row_done` gets the running case after each of its rows, `on_case_done` each finished case."""
     results = []
     bar = tqdm(cases, desc="mmm bench", unit="case", disable=not progress)
     for case in bar:
         bar.set_postfix_str(case.name)
-        result = run_case(case, device, dtype, quick, header)
+        result = run_case(case, device, dtype, quick, header, on_row_done=on_row_done)
         results.append(result)
         if on_case_done:
             on_case_done(result)
