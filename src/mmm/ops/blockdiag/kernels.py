@@ -33,12 +33,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+try:
+    from torch._library.triton import is_wrap_triton_enabled
+except ImportError:  # older torch: wrap_triton decides for itself
+    def is_wrap_triton_enabled() -> bool:
+        return True
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
