@@ -6,7 +6,8 @@
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh attn32k attn8k linear host
 # Phases: tests (no timing: may share the GPU), then timing phases, each alone: attn128k, attn32k, attn8k,
 # crossover (mmm bench attention cases; fla from .whl when carried), linear (mmm bench linear.square.d16384),
-# host (scripts/gpu_host_profile.py), ncu (scripts/gpu_ncu.py: Nsight Compute counters and stall reasons of
+# host (scripts/gpu_host_profile.py), window (scripts/gpu_window_tune.py: flex's block size and tiles for
+# the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and stall reasons of
 # the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64, under compute-sanitizer
 # beside a retired config of the 2026-11-28 fault as the positive control, ~3 min). Bench files land as
 # bench_<phase>.{md,json,png}.
@@ -45,6 +46,7 @@ for phase in "$@"; do
     crossover) bench crossover 200 attn.crossover ;;
     linear) bench linear 150 linear.square.d16384 ;;
     host) step host 90 python scripts/gpu_host_profile.py ;;
+    window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;
     ncu) step ncu 240 python scripts/gpu_ncu.py --profile ;;
     sanitize) step sanitize 300 python scripts/gpu_linear_attention_configs.py --sanitize --budget-s 200 \
       --only fwd_kernel=64,128,8,2 bwd_dv_kernel=64,128,8,2 fwd_kernel=64,64,8,2 ;;
