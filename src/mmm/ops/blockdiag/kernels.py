@@ -38,13 +38,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-try:
-    from torch._library.triton import is_wrap_triton_enabled
-except ImportError:  # older torch: wrap_triton decides for itself
-    def is_wrap_triton_enabled() -> bool:
-        return True
+from .._eager import cdiv, cuda_sm_count, launcher, next_power_of_2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -348,11 +343,11 @@ def block_bwd_fused_v2_kernel(
 # launchers
 # --------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Operand:
+class Operand(NamedTuple):
     """Where element (g, row, col) of a batch of matrices lives:
     data + g*sg + row*sr + col_offset(col), col_offset = col*sc, or with split > 0
-    (col // split)*sc_hi + (col % split)*sc."""
+    (col // split)*sc_hi + (col % split)*sc. (A NamedTuple: a launch builds several, and a frozen
+    dataclass costs three times as much host time to build.)"""
 
     data: torch.Tensor
     sg: int
@@ -374,35 +369,33 @@ class Operand:
 
 def rows_of(t: torch.Tensor, block: int) -> Operand:
     """Block g of a [N, G*block] matrix (any strides): rows are tokens, columns the block's features."""
-    return Operand(t, block * t.stride(1), t.stride(0), t.stride(1))
+    sr, sc = t.stride()
+    return Operand(t, block * sc, sr, sc)
 
 
 def weight_blocks(w: torch.Tensor) -> Operand:
     """W[g] of a [G, P, Q] weight (any strides)."""
-    return Operand(w, w.stride(0), w.stride(1), w.stride(2))
+    return Operand(w, *w.stride())
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 2  # the interpreter: small, so tiny tests still split token reductions
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return cuda_sm_count(device)
 
 
 def _token_bucket(n) -> int:
     """Power-of-two bucket of a token count, the autotune key (not every distinct N)."""
-    b = 16
-    while b < n:
-        b *= 2
-    return b
+    return max(16, next_power_of_2(n))
 
 
 def _token_splits(work_items: int, n_tokens: int, device: torch.device) -> tuple[int, int]:
     """(programs per work item along the tokens, tokens per program): enough programs to give every
     SM two, in token ranges that are multiples of TOKEN_CHUNK."""
-    max_splits = triton.cdiv(n_tokens, TOKEN_CHUNK)
-    splits = max(1, min(max_splits, triton.cdiv(2 * _num_sms(device), work_items)))
-    per = triton.cdiv(triton.cdiv(n_tokens, splits), TOKEN_CHUNK) * TOKEN_CHUNK
-    return triton.cdiv(n_tokens, per), per
+    max_splits = cdiv(n_tokens, TOKEN_CHUNK)
+    splits = max(1, min(max_splits, cdiv(2 * _num_sms(device), work_items)))
+    per = cdiv(cdiv(n_tokens, splits), TOKEN_CHUNK) * TOKEN_CHUNK
+    return cdiv(n_tokens, per), per
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -423,9 +416,9 @@ def gemm(a: Operand, b: Operand, c: Operand, G: int, M: int, NC: int, K: int, to
     c_hi, c_split = c._split_args()
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(NC, meta["BN"]), G, k_splits)
+        return (cdiv(M, meta["BM"]) * cdiv(NC, meta["BN"]), G, k_splits)
 
-    wrap_triton(block_gemm_kernel)[grid](
+    launcher(block_gemm_kernel)[grid](
         a.data, b.data, c.data,
         M, NC, K, k_per_split,
         a.sg, a.sr, a.sc, a_hi, a_split,
@@ -448,26 +441,37 @@ def stage_forward(inp: Operand, w: torch.Tensor, out: Operand, N: int) -> None:
     gemm(inp, weight_blocks(w).t, out, G, N, P, Q, tokens_are_rows=True)
 
 
-def _weight_grad_slots(splits: int, w: torch.Tensor) -> torch.Tensor:
-    """Where the programs of a token reduction write dW: straight into a dW of w's dtype when one
-    program covers all tokens, else one fp32 slot per token range (added by _sum_slots)."""
-    if splits == 1:
-        return new_output(w.shape, w)
-    return new_output((splits, *w.shape), w, torch.float32)
-
-
-def _sum_slots(slots: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return slots if slots.dim() == 3 else slots.sum(0).to(w.dtype)
-
-
-def stage_backward(grad_out: Operand, inp: Operand, w: torch.Tensor, grad_in: Operand, N: int) -> torch.Tensor:
-    """For the stage out_g = inp_g @ w[g]^T: writes grad_in_g = grad_out_g @ w[g] and returns
-    dw[g] = grad_out_g^T @ inp_g (dtype of w). grad_in must have the same column split as inp."""
+def weight_grad_splits(w: torch.Tensor, N: int) -> tuple[int, int]:
+    """(token ranges, tokens per range) of stage_backward's weight-gradient reduction for w [G, P, Q] and
+    N tokens: one program per range writes one slot of fp32 partial sums (one range: dW directly)."""
     G, P, Q = w.shape
-    dev = w.device
     if fused_backward_fits(P, Q):
-        splits, per = _token_splits(G, N, dev)
-        slots = _weight_grad_slots(splits, w)
+        return _token_splits(G, N, w.device)
+    # the weight-gradient GEMM: split when G * tiles alone would leave SMs idle
+    return _token_splits(G * cdiv(P, 128) * cdiv(Q, 128), N, w.device)
+
+
+def stage_backward(grad_out: Operand, inp: Operand, w: torch.Tensor, grad_in: Operand, N: int,
+                   slots: torch.Tensor | None = None) -> torch.Tensor | None:
+    """For the stage out_g = inp_g @ w[g]^T: writes grad_in_g = grad_out_g @ w[g] and returns
+    dw[g] = grad_out_g^T @ inp_g (dtype of w). grad_in must have the same column split as inp.
+    slots: where the weight gradient goes instead (then None is returned), e.g. a view of a buffer
+    shared with another stage: for splits > 1 (weight_grad_splits) the fp32 partial sums,
+    [splits, G, P, Q] with any slot stride, which the caller adds up; for one split dW itself, [G, P, Q]
+    of w's dtype. Both with contiguous [P, Q] blocks."""
+    G, P, Q = w.shape
+    splits, per = weight_grad_splits(w, N)
+    own = slots is None
+    if own:
+        # one range writes dW of w's dtype; several write fp32 slots (added at the end)
+        slots = new_output(w.shape, w) if splits == 1 else new_output((splits, *w.shape), w, torch.float32)
+    else:
+        want = ((G, P, Q), w.dtype) if splits == 1 else ((splits, G, P, Q), torch.float32)
+        if (tuple(slots.shape), slots.dtype) != want or slots.stride()[-3:] != (P * Q, Q, 1):
+            raise ValueError(f"slots must be {want[1]} {list(want[0])} with contiguous blocks for "
+                             f"{splits} token range(s); got {slots.dtype} {list(slots.shape)}, strides {slots.stride()}")
+    slot_stride = slots.stride(0) if slots.dim() == 4 else 0
+    if fused_backward_fits(P, Q):
         x_hi, split = inp._split_args()
         dx_hi, _ = grad_in._split_args()
         layout = int(grad_out.sr == 1) | int(inp.sr == 1) << 1
@@ -480,27 +484,24 @@ def stage_backward(grad_out: Operand, inp: Operand, w: torch.Tensor, grad_in: Op
             kernel, grid = block_bwd_fused_kernel, (G, splits)
         else:
             raise ValueError(f"FUSED_BACKWARD_VARIANT must be 'v1' or 'v2', got {FUSED_BACKWARD_VARIANT!r}")
-        wrap_triton(kernel)[grid](
+        launcher(kernel)[grid](
             grad_out.data, w, inp.data, grad_in.data, slots,
             N, P, Q, per,
             grad_out.sg, grad_out.sr, grad_out.sc,
-            w.stride(0), w.stride(1), w.stride(2),
+            *w.stride(),
             inp.sg, inp.sr, inp.sc, x_hi,
             grad_in.sg, grad_in.sr, grad_in.sc, dx_hi, split,
-            G * P * Q, P * Q, Q, 1,
+            slot_stride, P * Q, Q, 1,
             _token_bucket(N), layout,
             SPLIT_X=inp.split > 0,
-            BP=max(16, triton.next_power_of_2(P)), BQ=max(16, triton.next_power_of_2(Q)),
+            BP=max(16, next_power_of_2(P)), BQ=max(16, next_power_of_2(Q)),
             **_dot_args(w.dtype),
         )
-        return _sum_slots(slots, w)
-
-    # Two launches: the data gradient, then the weight gradient (a token reduction, split over
-    # programs when G * tiles alone would leave SMs idle; the fp32 partial sums are added after).
-    gemm(grad_out, weight_blocks(w), grad_in, G, N, Q, P, tokens_are_rows=True)
-    tiles = G * triton.cdiv(P, 128) * triton.cdiv(Q, 128)
-    splits, per = _token_splits(tiles, N, dev)
-    slots = _weight_grad_slots(splits, w)
-    gemm(grad_out.t, inp, Operand(slots, P * Q, Q, 1), G, P, Q, N, tokens_are_rows=False,
-         k_splits=splits, k_per_split=per, c_split_stride=G * P * Q)
-    return _sum_slots(slots, w)
+    else:
+        # Two launches: the data gradient, then the weight gradient (a token reduction over `splits` ranges).
+        gemm(grad_out, weight_blocks(w), grad_in, G, N, Q, P, tokens_are_rows=True)
+        gemm(grad_out.t, inp, Operand(slots, P * Q, Q, 1), G, P, Q, N, tokens_are_rows=False,
+             k_splits=splits, k_per_split=per, c_split_stride=slot_stride)
+    if not own:
+        return None
+    return slots if splits == 1 else slots.sum(0).to(w.dtype)

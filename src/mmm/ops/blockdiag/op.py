@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..._checks import check_float_tensor
-from .. import eager_function, kernels_enabled, plain_eager
+from .. import kernels_enabled
+from .._eager import eager_twin, plain_eager
 from . import dispatch, naive
 from .cublas import blockdiag_cublas_fwd
 
@@ -159,7 +160,7 @@ if HAVE_TRITON:
     blockdiag_fwd = triton_op("mmm::blockdiag_fwd", mutates_args=())(_blockdiag_forward)
     blockdiag_bwd = triton_op("mmm::blockdiag_bwd", mutates_args=())(_blockdiag_backward)
     blockdiag_fwd.register_autograd(_gradients(blockdiag_bwd), setup_context=_setup)
-    _EagerBlockdiag = eager_function("_EagerBlockdiag", _blockdiag_forward, _setup, _gradients(_blockdiag_backward))
+    _EagerBlockdiag = eager_twin("_EagerBlockdiag", _blockdiag_forward, _setup, _gradients(_blockdiag_backward))
 
 
 def blockdiag_matmul(x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> torch.Tensor:

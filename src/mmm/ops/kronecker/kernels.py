@@ -29,7 +29,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from .._eager import cdiv, cuda_sm_count, launcher, next_power_of_2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_FIRST = 128   # largest padded first-factor dim (i1, o1): one register tile
@@ -37,7 +38,7 @@ MAX_SECOND = 256  # largest padded second-factor dim (i2, o2): one contraction t
 
 
 def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def supported(A: torch.Tensor, B: torch.Tensor) -> bool:
@@ -231,21 +232,23 @@ def kron_dx_da_kernel(
     tl.store(part_ptr + split * sps + o1[:, None] * spo + i1[None, :] * spi, acc, mask=o1_ok[:, None] & i1_ok[None, :])
 
 
-def kron_dx_and_da(dY: torch.Tensor, X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dX: torch.Tensor) -> torch.Tensor:
+def kron_dx_and_da(dY: torch.Tensor, X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dX: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """For one term: writes dX[n] = A[0]^T dY[n] B[0] into dX and returns dA = sum_n dY[n] B[0] X[n]^T
-    in fp32 [1, o1, i1]. dY [N, o1, o2], X and dX [N, i1, i2] (strided views)."""
+    in fp32 [1, o1, i1] (summed into `out`, an fp32 [1, o1, i1] tensor, if given). dY [N, o1, o2], X and dX
+    [N, i1, i2] (strided views)."""
     N, O1, O2 = dY.shape
     I1, I2 = X.shape[1:]
     splits = max(1, min(N, _programs_target(dY.device)))
-    tok = triton.cdiv(N, splits)
-    splits = triton.cdiv(N, tok)
+    tok = cdiv(N, splits)
+    splits = cdiv(N, tok)
     partial = torch.empty((splits, O1, I1), device=dY.device, dtype=torch.float32)
-    wrap_triton(kron_dx_da_kernel)[(splits,)](
+    launcher(kron_dx_da_kernel)[(splits,)](
         dY, X, A, B, dX, partial, N, I1, I2, O1, O2, tok, _key_n(N),
         *dY.stride(), *X.stride(), *A.stride()[1:], *B.stride()[1:], *dX.stride(), *partial.stride(),
         BO1=_pad(O1), BI1=_pad(I1), BO2=_pad(O2), PRECISION=_precision(dY.dtype),
     )
-    return partial.sum(0, keepdim=True)
+    return torch.sum(partial, 0, keepdim=True, out=out)
 
 
 # One-pass backward for one term: each program reads its tokens' dY_n and X_n once and produces dX_n and the
@@ -337,31 +340,34 @@ def kron_bwd_one_pass_kernel(
     tl.store(pb_ptr + split * pbs + o2[:, None] * pbo + c[None, :] * pbi, acc_b, mask=o2_ok[:, None] & c_ok[None, :])
 
 
-def kron_bwd_one_pass(dY: torch.Tensor, X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dX: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def kron_bwd_one_pass(dY: torch.Tensor, X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dX: torch.Tensor,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For one term: writes dX[n] = A[0]^T dY[n] B[0] into dX and returns (dA, dB) in fp32, [1, o1, i1] and
-    [1, o2, i2]. dY [N, o1, o2], X and dX [N, i1, i2] (strided views); one read of dY and X."""
+    [1, o2, i2] (summed into `out`, two such fp32 tensors, if given). dY [N, o1, o2], X and dX [N, i1, i2]
+    (strided views); one read of dY and X."""
     N, O1, O2 = dY.shape
     I1, I2 = X.shape[1:]
     BC = _one_pass_chunk(I2, O2)
-    chunks = triton.cdiv(I2, BC)
+    chunks = cdiv(I2, BC)
     splits = max(1, min(N, ONE_PASS_PROGRAMS_PER_SM * _sm_count(dY.device) // chunks))
-    tok = triton.cdiv(N, splits)
-    splits = triton.cdiv(N, tok)
+    tok = cdiv(N, splits)
+    splits = cdiv(N, tok)
     part_a = torch.empty((splits, chunks, O1, I1), device=dY.device, dtype=torch.float32)
     part_b = torch.empty((splits, O2, I2), device=dY.device, dtype=torch.float32)
-    wrap_triton(kron_bwd_one_pass_kernel)[(chunks, splits)](
+    launcher(kron_bwd_one_pass_kernel)[(chunks, splits)](
         dY, X, A, B, dX, part_a, part_b, N, I1, I2, O1, O2, tok, _key_n(N),
         *dY.stride(), *X.stride(), *A.stride()[1:], *B.stride()[1:], *dX.stride(), *part_a.stride(), *part_b.stride(),
         BO1=_pad(O1), BI1=_pad(I1), BO2=_pad(O2), BC=BC, PRECISION=_precision(dY.dtype),
     )
-    return part_a.sum((0, 1)).unsqueeze(0), part_b.sum(0, keepdim=True)
+    out_a, out_b = (None, None) if out is None else out
+    return (torch.sum(part_a.view(splits * chunks, 1, O1, I1), 0, out=out_a),
+            torch.sum(part_b.view(splits, 1, O2, I2), 0, out=out_b))
 
 
 def _sm_count(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return cuda_sm_count(device)
 
 
 def _programs_target(device: torch.device) -> int:
@@ -370,7 +376,7 @@ def _programs_target(device: torch.device) -> int:
 
 def _key_n(n: int) -> int:
     """Token-count bucket for autotuning (powers of two), so every new N does not retune."""
-    return triton.next_power_of_2(max(1, n))
+    return next_power_of_2(max(1, n))
 
 
 def kron_apply(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, out3: torch.Tensor) -> None:
@@ -379,31 +385,31 @@ def kron_apply(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, out3: torch.T
     N, I1, I2 = x3.shape
     R, O1, _ = A.shape
     O2 = B.shape[1]
-    grid = lambda meta: (triton.cdiv(N, meta["TOK"]), triton.cdiv(O2, meta["BO2"]))  # noqa: E731
-    wrap_triton(kron_apply_kernel)[grid](
+    grid = lambda meta: (cdiv(N, meta["TOK"]), cdiv(O2, meta["BO2"]))  # noqa: E731
+    launcher(kron_apply_kernel)[grid](
         x3, A, B, out3, N, I1, I2, O1, O2, _key_n(N),
         *x3.stride(), *A.stride(), *B.stride(), *out3.stride(),
         R=R, BI1=_pad(I1), BO1=_pad(O1), BI2=_pad(I2), PRECISION=_precision(x3.dtype),
     )
 
 
-def kron_factor_grad(G: torch.Tensor, F: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+def kron_factor_grad(G: torch.Tensor, F: torch.Tensor, H: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_n G[n] @ F[j] @ H[n]^T for every j, in fp32: G [N, M, K1], F [r, K1, K2], H [N, P, K2]
-    (strided views) -> [r, M, P]."""
+    (strided views) -> [r, M, P] (summed into `out`, an fp32 [r, M, P] tensor, if given)."""
     N, M, K1 = G.shape
     R, _, K2 = F.shape
     P = H.shape[1]
     BP = min(_pad(P), 32 if INTERPRET else 128)
     # enough token splits to fill the GPU whatever tile the autotuner picks (BM >= 64 there)
-    tiles_min = triton.cdiv(M, 128 if not INTERPRET else 32) * triton.cdiv(P, BP)
+    tiles_min = cdiv(M, 128 if not INTERPRET else 32) * cdiv(P, BP)
     splits = max(1, min(N, _programs_target(G.device) // max(1, R * tiles_min)))
-    tok = triton.cdiv(N, splits)
-    splits = triton.cdiv(N, tok)
+    tok = cdiv(N, splits)
+    splits = cdiv(N, tok)
     partial = torch.empty((splits, R, M, P), device=G.device, dtype=torch.float32)
-    grid = lambda meta: (splits, R, triton.cdiv(M, meta["BM"]) * triton.cdiv(P, BP))  # noqa: E731
-    wrap_triton(kron_factor_grad_kernel)[grid](
+    grid = lambda meta: (splits, R, cdiv(M, meta["BM"]) * cdiv(P, BP))  # noqa: E731
+    launcher(kron_factor_grad_kernel)[grid](
         G, F, H, partial, N, M, K1, K2, P, tok, _key_n(N),
         *G.stride(), *F.stride(), *H.stride(), *partial.stride(),
         BP=BP, BK1=_pad(K1), BK2=_pad(K2), PRECISION=_precision(G.dtype),
     )
-    return partial.sum(0)
+    return torch.sum(partial, 0, out=out)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..._checks import check_float_tensor
-from .. import eager_function, plain_eager
+from .._eager import eager_twin, plain_eager
 from ..blockdiag.op import HAVE_TRITON, autocast_inputs, check_input, use_kernel
 from . import naive
 
@@ -27,25 +27,34 @@ if HAVE_TRITON:
         return y
 
     def _kron_backward(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients of kron_fwd: (dx, dA, dB)."""
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of kron_fwd: (dx, [dA, dB] flattened into one tensor). The factor gradients share one
+        buffer (summed into it in fp32, cast together: one cast launch instead of two, none for fp32), and
+        an op's outputs may not alias each other: autograd gets views of it (`_split_factor_grads`)."""
         N = x.shape[0]
         _, o1, i1 = A.shape
         _, o2, i2 = B.shape
         dY = dy.view(N, o1, o2)
         X = x.view(N, i1, i2)
         dx = torch.empty_like(x)
+        nA = A.numel()
+        grads = torch.empty(nA + B.numel(), device=x.device, dtype=torch.float32)
+        dA, dB = grads[:nA].view(A.shape), grads[nA:].view(B.shape)
         if kernels.ONE_PASS_BWD and A.shape[0] == 1:  # dx, dA and dB from one read of dy and x
-            dA, dB = kron_bwd_one_pass(dY, X, A, B, dx.view(N, i1, i2))
-            return dx, dA.to(A.dtype), dB.to(B.dtype)
-        if kernels.FUSED_DX_DA and A.shape[0] == 1:
-            dA = kron_dx_and_da(dY, X, A, B, dx.view(N, i1, i2))
+            kron_bwd_one_pass(dY, X, A, B, dx.view(N, i1, i2), out=(dA, dB))
         else:
-            # dX_n = sum_j A_j^T dY_n B_j: the forward kernel with transposed factors (views, no copies)
-            kron_apply(dY, A.transpose(1, 2), B.transpose(1, 2), dx.view(N, i1, i2))
-            dA = kron_factor_grad(dY, B, X)                                # sum_n dY_n B_j X_n^T
-        dB = kron_factor_grad(dY.transpose(1, 2), A, X.transpose(1, 2))    # sum_n dY_n^T A_j X_n
-        return dx, dA.to(A.dtype), dB.to(B.dtype)
+            if kernels.FUSED_DX_DA and A.shape[0] == 1:
+                kron_dx_and_da(dY, X, A, B, dx.view(N, i1, i2), out=dA)
+            else:
+                # dX_n = sum_j A_j^T dY_n B_j: the forward kernel with transposed factors (views, no copies)
+                kron_apply(dY, A.transpose(1, 2), B.transpose(1, 2), dx.view(N, i1, i2))
+                kron_factor_grad(dY, B, X, out=dA)                                 # sum_n dY_n B_j X_n^T
+            kron_factor_grad(dY.transpose(1, 2), A, X.transpose(1, 2), out=dB)     # sum_n dY_n^T A_j X_n
+        return dx, grads.to(A.dtype)
+
+    def _split_factor_grads(dAB: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nA = A.numel()
+        return dAB[:nA].view(A.shape), dAB[nA:].view(B.shape)
 
     def _setup(ctx, inputs, output):
         x, A, B = inputs
@@ -54,7 +63,8 @@ if HAVE_TRITON:
     def _gradients(backward):
         def grads(ctx, dy):
             x, A, B = ctx.saved_tensors
-            return backward(dy.contiguous(), x, A, B)
+            dx, dAB = backward(dy.contiguous(), x, A, B)
+            return dx, *_split_factor_grads(dAB, A, B)
 
         return grads
 
@@ -62,7 +72,7 @@ if HAVE_TRITON:
     kron_fwd = triton_op("mmm::kron_fwd", mutates_args=())(_kron_forward)
     kron_bwd = triton_op("mmm::kron_bwd", mutates_args=())(_kron_backward)
     kron_fwd.register_autograd(_gradients(kron_bwd), setup_context=_setup)
-    _EagerKron = eager_function("_EagerKron", _kron_forward, _setup, _gradients(_kron_backward))
+    _EagerKron = eager_twin("_EagerKron", _kron_forward, _setup, _gradients(_kron_backward))
 
 
 def kernel_applies(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:

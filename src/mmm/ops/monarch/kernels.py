@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..blockdiag.kernels import Operand, new_output, rows_of, stage_backward, stage_forward
+from .._eager import cdiv, next_power_of_2
+from ..blockdiag.kernels import Operand, new_output, rows_of, stage_backward, stage_forward, weight_grad_splits
 
 
 def mid_by_input_block(mid: torch.Tensor) -> Operand:
@@ -53,16 +54,35 @@ def monarch_forward(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_ran
 
 def monarch_backward(dout: torch.Tensor, x: torch.Tensor, mid: torch.Tensor, L: torch.Tensor,
                      R: torch.Tensor, block_rank: int):
-    """Gradients (dx, dL, dR) of monarch_forward given dout [N, b*s]."""
+    """Gradients of monarch_forward given dout [N, b*s]: (dx, dw) with dw = [dR, dL] flattened into one
+    tensor (split it with `split_weight_grads`)."""
     N = x.shape[0]
     b, m, p = L.shape
     s = R.shape[1]
     dmid = new_output(mid.shape, mid)
-    dR = stage_backward(rows_of(dout, s), mid_by_output_block(mid, block_rank), R,
-                        mid_by_output_block(dmid, block_rank), N)
     dx = new_output((N, b * p), x)
-    dL = stage_backward(mid_by_input_block(dmid), rows_of(x, p), L, rows_of(dx, p), N)
-    return dx, dL, dR
+    stage2 = rows_of(dout, s), mid_by_output_block(mid, block_rank), R, mid_by_output_block(dmid, block_rank), N
+    stage1 = mid_by_input_block(dmid), rows_of(x, p), L, rows_of(dx, p), N
+    splits = weight_grad_splits(R, N)[0]
+    if weight_grad_splits(L, N)[0] != splits:  # (only where P or Q > FUSED_BACKWARD_MAX)
+        return dx, torch.cat((stage_backward(*stage2).flatten(), stage_backward(*stage1).flatten()))
+    # Both stages split their weight-gradient reduction alike (always in the fused backward: equal
+    # block counts), so one buffer takes both: dR and dL directly for one split, else their fp32
+    # partial sums, added and cast together (two launches instead of four: the launch-bound H200 runs
+    # pay host time for each).
+    nR = R.numel()
+    lead = () if splits == 1 else (splits,)
+    buf = new_output((*lead, nR + L.numel()), x, None if splits == 1 else torch.float32)
+    stage_backward(*stage2, slots=buf[..., :nR].view(*lead, *R.shape))
+    stage_backward(*stage1, slots=buf[..., nR:].view(*lead, *L.shape))
+    return dx, (buf if splits == 1 else buf.sum(0).to(R.dtype))
+
+
+def split_weight_grads(dw: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL, dR) as views of monarch_backward's flat dw. (The op returns one tensor: outputs of a
+    torch.library op may not alias each other.)"""
+    nR = R.numel()
+    return dw[nR:].view(L.shape), dw[:nR].view(R.shape)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -91,6 +111,6 @@ def swap_blocks_kernel(src_ptr, dst_ptr, N, b, c, BN: tl.constexpr, BC: tl.const
 def swap_blocks(src: torch.Tensor, dst: torch.Tensor, b: int, c: int) -> None:
     """dst[n, l, k*c + t] = src[n, k, l*c + t]; src and dst contiguous [N, b, b*c], not overlapping."""
     N = src.shape[0]
-    BC = triton.next_power_of_2(c)
+    BC = next_power_of_2(c)
     BN = min(128, max(1, SWAP_TILE // BC))
-    swap_blocks_kernel[(triton.cdiv(N, BN), b * b)](src, dst, N, b, c, BN=BN, BC=BC, num_warps=4)
+    swap_blocks_kernel[(cdiv(N, BN), b * b)](src, dst, N, b, c, BN=BN, BC=BC, num_warps=4)

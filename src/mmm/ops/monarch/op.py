@@ -2,9 +2,10 @@
 `monarch_matmul` that checks its inputs and dispatches.
 
 Ops: mmm::monarch_fwd(x, L, R, block_rank) -> (out, mid) and
-     mmm::monarch_bwd(dout, x, mid, L, R, block_rank) -> (dx, dL, dR).
+     mmm::monarch_bwd(dout, x, mid, L, R, block_rank) -> (dx, dw), dw = [dR, dL] flattened.
 `mid` is the token-minor middle buffer (see kernels.py); it is an output only so that autograd can keep
-it for backward. Both are `triton_op`s, so torch.compile(fullgraph=True) traces through them.
+it for backward. dR and dL come in one tensor because they share one buffer (one reduction and cast for
+both) and an op's outputs may not alias each other; autograd gets views of it. Both are `triton_op`s, so torch.compile(fullgraph=True) traces through them.
 Dispatch is `choose_path` (shared with the block-diagonal op): the Triton op, or on CUDA the cuBLAS op
 (cublas.py) where dispatch.py says it is faster.
 """
@@ -23,7 +24,7 @@ from ..blockdiag.op import (
     prefer_merged_dense,
     use_kernel,
 )
-from .. import eager_function, plain_eager
+from .._eager import eager_twin, plain_eager
 from . import naive
 from .cublas import monarch_cublas_fwd
 from ..._checks import check_float_tensor
@@ -31,7 +32,7 @@ from ..._checks import check_float_tensor
 if HAVE_TRITON:
     from torch.library import triton_op
 
-    from .kernels import monarch_backward, monarch_forward
+    from .kernels import monarch_backward, monarch_forward, split_weight_grads
 
     @triton_op("mmm::monarch_fwd", mutates_args=())
     def monarch_fwd(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,8 +41,8 @@ if HAVE_TRITON:
 
     @triton_op("mmm::monarch_bwd", mutates_args=())
     def monarch_bwd(dout: torch.Tensor, x: torch.Tensor, mid: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
-                    block_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients of monarch_fwd's `out`: (dx, dL, dR)."""
+                    block_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of monarch_fwd's `out`: (dx, [dR, dL] flattened into one tensor)."""
         return monarch_backward(dout, x, mid, L, R, block_rank)
 
     def _setup(ctx, inputs, output):
@@ -57,14 +58,14 @@ if HAVE_TRITON:
             x, L, R, mid = ctx.saved_tensors
             if dout is None:
                 return None, None, None, None
-            dx, dL, dR = backward(dout, x, mid, L, R, ctx.block_rank)
-            return dx, dL, dR, None
+            dx, dw = backward(dout, x, mid, L, R, ctx.block_rank)
+            return dx, *split_weight_grads(dw, L, R), None
 
         return grads
 
     monarch_fwd.register_autograd(_gradients(monarch_bwd), setup_context=_setup)
     # the same launches for plain eager calls, without the ops' dispatch (see mmm.ops.plain_eager)
-    _EagerMonarch = eager_function("_EagerMonarch", monarch_forward, _setup, _gradients(monarch_backward))
+    _EagerMonarch = eager_twin("_EagerMonarch", monarch_forward, _setup, _gradients(monarch_backward))
 
 
 def check_monarch(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rank: int) -> None:
