@@ -4,8 +4,9 @@
 Ops: mmm::monarch_fwd(x, L, R, block_rank) -> (out, mid) and
      mmm::monarch_bwd(dout, x, mid, L, R, block_rank) -> (dx, dw), dw = [dR, dL] flattened.
 `mid` is the token-minor middle buffer (see kernels.py); it is an output only so that autograd can keep
-it for backward. dR and dL come in one tensor because they share one buffer (one reduction and cast for
-both) and an op's outputs may not alias each other; autograd gets views of it. Both are `triton_op`s, so torch.compile(fullgraph=True) traces through them.
+it for backward. dR and dL come as one tensor: they share one buffer (one reduction and one cast for
+both) and an op's outputs may not alias each other; autograd gets views of it. Both are `triton_op`s,
+so torch.compile(fullgraph=True) traces through them.
 Dispatch is `choose_path` (shared with the block-diagonal op): the Triton op, or on CUDA the cuBLAS op
 (cublas.py) where dispatch.py says it is faster.
 """
