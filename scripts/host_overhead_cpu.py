@@ -121,6 +121,16 @@ def per_call_us(fn, n: int, repeats: int = 7) -> float:
     return min(times)
 
 
+# aten ops that launch no kernel on a GPU: views, allocations, and wrappers whose work is a nested op
+NO_KERNEL = {"view", "reshape", "_reshape_alias", "slice", "as_strided", "detach", "unsqueeze", "alias", "t",
+             "transpose", "expand", "empty", "empty_like", "empty_strided", "to", "_to_copy", "contiguous"}
+
+
+def kernel_ops(ops: Counter) -> int:
+    """Ops per call that would launch a kernel on a GPU (on CPU, sum adds a fill_ that CUDA does not)."""
+    return sum(v for k, v in ops.items() if k.removeprefix("aten::") not in NO_KERNEL | {"fill_"})
+
+
 def aten_ops(fn, n: int = 10) -> Counter:
     """aten ops per call (torch.profiler, which does not change how the ops dispatch)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -160,14 +170,15 @@ def main() -> None:
         step = step_of(fn, x, weights)
         us = per_call_us(step, args.n)
         ops = aten_ops(step)
-        rows.append((name, us, sum(ops.values())))
-        print(f"\n== {name}: {us:.1f} us per f+b (launches no-op), {sum(ops.values())} aten ops per f+b")
+        rows.append((name, us, sum(ops.values()), kernel_ops(ops)))
+        print(f"\n== {name}: {us:.1f} us per f+b (launches no-op), {sum(ops.values())} aten ops per f+b, "
+              f"{kernel_ops(ops)} of them kernels on a GPU")
         print("   " + ", ".join(f"{k.removeprefix('aten::')} x{v}" for k, v in sorted(ops.items())))
         if not args.no_profile:
             print(profile(step, args.n, args.top))
-    print("\n== summary (us per f+b, aten ops per f+b)")
-    for name, us, n_ops in rows:
-        print(f"  {name:34s} {us:8.1f} us  {n_ops:3d} ops")
+    print("\n== summary per f+b: host us (launches no-op), aten ops, of them torch kernels on a GPU (besides Triton's)")
+    for name, us, n_ops, n_kernels in rows:
+        print(f"  {name:34s} {us:8.1f} us  {n_ops:3d} ops  {n_kernels:2d} kernels")
 
 
 if __name__ == "__main__":
