@@ -67,7 +67,7 @@ def test_eager_twins_launch_triton_directly():
     ~1000x slower on the H200. Under a dispatch mode the launches must stay visible to the mode."""
     from torch._library.triton import is_wrap_triton_enabled
 
-    from mmm.ops import eager_function
+    from mmm.ops._eager import eager_twin
 
     seen = []
 
@@ -79,7 +79,7 @@ def test_eager_twins_launch_triton_directly():
         seen.append(is_wrap_triton_enabled())
         return g * 2
 
-    twin = eager_function("_Twice", forward, lambda ctx, inputs, output: None, backward)
+    twin = eager_twin("_Twice", forward, lambda ctx, inputs, output: None, backward)
     x = torch.randn(3, requires_grad=True)
     twin.apply(x).sum().backward()
     assert seen == [False, False]

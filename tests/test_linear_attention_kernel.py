@@ -602,7 +602,7 @@ def test_eager_function_and_library_op_agree_exactly(normalize, monkeypatch):
 def test_plain_eager_only_without_tracing_modes_or_subclasses():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mmm.ops import plain_eager
+    from mmm.ops._eager import plain_eager
 
     x = torch.randn(3)
     assert plain_eager(x)

@@ -1,4 +1,5 @@
-"""Host-side helpers for the eager path of the Triton-backed linear ops (block-diagonal, Monarch, Kronecker).
+"""Host-side helpers for the eager path of the Triton-backed ops (block-diagonal, Monarch, Kronecker, linear
+attention).
 
 At the H200 bench shapes these layers are launch-bound: Monarch b=128 needs ~1.8 ms of host time to
 issue one forward+backward whose kernels take 0.86 ms (results/h200/2026-12-05-*). So every call avoids
@@ -19,8 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch.library import wrap_triton
-
-from . import plain_eager as _untraced_plain_tensors
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:
     from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
@@ -34,10 +34,27 @@ except ImportError:  # older torch: wrap_triton launched directly outside tracin
         return contextlib.nullcontext()
 
 
+def _untraced() -> bool:
+    """Nothing records this call: not torch.compile, no dispatch mode (FakeTensor, functionalization,
+    op loggers)."""
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
 def plain_eager(*tensors: torch.Tensor) -> bool:
-    """Whether an op may run its eager twin: `mmm.ops.plain_eager` (nothing traces, plain tensors) and no
-    functorch transform active (the twin's forward takes ctx, which those transforms do not accept)."""
-    return _untraced_plain_tensors(*tensors) and not torch._C._are_functorch_transforms_active()
+    """Whether an op may run its eager twin: nothing traces or intercepts the call, the tensors are plain
+    tensors or Parameters (no subclasses such as DTensor), and no functorch transform is active (the
+    twin's forward takes ctx, which those transforms do not accept)."""
+    return (_untraced() and all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _direct_launches(body, *args):
+    """body(*args) with wrap_triton off where nothing traces the call (compiled autograd may trace a
+    backward, a dispatch mode must see the launches)."""
+    if not _untraced():
+        return body(*args)
+    with set_wrap_triton_enabled(False):
+        return body(*args)
 
 
 def eager_twin(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
@@ -47,16 +64,12 @@ def eager_twin(name: str, forward, setup_context, backward) -> type[torch.autogr
     through the higher-order operator each launch cost ~1000x more on the H200 (torch 2.11)."""
 
     def fwd(ctx, *inputs):
-        with set_wrap_triton_enabled(False):  # the ops call the twin only where plain_eager holds
-            output = forward(*inputs)
+        output = _direct_launches(forward, *inputs)
         setup_context(ctx, inputs, output)
         return output
 
     def bwd(ctx, *grads):
-        if not plain_eager():  # compiled autograd traces backward: keep the launches visible to it
-            return backward(ctx, *grads)
-        with set_wrap_triton_enabled(False):
-            return backward(ctx, *grads)
+        return _direct_launches(backward, ctx, *grads)
 
     return type(name, (torch.autograd.Function,), dict(forward=staticmethod(fwd), backward=staticmethod(bwd)))
 

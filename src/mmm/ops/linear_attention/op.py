@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..._checks import check_float_tensor
-from .. import eager_function, plain_eager
+from .._eager import eager_twin, plain_eager
 from .naive import linear_attention_naive
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -161,7 +161,7 @@ if HAVE_TRITON:
 
     # ... and the same launches for plain eager calls: 460 -> 366 us of host time per forward+backward
     # on the CI CPU with the launches stubbed out (scripts/la_host_overhead.py)
-    _EagerLinearAttention = eager_function(
+    _EagerLinearAttention = eager_twin(
         "_EagerLinearAttention", _forward_launches, _setup_context, _gradients(_backward_launches))
 
 

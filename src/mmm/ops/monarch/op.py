@@ -65,7 +65,7 @@ if HAVE_TRITON:
         return grads
 
     monarch_fwd.register_autograd(_gradients(monarch_bwd), setup_context=_setup)
-    # the same launches for plain eager calls, without the ops' dispatch (see mmm.ops.plain_eager)
+    # the same launches for plain eager calls, without the ops' dispatch (see mmm.ops._eager)
     _EagerMonarch = eager_twin("_EagerMonarch", monarch_forward, _setup, _gradients(monarch_backward))
 
 
