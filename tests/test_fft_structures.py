@@ -385,6 +385,35 @@ def test_packed_path_matches_the_torch_path(cls, cfg, shape):
         assert rel_err(a, b) < 1e-5
 
 
+TILE_CASES = [FFT_CASES[2], FFT_CASES[4], (Circulant, mmm.CirculantConfig(), (128, 128))]
+
+
+@pytest.mark.parametrize("tiles", ["gpu", "small"])
+@pytest.mark.parametrize("cls,cfg,shape", TILE_CASES, ids=_ids(TILE_CASES))
+def test_spectral_kernels_with_other_tiles(cls, cfg, shape, tiles, monkeypatch):
+    """The spectral kernels with the GPU's tiles and with small ones (many frequency tiles, several
+    row tiles per program, a partial last chunk), against the torch path (fp32) and against the
+    interpreter's tiles (fp16 spectra, row scales): y, dx and the kernel's gradient."""
+    _, s = _fresh(cls, cfg, shape, torch.float32)
+    x = torch.randn(37, shape[0])
+    g = torch.randn(37, shape[1])
+    results = {}
+    for mode in ("torch", "packed", "packed16"):
+        s.zero_grad()
+        with force_mode(mode):
+            results[mode] = _run(s, x, g)
+    mix, corr = (fft_kernels.GPU_MIX_TILES, fft_kernels.GPU_CORR_TILES) if tiles == "gpu" else ((4, 8, 8, 1), (4, 8, 12, 1))
+    for names, values in ((("BT_MIX", "BF_MIX", "MIX_ROWS", "WARPS_MIX"), mix), (("BT_CORR", "BF_CORR", "CORR_ROWS", "WARPS_CORR"), corr)):
+        for name, value in zip(names, values):
+            monkeypatch.setattr(fft_kernels, name, value)
+    for mode, ref, tol in (("packed", "torch", 1e-5), ("packed16", "packed16", 1e-6)):
+        s.zero_grad()
+        with force_mode(mode):
+            got = _run(s, x, g)
+        for name, a, b in zip(["y", "dx", "dparam"], got, results[ref]):
+            assert rel_err(a, b) < tol, (mode, name, rel_err(a, b))
+
+
 def test_fft_conv_takes_non_contiguous_inputs_and_checks_its_arguments():
     s = Circulant(8, 8, mmm.CirculantConfig(), dtype=f64)
     x = torch.randn(8, 5, dtype=f64).T  # rows with stride 1 between tokens

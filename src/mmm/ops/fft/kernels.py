@@ -20,9 +20,10 @@ programs. Kernels:
 - `cast_in_kernel`: x rows (any float dtype) -> fp32/fp16 rows zero-padded to L per block; for the
   fp16 FFT also a per-row power-of-two scale that bounds the row's largest entry (see op.py).
 - `spectral_mix_kernel`: Zin_o = pack(gain * sum_u unpack(Z_u) * K[o, u]) (K conjugated and its block
-  indices swapped through strides for the adjoint). Grid (token tiles, frequency tiles, out blocks).
+  indices swapped through strides for the adjoint). Grid (frequency tiles x token chunks, out blocks).
 - `spectral_corr_kernel`: partial sums over a chunk of tokens of conj(X_j) DY_i (the kernel's
-  gradient), per frequency; the chunks' partials are added up afterwards (deterministic).
+  gradient), per frequency; the chunks' partials are added up afterwards (deterministic). Grid
+  (frequency tiles x token chunks, block pairs).
 - `cast_out_kernel`: the inverse FFT's rows, first n_out of each block, times a gain (and the row's
   inverse scale), cast to the output dtype.
 All arithmetic is fp32; offsets along tokens are int64.
@@ -39,10 +40,16 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PI = tl.constexpr(3.141592653589793)  # kernels may read only constexpr globals (plain ones fail to compile)
 
-# Tiles: memory-bound kernels, so any tile wide enough for coalesced rows will do; the interpreter
-# gets large tiles because its cost grows with the number of programs.
-BT_MIX, BF_MIX = (16, 64) if INTERPRET else (8, 128)
-BT_CORR, BF_CORR, CORR_ROWS = (16, 64, 64) if INTERPRET else (16, 64, 256)
+# Tiles of the two spectral kernels: BT rows x BF frequencies, rows per program, warps. Memory-bound:
+# BF = 32 gives each warp 32 frequencies, one (re, im) pair a thread, i.e. whole 128-byte lines of
+# fp16 pairs per access, and the warps take the rows, so a thread's twiddles and kernel values serve
+# all its rows (few registers: many programs per SM, many loads in flight). Timed against
+# alternatives by scripts/gpu_fft_kernels.py. The interpreter gets large tiles because its cost grows
+# with the number of programs.
+GPU_MIX_TILES = (32, 32, 128, 4)
+GPU_CORR_TILES = (16, 32, 128, 4)
+BT_MIX, BF_MIX, MIX_ROWS, WARPS_MIX = (16, 64, 32, 4) if INTERPRET else GPU_MIX_TILES
+BT_CORR, BF_CORR, CORR_ROWS, WARPS_CORR = (16, 64, 64, 4) if INTERPRET else GPU_CORR_TILES
 CAST_BLOCK = 1024 if INTERPRET else 2048
 
 
@@ -73,12 +80,42 @@ def cast_in_kernel(x_ptr, out_ptr, scale_ptr, x_row_stride, Q, N_IN, L, bound,
 
 
 @triton.jit
-def _unpack(base, k, mm, mask, c, sn):
-    """2 X[k] and 2 X[m] (re, im) from Z[k] and Z[m mod H] at `base` (a row block of Z as real pairs)."""
-    a_re = tl.load(base + 2 * k[None, :], mask=mask, other=0.0).to(tl.float32)
-    a_im = tl.load(base + 2 * k[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
-    b_re = tl.load(base + 2 * mm[None, :], mask=mask, other=0.0).to(tl.float32)
-    b_im = -tl.load(base + 2 * mm[None, :] + 1, mask=mask, other=0.0).to(tl.float32)  # conj(Z[m])
+def _pairs(pid_f, H, BF: tl.constexpr):
+    """This program's frequencies k (k <= H/2 are real ones) and w^k = c - i sn, as [BF] vectors,
+    and, for each of the 2 BF parts (re, im) of a tile row, its frequency `kp` and its offset in a
+    row of pairs at k and at the partner m = H - k."""
+    k = pid_f * BF + tl.arange(0, BF)
+    theta = k.to(tl.float32) * (PI / H)
+    part = tl.arange(0, 2 * BF)
+    kp = pid_f * BF + part // 2
+    return k, tl.cos(theta), tl.sin(theta), kp, 2 * kp + part % 2, 2 * (H - kp) + part % 2
+
+
+@triton.jit
+def _load_complex(ptr, mask):
+    """(re, im) [BT, BF] in fp32 from a [BT, 2 BF] tile of pointers to (re, im) pairs. A pair is
+    one vector access of one thread (the m run is read backwards, pair by pair), and the tile is
+    laid out with threads along frequencies because its pointers are contiguous in pairs there."""
+    v = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    return tl.split(tl.reshape(v, [v.shape[0], v.shape[1] // 2, 2]))
+
+
+@triton.jit
+def _store_complex(ptr, re, im, mask):
+    """The counterpart of _load_complex, cast to ptr's dtype."""
+    v = tl.reshape(tl.join(re, im), ptr.shape)
+    tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _unpack(row, k, c, sn, kp, ko, mo, mask):
+    """2 X[k] and 2 X[m] (re, im) from Z[k] and Z[m mod H], `row` [BT, 1] pointers to row blocks of
+    Z (real pairs); `mask` [BT, 2 BF] in the loads' tiling."""
+    a_re, a_im = _load_complex(row + ko[None, :], mask)
+    b_re, b_im = _load_complex(row + mo[None, :], mask & (kp > 0)[None, :])
+    first = (k == 0)[None, :]  # its partner m = H is Z[0] itself: taken from a, not loaded
+    b_re = tl.where(first, a_re, b_re)
+    b_im = -tl.where(first, a_im, b_im)  # conj(Z[m])
     s_re = a_re + b_re
     s_im = a_im + b_im
     d_re = a_re - b_re
@@ -89,84 +126,83 @@ def _unpack(base, k, mm, mask, c, sn):
 
 
 @triton.jit
-def _pairs(pid_f, H, BF: tl.constexpr):
-    """Frequencies k of this program (k <= H/2), partners m = H - k, m mod H, and w^k = c - i sn."""
-    k = pid_f * BF + tl.arange(0, BF)
-    m = H - k
-    mm = tl.where(k == 0, 0, m)
-    theta = k.to(tl.float32) * (PI / H)
-    return k, m, mm, tl.cos(theta), tl.sin(theta)
+def _kernel_at(kb, offs, kmask, CONJ: tl.constexpr):
+    """K (or conj K) at the pairs `offs` [2 BF] of kb, as [1, BF] rows (re, im)."""
+    v = tl.load(kb + offs, mask=kmask, other=0.0)
+    re, im = tl.split(tl.reshape(v, [v.shape[0] // 2, 2]))
+    if CONJ:
+        im = -im
+    return re[None, :], im[None, :]
 
 
 @triton.jit
-def spectral_mix_kernel(z_ptr, k_ptr, gain_ptr, out_ptr, N, H, U_BLOCKS,
-                        z_st, z_sb, k_so, k_su, out_st, out_sb,
+def spectral_mix_kernel(z_ptr, k_ptr, gain_ptr, out_ptr, N, H, U_BLOCKS, ROWS,
+                        z_st, z_sb, k_so, k_su, out_st, out_sb,  # strides in (re, im) pairs
                         CONJ: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr):
-    pid_t = tl.program_id(0)
-    o = tl.program_id(2)
-    k, m, mm, c, sn = _pairs(tl.program_id(1), H, BF)
-    rows = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    kmask = k <= H // 2
-    mask = (rows < N)[:, None] & kmask[None, :]
-    yk_re = tl.zeros([BT, BF], dtype=tl.float32)
-    yk_im = tl.zeros([BT, BF], dtype=tl.float32)
-    ym_re = tl.zeros([BT, BF], dtype=tl.float32)
-    ym_im = tl.zeros([BT, BF], dtype=tl.float32)
-    for u in range(U_BLOCKS):
-        xk_re, xk_im, xm_re, xm_im = _unpack(z_ptr + rows[:, None] * z_st + u * z_sb, k, mm, mask, c, sn)
-        kb = k_ptr + o * k_so + u * k_su
-        kk_re = tl.load(kb + 2 * k, mask=kmask, other=0.0)[None, :]
-        kk_im = tl.load(kb + 2 * k + 1, mask=kmask, other=0.0)[None, :]
-        km_re = tl.load(kb + 2 * m, mask=kmask, other=0.0)[None, :]
-        km_im = tl.load(kb + 2 * m + 1, mask=kmask, other=0.0)[None, :]
-        if CONJ:
-            kk_im = -kk_im
-            km_im = -km_im
-        yk_re += xk_re * kk_re - xk_im * kk_im
-        yk_im += xk_re * kk_im + xk_im * kk_re
-        ym_re += xm_re * km_re - xm_im * km_im
-        ym_im += xm_re * km_im + xm_im * km_re
-    gain = tl.load(gain_ptr)
-    yk_re *= gain
-    yk_im *= gain
-    ym_re *= gain
-    ym_im *= gain
-    u_re = yk_re + ym_re  # U = Y[k] + conj(Y[m])
-    u_im = yk_im - ym_im
-    e_re = yk_re - ym_re  # Y[k] - conj(Y[m])
-    e_im = yk_im + ym_im
-    v_re = c[None, :] * e_re - sn[None, :] * e_im  # V = conj(w^k) (Y[k] - conj(Y[m]))
-    v_im = c[None, :] * e_im + sn[None, :] * e_re
-    out = out_ptr + rows[:, None] * out_st + o * out_sb
-    ty = out_ptr.dtype.element_ty
-    tl.store(out + 2 * k[None, :], (u_re - v_im).to(ty), mask=mask)
-    tl.store(out + 2 * k[None, :] + 1, (u_im + v_re).to(ty), mask=mask)
+    # Frequency tiles vary fastest in the grid, so the last, nearly empty one (k = H/2 alone) is
+    # spread over the whole launch instead of forming its tail.
+    n_f = tl.cdiv(H // 2 + 1, BF)
+    chunk = tl.program_id(0) // n_f
+    k, c, sn, kp, ko, mo = _pairs(tl.program_id(0) - chunk * n_f, H, BF)
+    o = tl.program_id(1)
+    kmask = kp <= H // 2
     # The partner m: skipped for k = 0 (m = H is not an index of Zin) and k = H/2 (m = k).
-    mmask = mask & ((m != k) & (m != H))[None, :]
-    tl.store(out + 2 * mm[None, :], (u_re + v_im).to(ty), mask=mmask)
-    tl.store(out + 2 * mm[None, :] + 1, (v_re - u_im).to(ty), mask=mmask)
+    mstore = (kp > 0) & (2 * kp != H)
+    gain = tl.load(gain_ptr)
+    # several row tiles per program, so the twiddles are computed once for many rows
+    for t0 in range(0, ROWS, BT):
+        rows = (chunk * ROWS + t0 + tl.arange(0, BT)).to(tl.int64)
+        mask = (rows < N)[:, None] & kmask[None, :]
+        yk_re = tl.zeros([BT, BF], dtype=tl.float32)
+        yk_im = tl.zeros([BT, BF], dtype=tl.float32)
+        ym_re = tl.zeros([BT, BF], dtype=tl.float32)
+        ym_im = tl.zeros([BT, BF], dtype=tl.float32)
+        for u in range(U_BLOCKS):
+            xk_re, xk_im, xm_re, xm_im = _unpack(z_ptr + rows[:, None] * (2 * z_st) + u * (2 * z_sb), k, c, sn, kp, ko, mo, mask)
+            kb = k_ptr + o * (2 * k_so) + u * (2 * k_su)
+            kk_re, kk_im = _kernel_at(kb, ko, kmask, CONJ)
+            km_re, km_im = _kernel_at(kb, mo, kmask, CONJ)
+            yk_re += xk_re * kk_re - xk_im * kk_im
+            yk_im += xk_re * kk_im + xk_im * kk_re
+            ym_re += xm_re * km_re - xm_im * km_im
+            ym_im += xm_re * km_im + xm_im * km_re
+        yk_re *= gain
+        yk_im *= gain
+        ym_re *= gain
+        ym_im *= gain
+        u_re = yk_re + ym_re  # U = Y[k] + conj(Y[m])
+        u_im = yk_im - ym_im
+        e_re = yk_re - ym_re  # Y[k] - conj(Y[m])
+        e_im = yk_im + ym_im
+        v_re = c[None, :] * e_re - sn[None, :] * e_im  # V = conj(w^k) (Y[k] - conj(Y[m]))
+        v_im = c[None, :] * e_im + sn[None, :] * e_re
+        out = out_ptr + rows[:, None] * (2 * out_st) + o * (2 * out_sb)
+        _store_complex(out + ko[None, :], u_re - v_im, u_im + v_re, mask)
+        _store_complex(out + mo[None, :], u_re + v_im, v_re - u_im, mask & mstore[None, :])
 
 
 @triton.jit
 def spectral_corr_kernel(zx_ptr, zdy_ptr, sx_ptr, sdy_ptr, part_ptr, N, H, Q, ROWS,
-                         zx_st, zx_sb, zdy_st, zdy_sb, part_sc, part_si, part_sj,
+                         zx_st, zx_sb, zdy_st, zdy_sb, part_sc, part_si, part_sj,  # strides in (re, im) pairs
                          HAS_SCALE: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr):
+    n_f = tl.cdiv(H // 2 + 1, BF)
+    chunk = tl.program_id(0) // n_f
+    k, c, sn, kp, ko, mo = _pairs(tl.program_id(0) - chunk * n_f, H, BF)
     ij = tl.program_id(1)
-    chunk = tl.program_id(2)
     i = ij // Q
     j = ij - i * Q
-    k, m, mm, c, sn = _pairs(tl.program_id(0), H, BF)
-    kmask = k <= H // 2
-    pk_re = tl.zeros([BF], dtype=tl.float32)
-    pk_im = tl.zeros([BF], dtype=tl.float32)
-    pm_re = tl.zeros([BF], dtype=tl.float32)
-    pm_im = tl.zeros([BF], dtype=tl.float32)
+    kmask = kp <= H // 2
+    # Per-element partial sums, reduced over the rows once at the end (not once per row tile).
+    pk_re = tl.zeros([BT, BF], dtype=tl.float32)
+    pk_im = tl.zeros([BT, BF], dtype=tl.float32)
+    pm_re = tl.zeros([BT, BF], dtype=tl.float32)
+    pm_im = tl.zeros([BT, BF], dtype=tl.float32)
     for t0 in range(0, ROWS, BT):
         rows = (chunk * ROWS + t0 + tl.arange(0, BT)).to(tl.int64)
         rmask = rows < N
         mask = rmask[:, None] & kmask[None, :]
-        xk_re, xk_im, xm_re, xm_im = _unpack(zx_ptr + rows[:, None] * zx_st + j * zx_sb, k, mm, mask, c, sn)
-        dk_re, dk_im, dm_re, dm_im = _unpack(zdy_ptr + rows[:, None] * zdy_st + i * zdy_sb, k, mm, mask, c, sn)
+        xk_re, xk_im, xm_re, xm_im = _unpack(zx_ptr + rows[:, None] * (2 * zx_st) + j * (2 * zx_sb), k, c, sn, kp, ko, mo, mask)
+        dk_re, dk_im, dm_re, dm_im = _unpack(zdy_ptr + rows[:, None] * (2 * zdy_st) + i * (2 * zdy_sb), k, c, sn, kp, ko, mo, mask)
         qk_re = xk_re * dk_re + xk_im * dk_im  # conj(X) DY
         qk_im = xk_re * dk_im - xk_im * dk_re
         qm_re = xm_re * dm_re + xm_im * dm_im
@@ -177,16 +213,14 @@ def spectral_corr_kernel(zx_ptr, zdy_ptr, sx_ptr, sdy_ptr, part_ptr, N, H, Q, RO
             qk_im *= r
             qm_re *= r
             qm_im *= r
-        pk_re += tl.sum(qk_re, axis=0)
-        pk_im += tl.sum(qk_im, axis=0)
-        pm_re += tl.sum(qm_re, axis=0)
-        pm_im += tl.sum(qm_im, axis=0)
-    out = part_ptr + chunk * part_sc + i * part_si + j * part_sj
-    tl.store(out + 2 * k, pk_re, mask=kmask)
-    tl.store(out + 2 * k + 1, pk_im, mask=kmask)
-    mmask = kmask & (m != k)  # here m = H (Nyquist) is a frequency of its own
-    tl.store(out + 2 * m, pm_re, mask=mmask)
-    tl.store(out + 2 * m + 1, pm_im, mask=mmask)
+        pk_re += qk_re
+        pk_im += qk_im
+        pm_re += qm_re
+        pm_im += qm_im
+    out = part_ptr + chunk * (2 * part_sc) + i * (2 * part_si) + j * (2 * part_sj)
+    _store_complex(out + ko[None, :], tl.sum(pk_re, axis=0)[None, :], tl.sum(pk_im, axis=0)[None, :], kmask[None, :])
+    # Here m = H (Nyquist) is a frequency of its own; k = H/2 has m = k, stored once.
+    _store_complex(out + mo[None, :], tl.sum(pm_re, axis=0)[None, :], tl.sum(pm_im, axis=0)[None, :], (kmask & (2 * kp != H))[None, :])
 
 
 @triton.jit
@@ -219,6 +253,18 @@ def cast_in(x: torch.Tensor, q: int, n_in: int, L: int, dtype: torch.dtype, boun
     return out, scale
 
 
+def _check_tiles(bt, bf, rows):
+    if rows % bt or bt & (bt - 1) or bf & (bf - 1):  # a partial last row tile would overlap the next chunk
+        raise ValueError(f"tiles need powers of two BT and BF and rows per program a multiple of BT, got {bt}, {bf}, {rows}")
+
+
+def _pairs_of(*strides):
+    """Strides in (re, im) pairs. The spectral kernels take them so, and double them inside: the compiler
+    then knows that every pair starts at an even element, and loads and stores it as one vector."""
+    assert all(s % 2 == 0 for s in strides), strides  # [..., 2] views of complex tensors
+    return [s // 2 for s in strides]
+
+
 def spectral_mix(z: torch.Tensor, kernel_ri: torch.Tensor, gain: torch.Tensor, transpose: bool) -> torch.Tensor:
     """z [N, u_blocks, H, 2] (FFT of the packed rows), kernel_ri [p, q, H+1, 2] fp32 ->
     Zin [N, o_blocks, H, 2] in z's dtype: pack(gain * sum_u unpack(z_u) K[o, u]); with `transpose`,
@@ -229,9 +275,10 @@ def spectral_mix(z: torch.Tensor, kernel_ri: torch.Tensor, gain: torch.Tensor, t
     if transpose:
         so, su = su, so
     out = torch.empty(N, o_blocks, H, 2, device=z.device, dtype=z.dtype)
-    grid = (triton.cdiv(N, BT_MIX), triton.cdiv(H // 2 + 1, BF_MIX), o_blocks)
-    spectral_mix_kernel[grid](z, kernel_ri, gain, out, N, H, u_blocks, z.stride(0), z.stride(1), so, su,
-                              out.stride(0), out.stride(1), CONJ=transpose, BT=BT_MIX, BF=BF_MIX)
+    _check_tiles(BT_MIX, BF_MIX, MIX_ROWS)
+    grid = (triton.cdiv(H // 2 + 1, BF_MIX) * triton.cdiv(N, MIX_ROWS), o_blocks)
+    spectral_mix_kernel[grid](z, kernel_ri, gain, out, N, H, u_blocks, MIX_ROWS, *_pairs_of(z.stride(0), z.stride(1), so, su,
+                              out.stride(0), out.stride(1)), CONJ=transpose, BT=BT_MIX, BF=BF_MIX, num_warps=WARPS_MIX)
     return out
 
 
@@ -240,14 +287,15 @@ def spectral_corr(zx: torch.Tensor, zdy: torch.Tensor, sx: torch.Tensor | None, 
     spectra zx [N, q, H, 2] and zdy [N, p, H, 2]."""
     N, q, H, _ = zx.shape
     p = zdy.shape[1]
+    _check_tiles(BT_CORR, BF_CORR, CORR_ROWS)
     chunks = triton.cdiv(N, CORR_ROWS)
     part = torch.empty(chunks, p, q, H + 1, 2, device=zx.device, dtype=torch.float32)
-    grid = (triton.cdiv(H // 2 + 1, BF_CORR), p * q, chunks)
+    grid = (triton.cdiv(H // 2 + 1, BF_CORR) * chunks, p * q)
     has_scale = sx is not None
     spectral_corr_kernel[grid](zx, zdy, sx if has_scale else part, sdy if has_scale else part, part, N, H, q, CORR_ROWS,
-                               zx.stride(0), zx.stride(1), zdy.stride(0), zdy.stride(1),
-                               part.stride(0), part.stride(1), part.stride(2),
-                               HAS_SCALE=has_scale, BT=BT_CORR, BF=BF_CORR)
+                               *_pairs_of(zx.stride(0), zx.stride(1), zdy.stride(0), zdy.stride(1),
+                                          part.stride(0), part.stride(1), part.stride(2)),
+                               HAS_SCALE=has_scale, BT=BT_CORR, BF=BF_CORR, num_warps=WARPS_CORR)
     return torch.view_as_complex(part.sum(0))
 
 
