@@ -28,7 +28,9 @@ _MIN_SEGMENT = 512
 
 try:
     import triton
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
+
+    from .._eager import launcher
 
     from . import kernels
 
@@ -97,11 +99,11 @@ if HAVE_TRITON:
         rden = alloc((B, H, T), dtype=torch.float32, device=q.device)
         states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=q.device)
         common = dict(T=T, H=H, L=seg_len, NS=NS, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
-        wrap_triton(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
+        launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             k, v, v, rden, rden, rden, states, BWD=False, HAS_DRDEN=False, **common)
-        wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
+        launcher(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
-        wrap_triton(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
+        launcher(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
             q, k, v, o, rden, states, eps=eps, CAUSAL=causal, **common)
         return o, rden, states
 
@@ -121,15 +123,15 @@ if HAVE_TRITON:
         r = (torch.empty if normalize else torch.zeros)((B, H, T), dtype=torch.float32, device=q.device)
         dstates = torch.empty_like(states)
         common = dict(T=T, H=H, L=seg_len, NS=NS, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
-        wrap_triton(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
+        launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             q, do, o, rden, r, rden if drden is None else drden, dstates, BWD=True,
             HAS_DRDEN=normalize and drden is not None, **common)
-        wrap_triton(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
+        launcher(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
-            wrap_triton(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
+            launcher(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
                 q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, **common)
-        wrap_triton(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
+        launcher(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
             q, k, do, rden, dstates, dv, CAUSAL=causal, **common)
         return dq, dk, dv
 
