@@ -6,7 +6,8 @@
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh attn32k attn8k linear host
 # Phases: tests (no timing: may share the GPU), then timing phases, each alone: attn128k, attn32k, attn8k,
 # crossover (mmm bench attention cases; fla from .whl when carried), linear (mmm bench linear.square.d16384),
-# host (scripts/gpu_host_profile.py), window (scripts/gpu_window_tune.py: flex's block size and tiles for
+# host (scripts/gpu_host_profile.py), fftk (scripts/gpu_fft_kernels.py: the FFT structures' spectral kernels
+# and their tilings, ~1 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
 # the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and stall reasons of
 # the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64, under compute-sanitizer
 # beside a retired config of the 2026-11-28 fault as the positive control, ~3 min). Bench files land as
@@ -30,7 +31,7 @@ tests() {  # seven pytest processes side by side (-v: a timeout still leaves eac
   $t tests/test_linear_attention_kernel.py > "$OUT/t_la.log" 2>&1 &
   $t tests/test_attention_gpu.py tests/test_attention_flex.py > "$OUT/t_attention.log" 2>&1 &
   $t tests/test_block_structures.py tests/test_checkpoint.py tests/test_projection_methods.py > "$OUT/t_structures.log" 2>&1 &
-  $t tests/test_kronecker_kernel.py tests/test_block_kernels.py tests/test_block_paths.py > "$OUT/t_block.log" 2>&1 &
+  $t tests/test_kronecker_kernel.py tests/test_block_kernels.py tests/test_block_paths.py tests/test_eager_dispatch.py tests/test_eager_fast_path.py > "$OUT/t_block.log" 2>&1 &
   # one process: both files' GPU tests train the full-size real-input layer once (cached per process)
   $t tests/test_bench_attention.py tests/test_attention_fit.py > "$OUT/t_real_inputs.log" 2>&1 &
   wait
@@ -46,6 +47,7 @@ for phase in "$@"; do
     crossover) bench crossover 200 attn.crossover ;;
     linear) bench linear 150 linear.square.d16384 ;;
     host) step host 90 python scripts/gpu_host_profile.py ;;
+    fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;
     ncu) step ncu 240 python scripts/gpu_ncu.py --profile ;;
     sanitize) step sanitize 300 python scripts/gpu_linear_attention_configs.py --sanitize --budget-s 200 \
