@@ -453,6 +453,26 @@ def test_fft_conv_opcheck():
     torch.library.opcheck(fft_op.fft_conv_op, (torch.randn(4, 7, requires_grad=True), t, 7, 16, 10, "torch"))
 
 
+@pytest.mark.parametrize("mode", ["torch", "packed"])
+def test_eager_twin_and_library_op_agree_exactly(mode, monkeypatch):
+    """Plain eager calls run fft_conv through its autograd.Function twin (no custom-op dispatch), traced
+    ones through the op: same bodies, so output and both gradients are bitwise equal."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2 * 24, requires_grad=True)
+    kernel = torch.fft.rfft(torch.randn(3, 2, 32), dim=-1).requires_grad_(True)
+    gy = torch.randn(5, 3 * 20)
+    calls, results = [], []
+    for eager in (True, False):
+        monkeypatch.setattr(fft_op, "plain_eager", lambda *t, e=eager: calls.append(e) or e)
+        with force_mode(mode):
+            y = fft_op.fft_conv(x, kernel, 24, 32, 20)
+        assert (y.grad_fn.next_functions[0][0].name() == "_EagerFFTConvBackward") == eager
+        results.append((y, *torch.autograd.grad(y, (x, kernel), gy)))
+    assert calls == [True, False]
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_torch_compile_fullgraph_traces_the_structures():
     for cls, cfg, shape in [(Circulant, mmm.CirculantConfig(block_size=4), (8, 12)), (Toeplitz, mmm.ToeplitzConfig(), (6, 10))]:
         s = cls(*shape, cfg)

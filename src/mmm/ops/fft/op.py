@@ -43,6 +43,7 @@ import torch
 
 from ..._checks import check_float_tensor, check_last_dim
 from .. import kernels_enabled
+from .._eager import eager_twin, plain_eager
 from . import naive
 
 try:
@@ -194,8 +195,7 @@ def _saved_like(x, kernel, L, mode):
     return x.new_empty(N, q, L // 2, 2, dtype=torch.float16 if mode == "packed16" else torch.float32)
 
 
-@torch.library.custom_op("mmm::fft_conv", mutates_args=())
-def fft_conv_op(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fft_conv_forward(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [N, q*n_in], kernel [p, q, L//2+1] complex -> (y [N, p*n_out], saved spectrum, row scales)."""
     if mode == "torch":
         y, X = naive.conv_forward(x, kernel, n_in, L, n_out)
@@ -205,14 +205,16 @@ def fft_conv_op(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out:
     return y, z, scale if scale is not None else x.new_empty(0, dtype=torch.float32)
 
 
+fft_conv_op = torch.library.custom_op("mmm::fft_conv", mutates_args=())(_fft_conv_forward)
+
+
 @fft_conv_op.register_fake
 def _(x, kernel, n_in, L, n_out, mode):
     rows = x.shape[0] if mode == "packed16" else 0
     return x.new_empty(x.shape[0], kernel.shape[0] * n_out), _saved_like(x, kernel, L, mode), x.new_empty(rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("mmm::fft_conv_backward", mutates_args=())
-def fft_conv_backward_op(dy: torch.Tensor, saved: torch.Tensor, scale: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int,
+def _fft_conv_backward(dy: torch.Tensor, saved: torch.Tensor, scale: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int,
                          mode: str, need_dx: bool, need_dkernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [N, q*n_in] or empty, dkernel like kernel or empty) from dy [N, p*n_out]."""
     N = dy.shape[0]
@@ -238,6 +240,9 @@ def fft_conv_backward_op(dy: torch.Tensor, saved: torch.Tensor, scale: torch.Ten
     return dx, dK.to(kernel.dtype)
 
 
+fft_conv_backward_op = torch.library.custom_op("mmm::fft_conv_backward", mutates_args=())(_fft_conv_backward)
+
+
 @fft_conv_backward_op.register_fake
 def _(dy, saved, scale, kernel, n_in, L, mode, need_dx, need_dkernel):
     N = dy.shape[0]
@@ -256,16 +261,21 @@ def _setup(ctx, inputs, output):
     ctx.n_in, ctx.L, ctx.mode = n_in, L, mode
 
 
-def _backward(ctx, dy, _dsaved, _dscale):
-    saved, scale, kernel = ctx.saved_tensors
-    need_dx, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if dy is None or not (need_dx or need_dk):
-        return None, None, None, None, None, None
-    dx, dK = fft_conv_backward_op(dy.contiguous(), saved, scale, kernel, ctx.n_in, ctx.L, ctx.mode, need_dx, need_dk)
-    return (dx if need_dx else None), (dK if need_dk else None), None, None, None, None
+def _gradients(backward):
+    def grads(ctx, dy, _dsaved, _dscale):
+        saved, scale, kernel = ctx.saved_tensors
+        need_dx, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if dy is None or not (need_dx or need_dk):
+            return None, None, None, None, None, None
+        dx, dK = backward(dy.contiguous(), saved, scale, kernel, ctx.n_in, ctx.L, ctx.mode, need_dx, need_dk)
+        return (dx if need_dx else None), (dK if need_dk else None), None, None, None, None
+
+    return grads
 
 
-fft_conv_op.register_autograd(_backward, setup_context=_setup)
+fft_conv_op.register_autograd(_gradients(fft_conv_backward_op), setup_context=_setup)
+# plain eager calls skip the custom-op dispatch (host time: see mmm.ops._eager)
+_EagerFFTConv = eager_twin("_EagerFFTConv", _fft_conv_forward, _setup, _gradients(_fft_conv_backward))
 
 
 def fft_conv(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: int) -> torch.Tensor:
@@ -298,5 +308,5 @@ def fft_conv(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: in
                              f"n_in={n_in}, L={L}, n_out={n_out}")
     if mode != "torch" and (L % 2 or x2.dtype == torch.float64):
         raise ValueError(f"the {mode} path needs an even L and fp32/bf16/fp16 x, got L={L}, {x2.dtype}")
-    y = fft_conv_op(x2, kernel, n_in, L, n_out, mode)[0]
+    y = (_EagerFFTConv.apply if plain_eager(x2, kernel) else fft_conv_op)(x2, kernel, n_in, L, n_out, mode)[0]
     return y.reshape(*lead, p * n_out)
