@@ -473,6 +473,20 @@ def test_eager_twin_and_library_op_agree_exactly(mode, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_fp16_gains_kernel_matches_the_torch_formula(transpose):
+    """The one-launch gains of the fp16 path equal op.py's formula computed with torch ops: R = max_o
+    sum_u max_f |K[o, u, f]| ((u, o) for the adjoint), gain = 2^floor(log2(2^11 / (R c))), 1/(2 L gain)."""
+    torch.manual_seed(0)
+    L, c = 64, 3.7
+    kernel = torch.fft.rfft(torch.randn(3, 2, L), dim=-1) * torch.logspace(-2, 2, 6).reshape(3, 2, 1)
+    kabs = kernel.abs().amax(-1)
+    R = (kabs.sum(0) if transpose else kabs.sum(1)).amax()
+    gain = torch.exp2(torch.floor(torch.log2(2.0**11 / (R * c))))
+    got = fft_kernels.fp16_gains(torch.view_as_real(kernel.contiguous()), transpose, c, L)
+    assert got[0] == gain and got[1] == 1 / (2 * L * gain)
+
+
 def test_torch_compile_fullgraph_traces_the_structures():
     for cls, cfg, shape in [(Circulant, mmm.CirculantConfig(block_size=4), (8, 12)), (Toeplitz, mmm.ToeplitzConfig(), (6, 10))]:
         s = cls(*shape, cfg)

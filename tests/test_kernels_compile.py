@@ -30,6 +30,8 @@ KERNELS = {
     "spectral_corr_kernel": ("fft", "*fp16", {"sx_ptr": "*fp32", "sdy_ptr": "*fp32", "part_ptr": "*fp32"},
                              dict(HAS_SCALE=True, BT="BT_CORR", BF="BF_CORR")),
     "cast_out_kernel": ("fft", "*fp32", {"out_ptr": "*bf16"}, dict(ROWSCALE=True, BLOCK="CAST_BLOCK")),
+    "gains_kernel": ("fft", "*fp32", {}, dict(BLOCK="GAIN_BLOCK")),
+    "corr_finish_kernel": ("fft", "*fp32", {}, dict(BLOCK="CAST_BLOCK")),
     # block-diagonal / Monarch stages, bf16 (the weight gradient's fp32 slots for dw)
     "block_gemm_kernel": ("blockdiag", "*bf16", {}, dict(SPLIT_A=1, SPLIT_B=False, SPLIT_C=True, UPCAST=False, FP32_IEEE=False)),
     "block_bwd_fused_kernel": ("blockdiag", "*bf16", {"dw_ptr": "*fp32"},

@@ -51,6 +51,7 @@ GPU_CORR_TILES = (16, 32, 128, 4)
 BT_MIX, BF_MIX, MIX_ROWS, WARPS_MIX = (16, 64, 32, 4) if INTERPRET else GPU_MIX_TILES
 BT_CORR, BF_CORR, CORR_ROWS, WARPS_CORR = (16, 64, 64, 4) if INTERPRET else GPU_CORR_TILES
 CAST_BLOCK = 1024 if INTERPRET else 2048
+GAIN_BLOCK = 256 if INTERPRET else 1024
 
 
 @triton.jit
@@ -224,6 +225,43 @@ def spectral_corr_kernel(zx_ptr, zdy_ptr, sx_ptr, sdy_ptr, part_ptr, N, H, Q, RO
 
 
 @triton.jit
+def gains_kernel(k_ptr, gains_ptr, OUTER, INNER, F, k_so, k_si, c, two_l, BLOCK: tl.constexpr):
+    """One program: R = max_a sum_b max_f |K[a, b, f]| (a, b = out, in block; swapped through the strides
+    for the adjoint), then gain = 2^floor(log2(2^11 / (R c))) clamped to 2^+-60 and 1 / (2 L gain)."""
+    r = 0.0
+    for a in range(OUTER):
+        row = 0.0
+        for b in range(INNER):
+            base = k_ptr + a * k_so + b * k_si
+            m = tl.zeros([BLOCK], dtype=tl.float32)
+            for f0 in range(0, F, BLOCK):
+                offs = f0 + tl.arange(0, BLOCK)
+                re = tl.load(base + 2 * offs, mask=offs < F, other=0.0)
+                im = tl.load(base + 2 * offs + 1, mask=offs < F, other=0.0)
+                m = tl.maximum(m, tl.sqrt(re * re + im * im))
+            row += tl.max(m, axis=0)
+        r = tl.maximum(r, row)
+    r = tl.maximum(r, 1e-30)
+    gain = tl.exp2(tl.minimum(tl.maximum(tl.floor(tl.log2(2048.0 / (r * c))), -60.0), 60.0))
+    tl.store(gains_ptr, gain)
+    tl.store(gains_ptr + 1, 1.0 / (two_l * gain))
+
+
+@triton.jit
+def corr_finish_kernel(part_ptr, out_ptr, CHUNKS, F, chunk_stride, L, BLOCK: tl.constexpr):
+    """out[f] = (w_f / (4 L)) sum_c part[c, f] per (re, im) value (f counts values of the [p, q, H+1, 2]
+    block), w_f = 1 at DC and Nyquist, 2 elsewhere (naive.hermitian_weights)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < F
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for ch in range(CHUNKS):
+        acc += tl.load(part_ptr + ch * chunk_stride + offs, mask=mask, other=0.0)
+    freq = (offs // 2) % (L // 2 + 1)
+    w = tl.where((freq == 0) | (2 * freq == L), 1.0, 2.0)
+    tl.store(out_ptr + offs, acc * (w / (4.0 * L)), mask=mask)
+
+
+@triton.jit
 def cast_out_kernel(y_ptr, out_ptr, gain_ptr, scale_ptr, P, L, N_OUT,
                     ROWSCALE: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -282,9 +320,24 @@ def spectral_mix(z: torch.Tensor, kernel_ri: torch.Tensor, gain: torch.Tensor, t
     return out
 
 
-def spectral_corr(zx: torch.Tensor, zdy: torch.Tensor, sx: torch.Tensor | None, sdy: torch.Tensor | None) -> torch.Tensor:
-    """sum over tokens of conj(2 X_j) (2 DY_i) / (sx sdy): [p, q, H+1] complex64, from the packed
-    spectra zx [N, q, H, 2] and zdy [N, p, H, 2]."""
+def fp16_gains(kernel_ri: torch.Tensor, transpose: bool, c: float, L: int) -> torch.Tensor:
+    """[gain, 1 / (2 L gain)] fp32 on the kernel's device, in one launch: the power-of-two gain of op.py's
+    fp16 range argument, R = max_o sum_u max_f |K[o, u, f]| ((u, o) for the adjoint), c the rest of
+    the bound. kernel_ri [p, q, F, 2] fp32, unit stride along the last two dims."""
+    so, si = kernel_ri.stride(0), kernel_ri.stride(1)
+    outer, inner = kernel_ri.shape[0], kernel_ri.shape[1]
+    if transpose:
+        so, si, outer, inner = si, so, inner, outer
+    gains = torch.empty(2, device=kernel_ri.device, dtype=torch.float32)
+    gains_kernel[(1,)](kernel_ri, gains, outer, inner, kernel_ri.shape[2], so, si, float(c), float(2 * L),
+                       BLOCK=GAIN_BLOCK)
+    return gains
+
+
+def spectral_corr(zx: torch.Tensor, zdy: torch.Tensor, sx: torch.Tensor | None, sdy: torch.Tensor | None,
+                  L: int) -> torch.Tensor:
+    """(w_f / (4 L)) sum over tokens of conj(2 X_j) (2 DY_i) / (sx sdy) = the kernel's gradient,
+    [p, q, H+1] complex64, from the packed spectra zx [N, q, H, 2] and zdy [N, p, H, 2]."""
     N, q, H, _ = zx.shape
     p = zdy.shape[1]
     _check_tiles(BT_CORR, BF_CORR, CORR_ROWS)
@@ -296,7 +349,10 @@ def spectral_corr(zx: torch.Tensor, zdy: torch.Tensor, sx: torch.Tensor | None, 
                                *_pairs_of(zx.stride(0), zx.stride(1), zdy.stride(0), zdy.stride(1),
                                           part.stride(0), part.stride(1), part.stride(2)),
                                HAS_SCALE=has_scale, BT=BT_CORR, BF=BF_CORR, num_warps=WARPS_CORR)
-    return torch.view_as_complex(part.sum(0))
+    out = torch.empty(p, q, H + 1, 2, device=zx.device, dtype=torch.float32)
+    values = p * q * (H + 1) * 2
+    corr_finish_kernel[(triton.cdiv(values, CAST_BLOCK),)](part, out, chunks, values, part.stride(0), L, BLOCK=CAST_BLOCK)
+    return torch.view_as_complex(out)
 
 
 def cast_out(y: torch.Tensor, p: int, L: int, n_out: int, gain: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):

@@ -153,10 +153,6 @@ def _c2c(z: torch.Tensor, inverse: bool) -> torch.Tensor:
     return torch.fft.ifft(z, dim=-1, norm="forward") if inverse else torch.fft.fft(z, dim=-1)
 
 
-def _pow2(v: torch.Tensor) -> torch.Tensor:
-    return torch.exp2(torch.floor(torch.log2(v)).clamp(-60, 60))
-
-
 def _packed_conv(x, q, n_in, kernel_ri, transpose, L, n_out, half, out_dtype):
     """y [N, o_blocks*n_out] = the operation of naive.py on the packed path (`transpose`: the adjoint,
     kernel conj(K)^T), plus the packed input spectrum [N, q, H, 2] and the row scales (or None)."""
@@ -169,11 +165,9 @@ def _packed_conv(x, q, n_in, kernel_ri, transpose, L, n_out, half, out_dtype):
     else:
         xr, scale = kernels.cast_in(x, q, n_in, L, work, bound)
     z = torch.view_as_real(_c2c(torch.view_as_complex(xr.view(N, q, H, 2)), inverse=False))
-    if half:
-        kabs = torch.view_as_complex(kernel_ri).abs().amax(-1)  # [p, q]
-        R = (kabs.sum(0) if transpose else kabs.sum(1)).amax().clamp_min(1e-30)
-        gain = _pow2(2.0**11 / (R * (math.sqrt((H + 1) * L * n_in) * bound))).reshape(1)
-        gain_out = 1.0 / (2 * L * gain)
+    if half:  # one launch for both (a chain of small torch ops cost ~10 launches per call)
+        gains = kernels.fp16_gains(kernel_ri, transpose, math.sqrt((H + 1) * L * n_in) * bound, L)
+        gain, gain_out = gains[:1], gains[1:]
     else:
         gain = torch.full((1,), 1.0 / (2 * L), device=x.device, dtype=torch.float32)
         gain_out = torch.ones(1, device=x.device, dtype=torch.float32)
@@ -235,8 +229,7 @@ def _fft_conv_backward(dy: torch.Tensor, saved: torch.Tensor, scale: torch.Tenso
     if not need_dkernel:
         return dx, kernel.new_empty(0)
     # sum conj(2X)(2DY) = 4 sum conj(X) DY; the gradient is (w_f / L) sum conj(X) DY.
-    corr = kernels.spectral_corr(saved, zdy, scale if half else None, sdy if half else None)
-    dK = corr * (naive.hermitian_weights(L, corr.device) / (4 * L))
+    dK = kernels.spectral_corr(saved, zdy, scale if half else None, sdy if half else None, L)
     return dx, dK.to(kernel.dtype)
 
 
