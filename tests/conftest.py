@@ -24,6 +24,17 @@ def _seed():
     yield
 
 
+def autograd_node_names(y: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes that produced y."""
+    names, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in names:
+            names.add(node.name())
+            todo += [n for n, _ in node.next_functions]
+    return names
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in fp64."""
     a, b = a.detach().double(), b.detach().double()

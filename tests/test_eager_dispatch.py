@@ -9,7 +9,7 @@ the twins' names and dispatch modes on one shape each.)"""
 import pytest
 import torch
 
-from conftest import OpNames, rel_err
+from conftest import OpNames, autograd_node_names, rel_err
 from mmm.ops import _eager
 from mmm.ops.blockdiag import kernels as block_kernels
 from mmm.ops.blockdiag import naive as block_naive
@@ -71,17 +71,6 @@ def test_the_monarch_cases_cover_each_weight_gradient_layout(name, splits, monke
     assert (block_kernels.weight_grad_splits(R, N)[0], block_kernels.weight_grad_splits(L, N)[0]) == splits
 
 
-def _graph(y) -> set[str]:
-    """Names of the autograd nodes that produced y."""
-    names, todo = set(), [y.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node.name() not in names:
-            names.add(node.name())
-            todo += [n for n, _ in node.next_functions]
-    return names
-
-
 def _forward_backward(fn, leaves, g, times=1):
     """y = fn(*leaves) and the leaves' .grad after `times` backward passes of <y, g> (accumulated)."""
     for t in leaves:
@@ -102,7 +91,7 @@ def test_twin_and_op_agree_with_each_other_and_the_reference(name, monkeypatch):
     g = torch.randn_like(fn(*leaves))
 
     y_twin, grads_twin = _forward_backward(fn, leaves, g)
-    assert f"{twin}Backward" in _graph(y_twin)
+    assert f"{twin}Backward" in autograd_node_names(y_twin)
     # accumulating twice into the gradients (views of one shared buffer) doubles each, exactly
     _, twice = _forward_backward(fn, leaves, g, times=2)
     for a, b in zip(twice, grads_twin):
@@ -111,7 +100,7 @@ def test_twin_and_op_agree_with_each_other_and_the_reference(name, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(module, "plain_eager", lambda *t: False)  # what a traced call gets: the torch.library op
         y_op, grads_op = _forward_backward(fn, leaves, g)
-    assert f"{twin}Backward" not in _graph(y_op)
+    assert f"{twin}Backward" not in autograd_node_names(y_op)
     assert torch.equal(y_twin, y_op)
     for a, b in zip(grads_twin, grads_op):
         assert torch.equal(a, b)
@@ -188,7 +177,7 @@ def test_gpu_compile_traces_the_ops(name):
     y, grads = _forward_backward(fn, leaves, g)
     y_c, grads_c = _forward_backward(torch.compile(fn, fullgraph=True, backend=backend), leaves, g)
     assert any(t.startswith("mmm.") and t.split(".")[1].endswith("_fwd") for t in targets), targets
-    assert f"{twin}Backward" not in _graph(y_c)
+    assert f"{twin}Backward" not in autograd_node_names(y_c)
     assert torch.equal(y, y_c)
     for a, b in zip(grads, grads_c):
         assert torch.equal(a, b)

@@ -6,7 +6,7 @@ op has the same tests in test_linear_attention_kernel.py.)"""
 import pytest
 import torch
 
-from conftest import OpNames
+from conftest import OpNames, autograd_node_names
 from mmm.ops.blockdiag import op as blockdiag_op
 from mmm.ops.kronecker import op as kron_op
 from mmm.ops.monarch import op as monarch_op
@@ -27,17 +27,6 @@ CASES = {
 }
 
 
-def _graph(y) -> set[str]:
-    """Names of the autograd nodes that produced y."""
-    names, todo = set(), [y.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node.name() not in names:
-            names.add(node.name())
-            todo += [n for n, _ in node.next_functions]
-    return names
-
-
 def _run(fn, inputs):
     leaves = [t.clone().requires_grad_() for t in inputs]
     y = fn(*leaves)
@@ -50,13 +39,13 @@ def test_twin_and_op_agree_exactly_and_each_is_used_where_it_should(name, monkey
     module, fn, op_name, twin, make = CASES[name]
     inputs = make()
     y, eager = _run(fn, inputs)
-    assert f"{twin}Backward" in _graph(y), _graph(y)  # a plain call takes the twin
+    assert f"{twin}Backward" in autograd_node_names(y), autograd_node_names(y)  # a plain call takes the twin
     with OpNames() as log:
         _run(fn, inputs)
     assert op_name in log.names  # under a dispatch mode, the op (the mode sees it, not its launches)
     monkeypatch.setattr(module, "plain_eager", lambda *t: False)
     y, op = _run(fn, inputs)
-    assert f"{twin}Backward" not in _graph(y)
+    assert f"{twin}Backward" not in autograd_node_names(y)
     for a, b in zip(eager, op):
         assert torch.equal(a, b)
 
