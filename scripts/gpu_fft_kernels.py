@@ -84,7 +84,7 @@ def main() -> None:
         copy_ms = bench(lambda: zx.clone())
         copy_gbs = 2 * spectrum_bytes / copy_ms / 1e6
         table.append(("copy", str(dtype)[6:], "z.clone()", copy_ms, copy_gbs, 1.0, 0.0))
-        calls = {"mix": lambda m: m.spectral_mix(zx, kernel_ri, gain, False), "corr": lambda m: m.spectral_corr(zx, zdy, sx, sdy)}
+        calls = {"mix": lambda m: m.spectral_mix(zx, kernel_ri, gain, False), "corr": lambda m: m.spectral_corr(zx, zdy, sx, sdy, 2 * zx.shape[2])}
         for kind, call in calls.items():
             reference = None
             for variant in VARIANTS[kind]:
