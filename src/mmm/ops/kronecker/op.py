@@ -37,9 +37,8 @@ if HAVE_TRITON:
         dY = dy.view(N, o1, o2)
         X = x.view(N, i1, i2)
         dx = torch.empty_like(x)
-        nA = A.numel()
-        grads = torch.empty(nA + B.numel(), device=x.device, dtype=torch.float32)
-        dA, dB = grads[:nA].view(A.shape), grads[nA:].view(B.shape)
+        grads = torch.empty(A.numel() + B.numel(), device=x.device, dtype=torch.float32)
+        dA, dB = _split_factor_grads(grads, A, B)
         if kernels.ONE_PASS_BWD and A.shape[0] == 1:  # dx, dA and dB from one read of dy and x
             kron_bwd_one_pass(dY, X, A, B, dx.view(N, i1, i2), out=(dA, dB))
         else:
