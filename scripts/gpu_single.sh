@@ -6,7 +6,8 @@
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh attn32k attn8k linear host
 # Phases: tests (no timing: may share the GPU), then timing phases, each alone: attn128k, attn32k, attn8k,
 # crossover (mmm bench attention cases; fla from .whl when carried), linear (mmm bench linear.square.d16384),
-# host (scripts/gpu_host_profile.py), fftk (scripts/gpu_fft_kernels.py: the FFT structures' spectral kernels
+# host (scripts/gpu_host_profile.py), launch (scripts/gpu_launch_paths.py and la_host_overhead.py: host
+# time of a Triton launch by path, ~1.5 min), fftk (scripts/gpu_fft_kernels.py: the FFT structures' spectral kernels
 # and their tilings, ~1 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
 # the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and stall reasons of
 # the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64, under compute-sanitizer
@@ -48,6 +49,7 @@ for phase in "$@"; do
     crossover) bench crossover 200 attn.crossover ;;
     linear) bench linear 150 linear.square.d16384 ;;
     host) step host 90 python scripts/gpu_host_profile.py ;;
+    launch) step launch 40 python scripts/gpu_launch_paths.py; step la_host 90 python scripts/la_host_overhead.py --gpu ;;
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;
     ncu) step ncu 240 python scripts/gpu_ncu.py --profile ;;
