@@ -6,6 +6,7 @@ a leaner launch could save, per launch, for a toy kernel with 20 arguments (like
 
   autotuned      kernel[grid](...) through triton.autotune (2 configs, key on two ints): what the ops do
   jit            the JITFunction's run with the tuned config's kwargs (no Autotuner wrapper)
+  mmm fast       mmm.ops._eager.FastLaunch (what the ops use): a key from the arguments, then `compiled`
   compiled       the CompiledKernel's own launcher with a pre-built argument list (no binding, no
                  specialization, no cache lookup): the floor of any Python-side launch path
   torch add      one tiny torch op, to put the numbers on the machine's scale
@@ -20,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
+
+from mmm.ops._eager import FastLaunch
 
 
 @triton.autotune(configs=[triton.Config({"BLOCK": 128}, num_warps=4), triton.Config({"BLOCK": 256}, num_warps=4)],
@@ -73,8 +76,14 @@ def main():
         kernel.run(1, 1, 1, stream, kernel.function, kernel.packed_metadata, meta,
                    knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
 
+    fast_kernel = FastLaunch(toy)
+
+    def fast():
+        fast_kernel[grid](*args, FLAG=True, MODE=1)
+
     x = ts[0]
-    rows = [("autotuned", autotuned), ("jit", jit_run), ("compiled", compiled), ("torch add", lambda: x.add(1.0))]
+    rows = [("autotuned", autotuned), ("jit", jit_run), ("mmm fast", fast), ("compiled", compiled),
+            ("torch add", lambda: x.add(1.0))]
     # correctness of the compiled path: it writes what the autotuned launch writes
     ts[1].zero_()
     compiled()

@@ -62,7 +62,9 @@ for phase in "$@"; do
     crossover) bench crossover 200 attn.crossover ;;
     linear) bench linear 150 linear.square.d16384 ;;
     host) step host 90 python scripts/gpu_host_profile.py ;;
-    launch) step launch 40 python scripts/gpu_launch_paths.py; step la_host 90 python scripts/la_host_overhead.py --gpu ;;
+    launch) step launch 40 python scripts/gpu_launch_paths.py
+      step t_fast 120 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_fast_launch.py
+      step la_host 90 python scripts/la_host_overhead.py --gpu ;;
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;
     ncu) step ncu 240 python scripts/gpu_ncu.py --profile ;;

@@ -18,9 +18,18 @@ what is cheap to avoid:
 
 from __future__ import annotations
 
+import inspect
+import os
+
 import torch
 from torch.library import wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+try:
+    from triton import knobs
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # CPU installs without triton or CUDA: FastLaunch is never used there
+    knobs = _raw_stream = None
 
 try:
     from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
@@ -76,9 +85,104 @@ def eager_twin(name: str, forward, setup_context, backward) -> type[torch.autogr
 
 def launcher(kernel):
     """`kernel` as the op bodies launch it: traceable through wrap_triton when that is on (inside the
-    torch.library ops while tracing), the kernel itself otherwise (wrap_triton would return it too, after
-    a few us of imports and type checks)."""
-    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
+    torch.library ops while tracing), else the kernel behind a `FastLaunch` (see there)."""
+    if is_wrap_triton_enabled():
+        return wrap_triton(kernel)
+    fast = _FAST_LAUNCHERS.get(kernel)
+    if fast is None:
+        fast = _FAST_LAUNCHERS[kernel] = FastLaunch(kernel) if FAST_LAUNCH else kernel
+    return fast
+
+
+# MMM_FAST_LAUNCH=0 turns FastLaunch off (every launch then goes through Triton's own path).
+FAST_LAUNCH = os.environ.get("MMM_FAST_LAUNCH", "1") != "0"
+_FAST_LAUNCHERS: dict = {}
+
+
+def _arg_class(a):
+    """What Triton specializes a kernel argument on, or a coarser split of it (splitting more is safe:
+    each class gets its own cache entry, filled by a launch through Triton's own path). Tensors: dtype
+    and 16-byte alignment; ints: == 1 (a constant), divisible by 16, fits int32; None for an argument
+    the fast path does not know (then it is not used)."""
+    t = type(a)
+    if t is torch.Tensor or t is torch.nn.Parameter:
+        return a.dtype, a.data_ptr() % 16 == 0
+    if t is int:
+        return a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF
+    if t is float or t is bool:
+        return t
+    return None
+
+
+class FastLaunch:
+    """`kernel[grid](*args, **kwargs)` for CUDA tensors without Triton's per-launch binding: the first
+    launch of each key (the `_arg_class` of every runtime argument, the value of every constexpr, the
+    autotuning key, the device) goes through Triton (autotuning and compiling as usual) and leaves its
+    compiled kernel and tuned config here; later launches with that key call the compiled kernel's
+    launcher directly.
+
+    Why: on the bench machines Triton's launch path (Autotuner.run, then JITFunction.run binding and
+    specializing ~20 arguments) costs more host time than these kernels take on the GPU at the bench
+    shapes (scripts/gpu_launch_paths.py measures it). Not used for CPU tensors (the interpreter),
+    while a launch hook is set, or for configs with pre-hooks; MMM_FAST_LAUNCH=0 turns it off."""
+
+    MAX_ENTRIES = 4096  # distinct keys kept per kernel (then the cache starts over)
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.names = None  # set at the first CUDA launch (the interpreter's functions lack .params)
+        self.entries: dict = {}
+
+    def _setup(self):
+        kernel = self.kernel
+        self.tuned = hasattr(kernel, "configs")  # an Autotuner (its .fn is the JITFunction)
+        jit = kernel.fn if self.tuned else kernel
+        self.names = tuple(p.name for p in jit.params)
+        self.constexprs = frozenset(p.name for p in jit.params if p.is_constexpr)
+        self.defaults = {p.name: p.default for p in jit.params if p.default is not inspect.Parameter.empty}
+        self.tune_keys = tuple(kernel.keys) if self.tuned else ()
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def _key(self, args, kwargs, device):
+        classes = tuple(map(_arg_class, args))
+        named = tuple((k, v if k in self.constexprs else _arg_class(v)) for k, v in kwargs.items())
+        if None in classes or any(c is None for _, c in named):
+            return None
+        tune = tuple(
+            kwargs[k] if k in kwargs else args[self.names.index(k)] if self.names.index(k) < len(args)
+            else self.defaults.get(k) for k in self.tune_keys)
+        return classes, named, tune, device
+
+    def launch(self, grid, args, kwargs):
+        first = args[0] if args else None
+        if type(first) is not torch.Tensor or not first.is_cuda or knobs.runtime.launch_enter_hook is not None:
+            return self.kernel[grid](*args, **kwargs)
+        if self.names is None:
+            self._setup()
+        device = torch.cuda.current_device()
+        key = self._key(args, kwargs, device)
+        entry = self.entries.get(key) if key is not None else None
+        if entry is None:
+            compiled = self.kernel[grid](*args, **kwargs)
+            config = self.kernel.best_config if self.tuned else None
+            fixed = {**self.defaults, **(config.kwargs if config is not None else {})}
+            names_known = all(n in kwargs or n in fixed for n in self.names[len(args):])
+            if key is not None and names_known and (config is None or config.pre_hook is None):
+                if len(self.entries) >= self.MAX_ENTRIES:
+                    self.entries.clear()
+                self.entries[key] = (compiled, fixed)
+            return compiled
+        compiled, fixed = entry
+        full = (*args, *(kwargs[n] if n in kwargs else fixed[n] for n in self.names[len(args):]))
+        if callable(grid):
+            grid = grid(dict(zip(self.names, full)))
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        compiled.run(grid[0], g1, g2, _raw_stream(device), compiled.function, compiled.packed_metadata, None,
+                     None, knobs.runtime.launch_exit_hook, *full)
+        return compiled
 
 
 def cdiv(a, b):

@@ -1,0 +1,162 @@
+"""FastLaunch (mmm.ops._eager): the first launch of each key goes through Triton, later ones call the
+compiled kernel directly. The key must split everything Triton specializes on (dtype, 16-byte alignment,
+ints equal to 1 or divisible by 16, constexpr values, the autotuning key, the device), or a launch would
+run a kernel compiled for other arguments. CPU: the key and the argument assembly, against a stand-in
+kernel. GPU: every fused op gives the same outputs and gradients with the fast path on and off."""
+
+import inspect
+import types
+
+import pytest
+import torch
+
+from mmm.ops import _eager
+from mmm.ops._eager import FastLaunch, _arg_class
+
+
+class _Param:
+    def __init__(self, name, constexpr=False, default=inspect.Parameter.empty):
+        self.name, self.is_constexpr, self.default = name, constexpr, default
+
+
+class _Compiled:
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self, log):
+        self.log = log
+
+    def run(self, g0, g1, g2, stream, function, packed, metadata, enter, exit_hook, *args):
+        self.log.append(("direct", (g0, g1, g2), args))
+
+
+class _Tuned:
+    """Stands in for triton.autotune(...)(triton.jit(f)) with f(x, n, eps, FLAG: constexpr, B: constexpr)."""
+
+    def __init__(self):
+        self.fn = types.SimpleNamespace(params=[_Param("x"), _Param("n"), _Param("eps", default=1e-6),
+                                                _Param("FLAG", True), _Param("B", True)])
+        self.configs, self.keys, self.log = [1, 2], ["n"], []
+        self.best_config = types.SimpleNamespace(kwargs={"B": 64}, pre_hook=None)
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("triton", grid, args, kwargs))
+            return _Compiled(self.log)
+        return run
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CPU tensors pass for CUDA ones inside FastLaunch."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_eager, "_raw_stream", lambda device: 7)
+    monkeypatch.setattr(_eager, "knobs", types.SimpleNamespace(runtime=types.SimpleNamespace(
+        launch_enter_hook=None, launch_exit_hook=None)))
+
+
+def test_arg_class_splits_what_triton_specializes():
+    buf = torch.zeros(64, dtype=torch.bfloat16)
+    assert _arg_class(buf) != _arg_class(buf[1:])  # 2-byte offset: not 16-byte aligned
+    assert _arg_class(buf) != _arg_class(buf.float())
+    assert _arg_class(1) != _arg_class(17) != _arg_class(32)
+    assert _arg_class(2**31) != _arg_class(2**31 - 16)
+    assert _arg_class(17) == _arg_class(19) and _arg_class(32) == _arg_class(48)
+    assert _arg_class(0.5) is float and _arg_class(True) is bool
+    assert _arg_class("text") is None and _arg_class(None) is None
+
+
+def test_first_launch_per_key_goes_through_triton_then_direct(fake_cuda):
+    kernel = _Tuned()
+    fast = FastLaunch(kernel)
+    x = torch.randn(32)
+    grid = lambda meta: (meta["n"] // meta["B"] + 1,)  # noqa: E731  (reads a runtime arg and the config)
+    fast[grid](x, 17, FLAG=True)
+    fast[grid](x, 19, FLAG=True)  # same class as 17, but n is the autotuning key: its own entry
+    fast[grid](x, 19, FLAG=True)
+    kinds = [entry[0] for entry in kernel.log]
+    assert kinds == ["triton", "triton", "direct"]
+    _, g, args = kernel.log[-1]
+    assert g == (1, 1, 1) and args[1:] == (19, 1e-6, True, 64)  # defaults and the tuned config fill the tail
+    fast[grid](x, 19, FLAG=False)  # another constexpr value
+    fast[grid](x[1:], 19, FLAG=True)  # misaligned
+    fast[grid](x.double(), 19, FLAG=True)  # another dtype
+    fast[grid](x, 19, 0.5, FLAG=True)  # eps given: another key (one more positional argument) ...
+    fast[grid](x, 19, 0.25, FLAG=True)  # ... whose next launch is direct, with the value given
+    assert [entry[0] for entry in kernel.log[3:]] == ["triton", "triton", "triton", "triton", "direct"]
+    assert kernel.log[-1][2][2] == 0.25
+
+
+def test_not_used_for_pre_hooks_unknown_args_or_launch_hooks(fake_cuda):
+    kernel = _Tuned()
+    kernel.best_config.pre_hook = lambda args: None
+    fast = FastLaunch(kernel)
+    x = torch.randn(4)
+    for _ in range(2):
+        fast[(1,)](x, 16, FLAG=True)
+    assert [e[0] for e in kernel.log] == ["triton", "triton"]
+    kernel = _Tuned()
+    fast = FastLaunch(kernel)
+    for _ in range(2):
+        fast[(1,)](x, 16, "unknown", FLAG=True)
+    _eager.knobs.runtime.launch_enter_hook = print  # a profiler's hook wants Triton's path
+    fast[(1,)](x, 16, FLAG=True)
+    fast[(1,)](x, 16, FLAG=True)
+    assert [e[0] for e in kernel.log] == ["triton"] * 4
+
+
+def test_cpu_tensors_take_triton_path():
+    kernel = _Tuned()
+    fast = FastLaunch(kernel)
+    for _ in range(2):
+        fast[(1,)](torch.randn(4), 16, FLAG=True)
+    assert [e[0] for e in kernel.log] == ["triton", "triton"]
+
+
+# ---- GPU: the fused ops, fast path on vs off ----
+
+def _ops():
+    from mmm.ops.blockdiag.op import blockdiag_matmul
+    from mmm.ops.kronecker.op import kron_matmul
+    from mmm.ops.linear_attention import linear_attention
+    from mmm.ops.monarch.op import monarch_matmul
+
+    dev, bf = "cuda", torch.bfloat16
+    return {
+        "blockdiag": (lambda x, w: blockdiag_matmul(x, w, path="triton"), [(1000, 512), (4, 128, 128)]),
+        "monarch": (lambda x, L, R: monarch_matmul(x, L, R, 1, path="triton"),
+                    [(1000, 1024), (16, 16, 64), (16, 64, 16)]),
+        "kronecker": (kron_matmul, [(1000, 1024), (1, 32, 32), (1, 32, 32)]),
+        "linear_attention": (linear_attention, [(1, 3000, 4, 64), (1, 3000, 4, 64), (1, 3000, 4, 64)]),
+    }, dev, bf
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["blockdiag", "monarch", "kronecker", "linear_attention"])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_gpu_fast_launch_matches_triton_path(name, offset, monkeypatch):
+    cases, dev, bf = _ops()
+    fn, shapes = cases[name]
+    torch.manual_seed(0)
+    # offset 1: every input is a misaligned view (2 bytes into a buffer), a separate key
+    inputs = [(torch.randn(torch.Size(s).numel() + offset, device=dev, dtype=bf) / 4)[offset:].view(s) for s in shapes]
+
+    def run():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        y = fn(*leaves)
+        y.float().square().sum().backward()
+        return [y.detach(), *(t.grad for t in leaves)]
+
+    monkeypatch.setattr(_eager, "FAST_LAUNCH", False)
+    monkeypatch.setattr(_eager, "_FAST_LAUNCHERS", {})
+    slow = run()
+    monkeypatch.setattr(_eager, "FAST_LAUNCH", True)
+    monkeypatch.setattr(_eager, "_FAST_LAUNCHERS", {})
+    run()  # fills the cache through Triton
+    fast = run()
+    direct = [f for f in _eager._FAST_LAUNCHERS.values() if isinstance(f, FastLaunch) and f.entries]
+    assert direct, "no kernel took the fast path"
+    for a, b in zip(slow, fast):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-2 * a.float().abs().max().item())
