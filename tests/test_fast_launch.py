@@ -79,11 +79,13 @@ def test_first_launch_per_key_goes_through_triton_then_direct(fake_cuda):
     _, g, args = kernel.log[-1]
     assert g == (1, 1, 1) and args[1:] == (19, 1e-6, True, 64)  # defaults and the tuned config fill the tail
     fast[grid](x, 19, FLAG=False)  # another constexpr value
+    fast[grid](x, 19, FLAG=True, num_warps=8)  # a launch option: counts whole, like constexprs
+    fast[grid](x, 19, FLAG=True, num_warps=4)
     fast[grid](x[1:], 19, FLAG=True)  # misaligned
     fast[grid](x.double(), 19, FLAG=True)  # another dtype
     fast[grid](x, 19, 0.5, FLAG=True)  # eps given: another key (one more positional argument) ...
     fast[grid](x, 19, 0.25, FLAG=True)  # ... whose next launch is direct, with the value given
-    assert [entry[0] for entry in kernel.log[3:]] == ["triton", "triton", "triton", "triton", "direct"]
+    assert [entry[0] for entry in kernel.log[3:]] == ["triton"] * 6 + ["direct"]
     assert kernel.log[-1][2][2] == 0.25
 
 
@@ -115,32 +117,39 @@ def test_cpu_tensors_take_triton_path():
 
 # ---- GPU: the fused ops, fast path on vs off ----
 
-def _ops():
+def _bf16(shape, offset):
+    """Random bf16 of `shape`; offset 1 makes it a view 2 bytes into its buffer (not 16-byte aligned)."""
+    n = torch.Size(shape).numel()
+    return (torch.randn(n + offset, device="cuda", dtype=torch.bfloat16) / 4)[offset:].view(shape)
+
+
+def _cases():
     from mmm.ops.blockdiag.op import blockdiag_matmul
+    from mmm.ops.fft.op import fft_conv
     from mmm.ops.kronecker.op import kron_matmul
     from mmm.ops.linear_attention import linear_attention
     from mmm.ops.monarch.op import monarch_matmul
 
-    dev, bf = "cuda", torch.bfloat16
-    return {
-        "blockdiag": (lambda x, w: blockdiag_matmul(x, w, path="triton"), [(1000, 512), (4, 128, 128)]),
+    spectrum = lambda: torch.randn(1, 1, 1025, dtype=torch.complex64, device="cuda") / 32  # noqa: E731
+    return {  # name: (function, inputs(offset))
+        "blockdiag": (lambda x, w: blockdiag_matmul(x, w, path="triton"),
+                      lambda o: [_bf16((1000, 512), o), _bf16((4, 128, 128), o)]),
         "monarch": (lambda x, L, R: monarch_matmul(x, L, R, 1, path="triton"),
-                    [(1000, 1024), (16, 16, 64), (16, 64, 16)]),
-        "kronecker": (kron_matmul, [(1000, 1024), (1, 32, 32), (1, 32, 32)]),
-        "linear_attention": (linear_attention, [(1, 3000, 4, 64), (1, 3000, 4, 64), (1, 3000, 4, 64)]),
-    }, dev, bf
+                    lambda o: [_bf16((1000, 1024), o), _bf16((16, 16, 64), o), _bf16((16, 64, 16), o)]),
+        "kronecker": (kron_matmul, lambda o: [_bf16((1000, 1024), o), _bf16((1, 32, 32), o), _bf16((1, 32, 32), o)]),
+        "linear_attention": (linear_attention, lambda o: [_bf16((1, 3000, 4, 64), o) for _ in range(3)]),
+        "fft_conv": (lambda x, k: fft_conv(x, k, 1024, 2048, 1024), lambda o: [_bf16((1000, 1024), o), spectrum()]),
+    }
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["blockdiag", "monarch", "kronecker", "linear_attention"])
+@pytest.mark.parametrize("name", ["blockdiag", "monarch", "kronecker", "linear_attention", "fft_conv"])
 @pytest.mark.parametrize("offset", [0, 1])
 def test_gpu_fast_launch_matches_triton_path(name, offset, monkeypatch):
-    cases, dev, bf = _ops()
-    fn, shapes = cases[name]
+    fn, make = _cases()[name]
     torch.manual_seed(0)
-    # offset 1: every input is a misaligned view (2 bytes into a buffer), a separate key
-    inputs = [(torch.randn(torch.Size(s).numel() + offset, device=dev, dtype=bf) / 4)[offset:].view(s) for s in shapes]
+    inputs = make(offset)
 
     def run():
         leaves = [t.detach().requires_grad_() for t in inputs]
@@ -158,5 +167,6 @@ def test_gpu_fast_launch_matches_triton_path(name, offset, monkeypatch):
     direct = [f for f in _eager._FAST_LAUNCHERS.values() if isinstance(f, FastLaunch) and f.entries]
     assert direct, "no kernel took the fast path"
     for a, b in zip(slow, fast):
-        assert torch.isfinite(b).all()
-        torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-2 * a.float().abs().max().item())
+        assert torch.isfinite(torch.view_as_real(b) if b.is_complex() else b).all()
+        a, b = (torch.view_as_real(t) if t.is_complex() else t.float() for t in (a, b))
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2 * a.abs().max().item())

@@ -85,9 +85,13 @@ def eager_twin(name: str, forward, setup_context, backward) -> type[torch.autogr
 
 def launcher(kernel):
     """`kernel` as the op bodies launch it: traceable through wrap_triton when that is on (inside the
-    torch.library ops while tracing), else the kernel behind a `FastLaunch` (see there)."""
-    if is_wrap_triton_enabled():
-        return wrap_triton(kernel)
+    torch.library ops while tracing), else `fast_launch(kernel)`."""
+    return wrap_triton(kernel) if is_wrap_triton_enabled() else fast_launch(kernel)
+
+
+def fast_launch(kernel):
+    """The kernel behind its `FastLaunch`, for launches outside any tracing (eager bodies, and the
+    bodies of torch.library.custom_op, which tracing does not enter)."""
     fast = _FAST_LAUNCHERS.get(kernel)
     if fast is None:
         fast = _FAST_LAUNCHERS[kernel] = FastLaunch(kernel) if FAST_LAUNCH else kernel
@@ -138,7 +142,7 @@ class FastLaunch:
         self.tuned = hasattr(kernel, "configs")  # an Autotuner (its .fn is the JITFunction)
         jit = kernel.fn if self.tuned else kernel
         self.names = tuple(p.name for p in jit.params)
-        self.constexprs = frozenset(p.name for p in jit.params if p.is_constexpr)
+        self.runtime = frozenset(p.name for p in jit.params if not p.is_constexpr)
         self.defaults = {p.name: p.default for p in jit.params if p.default is not inspect.Parameter.empty}
         self.tune_keys = tuple(kernel.keys) if self.tuned else ()
 
@@ -147,7 +151,8 @@ class FastLaunch:
 
     def _key(self, args, kwargs, device):
         classes = tuple(map(_arg_class, args))
-        named = tuple((k, v if k in self.constexprs else _arg_class(v)) for k, v in kwargs.items())
+        # keyword values count whole, except runtime arguments': constexprs and options (num_warps, ...)
+        named = tuple((k, _arg_class(v) if k in self.runtime else v) for k, v in kwargs.items())
         if None in classes or any(c is None for _, c in named):
             return None
         tune = tuple(

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._eager import cdiv, next_power_of_2
+from .._eager import cdiv, fast_launch, next_power_of_2
 from ..blockdiag.kernels import Operand, new_output, rows_of, stage_backward, stage_forward, weight_grad_splits
 
 
@@ -113,4 +113,4 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, b: int, c: int) -> None:
     N = src.shape[0]
     BC = next_power_of_2(c)
     BN = min(128, max(1, SWAP_TILE // BC))
-    swap_blocks_kernel[(cdiv(N, BN), b * b)](src, dst, N, b, c, BN=BN, BC=BC, num_warps=4)
+    fast_launch(swap_blocks_kernel)[(cdiv(N, BN), b * b)](src, dst, N, b, c, BN=BN, BC=BC, num_warps=4)
