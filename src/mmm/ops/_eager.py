@@ -171,10 +171,12 @@ class FastLaunch:
         entry = self.entries.get(key) if key is not None else None
         if entry is None:
             compiled = self.kernel[grid](*args, **kwargs)
+            if hasattr(compiled, "result"):  # Triton's async compile mode hands back a future
+                compiled = compiled.result()
             config = self.kernel.best_config if self.tuned else None
             fixed = {**self.defaults, **(config.kwargs if config is not None else {})}
             names_known = all(n in kwargs or n in fixed for n in self.names[len(args):])
-            if key is not None and names_known and (config is None or config.pre_hook is None):
+            if compiled is not None and key is not None and names_known and (config is None or config.pre_hook is None):
                 if len(self.entries) >= self.MAX_ENTRIES:
                     self.entries.clear()
                 self.entries[key] = (compiled, fixed)
