@@ -7,7 +7,8 @@
 # Phases: tests (no timing: may share the GPU), then timing phases, each alone: attn128k, attn32k, attn8k,
 # crossover (mmm bench attention cases; fla from .whl when carried), linear (mmm bench linear.square.d16384),
 # host (scripts/gpu_host_profile.py), launch (scripts/gpu_launch_paths.py and la_host_overhead.py: host
-# time of a Triton launch by path, ~1.5 min), fftk (scripts/gpu_fft_kernels.py: the FFT structures' spectral kernels
+# time of a Triton launch by path and the GPU test of mmm's FastLaunch, ~2 min), hostab (gpu_host_profile.py
+# with FastLaunch off, then on, ~2.5 min), la_host (scripts/la_host_overhead.py --gpu), fftk (scripts/gpu_fft_kernels.py: the FFT structures' spectral kernels
 # and their tilings, ~1 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
 # the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and stall reasons of
 # the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64, under compute-sanitizer
@@ -40,14 +41,11 @@ tests() {  # eight pytest processes side by side (-v: a timeout still leaves eac
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
 
-retests() {  # the GPU test files the H100 run of 2026-12-06 did not finish (its FFT, LA, sync/bench passed)
+retests() {  # the session-9 block-op changes' GPU tests (the H100 run of 2026-12-06 did not reach them)
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
   $t tests/test_kronecker_kernel.py > "$OUT/t_kron.log" 2>&1 &
   $t tests/test_block_kernels.py > "$OUT/t_block.log" 2>&1 &
   $t tests/test_block_paths.py tests/test_eager_dispatch.py tests/test_eager_fast_path.py > "$OUT/t_paths.log" 2>&1 &
-  $t tests/test_block_structures.py tests/test_checkpoint.py tests/test_projection_methods.py > "$OUT/t_structures.log" 2>&1 &
-  $t tests/test_attention_gpu.py tests/test_attention_flex.py > "$OUT/t_attention.log" 2>&1 &
-  $t tests/test_bench_attention.py tests/test_attention_fit.py > "$OUT/t_real_inputs.log" 2>&1 &
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
@@ -63,8 +61,11 @@ for phase in "$@"; do
     linear) bench linear 150 linear.square.d16384 ;;
     host) step host 90 python scripts/gpu_host_profile.py ;;
     launch) step launch 40 python scripts/gpu_launch_paths.py
-      step t_fast 120 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_fast_launch.py
-      step la_host 90 python scripts/la_host_overhead.py --gpu ;;
+      step t_fast 120 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_fast_launch.py ;;
+    hostab) for fast in 0 1; do  # host and GPU time of the launch-bound rows with FastLaunch off, then on
+        step "host_fast$fast" 80 env MMM_FAST_LAUNCH=$fast python scripts/gpu_host_profile.py \
+          --structures kronecker circulant "monarch b=128" dense; done ;;
+    la_host) step la_host 90 python scripts/la_host_overhead.py --gpu ;;
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;
     ncu) step ncu 240 python scripts/gpu_ncu.py --profile ;;
