@@ -4,16 +4,17 @@
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh tests            # GPU tests, 8 processes, ~4.5 min
 #   OUT=$OUT DEADLINE_S=580 bash scripts/gpu_single.sh attn128k         # issue-4 bench at 128k, ~6.5 min, alone
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh attn32k attn8k linear host
-# Phases: tests (no timing: may share the GPU), then timing phases, each alone: attn128k, attn32k, attn8k,
-# crossover (mmm bench attention cases; fla from .whl when carried), linear (mmm bench linear.square.d16384),
-# host (scripts/gpu_host_profile.py), launch (scripts/gpu_launch_paths.py and la_host_overhead.py: host
-# time of a Triton launch by path and the GPU test of mmm's FastLaunch, ~2 min), hostab (gpu_host_profile.py
-# with FastLaunch off, then on, ~2.5 min), la_host (scripts/la_host_overhead.py --gpu), fftk (scripts/gpu_fft_kernels.py: the FFT structures' spectral kernels
-# and their tilings, ~1 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
-# the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and stall reasons of
-# the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64, under compute-sanitizer
-# beside a retired config of the 2026-11-28 fault as the positive control, ~3 min). Bench files land as
-# bench_<phase>.{md,json,png}.
+# Phases: tests (no timing: may share the GPU) and retests (the block ops' GPU tests only), then timing
+# phases, each alone: attn128k, attn32k, attn8k, crossover (mmm bench attention cases; fla from .whl when
+# carried), linear (mmm bench linear.square.d16384), host (scripts/gpu_host_profile.py), launch
+# (scripts/gpu_launch_paths.py, host time of a Triton launch by path, then the GPU test of FastLaunch,
+# ~2 min), hostab (gpu_host_profile.py with FastLaunch off, then on, ~2.5 min), la_host
+# (scripts/la_host_overhead.py --gpu), fftk (scripts/gpu_fft_kernels.py: the FFT structures' spectral
+# kernels and their tilings, ~1 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
+# the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and
+# stall reasons of the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64,
+# under compute-sanitizer beside a retired config of the 2026-11-28 fault as the positive control,
+# ~3 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
