@@ -98,8 +98,9 @@ def fast_launch(kernel):
     return fast
 
 
-# MMM_FAST_LAUNCH=0 turns FastLaunch off (every launch then goes through Triton's own path).
-FAST_LAUNCH = os.environ.get("MMM_FAST_LAUNCH", "1") != "0"
+# MMM_FAST_LAUNCH=1 turns FastLaunch on. Off by default until a GPU run has checked it against Triton's
+# own path (tests/test_fast_launch.py's GPU test) and timed it (scripts/gpu_launch_paths.py).
+FAST_LAUNCH = os.environ.get("MMM_FAST_LAUNCH", "0") == "1"
 _FAST_LAUNCHERS: dict = {}
 
 
@@ -128,7 +129,7 @@ class FastLaunch:
     Why: on the bench machines Triton's launch path (Autotuner.run, then JITFunction.run binding and
     specializing ~20 arguments) costs more host time than these kernels take on the GPU at the bench
     shapes (scripts/gpu_launch_paths.py measures it). Not used for CPU tensors (the interpreter),
-    while a launch hook is set, or for configs with pre-hooks; MMM_FAST_LAUNCH=0 turns it off."""
+    while a launch hook is set, or for configs with pre-hooks; on with MMM_FAST_LAUNCH=1 (FAST_LAUNCH)."""
 
     MAX_ENTRIES = 4096  # distinct keys kept per kernel (then the cache starts over)
 
