@@ -61,6 +61,7 @@ def test_arg_class_splits_what_triton_specializes():
     assert _arg_class(buf) != _arg_class(buf.float())
     assert _arg_class(1) != _arg_class(17) != _arg_class(32)
     assert _arg_class(2**31) != _arg_class(2**31 - 16)
+    assert _arg_class(2**63) != _arg_class(2**62)
     assert _arg_class(17) == _arg_class(19) and _arg_class(32) == _arg_class(48)
     assert _arg_class(0.5) is float and _arg_class(True) is bool
     assert _arg_class("text") is None and _arg_class(None) is None

@@ -107,13 +107,13 @@ _FAST_LAUNCHERS: dict = {}
 def _arg_class(a):
     """What Triton specializes a kernel argument on, or a coarser split of it (splitting more is safe:
     each class gets its own cache entry, filled by a launch through Triton's own path). Tensors: dtype
-    and 16-byte alignment; ints: == 1 (a constant), divisible by 16, fits int32; None for an argument
+    and 16-byte alignment; ints: == 1 (a constant), divisible by 16, int32 / int64 / uint64; None for an argument
     the fast path does not know (then it is not used)."""
     t = type(a)
     if t is torch.Tensor or t is torch.nn.Parameter:
         return a.dtype, a.data_ptr() % 16 == 0
     if t is int:
-        return a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF
+        return a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF, a < 1 << 63  # 1, 16 | a, i32, i64 / u64
     if t is float or t is bool:
         return t
     return None
