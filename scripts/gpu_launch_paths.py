@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from mmm.ops import _eager
 from mmm.ops._eager import FastLaunch
 
 
@@ -77,6 +78,7 @@ def main():
                    knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
 
     fast_kernel = FastLaunch(toy)
+    _eager.FAST_LAUNCH = True  # its switch (off by default in the library)
 
     def fast():
         fast_kernel[grid](*args, FLAG=True, MODE=1)

@@ -47,7 +47,8 @@ class _Tuned:
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """CPU tensors pass for CUDA ones inside FastLaunch."""
+    """CPU tensors pass for CUDA ones inside FastLaunch, which is switched on."""
+    monkeypatch.setattr(_eager, "FAST_LAUNCH", True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(_eager, "_raw_stream", lambda device: 7)
@@ -111,9 +112,43 @@ def test_not_used_for_pre_hooks_unknown_args_or_launch_hooks(fake_cuda):
 def test_cpu_tensors_take_triton_path():
     kernel = _Tuned()
     fast = FastLaunch(kernel)
-    for _ in range(2):
-        fast[(1,)](torch.randn(4), 16, FLAG=True)
+    with _eager.fast_launches():
+        for _ in range(2):
+            fast[(1,)](torch.randn(4), 16, FLAG=True)
     assert [e[0] for e in kernel.log] == ["triton", "triton"]
+
+
+def test_switch_is_read_at_every_launch(fake_cuda):
+    kernel = _Tuned()
+    fast = FastLaunch(kernel)
+    x = torch.randn(4)
+    with _eager.fast_launches(False):
+        fast[(1,)](x, 16, FLAG=True)
+        fast[(1,)](x, 16, FLAG=True)
+    assert _eager.FAST_LAUNCH  # restored
+    fast[(1,)](x, 16, FLAG=True)
+    fast[(1,)](x, 16, FLAG=True)
+    assert [e[0] for e in kernel.log] == ["triton", "triton", "triton", "direct"]
+
+
+def test_bench_twin_switches_fast_launch_on_for_its_calls_only():
+    from mmm.bench.graphs import fast_launched
+    from mmm.bench.registry import Variant, Workload
+
+    seen = []
+    probe = lambda: seen.append(_eager.FAST_LAUNCH)  # noqa: E731
+
+    def build():
+        probe()
+        return Workload(forward=probe, forward_backward=probe)
+
+    twin = fast_launched(Variant("monarch b=128", build))
+    assert twin.label == "monarch b=128 [fast launch]" and not twin.baseline
+    work = twin.build()
+    work.forward()
+    work.forward_backward()
+    assert seen == [True, True, True] and work.info["fast_launch"]
+    assert not _eager.FAST_LAUNCH
 
 
 # ---- GPU: the fused ops, fast path on vs off ----
@@ -158,13 +193,12 @@ def test_gpu_fast_launch_matches_triton_path(name, offset, monkeypatch):
         y.float().square().sum().backward()
         return [y.detach(), *(t.grad for t in leaves)]
 
-    monkeypatch.setattr(_eager, "FAST_LAUNCH", False)
     monkeypatch.setattr(_eager, "_FAST_LAUNCHERS", {})
-    slow = run()
-    monkeypatch.setattr(_eager, "FAST_LAUNCH", True)
-    monkeypatch.setattr(_eager, "_FAST_LAUNCHERS", {})
-    run()  # fills the cache through Triton
-    fast = run()
+    with _eager.fast_launches(False):
+        slow = run()
+    with _eager.fast_launches():
+        run()  # fills the cache through Triton
+        fast = run()
     direct = [f for f in _eager._FAST_LAUNCHERS.values() if isinstance(f, FastLaunch) and f.entries]
     assert direct, "no kernel took the fast path"
     for a, b in zip(slow, fast):

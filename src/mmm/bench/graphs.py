@@ -1,7 +1,10 @@
-"""CUDA-graph twins of bench variants: the same work replayed from captured graphs, so the time is the
-GPU's alone, without the host's Python, dispatch and launch cost. Launch-bound rows (the "host f+b ms"
-column close to "fwd+bwd ms") show there what their kernels take; a user gets it by capturing the
-training step (torch.cuda.graph) or with torch.compile(mode="reduce-overhead"). CUDA only.
+"""Twins of bench variants for launch-bound rows (the "host f+b ms" column close to "fwd+bwd ms"):
+
+- `graphed`: the same work replayed from captured CUDA graphs, so the time is the GPU's alone, without
+  the host's Python, dispatch and launch cost; a user gets it by capturing the training step
+  (torch.cuda.graph) or with torch.compile(mode="reduce-overhead"). CUDA only.
+- `fast_launched`: the same eager work with mmm's FastLaunch on (mmm.ops._eager: Triton kernels
+  launched without Triton's per-launch argument binding), the side-by-side measure of what it saves.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..ops._eager import fast_launches
 from .registry import Variant, Workload
 from .timing import without_grad
 
@@ -51,3 +55,22 @@ def graphed(variant: Variant) -> Variant:
                                    grad_to_none=(), info=info)
 
     return Variant(f"{variant.label} [cuda graph]", build, baseline=False)
+
+
+def fast_launched(variant: Variant) -> Variant:
+    """`variant` with FastLaunch on in every call (and while it is built), labelled "<label> [fast launch]"."""
+
+    def switched(fn):
+        def call():
+            with fast_launches():
+                return fn()
+        return call
+
+    def build() -> Workload:
+        with fast_launches():
+            work = variant.build()
+        both = work.forward_backward and switched(work.forward_backward)
+        return dataclasses.replace(work, forward=switched(work.forward), forward_backward=both,
+                                   info=dict(work.info, fast_launch=True))
+
+    return Variant(f"{variant.label} [fast launch]", build, baseline=False)

@@ -18,6 +18,7 @@ what is cheap to avoid:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 
@@ -34,8 +35,6 @@ except ImportError:  # CPU installs without triton or CUDA: FastLaunch is never 
 try:
     from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 except ImportError:  # older torch: wrap_triton launched directly outside tracing anyway
-    import contextlib
-
     def is_wrap_triton_enabled() -> bool:
         return True
 
@@ -94,14 +93,26 @@ def fast_launch(kernel):
     bodies of torch.library.custom_op, which tracing does not enter)."""
     fast = _FAST_LAUNCHERS.get(kernel)
     if fast is None:
-        fast = _FAST_LAUNCHERS[kernel] = FastLaunch(kernel) if FAST_LAUNCH else kernel
+        fast = _FAST_LAUNCHERS[kernel] = FastLaunch(kernel)
     return fast
 
 
-# MMM_FAST_LAUNCH=1 turns FastLaunch on. Off by default until a GPU run has checked it against Triton's
-# own path (tests/test_fast_launch.py's GPU test) and timed it (scripts/gpu_launch_paths.py).
+# FastLaunch's switch, read at every launch (MMM_FAST_LAUNCH=1 at import, or `fast_launches`). Off by
+# default until a GPU run has checked it against Triton's own path (tests/test_fast_launch.py's GPU
+# test) and timed it (scripts/gpu_launch_paths.py, the bench's "[fast launch]" rows).
 FAST_LAUNCH = os.environ.get("MMM_FAST_LAUNCH", "0") == "1"
 _FAST_LAUNCHERS: dict = {}
+
+
+@contextlib.contextmanager
+def fast_launches(enabled: bool = True):
+    """FastLaunch on (or off) inside the block."""
+    global FAST_LAUNCH
+    before, FAST_LAUNCH = FAST_LAUNCH, enabled
+    try:
+        yield
+    finally:
+        FAST_LAUNCH = before
 
 
 def _arg_class(a):
@@ -129,7 +140,7 @@ class FastLaunch:
     Why: on the bench machines Triton's launch path (Autotuner.run, then JITFunction.run binding and
     specializing ~20 arguments) costs more host time than these kernels take on the GPU at the bench
     shapes (scripts/gpu_launch_paths.py measures it). Not used for CPU tensors (the interpreter),
-    while a launch hook is set, or for configs with pre-hooks; on with MMM_FAST_LAUNCH=1 (FAST_LAUNCH)."""
+    while a launch hook is set, or for configs with pre-hooks; off unless FAST_LAUNCH (below)."""
 
     MAX_ENTRIES = 4096  # distinct keys kept per kernel (then the cache starts over)
 
@@ -163,7 +174,8 @@ class FastLaunch:
 
     def launch(self, grid, args, kwargs):
         first = args[0] if args else None
-        if type(first) is not torch.Tensor or not first.is_cuda or knobs.runtime.launch_enter_hook is not None:
+        if (not FAST_LAUNCH or type(first) is not torch.Tensor or not first.is_cuda
+                or knobs.runtime.launch_enter_hook is not None):
             return self.kernel[grid](*args, **kwargs)
         if self.names is None:
             self._setup()
