@@ -18,7 +18,6 @@
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
-export MMM_FAST_LAUNCH=${MMM_FAST_LAUNCH:-1}  # mmm's FastLaunch (off by default in the library until checked here)
 if compgen -G ".whl/*.whl" > /dev/null; then  # fla for the attention benches, carried as wheels
   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > /dev/null 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
