@@ -109,6 +109,24 @@ def test_not_used_for_pre_hooks_unknown_args_or_launch_hooks(fake_cuda):
     assert [e[0] for e in kernel.log] == ["triton"] * 4
 
 
+def test_empty_hook_chains_count_as_no_hook(fake_cuda):
+    """triton 3.6 keeps its launch hooks as HookChain objects, never None (the first GPU run of
+    FastLaunch fell back to Triton's path on every launch because of that)."""
+    HookChain = pytest.importorskip("triton.knobs").HookChain
+
+    chain = HookChain()
+    _eager.knobs.runtime.launch_enter_hook = chain
+    _eager.knobs.runtime.launch_exit_hook = HookChain(reversed=True)
+    kernel = _Tuned()
+    fast = FastLaunch(kernel)
+    x = torch.randn(4)
+    for _ in range(2):
+        fast[(1,)](x, 16, FLAG=True)
+    chain.add(print)  # a profiler hooks in
+    fast[(1,)](x, 16, FLAG=True)
+    assert [e[0] for e in kernel.log] == ["triton", "direct", "triton"]
+
+
 def test_cpu_tensors_take_triton_path():
     kernel = _Tuned()
     fast = FastLaunch(kernel)

@@ -130,6 +130,12 @@ def _arg_class(a):
     return None
 
 
+def _hook_set(hook) -> bool:
+    """Whether a Triton launch hook would do anything: triton 3.6 keeps each as a HookChain (never None),
+    empty unless a profiler added to it."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class FastLaunch:
     """`kernel[grid](*args, **kwargs)` for CUDA tensors without Triton's per-launch binding: the first
     launch of each key (the `_arg_class` of every runtime argument, the value of every constexpr, the
@@ -175,7 +181,7 @@ class FastLaunch:
     def launch(self, grid, args, kwargs):
         first = args[0] if args else None
         if (not FAST_LAUNCH or type(first) is not torch.Tensor or not first.is_cuda
-                or knobs.runtime.launch_enter_hook is not None):
+                or _hook_set(knobs.runtime.launch_enter_hook)):
             return self.kernel[grid](*args, **kwargs)
         if self.names is None:
             self._setup()
@@ -200,8 +206,9 @@ class FastLaunch:
             grid = grid(dict(zip(self.names, full)))
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
+        exit_hook = knobs.runtime.launch_exit_hook
         compiled.run(grid[0], g1, g2, _raw_stream(device), compiled.function, compiled.packed_metadata, None,
-                     None, knobs.runtime.launch_exit_hook, *full)
+                     None, exit_hook if _hook_set(exit_hook) else None, *full)
         return compiled
 
 
