@@ -162,7 +162,8 @@ class FastLaunch:
         self.names = tuple(p.name for p in jit.params)
         self.runtime = frozenset(p.name for p in jit.params if not p.is_constexpr)
         self.defaults = {p.name: p.default for p in jit.params if p.default is not inspect.Parameter.empty}
-        self.tune_keys = tuple(kernel.keys) if self.tuned else ()
+        # where each autotuning key's value comes from: a positional index, else (keyword or default) its name
+        self.tune_keys = tuple((self.names.index(k), k) for k in kernel.keys) if self.tuned else ()
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
@@ -173,9 +174,8 @@ class FastLaunch:
         named = tuple((k, _arg_class(v) if k in self.runtime else v) for k, v in kwargs.items())
         if None in classes or any(c is None for _, c in named):
             return None
-        tune = tuple(
-            kwargs[k] if k in kwargs else args[self.names.index(k)] if self.names.index(k) < len(args)
-            else self.defaults.get(k) for k in self.tune_keys)
+        n = len(args)
+        tune = tuple([args[i] if i < n else kwargs[k] if k in kwargs else self.defaults.get(k) for i, k in self.tune_keys])
         return classes, named, tune, device
 
     def launch(self, grid, args, kwargs):
@@ -201,7 +201,7 @@ class FastLaunch:
                 self.entries[key] = (compiled, fixed)
             return compiled
         compiled, fixed = entry
-        full = (*args, *(kwargs[n] if n in kwargs else fixed[n] for n in self.names[len(args):]))
+        full = [*args, *[kwargs[n] if n in kwargs else fixed[n] for n in self.names[len(args):]]]
         if callable(grid):
             grid = grid(dict(zip(self.names, full)))
         g1 = grid[1] if len(grid) > 1 else 1
