@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._eager import fast_launch
+from .._eager import cdiv, fast_launch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PI = tl.constexpr(3.141592653589793)  # kernels may read only constexpr globals (plain ones fail to compile)
@@ -316,7 +316,7 @@ def spectral_mix(z: torch.Tensor, kernel_ri: torch.Tensor, gain: torch.Tensor, t
         so, su = su, so
     out = torch.empty(N, o_blocks, H, 2, device=z.device, dtype=z.dtype)
     _check_tiles(BT_MIX, BF_MIX, MIX_ROWS)
-    grid = (triton.cdiv(H // 2 + 1, BF_MIX) * triton.cdiv(N, MIX_ROWS), o_blocks)
+    grid = (cdiv(H // 2 + 1, BF_MIX) * cdiv(N, MIX_ROWS), o_blocks)
     fast_launch(spectral_mix_kernel)[grid](z, kernel_ri, gain, out, N, H, u_blocks, MIX_ROWS, *_pairs_of(z.stride(0), z.stride(1), so, su,
                               out.stride(0), out.stride(1)), CONJ=transpose, BT=BT_MIX, BF=BF_MIX, num_warps=WARPS_MIX)
     return out
@@ -343,9 +343,9 @@ def spectral_corr(zx: torch.Tensor, zdy: torch.Tensor, sx: torch.Tensor | None, 
     N, q, H, _ = zx.shape
     p = zdy.shape[1]
     _check_tiles(BT_CORR, BF_CORR, CORR_ROWS)
-    chunks = triton.cdiv(N, CORR_ROWS)
+    chunks = cdiv(N, CORR_ROWS)
     part = torch.empty(chunks, p, q, H + 1, 2, device=zx.device, dtype=torch.float32)
-    grid = (triton.cdiv(H // 2 + 1, BF_CORR) * chunks, p * q)
+    grid = (cdiv(H // 2 + 1, BF_CORR) * chunks, p * q)
     has_scale = sx is not None
     fast_launch(spectral_corr_kernel)[grid](zx, zdy, sx if has_scale else part, sdy if has_scale else part, part, N, H, q, CORR_ROWS,
                                *_pairs_of(zx.stride(0), zx.stride(1), zdy.stride(0), zdy.stride(1),
@@ -353,7 +353,7 @@ def spectral_corr(zx: torch.Tensor, zdy: torch.Tensor, sx: torch.Tensor | None, 
                                HAS_SCALE=has_scale, BT=BT_CORR, BF=BF_CORR, num_warps=WARPS_CORR)
     out = torch.empty(p, q, H + 1, 2, device=zx.device, dtype=torch.float32)
     values = p * q * (H + 1) * 2
-    fast_launch(corr_finish_kernel)[(triton.cdiv(values, CAST_BLOCK),)](part, out, chunks, values, part.stride(0), L, BLOCK=CAST_BLOCK)
+    fast_launch(corr_finish_kernel)[(cdiv(values, CAST_BLOCK),)](part, out, chunks, values, part.stride(0), L, BLOCK=CAST_BLOCK)
     return torch.view_as_complex(out)
 
 
@@ -363,7 +363,7 @@ def cast_out(y: torch.Tensor, p: int, L: int, n_out: int, gain: torch.Tensor, sc
     # The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even): round in torch there.
     truncating = INTERPRET and dtype == torch.bfloat16
     out = torch.empty(N, p * n_out, device=y.device, dtype=torch.float32 if truncating else dtype)
-    grid = (N, triton.cdiv(p * n_out, CAST_BLOCK))
+    grid = (N, cdiv(p * n_out, CAST_BLOCK))
     fast_launch(cast_out_kernel)[grid](y, out, gain, scale if scale is not None else gain, p, L, n_out,
                           ROWSCALE=scale is not None, BLOCK=CAST_BLOCK)
     return out.to(dtype) if truncating else out

@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..._checks import check_float_tensor
-from .._eager import eager_twin, plain_eager
+from .._eager import cdiv, eager_twin, plain_eager
 from .naive import linear_attention_naive
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -27,7 +27,6 @@ _TARGET_SEGMENTS = 512
 _MIN_SEGMENT = 512
 
 try:
-    import triton
     from torch.library import triton_op
 
     from .._eager import launcher
@@ -39,15 +38,11 @@ except ImportError:  # CPU installs without triton (or a torch without triton_op
     HAVE_TRITON = False
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def segment_len(T: int, batch_heads: int) -> int:
     """Tokens per segment: enough segments to fill the GPU, each a multiple of every kernel's chunk."""
     mult = kernels.SEGMENT_MULTIPLE
     per_seq = max(1, _TARGET_SEGMENTS // batch_heads)
-    L = _cdiv(_cdiv(T, per_seq), mult) * mult
+    L = cdiv(cdiv(T, per_seq), mult) * mult
     return max(L, mult if kernels.INTERPRET else _MIN_SEGMENT)
 
 
@@ -92,7 +87,7 @@ if HAVE_TRITON:
         when normalizing."""
         B, T, H, DK = q.shape
         DV = v.shape[-1]
-        NS = triton.cdiv(T, seg_len)
+        NS = cdiv(T, seg_len)
         M = DK * DV + DK
         o = torch.empty_like(v)
         alloc = torch.empty if normalize else torch.zeros
@@ -101,7 +96,7 @@ if HAVE_TRITON:
         common = dict(T=T, H=H, L=seg_len, NS=NS, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             k, v, v, rden, rden, rden, states, BWD=False, HAS_DRDEN=False, **common)
-        launcher(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
+        launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
         launcher(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
             q, k, v, o, rden, states, eps=eps, CAUSAL=causal, **common)
@@ -117,7 +112,7 @@ if HAVE_TRITON:
         of the rden output, when something used it (None otherwise)."""
         B, T, H, DK = q.shape
         DV = v.shape[-1]
-        NS = triton.cdiv(T, seg_len)
+        NS = cdiv(T, seg_len)
         M = DK * DV + DK
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         r = (torch.empty if normalize else torch.zeros)((B, H, T), dtype=torch.float32, device=q.device)
@@ -126,7 +121,7 @@ if HAVE_TRITON:
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             q, do, o, rden, r, rden if drden is None else drden, dstates, BWD=True,
             HAS_DRDEN=normalize and drden is not None, **common)
-        launcher(kernels.scan_kernel)[(triton.cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
+        launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
             launcher(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
