@@ -116,10 +116,10 @@ def fast_launches(enabled: bool = True):
 
 
 def _arg_class(a):
-    """What Triton specializes a kernel argument on, or a coarser split of it (splitting more is safe:
+    """What Triton specializes a kernel argument on, or a finer split of it (splitting more is safe:
     each class gets its own cache entry, filled by a launch through Triton's own path). Tensors: dtype
-    and 16-byte alignment; ints: == 1 (a constant), divisible by 16, int32 / int64 / uint64; None for an argument
-    the fast path does not know (then it is not used)."""
+    and 16-byte alignment; ints: == 1 (a constant), divisible by 16, int32 / int64 / uint64; None for an
+    argument the fast path does not know (then it is not used)."""
     t = type(a)
     if t is torch.Tensor or t is torch.nn.Parameter:
         return a.dtype, a.data_ptr() % 16 == 0
