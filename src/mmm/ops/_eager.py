@@ -154,6 +154,7 @@ class FastLaunch:
         self.kernel = kernel
         self.names = None  # set at the first CUDA launch (the interpreter's functions lack .params)
         self.entries: dict = {}
+        self.direct_launches = 0  # launches that took the direct path (tests and diagnosis read it)
 
     def _setup(self):
         kernel = self.kernel
@@ -206,6 +207,7 @@ class FastLaunch:
             grid = grid(dict(zip(self.names, full)))
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
+        self.direct_launches += 1
         exit_hook = knobs.runtime.launch_exit_hook
         compiled.run(grid[0], g1, g2, _raw_stream(device), compiled.function, compiled.packed_metadata, None,
                      None, exit_hook if _hook_set(exit_hook) else None, *full)
