@@ -5,6 +5,9 @@ run a kernel compiled for other arguments. CPU: the key and the argument assembl
 kernel. GPU: every fused op gives the same outputs and gradients with the fast path on and off."""
 
 import inspect
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -54,6 +57,17 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(_eager, "_raw_stream", lambda device: 7)
     monkeypatch.setattr(_eager, "knobs", types.SimpleNamespace(runtime=types.SimpleNamespace(
         launch_enter_hook=None, launch_exit_hook=None)))
+
+
+def test_switch_from_the_environment_is_checked():
+    def run(value):
+        code = "import mmm.ops._eager as e; print(e.FAST_LAUNCH)"
+        return subprocess.run([sys.executable, "-c", code], env={**os.environ, "MMM_FAST_LAUNCH": value},
+                              capture_output=True, text=True)
+
+    assert run("1").stdout.strip() == "True" and run("0").stdout.strip() == "False"
+    bad = run("yes")
+    assert bad.returncode != 0 and "MMM_FAST_LAUNCH must be 0" in bad.stderr
 
 
 def test_arg_class_splits_what_triton_specializes():

@@ -100,7 +100,10 @@ def fast_launch(kernel):
 # FastLaunch's switch, read at every launch (MMM_FAST_LAUNCH=1 at import, or `fast_launches`). Off by
 # default until a GPU run has checked it against Triton's own path (tests/test_fast_launch.py's GPU
 # test) and timed it (scripts/gpu_launch_paths.py, the bench's "[fast launch]" rows).
-FAST_LAUNCH = os.environ.get("MMM_FAST_LAUNCH", "0") == "1"
+_SWITCH = os.environ.get("MMM_FAST_LAUNCH", "0").strip()
+if _SWITCH not in ("0", "1"):
+    raise ValueError(f"MMM_FAST_LAUNCH must be 0 (off, the default) or 1 (on), got {_SWITCH!r}")
+FAST_LAUNCH = _SWITCH == "1"
 _FAST_LAUNCHERS: dict = {}
 
 
