@@ -179,7 +179,8 @@ class FastLaunch:
         if None in classes or any(c is None for _, c in named):
             return None
         n = len(args)
-        tune = tuple([args[i] if i < n else kwargs[k] if k in kwargs else self.defaults.get(k) for i, k in self.tune_keys])
+        tune = tuple([args[i] if i < n else kwargs[k] if k in kwargs else self.defaults.get(k)
+                      for i, k in self.tune_keys])
         return classes, named, tune, device
 
     def launch(self, grid, args, kwargs):
@@ -199,7 +200,8 @@ class FastLaunch:
             config = self.kernel.best_config if self.tuned else None
             fixed = {**self.defaults, **(config.kwargs if config is not None else {})}
             names_known = all(n in kwargs or n in fixed for n in self.names[len(args):])
-            if compiled is not None and key is not None and names_known and (config is None or config.pre_hook is None):
+            no_pre_hook = config is None or config.pre_hook is None
+            if compiled is not None and key is not None and names_known and no_pre_hook:
                 if len(self.entries) >= self.MAX_ENTRIES:
                     self.entries.clear()
                 self.entries[key] = (compiled, fixed)

@@ -93,8 +93,9 @@ def _product(x: torch.Tensor, gf: torch.Tensor, hf: torch.Tensor, out_features: 
 
 
 class _ChunkedProduct(torch.autograd.Function):
-    """`_product` over chunks of tokens (CHUNK_ELEMENTS, CUDA_CHUNK_ELEMENTS), keeping only x and the spectra for the
-    backward, which recomputes each chunk under autograd: memory stays bounded by one chunk."""
+    """`_product` over chunks of tokens (CHUNK_ELEMENTS, CUDA_CHUNK_ELEMENTS), keeping only x and the
+    spectra for the backward, which recomputes each chunk under autograd: memory stays bounded by one
+    chunk."""
 
     @staticmethod
     def forward(ctx, x, gf, hf, out_features):

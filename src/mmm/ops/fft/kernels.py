@@ -289,7 +289,7 @@ def cast_in(x: torch.Tensor, q: int, n_in: int, L: int, dtype: torch.dtype, boun
     out = torch.empty(N, q * L, device=x.device, dtype=dtype)
     scale = torch.empty(N, device=x.device, dtype=torch.float32) if bound is not None else None
     fast_launch(cast_in_kernel)[(N,)](x, out, scale if scale is not None else out, x.stride(0), q, n_in, L,
-                         float(bound or 1.0), SCALE=bound is not None, BLOCK=CAST_BLOCK)
+                                      float(bound or 1.0), SCALE=bound is not None, BLOCK=CAST_BLOCK)
     return out, scale
 
 
@@ -317,8 +317,9 @@ def spectral_mix(z: torch.Tensor, kernel_ri: torch.Tensor, gain: torch.Tensor, t
     out = torch.empty(N, o_blocks, H, 2, device=z.device, dtype=z.dtype)
     _check_tiles(BT_MIX, BF_MIX, MIX_ROWS)
     grid = (cdiv(H // 2 + 1, BF_MIX) * cdiv(N, MIX_ROWS), o_blocks)
-    fast_launch(spectral_mix_kernel)[grid](z, kernel_ri, gain, out, N, H, u_blocks, MIX_ROWS, *_pairs_of(z.stride(0), z.stride(1), so, su,
-                              out.stride(0), out.stride(1)), CONJ=transpose, BT=BT_MIX, BF=BF_MIX, num_warps=WARPS_MIX)
+    strides = _pairs_of(z.stride(0), z.stride(1), so, su, out.stride(0), out.stride(1))
+    fast_launch(spectral_mix_kernel)[grid](z, kernel_ri, gain, out, N, H, u_blocks, MIX_ROWS, *strides,
+                                           CONJ=transpose, BT=BT_MIX, BF=BF_MIX, num_warps=WARPS_MIX)
     return out
 
 
@@ -331,8 +332,8 @@ def fp16_gains(kernel_ri: torch.Tensor, transpose: bool, c: float, L: int) -> to
     if transpose:
         so, si, outer, inner = si, so, inner, outer
     gains = torch.empty(2, device=kernel_ri.device, dtype=torch.float32)
-    fast_launch(gains_kernel)[(1,)](kernel_ri, gains, outer, inner, kernel_ri.shape[2], so, si, float(c), float(2 * L),
-                       BLOCK=GAIN_BLOCK)
+    fast_launch(gains_kernel)[(1,)](kernel_ri, gains, outer, inner, kernel_ri.shape[2], so, si, float(c),
+                                    float(2 * L), BLOCK=GAIN_BLOCK)
     return gains
 
 
@@ -347,13 +348,15 @@ def spectral_corr(zx: torch.Tensor, zdy: torch.Tensor, sx: torch.Tensor | None, 
     part = torch.empty(chunks, p, q, H + 1, 2, device=zx.device, dtype=torch.float32)
     grid = (cdiv(H // 2 + 1, BF_CORR) * chunks, p * q)
     has_scale = sx is not None
-    fast_launch(spectral_corr_kernel)[grid](zx, zdy, sx if has_scale else part, sdy if has_scale else part, part, N, H, q, CORR_ROWS,
-                               *_pairs_of(zx.stride(0), zx.stride(1), zdy.stride(0), zdy.stride(1),
-                                          part.stride(0), part.stride(1), part.stride(2)),
-                               HAS_SCALE=has_scale, BT=BT_CORR, BF=BF_CORR, num_warps=WARPS_CORR)
+    strides = _pairs_of(zx.stride(0), zx.stride(1), zdy.stride(0), zdy.stride(1),
+                        part.stride(0), part.stride(1), part.stride(2))
+    fast_launch(spectral_corr_kernel)[grid](zx, zdy, sx if has_scale else part, sdy if has_scale else part, part,
+                                            N, H, q, CORR_ROWS, *strides,
+                                            HAS_SCALE=has_scale, BT=BT_CORR, BF=BF_CORR, num_warps=WARPS_CORR)
     out = torch.empty(p, q, H + 1, 2, device=zx.device, dtype=torch.float32)
     values = p * q * (H + 1) * 2
-    fast_launch(corr_finish_kernel)[(cdiv(values, CAST_BLOCK),)](part, out, chunks, values, part.stride(0), L, BLOCK=CAST_BLOCK)
+    fast_launch(corr_finish_kernel)[(cdiv(values, CAST_BLOCK),)](part, out, chunks, values, part.stride(0), L,
+                                                                 BLOCK=CAST_BLOCK)
     return torch.view_as_complex(out)
 
 
@@ -365,5 +368,5 @@ def cast_out(y: torch.Tensor, p: int, L: int, n_out: int, gain: torch.Tensor, sc
     out = torch.empty(N, p * n_out, device=y.device, dtype=torch.float32 if truncating else dtype)
     grid = (N, cdiv(p * n_out, CAST_BLOCK))
     fast_launch(cast_out_kernel)[grid](y, out, gain, scale if scale is not None else gain, p, L, n_out,
-                          ROWSCALE=scale is not None, BLOCK=CAST_BLOCK)
+                                       ROWSCALE=scale is not None, BLOCK=CAST_BLOCK)
     return out.to(dtype) if truncating else out
