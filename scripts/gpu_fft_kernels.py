@@ -42,7 +42,8 @@ def pipelined_copy(kernels):
     path = os.path.join(tempfile.mkdtemp(), "fft_kernels_pipelined.py")
     with open(path, "w") as f:
         f.write(src)
-    spec = importlib.util.spec_from_file_location("fft_kernels_pipelined", path)
+    # named inside mmm.ops.fft so that the copy's relative imports (from .._eager ...) resolve
+    spec = importlib.util.spec_from_file_location("mmm.ops.fft.kernels_pipelined", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

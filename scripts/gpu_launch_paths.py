@@ -78,7 +78,7 @@ def main():
                    knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
 
     fast_kernel = FastLaunch(toy)
-    _eager.FAST_LAUNCH = True  # its switch (off by default in the library)
+    _eager.FAST_LAUNCH = True  # its switch (on by default; MMM_FAST_LAUNCH=0 may have turned it off)
 
     def fast():
         fast_kernel[grid](*args, FLAG=True, MODE=1)

@@ -59,15 +59,24 @@ def fake_cuda(monkeypatch):
         launch_enter_hook=None, launch_exit_hook=None)))
 
 
-def test_switch_from_the_environment_is_checked():
-    def run(value):
-        code = "import mmm.ops._eager as e; print(e.FAST_LAUNCH)"
-        return subprocess.run([sys.executable, "-c", code], env={**os.environ, "MMM_FAST_LAUNCH": value},
-                              capture_output=True, text=True)
+def _switch_in_a_new_process(value: str | None):
+    """FAST_LAUNCH as a fresh import sees it with MMM_FAST_LAUNCH=value (unset for None)."""
+    env = {k: v for k, v in os.environ.items() if k != "MMM_FAST_LAUNCH"}
+    if value is not None:
+        env["MMM_FAST_LAUNCH"] = value
+    code = "import mmm.ops._eager as e; print(e.FAST_LAUNCH)"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
-    assert run("1").stdout.strip() == "True" and run("0").stdout.strip() == "False"
-    bad = run("yes")
+
+def test_switch_from_the_environment_is_checked():
+    assert _switch_in_a_new_process("1").stdout.strip() == "True"
+    assert _switch_in_a_new_process("0").stdout.strip() == "False"
+    bad = _switch_in_a_new_process("yes")
     assert bad.returncode != 0 and "MMM_FAST_LAUNCH must be 0" in bad.stderr
+
+
+def test_fast_launch_is_on_by_default():
+    assert _switch_in_a_new_process(None).stdout.strip() == "True"
 
 
 def test_arg_class_splits_what_triton_specializes():
@@ -163,8 +172,9 @@ def test_switch_is_read_at_every_launch(fake_cuda):
     assert [e[0] for e in kernel.log] == ["triton", "triton", "triton", "direct"]
 
 
-def test_bench_twin_switches_fast_launch_on_for_its_calls_only():
-    from mmm.bench.graphs import fast_launched
+def test_bench_twin_switches_fast_launch_off_for_its_calls_only(monkeypatch):
+    monkeypatch.setattr(_eager, "FAST_LAUNCH", True)
+    from mmm.bench.graphs import triton_launched
     from mmm.bench.registry import Variant, Workload
 
     seen = []
@@ -174,13 +184,22 @@ def test_bench_twin_switches_fast_launch_on_for_its_calls_only():
         probe()
         return Workload(forward=probe, forward_backward=probe)
 
-    twin = fast_launched(Variant("monarch b=128", build))
-    assert twin.label == "monarch b=128 [fast launch]" and not twin.baseline
+    twin = triton_launched(Variant("monarch b=128", build))
+    assert twin.label == "monarch b=128 [triton launch]" and not twin.baseline
     work = twin.build()
     work.forward()
     work.forward_backward()
-    assert seen == [True, True, True] and work.info["fast_launch"]
-    assert not _eager.FAST_LAUNCH
+    assert seen == [False, False, False] and work.info["fast_launch"] is False
+    assert _eager.FAST_LAUNCH
+
+
+def test_direct_launch_count_sums_every_kernel(fake_cuda, monkeypatch):
+    monkeypatch.setattr(_eager, "_FAST_LAUNCHERS", {})
+    x = torch.randn(4)
+    for kernel in (_Tuned(), _Tuned()):
+        for _ in range(3):  # the first launch of a key goes through Triton, the next two are direct
+            _eager.fast_launch(kernel)[(1,)](x, 16, FLAG=True)
+    assert _eager.direct_launch_count() == 4
 
 
 # ---- GPU: the fused ops, fast path on vs off ----

@@ -51,7 +51,7 @@ from ..attention.api import exact_rows, sample_query_rows
 from ..attention.feature_maps import FeatureMap, HedgehogFeatureMap, make_feature_map
 from ..attention.fit import fit_hybrid, train_hedgehog
 from .attention_inputs import real_qkv, training_qkv
-from .graphs import fast_launched, graphed
+from .graphs import triton_launched, graphed
 from .registry import Variant, Workload, bench_case
 from .timing import FULL, QUICK, median_ms
 
@@ -366,7 +366,7 @@ def _causal_setup(t: int, sizes: Sizes):
             variants.append(hybrid_variant(name, inputs, grad, near + far, (near * SOFTMAX_BWD + far * LINEAR_BWD) / (near + far),
                                            w, peak_bytes("hybrid", b, h, t, w), quick, real))
         if cuda:  # without host overhead (the fixed cost that dominates at short T): cuDNN and elu
-            variants += [graphed(variants[0]), graphed(variants[2]), fast_launched(variants[2])]
+            variants += [graphed(variants[0]), graphed(variants[2]), triton_launched(variants[2])]
         # fla is GPU-only: listed on CUDA always (a missing install shows as an error), on CPU if installed
         if cuda or importlib.util.find_spec("fla") is not None:
             variants.append(fla_variant("fla chunk_linear_attn (normalized, elu+1)", "normalized", inputs, grad, lin, real))
@@ -420,8 +420,8 @@ def _crossover_setup(sizes: Sizes):
                                               info={"T": t, "backend": backend, **summary}))
             variants.append(attention_variant(f"linear elu (normalized) T={t}", linear, inputs, grad,
                                               linear_flops(b, h, t, d), LINEAR_BWD, info={"T": t, **summary}))
-            if device.type == "cuda":  # the host cost binds at short T: the same with FastLaunch
-                variants.append(fast_launched(variants[-1]))
+            if device.type == "cuda":  # the host cost binds at short T: the same through Triton's launch path
+                variants.append(triton_launched(variants[-1]))
         return variants
 
     return setup

@@ -26,7 +26,7 @@ from ..configs import (
 )
 from ..linear import StructuredLinear
 from ..ops import reference_only
-from .graphs import fast_launched, graphed
+from .graphs import triton_launched, graphed
 from .registry import Variant, Workload, bench_case
 
 FULL_TOKENS, FULL_DIMS = 8192, (4096, 8192, 16384, 32768)
@@ -35,8 +35,9 @@ SHAPES = {"square": 1, "up4x": 4}  # d_out = multiplier * d_in
 # square sizes that also time torch.compile of each structure's plain PyTorch version (compiling
 # every variant at every size would take most of a GPU session)
 COMPILED_REFERENCE_DIMS = (16384,)
-# rows whose host time came close to their GPU time on the H200 (session 8): timed again with FastLaunch
-FAST_LAUNCH_ROWS = ("blockdiag b=16", "monarch b=128", "kronecker 1 term", "circulant", "toeplitz")
+# rows whose host time came close to their GPU time on the H200 (session 8): timed again through Triton's
+# own launch path, beside the default FastLaunch (what it saves)
+LAUNCH_BOUND_ROWS = ("blockdiag b=16", "monarch b=128", "kronecker 1 term", "circulant", "toeplitz")
 
 
 def structured_configs(d_in: int, d_out: int) -> list[tuple[str, StructureConfig]]:
@@ -127,8 +128,8 @@ def _linear_setup(n: int, d_in: int, d_out: int):
             variants += [graphed(linear_variant("dense nn.Linear", x, grad))]
             variants += [graphed(linear_variant(label, x, grad, config))
                          for label, config in configs if not isinstance(config, LDRConfig)]
-            variants += [fast_launched(linear_variant(label, x, grad, config))
-                         for label, config in configs if label in FAST_LAUNCH_ROWS]
+            variants += [triton_launched(linear_variant(label, x, grad, config))
+                         for label, config in configs if label in LAUNCH_BOUND_ROWS]
         if d_in == d_out and d_in in COMPILED_REFERENCE_DIMS:
             # what a user gets today without mmm's kernels: torch.compile of the plain PyTorch structure
             variants += [linear_variant(f"{label} [compiled ref]", x, grad, config, compile=True, reference=True)

@@ -3,8 +3,9 @@
 - `graphed`: the same work replayed from captured CUDA graphs, so the time is the GPU's alone, without
   the host's Python, dispatch and launch cost; a user gets it by capturing the training step
   (torch.cuda.graph) or with torch.compile(mode="reduce-overhead"). CUDA only.
-- `fast_launched`: the same eager work with mmm's FastLaunch on (mmm.ops._eager: Triton kernels
-  launched without Triton's per-launch argument binding), the side-by-side measure of what it saves.
+- `triton_launched`: the same eager work with mmm's FastLaunch off (mmm.ops._eager: by default Triton
+  kernels are launched without Triton's per-launch argument binding), the side-by-side measure of what
+  FastLaunch saves.
 """
 
 from __future__ import annotations
@@ -57,20 +58,21 @@ def graphed(variant: Variant) -> Variant:
     return Variant(f"{variant.label} [cuda graph]", build, baseline=False)
 
 
-def fast_launched(variant: Variant) -> Variant:
-    """`variant` with FastLaunch on in every call (and while it is built), labelled "<label> [fast launch]"."""
+def triton_launched(variant: Variant) -> Variant:
+    """`variant` with FastLaunch off in every call (and while it is built): every kernel goes through
+    Triton's own launch path. Labelled "<label> [triton launch]"."""
 
     def switched(fn):
         def call():
-            with fast_launches():
+            with fast_launches(False):
                 return fn()
         return call
 
     def build() -> Workload:
-        with fast_launches():
+        with fast_launches(False):
             work = variant.build()
         both = work.forward_backward and switched(work.forward_backward)
         return dataclasses.replace(work, forward=switched(work.forward), forward_backward=both,
-                                   info=dict(work.info, fast_launch=True))
+                                   info=dict(work.info, fast_launch=False))
 
-    return Variant(f"{variant.label} [fast launch]", build, baseline=False)
+    return Variant(f"{variant.label} [triton launch]", build, baseline=False)

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from ..ops._eager import direct_launch_count
 from .registry import Case, Variant
 from .timing import FULL, QUICK, TimerSettings, host_ms, median_ms, without_grad
 
@@ -57,7 +58,10 @@ def measure_variant(variant: Variant, device: torch.device, settings: TimerSetti
             row["fwd_bwd_ms"] = median_ms(work.forward_backward, device, settings, work.grad_to_none)
             # ~100 ms of calls, 2 to 10: slow rows queue little work behind the host
             reps = max(2, min(10, int(100 / max(row["fwd_bwd_ms"], 1e-3))))
+            direct = direct_launch_count()
             row["host_fwd_bwd_ms"] = host_ms(work.forward_backward, device, reps, work.grad_to_none)
+            if device.type == "cuda":  # FastLaunch's direct launches per call (0: all went through Triton)
+                row["info"]["direct_launches_per_call"] = round((direct_launch_count() - direct) / (reps + 1), 1)
     except Exception as exc:  # recorded in the report; the run goes on with the next variant
         row["error"] = _error_text(exc)
     finally:

@@ -97,12 +97,13 @@ def fast_launch(kernel):
     return fast
 
 
-# FastLaunch's switch, read at every launch (MMM_FAST_LAUNCH=1 at import, or `fast_launches`). Off by
-# default until a GPU run has checked it against Triton's own path (tests/test_fast_launch.py's GPU
-# test) and timed it (scripts/gpu_launch_paths.py, the bench's "[fast launch]" rows).
-_SWITCH = os.environ.get("MMM_FAST_LAUNCH", "0").strip()
+# FastLaunch's switch, read at every launch (MMM_FAST_LAUNCH=0 at import turns it off, or `fast_launches`).
+# On by default since its GPU test passed on an H100 (every fused op, aligned and misaligned inputs, the
+# direct path against Triton's) and it halved the host time per launch there (57.5 -> 28.7 us through
+# an autotuner; results/h100/2026-12-06-s11-*). The bench's "[triton launch]" rows time it off.
+_SWITCH = os.environ.get("MMM_FAST_LAUNCH", "1").strip()
 if _SWITCH not in ("0", "1"):
-    raise ValueError(f"MMM_FAST_LAUNCH must be 0 (off, the default) or 1 (on), got {_SWITCH!r}")
+    raise ValueError(f"MMM_FAST_LAUNCH must be 0 (off) or 1 (on, the default), got {_SWITCH!r}")
 FAST_LAUNCH = _SWITCH == "1"
 _FAST_LAUNCHERS: dict = {}
 
@@ -116,6 +117,11 @@ def fast_launches(enabled: bool = True):
         yield
     finally:
         FAST_LAUNCH = before
+
+
+def direct_launch_count() -> int:
+    """Launches that took FastLaunch's direct path so far, over all kernels (the bench reports it per call)."""
+    return sum(fast.direct_launches for fast in _FAST_LAUNCHERS.values())
 
 
 def _arg_class(a):
@@ -149,7 +155,7 @@ class FastLaunch:
     Why: on the bench machines Triton's launch path (Autotuner.run, then JITFunction.run binding and
     specializing ~20 arguments) costs more host time than these kernels take on the GPU at the bench
     shapes (scripts/gpu_launch_paths.py measures it). Not used for CPU tensors (the interpreter),
-    while a launch hook is set, or for configs with pre-hooks; off unless FAST_LAUNCH (below)."""
+    while a launch hook is set, or for configs with pre-hooks, or with FAST_LAUNCH off (below)."""
 
     MAX_ENTRIES = 4096  # distinct keys kept per kernel (then the cache starts over)
 
