@@ -4,13 +4,14 @@
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh tests            # GPU tests, 8 processes, ~4.5 min
 #   OUT=$OUT DEADLINE_S=580 bash scripts/gpu_single.sh attn128k         # issue-4 bench at 128k, ~6.5 min, alone
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh attn32k attn8k linear host
-# Phases: tests (no timing: may share the GPU) and retests (the block ops' GPU tests only), then timing
+# Phases: tests (no timing: may share the GPU) and retests (FAVOR+, block compile, FastLaunch GPU tests), then timing
 # phases, each alone: attn128k, attn32k, attn8k, crossover (mmm bench attention cases; fla from .whl when
 # carried), linear (mmm bench linear.square.d16384), host (scripts/gpu_host_profile.py), launch
 # (scripts/gpu_launch_paths.py, host time of a Triton launch by path, then the GPU test of FastLaunch,
 # ~2 min), hostab (gpu_host_profile.py with FastLaunch off, then on, ~2.5 min), la_host
 # (scripts/la_host_overhead.py --gpu), fftk (scripts/gpu_fft_kernels.py: the FFT structures' spectral
-# kernels and their tilings, ~1 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
+# kernels and their tilings, ~1 min), hybridprof (scripts/gpu_hybrid_profile.py: CUDA time per kernel of
+# linear, window and hybrid f+b at 128k, ~1 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
 # the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and
 # stall reasons of the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64,
 # under compute-sanitizer beside a retired config of the 2026-11-28 fault as the positive control,
@@ -42,11 +43,11 @@ tests() {  # eight pytest processes side by side (-v: a timeout still leaves eac
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
 
-retests() {  # the session-9 block-op changes' GPU tests (the H100 run of 2026-12-06 did not reach them)
+retests() {  # what session 11 changed or did not reach: FAVOR+ through the kernel, block ops' compile test
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
-  $t tests/test_kronecker_kernel.py > "$OUT/t_kron.log" 2>&1 &
-  $t tests/test_block_kernels.py > "$OUT/t_block.log" 2>&1 &
-  $t tests/test_block_paths.py tests/test_eager_dispatch.py tests/test_eager_fast_path.py > "$OUT/t_paths.log" 2>&1 &
+  $t tests/test_attention_gpu.py -k "favor or key_slices" > "$OUT/t_favor.log" 2>&1 &
+  $t tests/test_block_kernels.py -k "compile or opcheck" > "$OUT/t_block.log" 2>&1 &
+  $t tests/test_fast_launch.py > "$OUT/t_fast.log" 2>&1 &
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
@@ -68,6 +69,7 @@ for phase in "$@"; do
           --structures kronecker circulant "monarch b=128" dense; done ;;
     la_host) step la_host 90 python scripts/la_host_overhead.py --gpu ;;
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
+    hybridprof) step hybridprof 120 python scripts/gpu_hybrid_profile.py ;;
     window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;
     ncu) step ncu 240 python scripts/gpu_ncu.py --profile ;;
     sanitize) step sanitize 300 python scripts/gpu_linear_attention_configs.py --sanitize --budget-s 200 \

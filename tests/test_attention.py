@@ -425,6 +425,39 @@ def test_wide_keys_through_the_kernel_in_slices(kind, causal, normalize, monkeyp
 
 
 @pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("num_features, split", [(24, None), (40, 16)])
+def test_favor_through_the_kernel_matches_the_pytorch_path(num_features, split, causal, normalize, monkeypatch):
+    """FAVOR+ (a query log scale, feature counts the kernel does not take) goes through the kernel with
+    its features zero-padded (24 -> 32 in one call; 40 -> 64 in four 16-wide slices) and the query scale
+    put back: output and the gradients of q, k, v as the chunked PyTorch path, in fp32, GQA included."""
+    from mmm.attention import linear as linear_mod
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
+    monkeypatch.setattr(linear_mod, "KEY_SPLIT", split)
+    fmap = FavorFeatureMap(16, num_features=num_features, seed=3)
+    q, k, v = qkv(torch.float32, d=16, dv=32)
+    assert api.attention_path(q, k, v, "linear", feature_map=fmap) == "triton"
+    g = torch.randn(B, T, H, 32)
+    import mmm.ops.linear_attention as la
+
+    widths, real = [], la.linear_attention
+    monkeypatch.setattr(la, "linear_attention", lambda q_, *a, **kw: widths.append(q_.shape[-1]) or real(q_, *a, **kw))
+
+    def run(kernel: bool):
+        monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", kernel)
+        o = mmm.attention(q, k, v, "linear", feature_map=fmap, causal=causal, normalize=normalize)
+        return [o, *torch.autograd.grad(o, (q, k, v), g)]
+
+    got = run(True)
+    assert widths == ([32] if split is None else [16] * 4)
+    for a, b in zip(got, run(False)):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
 @pytest.mark.parametrize("fmap_name", ["elu", "relu"])
 def test_native_maps_with_v_dim_other_than_head_dim_through_the_kernel(fmap_name, monkeypatch):
     """elu / relu with v wider than q and k (key width 16, value width 32) take the kernel and match the
@@ -455,9 +488,13 @@ def test_maps_the_kernel_cannot_take_stay_on_the_pytorch_path(monkeypatch):
     monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
     q, k, v = qkv(torch.float32, d=16, dv=16)
     assert linear_mod.triton_applies(q, v, make_feature_map("elu", 16))
-    assert not linear_mod.triton_applies(q, v, FavorFeatureMap(16, num_features=16))  # rescales its queries
-    assert not linear_mod.triton_applies(q, v, TaylorFeatureMap(16))  # F = 273: wider than the kernel takes
-    assert not linear_mod.triton_applies(q, v, HedgehogFeatureMap(16, num_features=4))  # F = 8: narrower than it takes
+    favor = FavorFeatureMap(16, num_features=16)
+    assert not linear_mod.triton_applies(q, v, favor)  # rescales its queries: only where the caller takes that
+    assert linear_mod.triton_applies(q, v, favor, query_scale=True)
+    assert not linear_mod.triton_applies(q.half(), v.half(), favor, query_scale=True)  # fp16 key features overflow
+    assert not linear_mod.triton_applies(q, v, TaylorFeatureMap(16))  # F = 273, features of either sign: no slices
+    assert linear_mod.triton_applies(q, v, HedgehogFeatureMap(16, num_features=4))  # F = 8: padded to 16
+    assert not linear_mod.triton_applies(q, v, FavorFeatureMap(16, num_features=2000), query_scale=True)  # too wide
     assert linear_mod.triton_applies(q, v[..., :8].repeat(1, 1, 1, 4), HedgehogFeatureMap(16, num_features=8))  # F=16, v 32
     assert not linear_mod.triton_applies(q, v[..., :6], HedgehogFeatureMap(16, num_features=8))  # v width 6: not taken
     assert not linear_mod.triton_applies(q, v[..., :6], make_feature_map("elu", 16))

@@ -131,3 +131,18 @@ def test_key_slices_within_twice_pytorch_bf16_error(kind, normalize, monkeypatch
         s = d**-0.25
         own = linear_attention_naive(q * s, k * s, v, "elu", normalize, True)
     assert_kernel_within_twice_pytorch(q, k, v, own, monkeypatch, feature_map=fmap, normalize=normalize)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_favor_through_the_kernel_within_twice_pytorch_bf16_error(normalize, monkeypatch):
+    """FAVOR+ at head dim 128 (622 features, padded to 640: five 128-wide kernel calls, the query scale put
+    back afterwards): output and q, k, v gradients in bf16 within 2x the larger of the PyTorch path's
+    error and PyTorch's own in bf16, against fp64."""
+    from mmm.attention.feature_maps import FavorFeatureMap
+
+    fmap = FavorFeatureMap(128, seed=1).cuda()
+    q, k, v = qkv(2000, torch.bfloat16, b=1, h=4, hk=4, d=128)
+    assert linear_mod._kernel_key_width(fmap) == 640
+    half = copy.deepcopy(fmap).to(torch.bfloat16)
+    own = linear_attention_naive(half(q, is_query=True), half(k, is_query=False), v, None, normalize, True)
+    assert_kernel_within_twice_pytorch(q, k, v, own, monkeypatch, feature_map=fmap, normalize=normalize)

@@ -174,7 +174,7 @@ def attention_path(
         return window_path(q, v)
     fmap = resolve_feature_map(feature_map, q.shape[-1], q.device)
     if method == "linear":
-        return "triton" if triton_applies(q, v, fmap) else "pytorch"
+        return "triton" if triton_applies(q, v, fmap, query_scale=True) else "pytorch"
     return hybrid_path(q, v, fmap)
 
 

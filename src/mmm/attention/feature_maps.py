@@ -161,6 +161,7 @@ class FavorFeatureMap(FeatureMap):
 
     name = "favor"
     rescales_queries = True
+    nonnegative = True  # exp(.) >= 0
     KEY_LOG_BOUND = 60.0  # key features stay below exp(60): sums over 1e8 tokens fit in fp32
 
     def __init__(self, head_dim: int, num_features: int | None = None, seed: int = 0):

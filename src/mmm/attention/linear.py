@@ -35,6 +35,11 @@ _NATIVE_MAPS = (EluFeatureMap, ReluFeatureMap)  # maps the kernel applies itself
 # 10 ms at 128 (H200, results/h200/2026-12-04-la-tune.md). Normalised only for maps whose features are
 # non-negative (`FeatureMap.nonnegative`: no partial denominator cancels). None: one call, any width.
 KEY_SPLIT: int | None = 128
+# Computed features (maps the kernel does not apply itself) run at a key width the kernel takes: the
+# feature count padded with zero features (they add nothing to phi(q).phi(k)) up to the next supported
+# head dim, or for non-negative maps to a multiple of KEY_SPLIT up to this many features (FAVOR+'s
+# default 622 at head dim 128: five 128-wide calls).
+MAX_SPLIT_FEATURES = 1024
 
 
 def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps: float, with_rden: bool = False):
@@ -43,37 +48,63 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
 
     The kernel takes q, k [B, T, H, DK] and v [B, T, H, DV] (GQA heads are repeated here) with DK and DV
     each in its SUPPORTED_HEAD_DIMS and fp32 state, and computes this module's formulas. elu+1 and relu it
-    applies itself, elementwise inside its loops. Any other map without a query rescaling (Hedgehog, ...)
-    has its features computed here, in one PyTorch pass over q and k, and the kernel runs with identity
-    features on them: DK = F, DV = v's own width (no padding). Key widths over KEY_SPLIT run as slices."""
-    if not triton_applies(q, v, fmap):
+    applies itself, elementwise inside its loops. Any other map (Hedgehog, FAVOR+, ...) has its features
+    computed here, in one PyTorch pass over q and k, zero-padded to `_kernel_key_width`, and the kernel
+    runs with identity features on them: DK = that width, DV = v's own width. Key widths over KEY_SPLIT
+    run as slices. A query log scale l (FAVOR+: phi(q) = phi_s(q) exp(l)) is put back afterwards
+    (`_put_back_query_scale`); with_rden is then not offered (hybrid attention needs no such map here)."""
+    if not triton_applies(q, v, fmap, query_scale=not with_rden):
         return None
     from mmm.ops.linear_attention import linear_attention as kernel
 
     groups = q.shape[2] // k.shape[2]
+    log_scale = None
     if isinstance(fmap, _NATIVE_MAPS):
         s = q.shape[-1] ** -0.25  # the feature maps' input scaling, applied here since the kernel does not
         kq, kk, name = q * s, k * s, fmap.name
     else:
         dt = compute_dtype(q)
-        kq = fmap.features(q.to(dt), True)[0].to(q.dtype)  # no log scale: rescales_queries is False here
-        kk = fmap.features(k.to(dt), False)[0].to(q.dtype)
+        kq, log_scale = fmap.features(q.to(dt), True)
+        kk = fmap.features(k.to(dt), False)[0]
+        pad = _kernel_key_width(fmap) - kq.shape[-1]
+        kq, kk = (torch.nn.functional.pad(x, (0, pad)).to(q.dtype) for x in (kq, kk))
         name = None
     if groups > 1:
         kk, v = kk.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     width = kq.shape[-1]
+    want_rden = with_rden or (normalize and log_scale is not None)
 
     def run(a, b, rden: bool):
         return kernel(a, b, v, feature_map=name, normalize=normalize, causal=causal, eps=eps, with_rden=rden)
 
     if not (KEY_SPLIT and width > KEY_SPLIT and width % KEY_SPLIT == 0 and (fmap.nonnegative or not normalize)):
-        return run(kq, kk, with_rden)
-    # the maps act elementwise (elu, relu) or were applied above: phi(q).phi(k) is a sum over the slices
-    parts = [run(a, b, normalize) for a, b in zip(kq.split(KEY_SPLIT, -1), kk.split(KEY_SPLIT, -1))]
-    if not normalize:  # the numerators add up (in fp32, rounded once)
-        return sum(p.float() for p in parts).to(q.dtype)
-    o, rden = _sum_parts(parts, eps)
-    return (o.to(q.dtype), rden) if with_rden else o.to(q.dtype)
+        out = run(kq, kk, want_rden)
+    else:
+        # the maps act elementwise (elu, relu) or were applied above: phi(q).phi(k) is a sum over the slices
+        parts = [run(a, b, normalize) for a, b in zip(kq.split(KEY_SPLIT, -1), kk.split(KEY_SPLIT, -1))]
+        if not normalize:  # the numerators add up (in fp32, rounded once)
+            out = sum(p.float() for p in parts)
+        else:
+            o, rden = _sum_parts(parts, eps)
+            out = (o, rden) if want_rden else o
+    if log_scale is not None:
+        o, rden = out if normalize else (out, None)
+        return _put_back_query_scale(o, rden, log_scale, eps).to(q.dtype)
+    if with_rden:
+        return out[0].to(q.dtype), out[1]
+    return out.to(q.dtype)
+
+
+@compiled_on_cuda
+def _put_back_query_scale(o, rden, log_scale, eps: float) -> torch.Tensor:
+    """The output for query features phi(q) = phi_s(q) exp(l), from the kernel's run on phi_s (l =
+    log_scale [B, T, H]). Unnormalised (rden None): o exp(l). Normalised, the kernel gave o = num_s /
+    (den_s + eps) and rden = 1 / (den_s + eps) [B, H, T], and exp(l) cancels except against eps:
+    num_s / (den_s + eps exp(-l)) = o / (1 + eps (exp(-l) - 1) rden), as `finish` computes it.
+    Elementwise: one compiled pass on CUDA. fp32."""
+    if rden is None:
+        return o.float() * log_scale.exp().unsqueeze(-1)
+    return o.float() / (1.0 + eps * torch.expm1(-log_scale) * rden.transpose(1, 2)).unsqueeze(-1)
 
 
 @compiled_on_cuda
@@ -87,8 +118,23 @@ def _sum_parts(parts: list, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return num * rden_all.transpose(1, 2).unsqueeze(-1), rden_all
 
 
-def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap) -> bool:
-    """Whether `_triton_linear` sends inputs like these to the Triton kernel (see its docstring)."""
+def _kernel_key_width(fmap: FeatureMap) -> int | None:
+    """The key width the kernel runs `fmap`'s computed features at (see MAX_SPLIT_FEATURES), None if
+    none: the smallest supported head dim >= its feature count, else for non-negative maps (whose slices
+    combine through their normalisers) the next multiple of KEY_SPLIT."""
+    from mmm.ops.linear_attention import SUPPORTED_HEAD_DIMS
+
+    f = fmap.feature_dim
+    width = next((d for d in SUPPORTED_HEAD_DIMS if d >= f), None)
+    if width is None and KEY_SPLIT and fmap.nonnegative and f <= MAX_SPLIT_FEATURES:
+        width = -(-f // KEY_SPLIT) * KEY_SPLIT
+    return width
+
+
+def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap, query_scale: bool = False) -> bool:
+    """Whether `_triton_linear` sends inputs like these to the Triton kernel (see its docstring).
+    query_scale: whether the caller takes maps with a query log scale (FAVOR+); not in fp16, where key
+    features up to exp(60) (FeatureMap docstring) would overflow the fp16 copy the kernel reads."""
     if not USE_TRITON_KERNEL or q.dtype == torch.float64:
         return False
     try:
@@ -102,7 +148,9 @@ def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap) -> bool:
         return False
     if isinstance(fmap, _NATIVE_MAPS):
         return q.shape[-1] in SUPPORTED_HEAD_DIMS
-    return not fmap.rescales_queries and fmap.feature_dim in SUPPORTED_HEAD_DIMS
+    if fmap.rescales_queries and not (query_scale and q.dtype != torch.float16):
+        return False
+    return _kernel_key_width(fmap) is not None
 
 
 def exclusive_cumsum(x: torch.Tensor, start: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

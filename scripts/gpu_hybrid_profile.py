@@ -1,0 +1,71 @@
+"""Where the hybrid's time goes: CUDA time per kernel of one forward+backward of linear elu+1, window
+softmax and the hybrid of the two (window + linear for the far keys, one shared normaliser), side by side.
+
+On the H100 (results/h100/2026-12-06-s11-attn-causal-T131072.md) the hybrid took 29.4 ms f+b at 128k
+against 11.4 for linear and 7.3 for window 256: ~10.7 ms more than its two parts. This shows which
+kernels (flex with its log-sum-exp, the far part's kernels with drden, the compiled combine, copies)
+take it.
+
+    PYTHONPATH=src python scripts/gpu_hybrid_profile.py [--t 131072] [--window 256]   (about a minute)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+import mmm  # noqa: E402
+from mmm.attention.api import attention_path  # noqa: E402
+
+
+def kernel_ms(step, n: int = 3) -> dict[str, float]:
+    """CUDA ms per kernel name (first 60 characters) per call of `step`, largest first (after a warm call)."""
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        if getattr(e, "device_time_total", 0) > 0:
+            key = e.key[:60]
+            times[key] = times.get(key, 0.0) + e.device_time_total / n / 1e3
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--t", type=int, default=131072)
+    ap.add_argument("--window", type=int, default=256)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA device")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, args.t, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    g = torch.randn_like(q)
+    methods = {"linear elu": dict(method="linear", feature_map="elu"),
+               f"window {args.window}": dict(method="window", window=args.window),
+               f"hybrid w={args.window} elu": dict(method="hybrid", window=args.window, feature_map="elu")}
+    report = {}
+    for label, kw in methods.items():
+        def step():
+            torch.autograd.grad(mmm.attention(q, k, v, **kw), (q, k, v), g)
+
+        times = kernel_ms(step)
+        report[label] = {"total_ms": round(sum(times.values()), 3), "kernels_ms": {k_: round(t, 3) for k_, t in times.items()}}
+        print(f"== {label}: {report[label]['total_ms']:.3f} ms of kernels per f+b "
+              f"(path {attention_path(q, k, v, **kw)})")
+        for name, t in list(times.items())[:14]:
+            print(f"   {t:8.3f}  {name}")
+    with open(os.path.join(os.environ.get("OUT", "."), "hybrid_profile.json"), "w") as f:
+        json.dump({"args": vars(args), "report": report}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
