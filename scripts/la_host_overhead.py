@@ -100,7 +100,7 @@ class _Bodies(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cfg, eps):
-        o, rden, states = la_op.linear_attention_fwd._init_fn(q, k, v, *cfg[:3], eps, cfg[3])
+        o, rden, states = la_op.linear_attention_fwd._init_fn(q, k, v, *cfg[:3], eps, *cfg[3:])
         ctx.save_for_backward(q, k, v, o, rden, states)
         ctx.cfg = cfg
         return o
@@ -119,8 +119,8 @@ def measure(B, T, H, D, dtype, device, n, sync, feature_map="elu", normalize=Tru
     eps = 1e-6
     fwd_body = la_op.linear_attention_fwd._init_fn
     bwd_body = la_op.linear_attention_bwd._init_fn
-    o, rden, states = la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg)
-    cfg = (feature, normalize, causal, seg)
+    o, rden, states = la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0)
+    cfg = (feature, normalize, causal, seg, 1.0)
 
     def fwd_bwd():
         torch.autograd.grad(linear_attention(qg, kg, vg, feature_map, normalize, causal), (qg, kg, vg), go)
@@ -133,7 +133,7 @@ def measure(B, T, H, D, dtype, device, n, sync, feature_map="elu", normalize=Tru
 
     cases = {
         "fwd_body": lambda: fwd_body(q, k, v, feature, normalize, causal, eps, seg),
-        "fwd_op": lambda: la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg),
+        "fwd_op": lambda: la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0),
         "fwd_nograd": lambda: linear_attention(q, k, v, feature_map, normalize, causal),
         "fwd_grad": lambda: linear_attention(qg, kg, vg, feature_map, normalize, causal),
         "bwd_body": lambda: bwd_body(go, q, k, v, o, rden, states, *cfg),

@@ -50,14 +50,15 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", empty_like)
 
 
-def check_against_fp64(q, k, v, feature_map, normalize, causal, seg_len, tol, grad_floor=0.0):
-    """Forward and dq, dk, dv of the kernel path vs the naive reference in fp64 (upstream grad random)."""
+def check_against_fp64(q, k, v, feature_map, normalize, causal, seg_len, tol, grad_floor=0.0, scale=1.0):
+    """Forward and dq, dk, dv of the kernel path vs the naive reference in fp64 (upstream grad random);
+    scale: the kernel's input scaling, which the reference gets as scale * q, scale * k."""
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o = op._kernel_forward(qs, ks, vs, feature_map, normalize, causal, 1e-6, seg_len=seg_len)
+    o = op._kernel_forward(qs, ks, vs, feature_map, normalize, causal, 1e-6, seg_len=seg_len, scale=scale)
     go = torch.randn_like(o)
     o.backward(go)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = linear_attention_naive(q64, k64, v64, feature_map, normalize, causal, 1e-6)
+    ref = linear_attention_naive(q64 * scale, k64 * scale, v64, feature_map, normalize, causal, 1e-6)
     ref.backward(go.double())
     assert o.dtype == q.dtype and o.shape == v.shape
     assert torch.isfinite(o).all()
@@ -76,6 +77,16 @@ def test_feature_maps_and_normalize(feature_map, normalize, poisoned_empty):
     # T=100 with 16-row chunks and 32-row segments: 4 segments, ragged last chunk and segment
     q, k, v = make_inputs(1, 100, 2, 16, feature_map, normalize)
     check_against_fp64(q, k, v, feature_map, normalize, True, seg_len=32, tol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("feature_map", ["elu", "relu", None])
+@pytest.mark.parametrize("normalize,causal", [(True, True), (False, True), (True, False)])
+def test_input_scale_applied_in_the_kernel(feature_map, normalize, causal, poisoned_empty):
+    """phi(scale * q), phi(scale * k) with the scale applied as the kernels read q and k, and dq, dk
+    carrying it (chain rule): as the reference on pre-scaled inputs, forward and every gradient."""
+    q, k, v = make_inputs(1, 70, 2, 16, feature_map, normalize)
+    check_against_fp64(q, k, v, feature_map, normalize, causal, seg_len=32, tol=2e-5, scale=0.37)
 
 
 @needs_kernel
@@ -165,6 +176,12 @@ def test_fp64_and_cpu_without_interpreter_use_the_reference():
     assert torch.equal(o, linear_attention_naive(q, k, v, "relu", normalize=False, causal=False))
 
 
+def test_scale_on_the_reference_path():
+    q, k, v = (torch.randn(1, 9, 2, 16, dtype=torch.float64) for _ in range(3))
+    want = linear_attention_naive(q * 0.5, k * 0.5, v, "elu")
+    assert rel_err(linear_attention(q, k, v, "elu", scale=0.5), want) < 1e-12
+
+
 def test_naive_matches_a_direct_loop():
     """The reference itself against the recurrence written out token by token."""
     q, k, v = (torch.randn(1, 7, 2, 4, dtype=torch.float64) for _ in range(3))
@@ -249,6 +266,9 @@ def test_bad_options():
         linear_attention(q, q, q, eps=-1.0)
     with pytest.raises(TypeError, match="bools"):
         linear_attention(q, q, q, causal=1)
+    for bad in (math.nan, math.inf, "0.5", True):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            linear_attention(q, q, q, scale=bad)
 
 
 @needs_kernel
@@ -538,12 +558,12 @@ def _assert_within_twice_pytorch_bf16(q, k, v, feature_map, normalize):
 @pytest.mark.parametrize("normalize,causal", [(True, True), (False, False)])
 def test_gpu_opcheck(normalize, causal):
     q, k, v = (torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    args = (q, k, v, 1, normalize, causal, 1e-6, 128)
+    args = (q, k, v, 1, normalize, causal, 1e-6, 128, 0.5)
     torch.library.opcheck(torch.ops.mmm.linear_attention_fwd.default, args)
     o, rden, states = torch.ops.mmm.linear_attention_fwd(*args)
     do = torch.randn_like(o)
     # rden is a differentiable output: detach it and the states, or opcheck differentiates the backward op
-    bwd_args = (do, q.detach(), k.detach(), v.detach(), o.detach(), rden.detach(), states.detach(), 1, normalize, causal, 128)
+    bwd_args = (do, q.detach(), k.detach(), v.detach(), o.detach(), rden.detach(), states.detach(), 1, normalize, causal, 128, 0.5)
     torch.library.opcheck(torch.ops.mmm.linear_attention_bwd.default, bwd_args)
 
 

@@ -48,7 +48,7 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
 
     The kernel takes q, k [B, T, H, DK] and v [B, T, H, DV] (GQA heads are repeated here) with DK and DV
     each in its SUPPORTED_HEAD_DIMS and fp32 state, and computes this module's formulas. elu+1 and relu it
-    applies itself, elementwise inside its loops. Any other map (Hedgehog, FAVOR+, ...) has its features
+    applies itself, elementwise inside its loops, input scaling included. Any other map (Hedgehog, FAVOR+, ...) has its features
     computed here, in one PyTorch pass over q and k, zero-padded to `_kernel_key_width`, and the kernel
     runs with identity features on them: DK = that width, DV = v's own width. Key widths over KEY_SPLIT
     run as slices. A query log scale l (FAVOR+: phi(q) = phi_s(q) exp(l)) is put back afterwards
@@ -58,10 +58,9 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     from mmm.ops.linear_attention import linear_attention as kernel
 
     groups = q.shape[2] // k.shape[2]
-    log_scale = None
-    if isinstance(fmap, _NATIVE_MAPS):
-        s = q.shape[-1] ** -0.25  # the feature maps' input scaling, applied here since the kernel does not
-        kq, kk, name = q * s, k * s, fmap.name
+    log_scale, scale = None, 1.0
+    if isinstance(fmap, _NATIVE_MAPS):  # the maps' input scaling d^-1/4 the kernel applies as it reads q, k
+        kq, kk, name, scale = q, k, fmap.name, q.shape[-1] ** -0.25
     else:
         dt = compute_dtype(q)
         kq, log_scale = fmap.features(q.to(dt), True)
@@ -75,7 +74,8 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     want_rden = with_rden or (normalize and log_scale is not None)
 
     def run(a, b, rden: bool):
-        return kernel(a, b, v, feature_map=name, normalize=normalize, causal=causal, eps=eps, with_rden=rden)
+        return kernel(a, b, v, feature_map=name, normalize=normalize, causal=causal, eps=eps, with_rden=rden,
+                      scale=scale)
 
     if not (KEY_SPLIT and width > KEY_SPLIT and width % KEY_SPLIT == 0 and (fmap.nonnegative or not normalize)):
         out = run(kq, kk, want_rden)

@@ -4,7 +4,8 @@ Widths: q, k (and dq, dk) are [B, T, H, DK], v, o (and do, dv) are [B, T, H, DV]
 kernels plays the key role (rows of q/k tiles, the state's rows, z; BK tiles) or the value role (v/o/do
 tiles, the state's columns; BV tiles). With DK == DV ("D" below) the code is what it was with one width.
 
-Notation: a = phi(q), b = phi(k) (feature map applied in-kernel, in fp32), S = sum b^T v (DK x DV state),
+Notation: a = phi(s q), b = phi(s k) (feature map applied in-kernel, in fp32, to the inputs times the
+runtime float `scale` s; dq and dk carry s), S = sum b^T v (DK x DV state),
 z = sum b (normalizer vector), den_t = a_t . z_t, rden = 1 / (den + eps), g = do * rden (do when not
 normalizing), r_t = -(do_t . o_t) * rden_t (the normalizer's gradient).
 
@@ -181,11 +182,12 @@ def _dot(a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
-def _features(x, mt, like_ptr, FEATURE: tl.constexpr, DOT_MODE: tl.constexpr):
-    """phi(x) computed in fp32, zeroed on padding rows (phi(0) = 1 for elu), rounded once to the dot
-    dtype. Every later use (dots, normalizer sums, phi') reads this one copy, so forward and backward see
+def _features(x, mt, like_ptr, scale, FEATURE: tl.constexpr, DOT_MODE: tl.constexpr):
+    """phi(scale * x) computed in fp32, zeroed on padding rows (phi(0) = 1 for elu), rounded once to the dot
+    dtype. (scale: the feature maps' input scaling, d^-1/4, applied here rather than in a separate pass
+    over q and k and their gradients.) Every later use (dots, normalizer sums, phi') reads this one copy, so forward and backward see
     the same features, and no fp32 tile stays live (register pressure is what limits these kernels)."""
-    x = x.to(tl.float32)
+    x = x.to(tl.float32) * scale
     if FEATURE == 1:
         x = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
     elif FEATURE == 2:
@@ -232,7 +234,7 @@ def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
 @triton.jit
 def chunk_state_kernel(
     x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, st_ptr,
-    T, H, L, NS,
+    T, H, L, NS, scale,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
     HAS_DRDEN: tl.constexpr,
     DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -255,7 +257,7 @@ def chunk_state_kernel(
     vec = tl.zeros([BK], dtype=tl.float32)
     for t0 in range(0, t_len, BT):
         mt = offs_t < t_len - t0
-        x_c = _features(tl.load(x_base + tile_k, mask=mt[:, None], other=0.0), mt, x_ptr, FEATURE, DOT_MODE)
+        x_c = _features(tl.load(x_base + tile_k, mask=mt[:, None], other=0.0), mt, x_ptr, scale, FEATURE, DOT_MODE)
         y = tl.load(y_base + tile_dv, mask=mt[:, None], other=0.0)
         if NORMALIZE:
             if BWD:
@@ -312,7 +314,7 @@ def scan_kernel(st_ptr, NS, M, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rden_ptr, st_ptr,
-    T, H, L, NS, eps,
+    T, H, L, NS, eps, scale,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
@@ -340,12 +342,12 @@ def fwd_kernel(
     o_base = o_ptr + rowv0
     for t0 in range(0, t_len, BT):
         mt = offs_t < t_len - t0
-        a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if NORMALIZE:
             den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
         if CAUSAL:
-            b_c = _features(tl.load(k_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+            b_c = _features(tl.load(k_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
             v_c = _cast(tl.load(v_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
             A = tl.where(causal, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
             num += _dot(_cast(A, q_ptr, DOT_MODE), v_c, DOT_MODE)
@@ -373,7 +375,7 @@ def fwd_kernel(
 @triton.jit
 def bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, rden_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
-    T, H, L, NS,
+    T, H, L, NS, scale,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_MODE: tl.constexpr, PART: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
@@ -425,7 +427,7 @@ def bwd_dqdk_kernel(
         off_k = rowk0 + t0.to(tl.int64) * (H * DK)
         off_v = rowv0 + t0.to(tl.int64) * (H * DV)
         mt = offs_t < t_len - t0
-        b_c = _features(tl.load(k_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        b_c = _features(tl.load(k_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
         v_c = _cast(tl.load(v_ptr + off_v + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
         if CAUSAL and PART == 0:
             S -= _dot(tl.trans(b_c), v_c, DOT_MODE)
@@ -443,7 +445,7 @@ def bwd_dqdk_kernel(
             if NORMALIZE:
                 dA += rr[:, None]
             dA_c = _cast(tl.where(causal, dA, 0.0), q_ptr, DOT_MODE)
-        a_c = _features(tl.load(q_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        a_c = _features(tl.load(q_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
         if PART != 2:  # dq
             da = _dot(g_c, tl.trans(_cast(S, q_ptr, DOT_MODE)), DOT_MODE)
             if NORMALIZE:
@@ -452,7 +454,7 @@ def bwd_dqdk_kernel(
                 da += _dot(dA_c, b_c, DOT_MODE)
             if FEATURE != 0:
                 da = da * _dphi(a_c, FEATURE)
-            tl.store(dq_ptr + off_k + tile_k, da.to(dq_ptr.dtype.element_ty), mask=mt[:, None])
+            tl.store(dq_ptr + off_k + tile_k, (da * scale).to(dq_ptr.dtype.element_ty), mask=mt[:, None])
         if CAUSAL and PART == 1:
             S += _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
@@ -465,7 +467,7 @@ def bwd_dqdk_kernel(
                 db += _dot(tl.trans(dA_c), a_c, DOT_MODE)
             if FEATURE != 0:
                 db = db * _dphi(b_c, FEATURE)
-            tl.store(dk_ptr + off_k + tile_k, db.to(dk_ptr.dtype.element_ty), mask=mt[:, None])
+            tl.store(dk_ptr + off_k + tile_k, (db * scale).to(dk_ptr.dtype.element_ty), mask=mt[:, None])
         if CAUSAL and PART != 1:
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
             if NORMALIZE:
@@ -480,7 +482,7 @@ def bwd_dqdk_kernel(
 @triton.jit
 def bwd_dv_kernel(
     q_ptr, k_ptr, do_ptr, rden_ptr, dst_ptr, dv_ptr,
-    T, H, L, NS,
+    T, H, L, NS, scale,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
@@ -508,10 +510,10 @@ def bwd_dv_kernel(
     for j in range(0, n_blk):
         t0 = (n_blk - 1 - j) * BT
         mt = offs_t < t_len - t0
-        b_c = _features(tl.load(k_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+        b_c = _features(tl.load(k_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
         dv = _dot(b_c, _cast(dS, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
-            a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, FEATURE, DOT_MODE)
+            a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
             g = tl.load(do_base + tile_v, mask=mt[:, None], other=0.0)
             if NORMALIZE:
                 rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)

@@ -78,9 +78,9 @@ if HAVE_TRITON:
 
     def _forward_launches(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        feature: int, normalize: bool, causal: bool, eps: float, seg_len: int,
+        feature: int, normalize: bool, causal: bool, eps: float, seg_len: int, scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k [B,T,H,DK], v [B,T,H,DV]. Returns o [B,T,H,DV], rden = 1/(den+eps) [B,H,T] fp32 (zeros
+        """q, k [B,T,H,DK], v [B,T,H,DV]; the features are phi(scale * q), phi(scale * k). Returns o [B,T,H,DV], rden = 1/(den+eps) [B,H,T] fp32 (zeros
         when not normalizing) and the exclusive per-segment prefix states [B*H, NS+1, DK*DV+DK] fp32 (entry
         NS = total), kept for backward. Every element of o, rden and states is written: states 0..NS-1 by
         chunk_state_kernel (all DK/BK row tiles of every segment), entry NS by the scan, rden by fwd_kernel
@@ -93,7 +93,8 @@ if HAVE_TRITON:
         alloc = torch.empty if normalize else torch.zeros
         rden = alloc((B, H, T), dtype=torch.float32, device=q.device)
         states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=q.device)
-        common = dict(T=T, H=H, L=seg_len, NS=NS, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
+        common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
+                      DOT_MODE=_dot_mode(q.dtype))
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             k, v, v, rden, rden, rden, states, BWD=False, HAS_DRDEN=False, **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
@@ -105,7 +106,7 @@ if HAVE_TRITON:
     def _backward_launches(
         do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
         rden: torch.Tensor, states: torch.Tensor,
-        feature: int, normalize: bool, causal: bool, seg_len: int, drden: torch.Tensor | None = None,
+        feature: int, normalize: bool, causal: bool, seg_len: int, scale: float, drden: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv from the forward's saved o, rden and prefix states. r (the normalizer's gradient) is
         written by chunk_state_kernel and read only when normalizing; zeros otherwise. drden: the gradient
@@ -117,7 +118,8 @@ if HAVE_TRITON:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         r = (torch.empty if normalize else torch.zeros)((B, H, T), dtype=torch.float32, device=q.device)
         dstates = torch.empty_like(states)
-        common = dict(T=T, H=H, L=seg_len, NS=NS, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype))
+        common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
+                      DOT_MODE=_dot_mode(q.dtype))
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             q, do, o, rden, r, rden if drden is None else drden, dstates, BWD=True,
             HAS_DRDEN=normalize and drden is not None, **common)
@@ -131,10 +133,10 @@ if HAVE_TRITON:
         return dq, dk, dv
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, feature, normalize, causal, eps, seg_len = inputs
+        q, k, v, feature, normalize, causal, eps, seg_len, scale = inputs
         o, rden, states = output
         ctx.save_for_backward(q, k, v, o, rden, states)
-        ctx.config = (feature, normalize, causal, seg_len)
+        ctx.config = (feature, normalize, causal, seg_len, scale)
         # rden = 1 / (den + eps) is differentiable: hybrid attention reads the denominator off it.
         ctx.mark_non_differentiable(states)
         # Without this, autograd allocates and zero-fills gradients for rden and states (states is
@@ -147,7 +149,7 @@ if HAVE_TRITON:
             do = torch.zeros_like(o) if do is None else do.contiguous()
             drden = None if drden is None else drden.contiguous()
             dq, dk, dv = backward_launches(do, q, k, v, o, rden, states, *ctx.config, drden)
-            return dq, dk, dv, None, None, None, None, None
+            return dq, dk, dv, None, None, None, None, None, None
 
         return backward
 
@@ -195,7 +197,8 @@ def _uses_kernel(q: torch.Tensor) -> bool:
     )
 
 
-def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps=1e-6, seg_len=None, with_rden=False):
+def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps=1e-6, seg_len=None, with_rden=False,
+                    scale=1.0):
     """The Triton path without dispatch; seg_len (a multiple of kernels.SEGMENT_MULTIPLE) picks the
     segment length, which tests and the benchmark vary. with_rden: return (o, rden) with rden = 1 / (den
     + eps) [B, H, T] fp32, differentiable (normalized only)."""
@@ -211,7 +214,7 @@ def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps
         seg_len = segment_len(T, B * H)
     elif seg_len <= 0 or seg_len % kernels.SEGMENT_MULTIPLE:
         raise ValueError(f"seg_len must be a positive multiple of {kernels.SEGMENT_MULTIPLE}, got {seg_len}")
-    args = (q, k, v, kernels.FEATURE_CODES[feature_map], normalize, causal, float(eps), seg_len)
+    args = (q, k, v, kernels.FEATURE_CODES[feature_map], normalize, causal, float(eps), seg_len, float(scale))
     o, rden, _ = (_EagerLinearAttention.apply if plain_eager(q, k, v) else linear_attention_fwd)(*args)
     return (o, rden) if with_rden else o
 
@@ -225,20 +228,26 @@ def linear_attention(
     causal: bool = True,
     eps: float = 1e-6,
     with_rden: bool = False,
+    scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Linear attention o_t = phi(q_t) S_t / (phi(q_t) . z_t + eps) with S_t = sum_{s<=t} phi(k_s)^T v_s,
     z_t = sum_{s<=t} phi(k_s) (sums over the whole sequence when causal=False; no division when
     normalize=False). q, k: [batch, seq_len, heads, head_dim], v: [batch, seq_len, heads, v_dim] (o is
-    shaped like v), one float dtype, one device; q is not scaled here. phi: 'elu' (elu(x)+1), 'relu' or
-    None (identity). Output in the input dtype; state and accumulation in fp32. The Triton kernel takes
+    shaped like v), one float dtype, one device. phi: 'elu' (elu(x)+1), 'relu' or None (identity), applied
+    to scale * q and scale * k (scale: a finite float, 1 by default; the kernel applies it in fp32 as it
+    reads q and k, saving the passes of a separate q * scale). Output in the input dtype; state and accumulation in fp32. The Triton kernel takes
     head_dim and v_dim each in SUPPORTED_HEAD_DIMS (independently).
     with_rden=True (normalized, Triton kernel only) returns (o, rden) with rden = 1 / (den + eps)
     [batch, heads, seq_len] fp32, differentiable: the denominator without a second pass over the sequence.
     """
     _check_inputs(q, k, v, feature_map, normalize, causal, eps)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     if with_rden and not (normalize and _uses_kernel(q)):
         raise ValueError("with_rden=True needs normalize=True and the Triton kernel (CUDA, or CPU under "
                          "TRITON_INTERPRET=1, a float dtype other than float64, seq_len > 0)")
     if not _uses_kernel(q):
+        if scale != 1:
+            q, k = q * scale, k * scale
         return linear_attention_naive(q, k, v, feature_map, normalize, causal, eps)
-    return _kernel_forward(q, k, v, feature_map, normalize, causal, eps, with_rden=with_rden)
+    return _kernel_forward(q, k, v, feature_map, normalize, causal, eps, with_rden=with_rden, scale=scale)
