@@ -125,31 +125,39 @@ def prefix_far_sums(q, k, v, fq, fk, window: int, chunk_size: int):
 
 
 def kernel_far_part(q, k, v, fmap: FeatureMap, window: int, eps: float):
-    """The far sums of `prefix_far_sums` through the Triton op, as it returns them: its normalized output
-    o = num / (den + eps) [B, H, T, Dv] and rden = 1 / (den + eps) [B, H, T] fp32 (both differentiable;
-    q's heads, GQA keys repeated), for the rows of the output. Rows i < window have no far key: o = 0 and
-    rden = 1 / eps there, so that num = o / rden and den = 1 / rden - eps are 0. None if T <= window."""
-    t = q.shape[1]
-    shifted = t - window
+    """The far sums of `prefix_far_sums` through the Triton op, as it returns them for the rows i >= window
+    (the others have no far key): its normalized output o = num / (den + eps) [B, T - window, H, Dv] and
+    rden = 1 / (den + eps) [B, H, T - window] fp32, both differentiable (q's heads, GQA keys repeated).
+    None if T <= window."""
+    shifted = q.shape[1] - window
     if shifted <= 0:
         return None
-    o, rden = linear_mod._triton_linear(q[:, window:], k[:, :shifted], v[:, :shifted], fmap, True, True, eps, with_rden=True)
-    pad = torch.nn.functional.pad
-    return pad(o.transpose(1, 2), (0, 0, window, 0)), pad(rden, (window, 0), value=1.0 / eps)
+    return linear_mod._triton_linear(q[:, window:], k[:, :shifted], v[:, :shifted], fmap, True, True, eps, with_rden=True)
 
 
-def combine_kernel_far(o_w, lse, parts, log_scale, eps: float) -> torch.Tensor:
-    """`combine_lse` for maps without a query scale (l = c_h, log_scale [H, 1]), with the far sums given
-    as `kernel_far_part` returns them (one part causal, two when two-sided): [B, H, T, Dv] fp32.
-    Elementwise: compiled into one pass on CUDA (`_combine`)."""
+def combine_kernel_far(o_w, lse, parts, log_scale, window: int, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """`combine_lse` for maps without a query scale (l = c_h, log_scale [H, 1]), near part o_w [B, H, T, Dv]
+    and lse [B, H, T] from flex, far parts as `kernel_far_part` returns them: [(o, rden, reversed)], one
+    causal, a second computed on the reversed sequence when two-sided. Each is placed on its rows here
+    (rows >= window, or rows < T - window flipped back), where a row without far keys gets num = 0 and
+    den = 0 (o = 0, rden = 1 / eps). Returns [B, T, H, Dv] in out_dtype. Elementwise: on CUDA the placing,
+    the combination, the transpose and the cast compile into one pass (`_combine`), and so does their
+    backward."""
     r = torch.maximum(lse, log_scale).detach()
     near_scale, far_scale = torch.exp(lse - r), torch.exp(log_scale - r)
     num = near_scale.unsqueeze(-1) * o_w.float()
     den = near_scale + eps * torch.exp(-r)
-    for o, rden in parts:
-        num = num + (far_scale / rden).unsqueeze(-1) * o.float()
+    for o, rden, reverse in parts:
+        o, rden = o.transpose(1, 2).float(), rden  # [B, H, T - window, Dv], [B, H, T - window]
+        if reverse:
+            o, rden = o.flip(-2), rden.flip(-1)
+        rows = (0, window) if reverse else (window, 0)
+        o = torch.nn.functional.pad(o, (0, 0, *rows))
+        rden = torch.nn.functional.pad(rden, rows, value=1.0 / eps)
+        num = num + (far_scale / rden).unsqueeze(-1) * o
         den = den + far_scale * (1.0 / rden - eps)
-    return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
+    out = num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
+    return out.transpose(1, 2).to(out_dtype)
 
 
 _combine = compiled_on_cuda(combine_kernel_far)
@@ -161,13 +169,11 @@ def flex_hybrid(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float
     (b, t, h, _), hk = q.shape, k.shape[2]
     o_w, lse = flex.flex_band(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, causal, return_lse=True)
     if linear_mod.triton_applies(q, v, fmap):  # no query scale then (triton_applies' condition)
-        parts = [kernel_far_part(q, k, v, fmap, window, eps)]
+        parts = [(kernel_far_part(q, k, v, fmap, window, eps), False)]
         if not causal:  # keys j >= i + window: the same on the reversed sequence
-            rev = kernel_far_part(q.flip(1), k.flip(1), v.flip(1), fmap, window, eps)
-            parts.append(None if rev is None else (rev[0].flip(-2), rev[1].flip(-1)))
+            parts.append((kernel_far_part(q.flip(1), k.flip(1), v.flip(1), fmap, window, eps), True))
         c = far_log_scale(fmap, None, hk, h // hk, lse.dtype).reshape(h, 1)
-        o = _combine(o_w, lse, [p for p in parts if p is not None], c, eps)
-        return o.transpose(1, 2).to(q.dtype)
+        return _combine(o_w, lse, [(*far, rev) for far, rev in parts if far is not None], c, window, eps, q.dtype)
     o_w = o_w.to(dt).reshape(b, hk, h // hk, t, -1)  # [B, H, T, Dv] -> grouped [B, Hk, g, T, Dv]
     lse = lse.to(dt).reshape(b, hk, h // hk, t)
     fq, log_scale, fk, _ = linear_features(q, k, None, fmap)
