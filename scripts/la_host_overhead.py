@@ -132,7 +132,7 @@ def measure(B, T, H, D, dtype, device, n, sync, feature_map="elu", normalize=Tru
         torch.autograd.grad(_Trivial.apply(qg, kg, vg)[0], (qg, kg, vg), go)
 
     cases = {
-        "fwd_body": lambda: fwd_body(q, k, v, feature, normalize, causal, eps, seg),
+        "fwd_body": lambda: fwd_body(q, k, v, feature, normalize, causal, eps, seg, 1.0),
         "fwd_op": lambda: la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0),
         "fwd_nograd": lambda: linear_attention(q, k, v, feature_map, normalize, causal),
         "fwd_grad": lambda: linear_attention(qg, kg, vg, feature_map, normalize, causal),
