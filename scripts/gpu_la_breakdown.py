@@ -14,7 +14,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from mmm.ops.linear_attention import linear_attention  # noqa: E402
+from mmm.ops.linear_attention import kernels, linear_attention  # noqa: E402
 
 B, H, D, BF = 1, 16, 128, torch.bfloat16
 VARIANTS = [(None, False), ("elu", False), (None, True), ("elu", True)]
@@ -55,7 +55,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         del q, k, v, go
         torch.cuda.empty_cache()
-    with open(os.path.join(os.environ.get("OUT", "."), "la_breakdown.json"), "w") as f:
+    name = "la_breakdown_zdot.json" if kernels.ZDOT else "la_breakdown.json"  # MMM_LA_ZDOT=1: the A/B's other half
+    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(results, f, indent=1)
     print(f"\n{'T':>7} {'features':>9} {'norm':>5} {'fwd':>7} {'fwd+bwd':>8} {'GPU sum':>8}  kernels (ms)")
     for r in results:

@@ -243,7 +243,8 @@ def ir_report(D: int, DV: int | None = None) -> None:
     print(f"DK={D} DV={DV}: kernel variant (BT,tile,warps,stages): shared bytes, registers, spill bytes, mma warpsPerCTA, flags")
     for name, tile in tiles.items():
         fn = getattr(kernels, name).fn
-        variants = ([{"BWD": False, "HAS_DRDEN": False}, {"BWD": True, "HAS_DRDEN": False}] if name == "chunk_state_kernel"
+        variants = ([{"BWD": bwd, "HAS_DRDEN": False, "ZDOT": z} for z in (False, True) for bwd in (False, True)]
+                    if name == "chunk_state_kernel"
                     else [{"CAUSAL": True, "PART": 1}, {"CAUSAL": True, "PART": 2}] if name == "bwd_dqdk_kernel"
                     else [{"CAUSAL": True}])
         options = kernels.CONFIGS[name] + RETIRED.get(name, []) + CANDIDATES.get(name, [])
@@ -251,7 +252,7 @@ def ir_report(D: int, DV: int | None = None) -> None:
             for var in variants:
                 consts = dict(DK=D, DV=DV, FEATURE=1, NORMALIZE=True, DOT_MODE=0, BT=bt, **{tile: t}, **var)
                 sig = {a: "constexpr" if a in consts else ("*fp32" if a in fp32_ptrs else "*bf16") if a.endswith("_ptr")
-                       else "fp32" if a == "eps" else "i32" for a in fn.arg_names}
+                       else "fp32" if a in ("eps", "scale") else "i32" for a in fn.arg_names}
                 src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},
                                 attrs={(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a.endswith("_ptr")})
                 label = f"{name} {var} {(bt, t, w, st)}"

@@ -11,7 +11,8 @@
 # ~2 min), hostab (gpu_host_profile.py with FastLaunch off, then on, ~2.5 min), la_host
 # (scripts/la_host_overhead.py --gpu), fftk (scripts/gpu_fft_kernels.py: the FFT structures' spectral
 # kernels and their tilings, ~1 min), hybridprof (scripts/gpu_hybrid_profile.py: CUDA time per kernel of
-# linear, window and hybrid f+b at 128k, ~1 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
+# linear, window and hybrid f+b at 128k, ~1 min), zdot (scripts/gpu_la_breakdown.py with MMM_LA_ZDOT=0,
+# then 1: CUDA time per linear-attention kernel, ~3 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
 # the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and
 # stall reasons of the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64,
 # under compute-sanitizer beside a retired config of the 2026-11-28 fault as the positive control,
@@ -70,6 +71,8 @@ for phase in "$@"; do
     la_host) step la_host 90 python scripts/la_host_overhead.py --gpu ;;
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     hybridprof) step hybridprof 120 python scripts/gpu_hybrid_profile.py ;;
+    zdot) for z in 0 1; do  # linear attention per kernel, chunk_state's normalizer sums as dots off, then on
+        step "la_zdot$z" 150 env MMM_LA_ZDOT=$z python scripts/gpu_la_breakdown.py; done ;;
     window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;
     ncu) step ncu 240 python scripts/gpu_ncu.py --profile ;;
     sanitize) step sanitize 300 python scripts/gpu_linear_attention_configs.py --sanitize --budget-s 200 \

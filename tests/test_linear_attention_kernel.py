@@ -90,6 +90,26 @@ def test_input_scale_applied_in_the_kernel(feature_map, normalize, causal, poiso
 
 
 @needs_kernel
+@pytest.mark.parametrize("feature_map,causal", [("elu", True), ("relu", False), (None, True)])
+def test_normalizer_sums_as_dots(feature_map, causal, poisoned_empty, monkeypatch):
+    """kernels.ZDOT: chunk_state's normalizer sums as tensor-core dots, forward and backward (rden's own
+    gradient included): as the reference, like the default path."""
+    monkeypatch.setattr(op.kernels, "ZDOT", True)
+    q, k, v = make_inputs(1, 70, 2, 16, feature_map, True)
+    check_against_fp64(q, k, v, feature_map, True, causal, seg_len=32, tol=2e-5)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    o, rden = linear_attention(qs, ks, vs, feature_map, causal=causal, with_rden=True)
+    (o.sum() + rden.sum()).backward()
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    monkeypatch.setattr(op.kernels, "ZDOT", False)
+    o64, rden64 = linear_attention(q64.float(), k64.float(), v64.float(), feature_map, causal=causal, with_rden=True)
+    (o64.sum() + rden64.sum()).backward()
+    assert rel_err(rden, rden64) < 2e-5
+    for got, want in ((qs.grad, q64.grad), (ks.grad, k64.grad), (vs.grad, v64.grad)):
+        assert rel_err(got, want) < 2e-5
+
+
+@needs_kernel
 @pytest.mark.parametrize("T", [1, 17, 64])
 def test_sequence_lengths(T, poisoned_empty):
     q, k, v = make_inputs(1, T, 2, 16, "elu", True)
@@ -533,6 +553,17 @@ def test_gpu_bf16_within_twice_pytorch_bf16_error(D, T, feature_map, normalize):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_normalizer_sums_as_dots_bf16(D, causal, monkeypatch):
+    """kernels.ZDOT (the normalizer sums of chunk_state as dots, r in two bf16 parts) within 2x PyTorch's
+    bf16 error, output and every gradient, like the default path."""
+    monkeypatch.setattr(op.kernels, "ZDOT", True)
+    q, k, v = make_inputs(1, 4096, 4, D, "elu", True, dtype=torch.bfloat16, device="cuda")
+    _assert_within_twice_pytorch_bf16(q, k, v, "elu", True, causal=causal)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("DK,DV", [(256, 128), (64, 128), (128, 64)])
 def test_gpu_bf16_key_width_differs_from_value_width(DK, DV):
     """Prefeatured maps (Hedgehog: features in PyTorch, identity in the kernel) run with DK = feature
@@ -542,14 +573,15 @@ def test_gpu_bf16_key_width_differs_from_value_width(DK, DV):
     _assert_within_twice_pytorch_bf16(q, k, v, None, True)
 
 
-def _assert_within_twice_pytorch_bf16(q, k, v, feature_map, normalize):
+def _assert_within_twice_pytorch_bf16(q, k, v, feature_map, normalize, causal=True):
     go = torch.randn_like(v)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    o64 = linear_attention_naive(q64, k64, v64, feature_map, normalize)
+    o64 = linear_attention_naive(q64, k64, v64, feature_map, normalize, causal)
     o64.backward(go.double())
     ref = [o64.detach(), q64.grad, k64.grad, v64.grad]
-    ours = _errors_vs_fp64(lambda a, b, c: linear_attention(a, b, c, feature_map, normalize), q, k, v, go, ref)
-    torch_bf16 = _errors_vs_fp64(lambda a, b, c: linear_attention_naive(a, b, c, feature_map, normalize), q, k, v, go, ref)
+    ours = _errors_vs_fp64(lambda a, b, c: linear_attention(a, b, c, feature_map, normalize, causal), q, k, v, go, ref)
+    torch_bf16 = _errors_vs_fp64(lambda a, b, c: linear_attention_naive(a, b, c, feature_map, normalize, causal),
+                                 q, k, v, go, ref)
     for name, e, e_ref in zip(("o", "dq", "dk", "dv"), ours, torch_bf16):
         assert math.isfinite(e) and e <= 2 * e_ref, (name, e, e_ref)
 

@@ -91,6 +91,16 @@ INTERPRET_CONFIG = (16, 16, 1, 1)
 # dq and dk in two launches of bwd_dqdk_kernel (PART 1 and 2) instead of one (PART 0): at T = 128k the
 # backward kernel took 3.94 ms instead of 4.87 (f+b 10.22 vs 11.19 ms, scripts/gpu_la_tune.py, H200)
 SPLIT_DQDK = True  # the interpreter runs one config (autotuning several fails there)
+# chunk_state_kernel's normalizer sums (sum b forward, sum r a backward) as tensor-core dots x^T W with W
+# [BT, ZW] of equal columns (ones; r in two bf16 parts), instead of an fp32 copy of the feature tile summed
+# over its rows. Why: at T = 128k that sum took the forward chunk_state from 0.55 to 1.74 ms (identity
+# features, H200, results/h200/2026-11-28-la-breakdown.log), as a cross-warp reduction every chunk. Off
+# until a GPU run times it (MMM_LA_ZDOT=1 turns it on; a 2026-12-04 version for every kernel faulted).
+ZW = tl.constexpr(16)
+_ZDOT = os.environ.get("MMM_LA_ZDOT", "0").strip()
+if _ZDOT not in ("0", "1"):
+    raise ValueError(f"MMM_LA_ZDOT must be 0 (off, the default) or 1 (on), got {_ZDOT!r}")
+ZDOT = _ZDOT == "1"
 
 
 def _forced_configs(spec: str) -> dict:
@@ -129,8 +139,9 @@ def _pruner(tile: str, n_states, max_tile_rows: int, state_rows: str | None = No
     full-width [BT, W] row tiles have <= max_tile_rows * 128 elements (these limits keep ptxas from spilling
     much). The tile (BK or BV) splits one width (DK or DV, "tiled"); the kernel holds the other one whole
     ("full": the state is tile x full, its full-width row tiles are BT x full).
-    state_rows, for kernels with several dots: the rows of their state-update dots ("full" or the tile);
-    more than 4 warps then need every dot to have >= 16 rows per warp (the module docstring says why).
+    state_rows, for kernels with several dots: the rows of their state-update dots ("full" or the tile, or
+    a function of the kernel's arguments giving one or None); more than 4 warps then need every dot to
+    have >= 16 rows per warp (the module docstring says why).
     With nothing left, the smallest tile and fewest warps, the tile cut to its width. (Triton calls this
     only when a kernel has more than one config.)"""
 
@@ -138,21 +149,22 @@ def _pruner(tile: str, n_states, max_tile_rows: int, state_rows: str | None = No
         dk, dv = ((kwargs[n] if n in kwargs else named_args[n]) for n in ("DK", "DV"))
         return (dk, dv) if tile == "BK" else (dv, dk)
 
-    def safe_warps(c, full):
-        if state_rows is None or c.num_warps <= 4:
+    def safe_warps(c, full, rows_of):
+        if rows_of is None or c.num_warps <= 4:
             return True
-        rows = min(c.kwargs["BT"], full if state_rows == "full" else c.kwargs[tile])
+        rows = min(c.kwargs["BT"], full if rows_of == "full" else c.kwargs[tile])
         return rows >= 16 * c.num_warps
 
     def prune(configs, named_args, **kwargs):
         tiled, full = widths(named_args, kwargs)
         states = n_states({**named_args, **kwargs}) if callable(n_states) else n_states
+        rows_of = state_rows({**named_args, **kwargs}) if callable(state_rows) else state_rows
         keep = [
             c for c in configs
             if c.kwargs[tile] <= tiled
             and states * c.kwargs[tile] * full <= 64 * 32 * c.num_warps
             and c.kwargs["BT"] * full <= max_tile_rows * 128
-            and safe_warps(c, full)
+            and safe_warps(c, full, rows_of)
         ]
         if keep:
             return keep
@@ -207,6 +219,22 @@ def _dphi(f, FEATURE: tl.constexpr):
 
 
 @triton.jit
+def _row_sums(x_c, w, acc, like_ptr, DOT_MODE: tl.constexpr, EXACT: tl.constexpr):
+    """acc + x_c^T w for w [BT, ZW] (equal columns), as tensor-core dots: acc's columns are the weighted
+    sums over the rows of x_c. In mode 0 w goes in as bf16, in two parts (hi + lo, ~16 bits of w) unless
+    EXACT (w exact in bf16: ones)."""
+    xt = tl.trans(x_c)
+    if DOT_MODE == 0:
+        hi = w.to(like_ptr.dtype.element_ty)
+        acc = tl.dot(xt, hi, acc)
+        if not EXACT:
+            acc = tl.dot(xt, (w - hi.to(tl.float32)).to(like_ptr.dtype.element_ty), acc)
+        return acc
+    else:
+        return acc + _dot(xt, w, DOT_MODE)
+
+
+@triton.jit
 def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
     """1-D grid (no 65535 limit on B*H), tile index fastest, so the tiles of one (head, segment), which
     read the same rows, run side by side and share them through L2. Returns the tile, the flat
@@ -229,21 +257,23 @@ def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
 @triton.autotune(
     configs=_configs("chunk_state_kernel", "BK"),
     key=["DK", "DV", "BWD"],  # the backward variant holds 3 more row tiles: tune it separately
-    prune_configs_by={"early_config_prune": _pruner("BK", 1, 128)},
+    # with ZDOT its second dot (the normalizer sums) has BK rows
+    prune_configs_by={"early_config_prune": _pruner("BK", 1, 128, state_rows=lambda kw: "BK" if kw.get("ZDOT") else None)},
 )
 @triton.jit
 def chunk_state_kernel(
     x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, st_ptr,
     T, H, L, NS, scale,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
-    HAS_DRDEN: tl.constexpr,
+    HAS_DRDEN: tl.constexpr, ZDOT: tl.constexpr,
     DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """One segment's local sum of phi(x)^T y (a BK-row tile of the DK x DV state, full V) and of the
     normalizer vector. Forward: x = k, y = v, vector = sum b. Backward: x = q, y = do * rden,
     vector = sum r a, with r computed here (it needs the full V row of do and o) and written out. With
     HAS_DRDEN, rden itself was used downstream (hybrid attention reads the denominator off it): its
-    gradient drden adds d rden / d den * drden = -rden^2 drden to r."""
+    gradient drden adds d rden / d den * drden = -rden^2 drden to r. ZDOT: the vector's sums as dots
+    (`_row_sums`, see ZDOT above)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -255,6 +285,7 @@ def chunk_state_kernel(
     o_base = o_ptr + rowv0
     acc = tl.zeros([BK, DV], dtype=tl.float32)
     vec = tl.zeros([BK], dtype=tl.float32)
+    vec_w = tl.zeros([BK, ZW], dtype=tl.float32)  # ZDOT: the vector in each of its ZW equal columns
     for t0 in range(0, t_len, BT):
         mt = offs_t < t_len - t0
         x_c = _features(tl.load(x_base + tile_k, mask=mt[:, None], other=0.0), mt, x_ptr, scale, FEATURE, DOT_MODE)
@@ -269,10 +300,18 @@ def chunk_state_kernel(
                 if i_k == 0:
                     tl.store(r_ptr + trow0 + t0 + offs_t, r, mask=mt)
                 y_c = _cast(y.to(tl.float32) * rd[:, None], x_ptr, DOT_MODE)
-                vec += tl.sum(x_c.to(tl.float32) * r[:, None], axis=0)
+                if ZDOT:
+                    w = tl.broadcast_to(r[:, None], [BT, ZW])
+                    vec_w = _row_sums(x_c, w, vec_w, x_ptr, DOT_MODE, False)
+                else:
+                    vec += tl.sum(x_c.to(tl.float32) * r[:, None], axis=0)
             else:
                 y_c = _cast(y, x_ptr, DOT_MODE)
-                vec += tl.sum(x_c.to(tl.float32), axis=0)
+                if ZDOT:
+                    ones = tl.full([BT, ZW], 1.0, tl.float32)
+                    vec_w = _row_sums(x_c, ones, vec_w, x_ptr, DOT_MODE, True)
+                else:
+                    vec += tl.sum(x_c.to(tl.float32), axis=0)
         else:
             y_c = _cast(y, x_ptr, DOT_MODE)
         acc += _dot(tl.trans(x_c), y_c, DOT_MODE)
@@ -281,6 +320,8 @@ def chunk_state_kernel(
         o_base += BT * H * DV
     base = st_ptr + (i_bh * (NS + 1) + i_s) * (DK * DV + DK)
     tl.store(base + offs_k[:, None] * DV + offs_dv[None, :], acc)
+    if ZDOT:
+        vec = tl.sum(vec_w, axis=1) * (1.0 / ZW)  # ZW equal columns: their mean is exact
     tl.store(base + DK * DV + offs_k, vec)
 
 

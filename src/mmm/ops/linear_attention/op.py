@@ -96,7 +96,7 @@ if HAVE_TRITON:
         common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
                       DOT_MODE=_dot_mode(q.dtype))
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            k, v, v, rden, rden, rden, states, BWD=False, HAS_DRDEN=False, **common)
+            k, v, v, rden, rden, rden, states, BWD=False, HAS_DRDEN=False, ZDOT=kernels.ZDOT, **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
         launcher(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
@@ -122,7 +122,7 @@ if HAVE_TRITON:
                       DOT_MODE=_dot_mode(q.dtype))
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             q, do, o, rden, r, rden if drden is None else drden, dstates, BWD=True,
-            HAS_DRDEN=normalize and drden is not None, **common)
+            HAS_DRDEN=normalize and drden is not None, ZDOT=kernels.ZDOT, **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
