@@ -91,6 +91,17 @@ def test_arg_class_splits_what_triton_specializes():
     assert _arg_class("text") is None and _arg_class(None) is None
 
 
+def test_key_classes_every_argument_as_arg_class_does():
+    """FastLaunch._key inlines _arg_class for tensors and ints: the same classes for every argument."""
+    buf = torch.zeros(64, dtype=torch.bfloat16)
+    args = (buf, buf[1:], buf.float(), 1, 16, 17, -16, -17, 2**31 - 16, 2**31, 2**63, 0.5, True)
+    fast = FastLaunch(_Tuned())
+    fast._setup()
+    classes, _, _, _ = fast._key(args, {}, 0)
+    assert classes == tuple(map(_arg_class, args))
+    assert fast._key((buf, "text"), {}, 0) is None
+
+
 def test_first_launch_per_key_goes_through_triton_then_direct(fake_cuda):
     kernel = _Tuned()
     fast = FastLaunch(kernel)
