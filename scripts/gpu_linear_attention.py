@@ -3,6 +3,7 @@
 Run on the H200 from the repository root:
     PYTHONPATH=src python scripts/gpu_linear_attention.py            # everything (~5 min, most of it compiling)
     PYTHONPATH=src python scripts/gpu_linear_attention.py --quick    # T in {2k, 8k} only, no segment sweep
+    PYTHONPATH=src python scripts/gpu_linear_attention.py --sweep-only   # the segment sweep alone (~1 min)
     TRITON_INTERPRET=1 PYTHONPATH=src python scripts/gpu_linear_attention.py --smoke   # CPU dry run, tiny
 Prints a short table last; full numbers go to $OUT/linear_attention.json (or ./linear_attention.json).
 
@@ -33,6 +34,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from mmm.ops.linear_attention import linear_attention, linear_attention_naive  # noqa: E402
+from mmm.ops._eager import cdiv  # noqa: E402
 from mmm.ops.linear_attention import kernels, op  # noqa: E402
 
 DEV, BF = "cuda", torch.bfloat16
@@ -203,6 +205,23 @@ def kernel_breakdown(T):
     log(f"kernels_ms.T{T}", dict(sorted(per.items(), key=lambda kv: -kv[1])))
 
 
+def graph_ms(step) -> float:
+    """GPU time of step() replayed from a CUDA graph (no host cost: at T <= 8k the eager call is
+    host-bound and would hide the segment length's effect), median ms; plain med() under --smoke."""
+    if SMOKE:
+        return med(step)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return med(graph.replay, 100)
+
+
 def segment_sweep(T):
     q, k, v, go = (torch.randn(B, T, H, D, device=DEV, dtype=BF, requires_grad=i < 3) for i in range(4))
     out = {}
@@ -210,12 +229,12 @@ def segment_sweep(T):
     mult = kernels.SEGMENT_MULTIPLE
     for n_pairs in (64, 128, 256, 512, 1024, 2048):  # (batch*head, segment) pairs, as op._TARGET_SEGMENTS
         per_seq = max(1, n_pairs // (B * H))
-        L = op._cdiv(op._cdiv(T, per_seq), mult) * mult
+        L = cdiv(cdiv(T, per_seq), mult) * mult
         if L in out:
             continue
-        fb = med(lambda: torch.autograd.grad(op._kernel_forward(q, k, v, "elu", True, True, 1e-6, seg_len=L), (q, k, v), go), 100)
-        out[L] = round(fb, 4)
-    log(f"seg_sweep.T{T}", {"default_seg_len": default, "fwdbwd_ms_by_seg_len": out})
+        out[L] = round(graph_ms(lambda: torch.autograd.grad(
+            op._kernel_forward(q, k, v, "elu", True, True, 1e-6, seg_len=L), (q, k, v), go)), 4)
+    log(f"seg_sweep.T{T}", {"default_seg_len": default, "graph_fwdbwd_ms_by_seg_len": out})
 
 
 def chosen_configs():
@@ -228,6 +247,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--sweep-only", action="store_true", help="only the segment-length sweep (CUDA-graph times)")
     args = ap.parse_args()
     global SMOKE, DEV, BF, H, D
     if args.smoke:
@@ -236,6 +256,10 @@ def main():
         print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), "triton", kernels.triton.__version__, flush=True)
     out_dir = os.environ.get("OUT", ".")
     try:
+        if args.sweep_only:
+            for T in [64] if SMOKE else [2048, 8192, 131072]:
+                segment_sweep(T)
+            return
         if not SMOKE:
             ceilings()
         t = time.time()
@@ -254,7 +278,7 @@ def main():
         for T in [64] if SMOKE else [8192] if args.quick else [8192, 131072]:
             kernel_breakdown(T)
         if not args.quick:
-            for T in [64] if SMOKE else [8192, 131072]:
+            for T in [64] if SMOKE else [2048, 8192, 131072]:
                 segment_sweep(T)
         chosen_configs()
     except Exception:
