@@ -45,11 +45,12 @@ tests() {  # eight pytest processes side by side (-v: a timeout still leaves eac
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
 
-retests() {  # what session 11 changed or did not reach: FAVOR+ through the kernel, block ops' compile test
+retests() {  # what session 11 changed or did not reach: FAVOR+ and ZDOT, the in-kernel scale, block compile
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
   $t tests/test_attention_gpu.py -k "favor or key_slices" > "$OUT/t_favor.log" 2>&1 &
   $t tests/test_block_kernels.py -k "compile or opcheck" > "$OUT/t_block.log" 2>&1 &
   $t tests/test_fast_launch.py > "$OUT/t_fast.log" 2>&1 &
+  $t tests/test_linear_attention_kernel.py -k "normalizer or bf16 or opcheck" > "$OUT/t_la.log" 2>&1 &
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
