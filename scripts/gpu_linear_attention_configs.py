@@ -245,7 +245,9 @@ def ir_report(D: int, DV: int | None = None) -> None:
         fn = getattr(kernels, name).fn
         variants = ([{"BWD": bwd, "HAS_DRDEN": False, "ZDOT": z} for z in (False, True) for bwd in (False, True)]
                     if name == "chunk_state_kernel"
-                    else [{"CAUSAL": True, "PART": 1}, {"CAUSAL": True, "PART": 2}] if name == "bwd_dqdk_kernel"
+                    else [{"CAUSAL": True, "PART": p, "ZDOT": z} for z in (False, True) for p in (1, 2)]
+                    if name == "bwd_dqdk_kernel"
+                    else [{"CAUSAL": True, "ZDOT": z} for z in (False, True)] if name == "fwd_kernel"
                     else [{"CAUSAL": True}])
         options = kernels.CONFIGS[name] + RETIRED.get(name, []) + CANDIDATES.get(name, [])
         for bt, t, w, st in options:

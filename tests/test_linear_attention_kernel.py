@@ -91,10 +91,12 @@ def test_input_scale_applied_in_the_kernel(feature_map, normalize, causal, poiso
 
 @needs_kernel
 @pytest.mark.parametrize("feature_map,causal", [("elu", True), ("relu", False), (None, True)])
-def test_normalizer_sums_as_dots(feature_map, causal, poisoned_empty, monkeypatch):
-    """kernels.ZDOT: chunk_state's normalizer sums as tensor-core dots, forward and backward (rden's own
-    gradient included): as the reference, like the default path."""
+@pytest.mark.parametrize("split", [True, False], ids=["dq-dk-apart", "dq-dk-together"])
+def test_normalizer_sums_as_dots(feature_map, causal, split, poisoned_empty, monkeypatch):
+    """kernels.ZDOT: the normalizer's sums as tensor-core dots in every kernel, forward and backward
+    (rden's own gradient included, dq and dk in one launch or two): as the reference, like the default."""
     monkeypatch.setattr(op.kernels, "ZDOT", True)
+    monkeypatch.setattr(op.kernels, "SPLIT_DQDK", split)
     q, k, v = make_inputs(1, 70, 2, 16, feature_map, True)
     check_against_fp64(q, k, v, feature_map, True, causal, seg_len=32, tol=2e-5)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))

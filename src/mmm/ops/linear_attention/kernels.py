@@ -91,11 +91,13 @@ INTERPRET_CONFIG = (16, 16, 1, 1)
 # dq and dk in two launches of bwd_dqdk_kernel (PART 1 and 2) instead of one (PART 0): at T = 128k the
 # backward kernel took 3.94 ms instead of 4.87 (f+b 10.22 vs 11.19 ms, scripts/gpu_la_tune.py, H200)
 SPLIT_DQDK = True  # the interpreter runs one config (autotuning several fails there)
-# chunk_state_kernel's normalizer sums (sum b forward, sum r a backward) as tensor-core dots x^T W with W
-# [BT, ZW] of equal columns (ones; r in two bf16 parts), instead of an fp32 copy of the feature tile summed
-# over its rows. Why: at T = 128k that sum took the forward chunk_state from 0.55 to 1.74 ms (identity
-# features, H200, results/h200/2026-11-28-la-breakdown.log), as a cross-warp reduction every chunk. Off
-# until a GPU run times it (MMM_LA_ZDOT=1 turns it on; a 2026-12-04 version for every kernel faulted).
+# The normalizer's sums (z = sum b, and sum r a in the backward) as tensor-core dots x^T W with W [BT, ZW]
+# of equal columns (ones; r in two bf16 parts), z carried as [.., ZW] equal columns and a . z a dot too,
+# instead of fp32 copies of whole feature tiles summed over their rows (chunk_state, fwd, dq/dk). Why: at
+# T = 128k normalizing took identity features from 4.6 to 8.0 ms f+b, chunk_state from 0.55 to 1.74 ms
+# (H200, results/h200/2026-11-28-la-breakdown.log): a cross-warp reduction every chunk. Off until a GPU
+# run checks and times it (MMM_LA_ZDOT=1 turns it on; a 2026-12-04 version of the same idea faulted on
+# the H200, cause not found: run `gpu_single.sh sanitize`-style checks before trusting it).
 ZW = tl.constexpr(16)
 _ZDOT = os.environ.get("MMM_LA_ZDOT", "0").strip()
 if _ZDOT not in ("0", "1"):
@@ -235,6 +237,18 @@ def _row_sums(x_c, w, acc, like_ptr, DOT_MODE: tl.constexpr, EXACT: tl.constexpr
 
 
 @triton.jit
+def _dot_rows(a_c, Zw, like_ptr, DOT_MODE: tl.constexpr):
+    """a_c z per row, z given as Zw [DK, ZW] of equal columns, through tensor-core dots (mode 0: Zw in two
+    bf16 parts, hi + lo, so ~16 bits of z survive: z grows with the sequence)."""
+    if DOT_MODE == 0:
+        hi = Zw.to(like_ptr.dtype.element_ty)
+        r = tl.dot(a_c, (Zw - hi.to(tl.float32)).to(like_ptr.dtype.element_ty), tl.dot(a_c, hi))
+    else:
+        r = _dot(a_c, Zw, DOT_MODE)
+    return tl.sum(r, axis=1) * (1.0 / ZW)  # ZW equal columns: their mean is exact
+
+
+@triton.jit
 def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
     """1-D grid (no 65535 limit on B*H), tile index fastest, so the tiles of one (head, segment), which
     read the same rows, run side by side and share them through L2. Returns the tile, the flat
@@ -357,10 +371,11 @@ def fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rden_ptr, st_ptr,
     T, H, L, NS, eps, scale,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    ZDOT: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
-    chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps)."""
+    chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps).
+    ZDOT: z's sums and a . z as tensor-core dots (z carried as [DK, ZW] equal columns; see ZDOT above)."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_dk = tl.arange(0, DK)
@@ -377,6 +392,8 @@ def fwd_kernel(
     z = tl.zeros([DK], dtype=tl.float32)
     if NORMALIZE:
         z = tl.load(base + DK * DV + offs_dk)
+    Zw = tl.zeros([DK, ZW], dtype=tl.float32) + z[:, None]  # ZDOT's z
+    ones = tl.full([BT, ZW], 1.0, tl.float32)
     q_base = q_ptr + rowk0
     k_base = k_ptr + rowk0
     v_base = v_ptr + rowv0
@@ -386,7 +403,10 @@ def fwd_kernel(
         a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if NORMALIZE:
-            den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
+            if ZDOT:
+                den = _dot_rows(a_c, Zw, q_ptr, DOT_MODE)
+            else:
+                den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
         if CAUSAL:
             b_c = _features(tl.load(k_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
             v_c = _cast(tl.load(v_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
@@ -395,7 +415,10 @@ def fwd_kernel(
             S += _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
                 den += tl.sum(A, axis=1)
-                z += tl.sum(b_c.to(tl.float32), axis=0)
+                if ZDOT:
+                    Zw = _row_sums(b_c, ones, Zw, q_ptr, DOT_MODE, True)
+                else:
+                    z += tl.sum(b_c.to(tl.float32), axis=0)
         if NORMALIZE:
             rd = 1.0 / (den + eps)
             num = num * rd[:, None]
@@ -418,7 +441,7 @@ def bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, rden_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
     T, H, L, NS, scale,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_MODE: tl.constexpr, PART: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    ZDOT: tl.constexpr, DOT_MODE: tl.constexpr, PART: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """dq and dk for one K-tile of one segment:
       da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
@@ -430,7 +453,8 @@ def bwd_dqdk_kernel(
     forward does). PART 0 must go in reverse for dS, so it walks S backwards from the prefix of the next
     segment (S -= b^T v): each subtraction leaves rounding of the size of the larger state, so the first
     rows' dq lose precision in proportion to the segment length (in fp32: ~7x PyTorch's error at 640
-    tokens; hidden by bf16's own error)."""
+    tokens; hidden by bf16's own error). ZDOT: the sums into z and dz as tensor-core dots (carried as
+    [BK, ZW] equal columns, read back as their mean where used; see ZDOT above)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -459,6 +483,10 @@ def bwd_dqdk_kernel(
         dz = tl.zeros([BK], dtype=tl.float32)
         if NORMALIZE:
             dz = tl.load(bbase + DK * DV + offs_k)
+        dZw = tl.zeros([BK, ZW], dtype=tl.float32) + dz[:, None]  # ZDOT's dz
+    if PART != 2:
+        Zw = tl.zeros([BK, ZW], dtype=tl.float32) + z[:, None]  # ZDOT's z
+    ones = tl.full([BT, ZW], 1.0, tl.float32)
     n_blk = tl.cdiv(t_len, BT)
     for j in range(0, n_blk):
         if PART == 1:
@@ -473,7 +501,10 @@ def bwd_dqdk_kernel(
         if CAUSAL and PART == 0:
             S -= _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
-                z -= tl.sum(b_c.to(tl.float32), axis=0)
+                if ZDOT:
+                    Zw = _row_sums(b_c, -ones, Zw, q_ptr, DOT_MODE, True)
+                else:
+                    z -= tl.sum(b_c.to(tl.float32), axis=0)
         g = tl.load(do_ptr + off_v + tile_dv, mask=mt[:, None], other=0.0)
         if NORMALIZE:
             rr = tl.load(r_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
@@ -490,6 +521,8 @@ def bwd_dqdk_kernel(
         if PART != 2:  # dq
             da = _dot(g_c, tl.trans(_cast(S, q_ptr, DOT_MODE)), DOT_MODE)
             if NORMALIZE:
+                if ZDOT:
+                    z = tl.sum(Zw, axis=1) * (1.0 / ZW)
                 da += rr[:, None] * z[None, :]
             if CAUSAL:
                 da += _dot(dA_c, b_c, DOT_MODE)
@@ -499,10 +532,15 @@ def bwd_dqdk_kernel(
         if CAUSAL and PART == 1:
             S += _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
-                z += tl.sum(b_c.to(tl.float32), axis=0)
+                if ZDOT:
+                    Zw = _row_sums(b_c, ones, Zw, q_ptr, DOT_MODE, True)
+                else:
+                    z += tl.sum(b_c.to(tl.float32), axis=0)
         if PART != 1:  # dk
             db = _dot(v_c, tl.trans(_cast(dS, q_ptr, DOT_MODE)), DOT_MODE)
             if NORMALIZE:
+                if ZDOT:
+                    dz = tl.sum(dZw, axis=1) * (1.0 / ZW)
                 db += dz[None, :]
             if CAUSAL:
                 db += _dot(tl.trans(dA_c), a_c, DOT_MODE)
@@ -512,7 +550,10 @@ def bwd_dqdk_kernel(
         if CAUSAL and PART != 1:
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
             if NORMALIZE:
-                dz += tl.sum(a_c.to(tl.float32) * rr[:, None], axis=0)
+                if ZDOT:
+                    dZw = _row_sums(a_c, tl.broadcast_to(rr[:, None], [BT, ZW]), dZw, q_ptr, DOT_MODE, False)
+                else:
+                    dz += tl.sum(a_c.to(tl.float32) * rr[:, None], axis=0)
 
 
 @triton.autotune(

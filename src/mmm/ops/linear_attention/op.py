@@ -100,7 +100,7 @@ if HAVE_TRITON:
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
         launcher(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
-            q, k, v, o, rden, states, eps=eps, CAUSAL=causal, **common)
+            q, k, v, o, rden, states, eps=eps, CAUSAL=causal, ZDOT=kernels.ZDOT, **common)
         return o, rden, states
 
     def _backward_launches(
@@ -127,7 +127,7 @@ if HAVE_TRITON:
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
             launcher(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
-                q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, **common)
+                q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.ZDOT, **common)
         launcher(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
             q, k, do, rden, dstates, dv, CAUSAL=causal, **common)
         return dq, dk, dv
