@@ -46,14 +46,15 @@ KERNELS = {
     "kron_dx_da_kernel": ("kronecker", "*bf16", {"part_ptr": "*fp32"}, dict(BO1=32, BI1=32, BO2=32, PRECISION="ieee")),
     "kron_bwd_one_pass_kernel": ("kronecker", "*bf16", {"pa_ptr": "*fp32", "pb_ptr": "*fp32"},
                                  dict(BO1=32, BI1=32, BO2=32, BC=32, PRECISION="ieee")),
-    # linear attention, bf16, DK = DV = 128, elu features, normalised, causal; fp32 states and row factors
+    # linear attention, bf16, DK = DV = 128, elu features, normalised, causal; fp32 states and row factors;
+    # the default path (ZDOT off: scripts/gpu_linear_attention_configs.py --ir compiles it both ways)
     "chunk_state_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "drden_ptr": "*fp32", "st_ptr": "*fp32"},
-                           dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, BWD=True, HAS_DRDEN=True, DOT_MODE=0)),
+                           dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, BWD=True, HAS_DRDEN=True, DOT_MODE=0, ZDOT=False)),
     "scan_kernel": ("linear_attention", "*fp32", {}, dict(REVERSE=True, BLOCK="SCAN_BLOCK")),
     "fwd_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "st_ptr": "*fp32"},
-                   dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0)),
+                   dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, ZDOT=False)),
     "bwd_dqdk_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "st_ptr": "*fp32", "dst_ptr": "*fp32"},
-                        dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, PART=1)),
+                        dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, PART=1, ZDOT=False)),
     "bwd_dv_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "dst_ptr": "*fp32"},
                       dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0)),
     # FFT as DFT GEMMs ("fft.dft_kernels": a module name with a dot is taken as is), 128 x 128 tiles, two
@@ -67,7 +68,7 @@ KERNELS = {
                         {"x_ptr": "*bf16", "dy_ptr": "*bf16", "part_ptr": "*fp32", "stash_ptr": "*fp32"},
                         dict(N1=128, N2=128, BK=32, KC=32, BOUND=2.0**14, PREC="tf32", num_warps=8)),
 }
-FLOAT_SCALARS = {"bound", "eps"}  # every other non-constexpr argument is an int (i32)
+FLOAT_SCALARS = {"bound", "eps", "scale"}  # every other non-constexpr argument is an int (i32)
 
 
 def compile_for_sm90(name: str) -> None:
