@@ -13,7 +13,8 @@
 # kernels and their tilings, ~1 min), hybridprof (scripts/gpu_hybrid_profile.py: CUDA time per kernel of
 # linear, window and hybrid f+b at 128k, ~1 min), zdot (scripts/gpu_la_breakdown.py with MMM_LA_ZDOT=0,
 # then 1: CUDA time per linear-attention kernel, ~3 min), segsweep (linear attention's segment length at
-# 2k / 8k / 128k, CUDA-graph times, ~1 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
+# 2k / 8k / 128k, CUDA-graph times, ~1 min), hhfit (scripts/gpu_hedgehog_fit.py: Hedgehog's held-out
+# error at 8k / 32k for longer fits than the bench's, beside elu+1, ~3 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
 # the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and
 # stall reasons of the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64,
 # under compute-sanitizer beside a retired config of the 2026-11-28 fault as the positive control,
@@ -74,6 +75,7 @@ for phase in "$@"; do
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     hybridprof) step hybridprof 120 python scripts/gpu_hybrid_profile.py ;;
     segsweep) step segsweep 120 python scripts/gpu_linear_attention.py --sweep-only ;;
+    hhfit) step hhfit 240 python scripts/gpu_hedgehog_fit.py ;;
     zdot) for z in 0 1; do  # linear attention per kernel, chunk_state's normalizer sums as dots off, then on
         step "la_zdot$z" 150 env MMM_LA_ZDOT=$z python scripts/gpu_la_breakdown.py; done ;;
     window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;
