@@ -51,7 +51,7 @@ retests() {  # what session 11 changed or did not reach: FAVOR+ and ZDOT, the in
   $t tests/test_attention_gpu.py -k "favor or key_slices" > "$OUT/t_favor.log" 2>&1 &
   $t tests/test_block_kernels.py -k "compile or opcheck" > "$OUT/t_block.log" 2>&1 &
   $t tests/test_fast_launch.py > "$OUT/t_fast.log" 2>&1 &
-  $t tests/test_linear_attention_kernel.py -k "normalizer or bf16 or opcheck" > "$OUT/t_la.log" 2>&1 &
+  $t tests/test_linear_attention_kernel.py -k "normalizer or bf16 or opcheck or compile" > "$OUT/t_la.log" 2>&1 &
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
