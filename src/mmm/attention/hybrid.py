@@ -132,7 +132,8 @@ def kernel_far_part(q, k, v, fmap: FeatureMap, window: int, eps: float):
     shifted = q.shape[1] - window
     if shifted <= 0:
         return None
-    return linear_mod._triton_linear(q[:, window:], k[:, :shifted], v[:, :shifted], fmap, True, True, eps, with_rden=True)
+    return linear_mod._triton_linear(q[:, window:], k[:, :shifted], v[:, :shifted], fmap, True, True, eps,
+                                     with_rden=True)
 
 
 def combine_kernel_far(o_w, lse, parts, log_scale, window: int, eps: float, out_dtype: torch.dtype) -> torch.Tensor:

@@ -199,8 +199,9 @@ def _dot(a, b, DOT_MODE: tl.constexpr):
 def _features(x, mt, like_ptr, scale, FEATURE: tl.constexpr, DOT_MODE: tl.constexpr):
     """phi(scale * x) computed in fp32, zeroed on padding rows (phi(0) = 1 for elu), rounded once to the dot
     dtype. (scale: the feature maps' input scaling, d^-1/4, applied here rather than in a separate pass
-    over q and k and their gradients.) Every later use (dots, normalizer sums, phi') reads this one copy, so forward and backward see
-    the same features, and no fp32 tile stays live (register pressure is what limits these kernels)."""
+    over q and k and their gradients.) Every later use (dots, normalizer sums, phi') reads this one copy,
+    so forward and backward see the same features, and no fp32 tile stays live (register pressure is what
+    limits these kernels)."""
     x = x.to(tl.float32) * scale
     if FEATURE == 1:
         x = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
@@ -272,7 +273,8 @@ def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
     configs=_configs("chunk_state_kernel", "BK"),
     key=["DK", "DV", "BWD"],  # the backward variant holds 3 more row tiles: tune it separately
     # with ZDOT its second dot (the normalizer sums) has BK rows
-    prune_configs_by={"early_config_prune": _pruner("BK", 1, 128, state_rows=lambda kw: "BK" if kw.get("ZDOT") else None)},
+    prune_configs_by={"early_config_prune": _pruner("BK", 1, 128,
+                                                    state_rows=lambda kw: "BK" if kw.get("ZDOT") else None)},
 )
 @triton.jit
 def chunk_state_kernel(
@@ -496,7 +498,8 @@ def bwd_dqdk_kernel(
         off_k = rowk0 + t0.to(tl.int64) * (H * DK)
         off_v = rowv0 + t0.to(tl.int64) * (H * DV)
         mt = offs_t < t_len - t0
-        b_c = _features(tl.load(k_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
+        b_c = _features(tl.load(k_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE,
+                        DOT_MODE)
         v_c = _cast(tl.load(v_ptr + off_v + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
         if CAUSAL and PART == 0:
             S -= _dot(tl.trans(b_c), v_c, DOT_MODE)
@@ -517,7 +520,8 @@ def bwd_dqdk_kernel(
             if NORMALIZE:
                 dA += rr[:, None]
             dA_c = _cast(tl.where(causal, dA, 0.0), q_ptr, DOT_MODE)
-        a_c = _features(tl.load(q_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
+        a_c = _features(tl.load(q_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE,
+                        DOT_MODE)
         if PART != 2:  # dq
             da = _dot(g_c, tl.trans(_cast(S, q_ptr, DOT_MODE)), DOT_MODE)
             if NORMALIZE:

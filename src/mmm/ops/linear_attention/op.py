@@ -80,9 +80,9 @@ if HAVE_TRITON:
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         feature: int, normalize: bool, causal: bool, eps: float, seg_len: int, scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k [B,T,H,DK], v [B,T,H,DV]; the features are phi(scale * q), phi(scale * k). Returns o [B,T,H,DV], rden = 1/(den+eps) [B,H,T] fp32 (zeros
-        when not normalizing) and the exclusive per-segment prefix states [B*H, NS+1, DK*DV+DK] fp32 (entry
-        NS = total), kept for backward. Every element of o, rden and states is written: states 0..NS-1 by
+        """q, k [B,T,H,DK], v [B,T,H,DV]; the features are phi(scale * q), phi(scale * k). Returns o
+        [B,T,H,DV], rden = 1/(den+eps) [B,H,T] fp32 (zeros when not normalizing) and the exclusive
+        per-segment prefix states [B*H, NS+1, DK*DV+DK] fp32 (entry NS = total), kept for backward. Every element of o, rden and states is written: states 0..NS-1 by
         chunk_state_kernel (all DK/BK row tiles of every segment), entry NS by the scan, rden by fwd_kernel
         when normalizing."""
         B, T, H, DK = q.shape
@@ -235,8 +235,9 @@ def linear_attention(
     normalize=False). q, k: [batch, seq_len, heads, head_dim], v: [batch, seq_len, heads, v_dim] (o is
     shaped like v), one float dtype, one device. phi: 'elu' (elu(x)+1), 'relu' or None (identity), applied
     to scale * q and scale * k (scale: a finite float, 1 by default; the kernel applies it in fp32 as it
-    reads q and k, saving the passes of a separate q * scale). Output in the input dtype; state and accumulation in fp32. The Triton kernel takes
-    head_dim and v_dim each in SUPPORTED_HEAD_DIMS (independently).
+    reads q and k, saving the passes of a separate q * scale). Output in the input dtype; state and
+    accumulation in fp32. The Triton kernel takes head_dim and v_dim each in SUPPORTED_HEAD_DIMS
+    (independently).
     with_rden=True (normalized, Triton kernel only) returns (o, rden) with rden = 1 / (den + eps)
     [batch, heads, seq_len] fp32, differentiable: the denominator without a second pass over the sequence.
     """
