@@ -54,10 +54,10 @@ def hedgehog_loss(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, rows: torc
 
 
 def hybrid_output_loss(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-                       causal: bool, window: int, log_scale: torch.Tensor) -> torch.Tensor:
+                       causal: bool, window: int, log_scale: torch.Tensor, per_head: bool = False) -> torch.Tensor:
     """||O - O_exact||^2 / ||O_exact||^2 over query rows `rows` (the square of `attention_error`'s
     measure) for hybrid attention with `window`, far keys weighed by exp(log_scale) ([H]); fp32 q
-    [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv]."""
+    [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv]. per_head: the ratio per query head, [H]."""
     logits, kappa, lq = _logits_and_kernel(fmap, q, k, rows)
     log_kappa = kappa.clamp_min(torch.finfo(kappa.dtype).tiny).log()
     keys = torch.arange(k.shape[1], device=q.device)
@@ -68,7 +68,24 @@ def hybrid_output_loss(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, v: to
     vg = group_kv(v)
     approx = torch.softmax(log_w, -1) @ vg
     exact = torch.softmax(logits.masked_fill(hidden, -torch.inf), -1) @ vg
+    if per_head:  # [B, Hk, g, R, Dv] -> [Hk * g], in the order of log_scale's heads
+        return ((approx - exact).pow(2).sum((0, 3, 4)) / exact.pow(2).sum((0, 3, 4))).reshape(-1)
     return (approx - exact).pow(2).sum() / exact.pow(2).sum()
+
+
+# Starting values tried for each head's c_h before Adam refines it. Where the near logits are large, far
+# weights start ~exp(-90) or more below the near ones at c_h = 0: their gradient underflows to 0 in fp32
+# and Adam never moves c_h (the H100 bench of 2026-12-06 fitted 16 heads of a trained layer: 10 stayed
+# at exactly 0, and the calibrated hybrid's error equalled the uncalibrated one's, 0.357 at 8k).
+CALIBRATION_GRID = tuple(range(-20, 101, 5))
+
+
+def _calibration_start(loss_per_head, c: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per head, the best of its current c_h and CALIBRATION_GRID on query rows `rows`."""
+    with torch.no_grad():
+        starts = torch.stack([c] + [torch.full_like(c, g) for g in CALIBRATION_GRID])  # [n, H]
+        losses = torch.stack([loss_per_head(rows, start) for start in starts]).nan_to_num(nan=torch.inf)
+        return starts.gather(0, losses.argmin(0, keepdim=True)).squeeze(0)
 
 
 def _fit(loss_of, params: list, q: torch.Tensor, steps: int, lr: float, sample_rows: int, seed: int,
@@ -143,7 +160,8 @@ def fit_hybrid(
 ) -> FeatureMap:
     """Fit the calibration c_h of hybrid attention with `window` (one per query head: far keys weigh
     exp(c_h) phi(q).phi(k) against exp(q.k / sqrt(d)) for near ones) to a layer's queries q [B, T, H, D],
-    keys k [B, T, Hk, D] and values v [B, T, Hk, Dv], with Adam from the map's current c_h. With
+    keys k [B, T, Hk, D] and values v [B, T, Hk, Dv], with Adam from, per head, the best of the map's
+    current c_h and a grid of starts (CALIBRATION_GRID). With
     `train_map`, the map's own parameters (Hedgehog's) train with it at `map_lr`, as LoLCATs trains its
     map inside the hybrid. Returns the map (`feature_map` itself when a module is given) with its
     `hybrid_log_scale` set, in eval mode, on q's device: pass it as
@@ -160,6 +178,11 @@ def fit_hybrid(
             raise ValueError(f"train_map=True but feature_map {type(fmap).__name__} has no trainable parameters")
         groups.append({"params": own, "lr": map_lr})
     fmap.train()
+    first_rows = torch.randperm(qf.shape[1], generator=torch.Generator().manual_seed(seed))[:sample_rows].to(q.device)
+    with full_precision(qf):
+        c.data = _calibration_start(
+            lambda rows, start: hybrid_output_loss(fmap, qf, kf, vf, rows, causal, window, start, per_head=True),
+            c.detach(), first_rows)
     _fit(lambda rows: hybrid_output_loss(fmap, qf, kf, vf, rows, causal, window, c), groups, qf, steps, lr,
          sample_rows, seed, progress, "hybrid calibration")
     fmap.hybrid_log_scale = c.detach().to(fmap.hybrid_log_scale)
