@@ -149,7 +149,7 @@ def combine_kernel_far(o_w, lse, parts, log_scale, window: int, eps: float, out_
     num = near_scale.unsqueeze(-1) * o_w.float()
     den = near_scale + eps * torch.exp(-r)
     for o, rden, reverse in parts:
-        o, rden = o.transpose(1, 2).float(), rden  # [B, H, T - window, Dv], [B, H, T - window]
+        o = o.transpose(1, 2).float()  # [B, H, T - window, Dv]; rden is [B, H, T - window]
         if reverse:
             o, rden = o.flip(-2), rden.flip(-1)
         rows = (0, window) if reverse else (window, 0)

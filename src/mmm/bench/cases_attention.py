@@ -51,7 +51,7 @@ from ..attention.api import exact_rows, sample_query_rows
 from ..attention.feature_maps import FeatureMap, HedgehogFeatureMap, make_feature_map
 from ..attention.fit import fit_hybrid, train_hedgehog
 from .attention_inputs import real_qkv, training_qkv
-from .graphs import triton_launched, graphed
+from .graphs import graphed, triton_launched
 from .registry import Variant, Workload, bench_case
 from .timing import FULL, QUICK, median_ms
 

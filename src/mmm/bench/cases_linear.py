@@ -26,7 +26,7 @@ from ..configs import (
 )
 from ..linear import StructuredLinear
 from ..ops import reference_only
-from .graphs import triton_launched, graphed
+from .graphs import graphed, triton_launched
 from .registry import Variant, Workload, bench_case
 
 FULL_TOKENS, FULL_DIMS = 8192, (4096, 8192, 16384, 32768)

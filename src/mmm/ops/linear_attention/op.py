@@ -82,7 +82,8 @@ if HAVE_TRITON:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k [B,T,H,DK], v [B,T,H,DV]; the features are phi(scale * q), phi(scale * k). Returns o
         [B,T,H,DV], rden = 1/(den+eps) [B,H,T] fp32 (zeros when not normalizing) and the exclusive
-        per-segment prefix states [B*H, NS+1, DK*DV+DK] fp32 (entry NS = total), kept for backward. Every element of o, rden and states is written: states 0..NS-1 by
+        per-segment prefix states [B*H, NS+1, DK*DV+DK] fp32 (entry NS = total), kept for backward.
+        Every element of o, rden and states is written: states 0..NS-1 by
         chunk_state_kernel (all DK/BK row tiles of every segment), entry NS by the scan, rden by fwd_kernel
         when normalizing."""
         B, T, H, DK = q.shape
