@@ -4,7 +4,7 @@
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh tests            # GPU tests, 8 processes, ~4.5 min
 #   OUT=$OUT DEADLINE_S=580 bash scripts/gpu_single.sh attn128k         # issue-4 bench at 128k, ~6.5 min, alone
 #   OUT=$OUT DEADLINE_S=560 bash scripts/gpu_single.sh attn32k attn8k linear host
-# Phases: tests (no timing: may share the GPU) and retests (FAVOR+, block compile, FastLaunch GPU tests), then timing
+# Phases: tests (no timing: may share the GPU) and retests (the attention and linear-attention GPU tests), then timing
 # phases, each alone: attn128k, attn32k, attn8k, crossover (mmm bench attention cases; fla from .whl when
 # carried), linear (mmm bench linear.square.d16384), host (scripts/gpu_host_profile.py), launch
 # (scripts/gpu_launch_paths.py, host time of a Triton launch by path, then the GPU test of FastLaunch,
@@ -46,12 +46,10 @@ tests() {  # eight pytest processes side by side (-v: a timeout still leaves eac
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
 
-retests() {  # what session 11 changed or did not reach: FAVOR+ and ZDOT, the in-kernel scale, block compile
+retests() {  # session 13: elu/relu features outside the kernel, normalised FAVOR+ off the kernel, segment lengths
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
-  $t tests/test_attention_gpu.py -k "favor or key_slices" > "$OUT/t_favor.log" 2>&1 &
-  $t tests/test_block_kernels.py -k "compile or opcheck" > "$OUT/t_block.log" 2>&1 &
-  $t tests/test_fast_launch.py > "$OUT/t_fast.log" 2>&1 &
-  $t tests/test_linear_attention_kernel.py -k "normalizer or bf16 or opcheck or compile" > "$OUT/t_la.log" 2>&1 &
+  $t tests/test_attention_gpu.py -k "triton_dispatch or favor or key_slices" > "$OUT/t_attn.log" 2>&1 &
+  $t tests/test_linear_attention_kernel.py -k "(bf16 or opcheck or compile) and not normalizer" > "$OUT/t_la.log" 2>&1 &
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }

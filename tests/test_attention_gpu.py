@@ -46,7 +46,10 @@ def assert_kernel_within_twice_pytorch(q, k, v, own, monkeypatch, **kw):
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("name", ["elu", "relu"])
-def test_triton_dispatch_matches_pytorch_path(name, causal, normalize, dtype, monkeypatch):
+@pytest.mark.parametrize("outside", [False, True])
+def test_triton_dispatch_matches_pytorch_path(name, causal, normalize, dtype, outside, monkeypatch):
+    """outside: the features computed before the kernel (linear.features_outside, long sequences)."""
+    monkeypatch.setattr(linear_mod, "FEATURES_OUTSIDE_MIN_ROWS", 0 if outside else 1 << 40)
     q, k, v = qkv(1000, dtype)
     fmap = make_feature_map(name, 64).cuda()
     assert linear_mod._triton_linear(q, k, v, fmap, causal, normalize, 1e-6) is not None, "kernel not used"
@@ -133,13 +136,16 @@ def test_key_slices_within_twice_pytorch_bf16_error(kind, normalize, monkeypatch
     assert_kernel_within_twice_pytorch(q, k, v, own, monkeypatch, feature_map=fmap, normalize=normalize)
 
 
-@pytest.mark.parametrize("normalize", [True, False])
+# Normalised FAVOR+ on the kernel failed on the H100 (rel. error 0.54 vs 0.027) and is routed to the
+# PyTorch path (linear.RESCALED_NORMALIZED_ON_KERNEL); strict xfail: this turns red once it is fixed.
+@pytest.mark.parametrize("normalize", [pytest.param(True, marks=pytest.mark.xfail(strict=True, reason="known bf16 error")), False])
 def test_favor_through_the_kernel_within_twice_pytorch_bf16_error(normalize, monkeypatch):
     """FAVOR+ at head dim 128 (622 features, padded to 640: five 128-wide kernel calls, the query scale put
     back afterwards): output and q, k, v gradients in bf16 within 2x the larger of the PyTorch path's
     error and PyTorch's own in bf16, against fp64."""
     from mmm.attention.feature_maps import FavorFeatureMap
 
+    monkeypatch.setattr(linear_mod, "RESCALED_NORMALIZED_ON_KERNEL", True)
     fmap = FavorFeatureMap(128, seed=1).cuda()
     q, k, v = qkv(2000, torch.bfloat16, b=1, h=4, hk=4, d=128)
     assert linear_mod._kernel_key_width(fmap) == 640

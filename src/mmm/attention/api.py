@@ -160,6 +160,7 @@ def attention_path(
     feature_map: str | FeatureMap = "elu",
     long_method: str = "hybrid",
     crossover: int | None = None,
+    normalize: bool = True,
 ) -> str:
     """Which implementation `attention(q, k, v, method, ...)` runs on these inputs, for reports:
     'sdpa:<backend>' for exact; 'flex' or 'blockwise' for window; 'triton' or 'pytorch' for linear;
@@ -174,7 +175,7 @@ def attention_path(
         return window_path(q, v)
     fmap = resolve_feature_map(feature_map, q.shape[-1], q.device)
     if method == "linear":
-        return "triton" if triton_applies(q, v, fmap, query_scale=True) else "pytorch"
+        return "triton" if triton_applies(q, v, fmap, query_scale=True, normalize=normalize) else "pytorch"
     return hybrid_path(q, v, fmap)
 
 

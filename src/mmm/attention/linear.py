@@ -35,6 +35,18 @@ _NATIVE_MAPS = (EluFeatureMap, ReluFeatureMap)  # maps the kernel applies itself
 # 10 ms at 128 (H200, results/h200/2026-12-04-la-tune.md). Normalised only for maps whose features are
 # non-negative (`FeatureMap.nonnegative`: no partial denominator cancels). None: one call, any width.
 KEY_SPLIT: int | None = 128
+# elu+1 and relu: from this many rows (B T H) on, the features are computed in one compiled pass before
+# the kernel (and their gradient in one after it) and the kernel runs identity features. Applying the map
+# inside the kernel's loops costs more than those passes at long T: f+b 13.10 -> 10.33 ms at 128k tokens
+# and 3.60 -> 2.87 at 32k (16 heads of 128, bf16, normalized), but 0.47 -> 0.87 ms at 2k, where the
+# compiled passes' host time dominates (H100, results/h100/2026-12-06-s13-la-breakdown.md). 32k x 16 heads,
+# the shortest length measured to gain; 8k untimed.
+FEATURES_OUTSIDE_MIN_ROWS = 32768 * 16
+# Maps with a query scale (FAVOR+), normalised, through the kernel: off. It failed its bf16 GPU test on the
+# H100 (rel. error 0.54 vs PyTorch's 0.027, test_favor_through_the_kernel_within_twice_pytorch_bf16_error,
+# 2026-12-06); suspected: the slices' rescaled denominators fall below eps, where _sum_parts' 1 / rden - eps
+# cancels. Unnormalised passed and stays on the kernel.
+RESCALED_NORMALIZED_ON_KERNEL = False
 # Computed features (maps the kernel does not apply itself) run at a key width the kernel takes: the
 # feature count padded with zero features (they add nothing to phi(q).phi(k)) up to the next supported
 # head dim, or for non-negative maps to a multiple of KEY_SPLIT up to this many features (FAVOR+'s
@@ -54,13 +66,15 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     own width. Key widths over KEY_SPLIT run as slices. A query log scale l (FAVOR+: phi(q) = phi_s(q)
     exp(l)) is put back afterwards (`_put_back_query_scale`); with_rden is then not offered (hybrid
     attention needs no such map here)."""
-    if not triton_applies(q, v, fmap, query_scale=not with_rden):
+    if not triton_applies(q, v, fmap, query_scale=not with_rden, normalize=normalize):
         return None
     from mmm.ops.linear_attention import linear_attention as kernel
 
     groups = q.shape[2] // k.shape[2]
     log_scale, scale = None, 1.0
-    if isinstance(fmap, _NATIVE_MAPS):  # the maps' input scaling d^-1/4 the kernel applies as it reads q, k
+    if isinstance(fmap, _NATIVE_MAPS) and features_outside(q):
+        kq, kk, name = _native_features(q, fmap.name), _native_features(k, fmap.name), None
+    elif isinstance(fmap, _NATIVE_MAPS):  # the maps' input scaling d^-1/4 the kernel applies as it reads q, k
         kq, kk, name, scale = q, k, fmap.name, q.shape[-1] ** -0.25
     else:
         dt = compute_dtype(q)
@@ -94,6 +108,21 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     if with_rden:
         return out[0].to(q.dtype), out[1]
     return out.to(q.dtype)
+
+
+def features_outside(q: torch.Tensor) -> bool:
+    """Whether elu+1 / relu features are computed before the kernel (`_native_features`, one compiled pass
+    each way) instead of inside its loops: from FEATURES_OUTSIDE_MIN_ROWS rows (B T H) on."""
+    return q.shape[0] * q.shape[1] * q.shape[2] >= FEATURES_OUTSIDE_MIN_ROWS
+
+
+@compiled_on_cuda
+def _native_features(x: torch.Tensor, name: str) -> torch.Tensor:
+    """elu(x d^-1/4) + 1 or relu(x d^-1/4), computed in fp32 and rounded once to x's dtype: the same
+    rounding the kernel gives its in-loop features (which it also rounds to the dot dtype)."""
+    scaled = x.float() * x.shape[-1] ** -0.25
+    phi = torch.nn.functional.elu(scaled) + 1.0 if name == "elu" else torch.relu(scaled)
+    return phi.to(x.dtype)
 
 
 @compiled_on_cuda
@@ -132,10 +161,12 @@ def _kernel_key_width(fmap: FeatureMap) -> int | None:
     return width
 
 
-def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap, query_scale: bool = False) -> bool:
+def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap, query_scale: bool = False,
+                   normalize: bool = False) -> bool:
     """Whether `_triton_linear` sends inputs like these to the Triton kernel (see its docstring).
     query_scale: whether the caller takes maps with a query log scale (FAVOR+); not in fp16, where key
-    features up to exp(60) (FeatureMap docstring) would overflow the fp16 copy the kernel reads."""
+    features up to exp(60) (FeatureMap docstring) would overflow the fp16 copy the kernel reads, and
+    not normalised unless RESCALED_NORMALIZED_ON_KERNEL."""
     if not USE_TRITON_KERNEL or q.dtype == torch.float64:
         return False
     try:
@@ -149,7 +180,8 @@ def triton_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap, query_sca
         return False
     if isinstance(fmap, _NATIVE_MAPS):
         return q.shape[-1] in SUPPORTED_HEAD_DIMS
-    if fmap.rescales_queries and not (query_scale and q.dtype != torch.float16):
+    if fmap.rescales_queries and not (query_scale and q.dtype != torch.float16
+                                      and (RESCALED_NORMALIZED_ON_KERNEL or not normalize)):
         return False
     return _kernel_key_width(fmap) is not None
 

@@ -18,13 +18,14 @@ from .naive import linear_attention_naive
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 FEATURE_MAPS = ("elu", "relu", None, "identity")
 
-# How many (batch*head, segment) pairs the sweep kernels aim for: with 2 tiles each, ~8 programs per SM
-# of an H200 (one resident at a time: they use ~255 registers a thread). Each segment's D x D fp32 state
-# (64 KB at D=128) moves ~8 times (written, scanned, read, in both passes): for segments under ~700
-# tokens that is more bytes than their q, k and v. Both numbers are guesses to check with
-# scripts/gpu_linear_attention.py (it sweeps the segment length).
-_TARGET_SEGMENTS = 512
-_MIN_SEGMENT = 512
+# How many (batch*head, segment) pairs the sweep kernels aim for, and the shortest segment. Timed from
+# CUDA graphs at 16 heads of 128 (bf16, elu+1 normalized, H100, results/h100/2026-12-06-s13-segsweep.log):
+# T/8 tokens per segment was fastest at every length, 256 at 2k (0.236 ms f+b vs 0.256 at 512), 1024 at
+# 8k (0.778 vs 0.865 at 512, 0.935 at 2048), 16384 at 128k (11.19 vs 11.34 at 4096); shorter segments
+# move more fp32 state (64 KB per segment at D=128, ~8 times), longer ones make a longer serial sweep.
+# Untimed at other batch*head counts.
+_TARGET_SEGMENTS = 128
+_MIN_SEGMENT = 256
 
 try:
     from torch.library import triton_op
