@@ -18,7 +18,8 @@
 # the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and
 # stall reasons of the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64,
 # under compute-sanitizer beside a retired config of the 2026-11-28 fault as the positive control,
-# ~3 min). Bench files land as bench_<phase>.{md,json,png}.
+# ~3 min), outside (scripts/gpu_features_outside.py: elu+1 features inside vs before the kernel through
+# mmm.attention, beside cuDNN, 4k-128k, ~1 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -74,6 +75,7 @@ for phase in "$@"; do
     hybridprof) step hybridprof 120 python scripts/gpu_hybrid_profile.py ;;
     segsweep) step segsweep 120 python scripts/gpu_linear_attention.py --sweep-only ;;
     hhfit) step hhfit 240 python scripts/gpu_hedgehog_fit.py ;;
+    outside) step outside 150 python scripts/gpu_features_outside.py ;;
     zdot) for z in 0 1; do  # linear attention per kernel, chunk_state's normalizer sums as dots off, then on
         step "la_zdot$z" 150 env MMM_LA_ZDOT=$z python scripts/gpu_la_breakdown.py; done ;;
     window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;
