@@ -534,3 +534,29 @@ def test_maps_the_kernel_cannot_take_stay_on_the_pytorch_path(monkeypatch):
     assert not linear_mod.triton_applies(q.double(), v.double(), make_feature_map("elu", 16))
     monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", False)
     assert not linear_mod.triton_applies(q, v, make_feature_map("elu", 16))  # CPU without the switch
+
+
+def test_query_scale_put_back_survives_denominators_far_below_eps():
+    """FAVOR+'s rescaled denominators are ~1e-9 to 1e-17 at head dim 128, far below eps = 1e-6. The
+    kernel's slices then run with linear.RESCALED_KERNEL_EPS and the real eps (eps exp(-l)) goes in
+    afterwards: slice outputs rounded to bf16 as the kernel returns them, combined and put back, match
+    the fp64 formula. With the kernel's eps = eps (as on the H100, where the bf16 GPU test failed) the
+    same combination blows up: cancellation in 1 - eps rden."""
+    from mmm.attention import linear as linear_mod
+
+    eps, b, t, h, dv = 1e-6, 1, 64, 2, 8
+    dens = [torch.rand(b, h, t, dtype=torch.float64) * 1e-12 + 1e-15 for _ in range(3)]
+    nums = [torch.randn(b, t, h, dv, dtype=torch.float64) * d.transpose(1, 2).unsqueeze(-1) for d in dens]
+    log_scale = torch.rand(b, t, h, dtype=torch.float64) * 20 + 10
+    want = sum(nums) / (sum(dens) + eps * torch.exp(-log_scale).transpose(1, 2)).transpose(1, 2).unsqueeze(-1)
+
+    def put_back(kernel_eps: float) -> torch.Tensor:
+        parts = []
+        for n, d in zip(nums, dens):
+            rden = (1.0 / (d + kernel_eps)).float()
+            parts.append(((n * rden.double().transpose(1, 2).unsqueeze(-1)).to(torch.bfloat16), rden))
+        o, rden = linear_mod._sum_parts(parts, kernel_eps)
+        return linear_mod._put_back_query_scale(o, rden, log_scale.float(), eps, kernel_eps)
+
+    assert rel_err(put_back(linear_mod.RESCALED_KERNEL_EPS), want) < 1e-2
+    assert not rel_err(put_back(eps), want) < 1e-2

@@ -42,11 +42,14 @@ KEY_SPLIT: int | None = 128
 # compiled passes' host time dominates (H100, results/h100/2026-12-06-s13-la-breakdown.md). 32k x 16 heads,
 # the shortest length measured to gain; 8k untimed.
 FEATURES_OUTSIDE_MIN_ROWS = 32768 * 16
-# Maps with a query scale (FAVOR+), normalised, through the kernel: off. It failed its bf16 GPU test on the
-# H100 (rel. error 0.54 vs PyTorch's 0.027, test_favor_through_the_kernel_within_twice_pytorch_bf16_error,
-# 2026-12-06); suspected: the slices' rescaled denominators fall below eps, where _sum_parts' 1 / rden - eps
-# cancels. Unnormalised passed and stays on the kernel.
+# Maps with a query scale (FAVOR+), normalised, through the kernel: off until a GPU run passes its bf16
+# test again. It failed on the H100 (rel. error 0.54 vs PyTorch's 0.027, 2026-12-06): the rescaled
+# denominators (~1e-9 to 1e-17) sat far below the kernel's eps = 1e-6, and putting the query scale back
+# cancelled (1 - eps rden). Fixed since with RESCALED_KERNEL_EPS (CPU test
+# test_query_scale_put_back_survives_denominators_far_below_eps reproduces both), not yet re-run on a GPU.
 RESCALED_NORMALIZED_ON_KERNEL = False
+# The kernel's eps for maps with a query scale (see _triton_linear): far below any denominator they give.
+RESCALED_KERNEL_EPS = 1e-30
 # Computed features (maps the kernel does not apply itself) run at a key width the kernel takes: the
 # feature count padded with zero features (they add nothing to phi(q).phi(k)) up to the next supported
 # head dim, or for non-negative maps to a multiple of KEY_SPLIT up to this many features (FAVOR+'s
@@ -88,9 +91,14 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     width = kq.shape[-1]
     want_rden = with_rden or (normalize and log_scale is not None)
 
+    # A query scale's eps (eps exp(-l)) goes in afterwards (_put_back_query_scale): the kernel runs with a
+    # negligible one, since the rescaled denominators (~1e-9 to 1e-17 for FAVOR+ at head dim 128) are far
+    # below eps, and a kernel eps of 1e-6 would leave only cancellation to recover them from.
+    kernel_eps = RESCALED_KERNEL_EPS if log_scale is not None else eps
+
     def run(a, b, rden: bool):
-        return kernel(a, b, v, feature_map=name, normalize=normalize, causal=causal, eps=eps, with_rden=rden,
-                      scale=scale)
+        return kernel(a, b, v, feature_map=name, normalize=normalize, causal=causal, eps=kernel_eps,
+                      with_rden=rden, scale=scale)
 
     if not (KEY_SPLIT and width > KEY_SPLIT and width % KEY_SPLIT == 0 and (fmap.nonnegative or not normalize)):
         out = run(kq, kk, want_rden)
@@ -100,11 +108,11 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
         if not normalize:  # the numerators add up (in fp32, rounded once)
             out = sum(p.float() for p in parts)
         else:
-            o, rden = _sum_parts(parts, eps)
+            o, rden = _sum_parts(parts, kernel_eps)
             out = (o, rden) if want_rden else o
     if log_scale is not None:
         o, rden = out if normalize else (out, None)
-        return _put_back_query_scale(o, rden, log_scale, eps).to(q.dtype)
+        return _put_back_query_scale(o, rden, log_scale, eps, kernel_eps).to(q.dtype)
     if with_rden:
         return out[0].to(q.dtype), out[1]
     return out.to(q.dtype)
@@ -126,15 +134,17 @@ def _native_features(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @compiled_on_cuda
-def _put_back_query_scale(o, rden, log_scale, eps: float) -> torch.Tensor:
+def _put_back_query_scale(o, rden, log_scale, eps: float, kernel_eps: float) -> torch.Tensor:
     """The output for query features phi(q) = phi_s(q) exp(l), from the kernel's run on phi_s (l =
-    log_scale [B, T, H]). Unnormalised (rden None): o exp(l). Normalised, the kernel gave o = num_s /
-    (den_s + eps) and rden = 1 / (den_s + eps) [B, H, T], and exp(l) cancels except against eps:
-    num_s / (den_s + eps exp(-l)) = o / (1 + eps (exp(-l) - 1) rden), as `finish` computes it.
-    Elementwise: one compiled pass on CUDA. fp32."""
+    log_scale [B, T, H]). Unnormalised (rden None): o exp(l). Normalised, the kernel (with eps e_k) gave
+    o = num_s / (den_s + e_k) and rden = 1 / (den_s + e_k) [B, H, T], and exp(l) cancels except against
+    eps: num_s / (den_s + eps exp(-l)) = o / (1 + (eps exp(-l) - e_k) rden), as `finish` computes it.
+    Every term of the divisor is >= 0 while e_k <= eps exp(-l) (l < ~55): no cancellation. Elementwise: one compiled
+    pass on CUDA. fp32."""
     if rden is None:
         return o.float() * log_scale.exp().unsqueeze(-1)
-    return o.float() / (1.0 + eps * torch.expm1(-log_scale) * rden.transpose(1, 2)).unsqueeze(-1)
+    divisor = 1.0 + (eps * torch.exp(-log_scale) - kernel_eps) * rden.transpose(1, 2)
+    return o.float() / divisor.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
 
 
 @compiled_on_cuda
