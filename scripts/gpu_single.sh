@@ -19,7 +19,8 @@
 # stall reasons of the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64,
 # under compute-sanitizer beside a retired config of the 2026-11-28 fault as the positive control,
 # ~3 min), outside (scripts/gpu_features_outside.py: elu+1 features inside vs before the kernel through
-# mmm.attention, beside cuDNN, 4k-128k, ~1 min). Bench files land as bench_<phase>.{md,json,png}.
+# mmm.attention, beside cuDNN, 4k-128k, ~1 min), zdotbisect (ZDOT's GPU test with ZDOT on in one kernel at a
+# time, ~3 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -76,6 +77,9 @@ for phase in "$@"; do
     segsweep) step segsweep 120 python scripts/gpu_linear_attention.py --sweep-only ;;
     hhfit) step hhfit 240 python scripts/gpu_hedgehog_fit.py ;;
     outside) step outside 150 python scripts/gpu_features_outside.py ;;
+    zdotbisect) for kern in chunk_state fwd dqdk; do  # which kernel's ZDOT is wrong: one process each
+        step "zdot_$kern" 120 env MMM_LA_ZDOT=$kern python -m pytest -v --tb=line -m gpu -p no:cacheprovider \
+          tests/test_linear_attention_kernel.py -k normalizer_sums; done ;;
     zdot) for z in 0 1; do  # linear attention per kernel, chunk_state's normalizer sums as dots off, then on
         step "la_zdot$z" 150 env MMM_LA_ZDOT=$z python scripts/gpu_la_breakdown.py; done ;;
     window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;

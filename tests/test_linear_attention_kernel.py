@@ -90,6 +90,17 @@ def test_input_scale_applied_in_the_kernel(feature_map, normalize, causal, poiso
 
 
 @needs_kernel
+@pytest.mark.parametrize("only", ["chunk_state", "fwd", "dqdk"])
+def test_normalizer_sums_as_dots_in_one_kernel(only, monkeypatch):
+    """ZDOT limited to one kernel (MMM_LA_ZDOT=<name>, for bisecting a GPU failure): that kernel alone
+    switches, and output and gradients still match fp64."""
+    monkeypatch.setattr(op.kernels, "ZDOT", frozenset({only}))
+    assert [op.kernels.zdot(n) for n in op.kernels.ZDOT_KERNELS] == [n == only for n in op.kernels.ZDOT_KERNELS]
+    q, k, v = make_inputs(1, 70, 2, 16, "elu", True)
+    check_against_fp64(q, k, v, "elu", True, True, seg_len=32, tol=2e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("feature_map,causal", [("elu", True), ("relu", False), (None, True)])
 @pytest.mark.parametrize("split", [True, False], ids=["dq-dk-apart", "dq-dk-together"])
 def test_normalizer_sums_as_dots(feature_map, causal, split, poisoned_empty, monkeypatch):
@@ -560,7 +571,8 @@ def test_gpu_bf16_within_twice_pytorch_bf16_error(D, T, feature_map, normalize):
 def test_gpu_normalizer_sums_as_dots_bf16(D, causal, monkeypatch):
     """kernels.ZDOT (the normalizer sums of chunk_state as dots, r in two bf16 parts) within 2x PyTorch's
     bf16 error, output and every gradient, like the default path."""
-    monkeypatch.setattr(op.kernels, "ZDOT", True)
+    # MMM_LA_ZDOT=fwd (etc.) keeps ZDOT to those kernels: gpu_single.sh's zdotbisect phase runs one each
+    monkeypatch.setattr(op.kernels, "ZDOT", op.kernels.ZDOT or True)
     q, k, v = make_inputs(1, 4096, 4, D, "elu", True, dtype=torch.bfloat16, device="cuda")
     _assert_within_twice_pytorch_bf16(q, k, v, "elu", True, causal=causal)
 

@@ -99,10 +99,22 @@ SPLIT_DQDK = True  # the interpreter runs one config (autotuning several fails t
 # run checks and times it (MMM_LA_ZDOT=1 turns it on; a 2026-12-04 version of the same idea faulted on
 # the H200, cause not found: run `gpu_single.sh sanitize`-style checks before trusting it).
 ZW = tl.constexpr(16)
+# The H100 run of 2026-12-06 found it wrong in bf16 (causal output rel. error 1.66; two-sided: an illegal
+# address). MMM_LA_ZDOT also takes kernel names (e.g. "fwd" or "chunk_state,dqdk") to bisect which one.
+ZDOT_KERNELS = ("chunk_state", "fwd", "dqdk")
 _ZDOT = os.environ.get("MMM_LA_ZDOT", "0").strip()
-if _ZDOT not in ("0", "1"):
-    raise ValueError(f"MMM_LA_ZDOT must be 0 (off, the default) or 1 (on), got {_ZDOT!r}")
-ZDOT = _ZDOT == "1"
+if _ZDOT in ("0", "1"):
+    ZDOT: bool | frozenset = _ZDOT == "1"
+else:
+    ZDOT = frozenset(n.strip() for n in _ZDOT.split(","))
+    if not ZDOT <= set(ZDOT_KERNELS):
+        raise ValueError(f"MMM_LA_ZDOT must be 0 (off, the default), 1 (on) or kernel names from "
+                         f"{ZDOT_KERNELS} separated by commas, got {_ZDOT!r}")
+
+
+def zdot(kernel: str) -> bool:
+    """Whether `kernel` (one of ZDOT_KERNELS) runs its normalizer sums as dots (ZDOT: a bool or a set of names)."""
+    return kernel in ZDOT if isinstance(ZDOT, frozenset) else bool(ZDOT)
 
 
 def _forced_configs(spec: str) -> dict:

@@ -98,11 +98,11 @@ if HAVE_TRITON:
         common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
                       DOT_MODE=_dot_mode(q.dtype))
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            k, v, v, rden, rden, rden, states, BWD=False, HAS_DRDEN=False, ZDOT=kernels.ZDOT, **common)
+            k, v, v, rden, rden, rden, states, BWD=False, HAS_DRDEN=False, ZDOT=kernels.zdot("chunk_state"), **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
         launcher(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
-            q, k, v, o, rden, states, eps=eps, CAUSAL=causal, ZDOT=kernels.ZDOT, **common)
+            q, k, v, o, rden, states, eps=eps, CAUSAL=causal, ZDOT=kernels.zdot("fwd"), **common)
         return o, rden, states
 
     def _backward_launches(
@@ -124,12 +124,12 @@ if HAVE_TRITON:
                       DOT_MODE=_dot_mode(q.dtype))
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             q, do, o, rden, r, rden if drden is None else drden, dstates, BWD=True,
-            HAS_DRDEN=normalize and drden is not None, ZDOT=kernels.ZDOT, **common)
+            HAS_DRDEN=normalize and drden is not None, ZDOT=kernels.zdot("chunk_state"), **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
             launcher(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
-                q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.ZDOT, **common)
+                q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.zdot("dqdk"), **common)
         launcher(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
             q, k, do, rden, dstates, dv, CAUSAL=causal, **common)
         return dq, dk, dv
