@@ -39,7 +39,7 @@ KEY_SPLIT: int | None = 128
 # the kernel (and their gradient in one after it) and the kernel runs identity features. Applying the map
 # inside the kernel's loops costs more than those passes at long T: f+b 13.10 -> 10.33 ms at 128k tokens
 # and 3.60 -> 2.87 at 32k (16 heads of 128, bf16, normalized), but 0.47 -> 0.87 ms at 2k, where the
-# compiled passes' host time dominates (H100, results/h100/2026-12-06-s13-la-breakdown.md). 32k x 16 heads,
+# compiled passes' host time dominates (H100, results/h100/2026-12-06-s13-la-breakdown.log). 32k x 16 heads,
 # the shortest length measured to gain; 8k untimed.
 FEATURES_OUTSIDE_MIN_ROWS = 32768 * 16
 # Maps with a query scale (FAVOR+), normalised, through the kernel: off until a GPU run passes its bf16
@@ -139,8 +139,8 @@ def _put_back_query_scale(o, rden, log_scale, eps: float, kernel_eps: float) -> 
     log_scale [B, T, H]). Unnormalised (rden None): o exp(l). Normalised, the kernel (with eps e_k) gave
     o = num_s / (den_s + e_k) and rden = 1 / (den_s + e_k) [B, H, T], and exp(l) cancels except against
     eps: num_s / (den_s + eps exp(-l)) = o / (1 + (eps exp(-l) - e_k) rden), as `finish` computes it.
-    Every term of the divisor is >= 0 while e_k <= eps exp(-l) (l < ~55): no cancellation. Elementwise: one compiled
-    pass on CUDA. fp32."""
+    Every term of the divisor is >= 0 while e_k <= eps exp(-l) (l < ~55): no cancellation.
+    Elementwise: one compiled pass on CUDA. fp32."""
     if rden is None:
         return o.float() * log_scale.exp().unsqueeze(-1)
     divisor = 1.0 + (eps * torch.exp(-log_scale) - kernel_eps) * rden.transpose(1, 2)

@@ -129,7 +129,8 @@ if HAVE_TRITON:
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
             launcher(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
-                q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.zdot("dqdk"), **common)
+                q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.zdot("dqdk"),
+                **common)
         launcher(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
             q, k, do, rden, dstates, dv, CAUSAL=causal, **common)
         return dq, dk, dv
