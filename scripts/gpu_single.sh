@@ -18,9 +18,10 @@
 # the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and
 # stall reasons of the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64,
 # under compute-sanitizer beside a retired config of the 2026-11-28 fault as the positive control,
-# ~3 min), outside (scripts/gpu_features_outside.py: elu+1 features inside vs before the kernel through
-# mmm.attention, beside cuDNN, 4k-128k, ~1 min), zdotbisect (ZDOT's GPU test with ZDOT on in one kernel at a
-# time, ~3 min). Bench files land as bench_<phase>.{md,json,png}.
+# ~3 min), zdotbisect (ZDOT's GPU test with ZDOT on in one kernel at a
+# time, ~3 min), favor (normalised FAVOR+'s GPU test on the kernel; when it passes, the kernel is switched
+# on in this copy (linear.RESCALED_NORMALIZED_ON_KERNEL) for the phases after it), la128k / la32k (the
+# bench's linear, FAVOR+, window and hybrid rows only, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -28,10 +29,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # fla for the attention benches, c
   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > /dev/null 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
-bench() {  # bench PHASE MAX_S CASES
-  step "$1" "$2" python -m mmm bench --no-progress --cases "$3" --json "$OUT/bench_$1.json" \
-    --markdown "$OUT/bench_$1.md" --plot "$OUT/bench_$1.png"
+bench() {  # bench PHASE MAX_S CASES [VARIANT GLOBS...]
+  local phase=$1 max_s=$2 cases=$3
+  shift 3
+  step "$phase" "$max_s" python -m mmm bench --no-progress --cases "$cases" --json "$OUT/bench_$phase.json" \
+    --markdown "$OUT/bench_$phase.md" --plot "$OUT/bench_$phase.png" ${1:+--variants "$@"}
 }
+LA_ROWS=("linear elu*" "linear relu*" "linear favor*" "window 256" "hybrid w=256 elu*")
 
 tests() {  # eight pytest processes side by side (-v: a timeout still leaves each test's verdict)
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
@@ -48,10 +52,10 @@ tests() {  # eight pytest processes side by side (-v: a timeout still leaves eac
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
 
-retests() {  # session 13: elu/relu features outside the kernel, normalised FAVOR+ off the kernel, segment lengths
+retests() {  # session 14: no features outside the kernel, compile test's bf16 tolerance
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
-  $t tests/test_attention_gpu.py -k "triton_dispatch or favor or key_slices" > "$OUT/t_attn.log" 2>&1 &
-  $t tests/test_linear_attention_kernel.py -k "(bf16 or opcheck or compile) and not normalizer" > "$OUT/t_la.log" 2>&1 &
+  $t tests/test_attention_gpu.py -k "triton_dispatch or key_slices" > "$OUT/t_attn.log" 2>&1 &
+  $t tests/test_linear_attention_kernel.py -k "compile or opcheck" > "$OUT/t_la.log" 2>&1 &
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
@@ -76,7 +80,12 @@ for phase in "$@"; do
     hybridprof) step hybridprof 120 python scripts/gpu_hybrid_profile.py ;;
     segsweep) step segsweep 120 python scripts/gpu_linear_attention.py --sweep-only ;;
     hhfit) step hhfit 240 python scripts/gpu_hedgehog_fit.py ;;
-    outside) step outside 150 python scripts/gpu_features_outside.py ;;
+    favor) step favor 150 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_attention_gpu.py \
+        -k favor_through_the_kernel \
+      && sed -i 's/^RESCALED_NORMALIZED_ON_KERNEL = False/RESCALED_NORMALIZED_ON_KERNEL = True/' src/mmm/attention/linear.py
+      grep -H "^RESCALED_NORMALIZED_ON_KERNEL" src/mmm/attention/linear.py | tee -a "$OUT/steps.txt" ;;
+    la128k) bench la128k 200 attn.causal.T131072 "${LA_ROWS[@]}" ;;
+    la32k) bench la32k 120 attn.causal.T32768 "${LA_ROWS[@]}" ;;
     zdotbisect) for kern in chunk_state fwd dqdk; do  # which kernel's ZDOT is wrong: one process each
         step "zdot_$kern" 120 env MMM_LA_ZDOT=$kern python -m pytest -v --tb=line -m gpu -p no:cacheprovider \
           tests/test_linear_attention_kernel.py -k normalizer_sums; done ;;

@@ -3,7 +3,7 @@
 # $OUT/results.tgz (the device tool returns only a few files, so everything travels in one tarball).
 #   OUT=/dir DEADLINE_S=540 bash scripts/gpu_steps.sh NAME MAX_S 'command' [NAME MAX_S 'command' ...]
 # Each step gets the smaller of MAX_S and the time left, logs to NAME.log, and may write files to $OUT
-# (exported as the step's result folder). Sourced by scripts/gpu_checks_x2.sh for its `step` function.
+# (exported as the step's result folder); returns the command's exit status. Sourced by scripts/gpu_checks_x2.sh for its `step` function.
 set -uo pipefail
 ROOT=${OUT:-runs/gpu_steps}
 export OUT=$ROOT/r
@@ -15,10 +15,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 step() {
   local name=$1 max=$2; shift 2
   local left=$((END - SECONDS - 5)); local t=$((max < left ? max : left))
-  if ((t < 20)); then echo "[skip] $name (no time left)" | tee -a "$OUT/steps.txt"; return; fi
+  if ((t < 20)); then echo "[skip] $name (no time left)" | tee -a "$OUT/steps.txt"; return 1; fi
   local t0=$SECONDS
   timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
-  echo "[rc=$? ${name} $((SECONDS - t0))s of ${t}s]" | tee -a "$OUT/steps.txt"
+  local rc=$?
+  echo "[rc=$rc ${name} $((SECONDS - t0))s of ${t}s]" | tee -a "$OUT/steps.txt"
+  return $rc
 }
 
 pack() {

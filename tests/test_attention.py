@@ -371,36 +371,6 @@ def test_hedgehog_features_through_the_kernel_match_the_pytorch_path(causal, nor
 
 @pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("name", ["elu", "relu"])
-def test_native_features_outside_the_kernel_match_in_kernel_features(name, causal, monkeypatch):
-    """Long sequences (linear.FEATURES_OUTSIDE_MIN_ROWS, here 0) get elu+1 / relu computed before the
-    kernel, which then runs identity features: output and every gradient as the kernel applying the map
-    itself and as the PyTorch path, in fp32, GQA included; and the kernel is called with identity features."""
-    from mmm.attention import linear as linear_mod
-    from mmm.ops import linear_attention as la_op
-
-    pytest.importorskip("triton")
-    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
-    q, k, v = qkv(torch.float32, d=16, dv=32)
-    g = torch.randn(B, T, H, 32)
-    maps = []  # the feature_map each kernel call got
-    kernel = la_op.linear_attention
-    monkeypatch.setattr(la_op, "linear_attention", lambda *a, **kw: maps.append(kw["feature_map"]) or kernel(*a, **kw))
-
-    def run(kernel: bool, min_rows: int):
-        monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", kernel)
-        monkeypatch.setattr(linear_mod, "FEATURES_OUTSIDE_MIN_ROWS", min_rows)
-        o = mmm.attention(q, k, v, "linear", feature_map=name, causal=causal)
-        return [o, *torch.autograd.grad(o, (q, k, v), g)]
-
-    outside, inside, reference = run(True, 0), run(True, 1 << 40), run(False, 0)
-    assert maps == [None, name]
-    for a, b, c in zip(outside, inside, reference):
-        assert rel_err(a, c) < 1e-5 and rel_err(a, b) < 1e-5
-
-
-@pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
-@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("kind", ["hedgehog", "elu"])
 def test_wide_keys_through_the_kernel_in_slices(kind, causal, normalize, monkeypatch):

@@ -46,10 +46,7 @@ def assert_kernel_within_twice_pytorch(q, k, v, own, monkeypatch, **kw):
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("name", ["elu", "relu"])
-@pytest.mark.parametrize("outside", [False, True])
-def test_triton_dispatch_matches_pytorch_path(name, causal, normalize, dtype, outside, monkeypatch):
-    """outside: the features computed before the kernel (linear.features_outside, long sequences)."""
-    monkeypatch.setattr(linear_mod, "FEATURES_OUTSIDE_MIN_ROWS", 0 if outside else 1 << 40)
+def test_triton_dispatch_matches_pytorch_path(name, causal, normalize, dtype, monkeypatch):
     q, k, v = qkv(1000, dtype)
     fmap = make_feature_map(name, 64).cuda()
     assert linear_mod._triton_linear(q, k, v, fmap, causal, normalize, 1e-6) is not None, "kernel not used"

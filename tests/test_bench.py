@@ -122,6 +122,24 @@ def test_failing_variant_is_recorded_and_the_run_goes_on(temporary_cases, tmp_pa
     assert rows["fine"]["speedup_fwd"] == pytest.approx(rows["base"]["fwd_ms"] / rows["fine"]["fwd_ms"])
 
 
+def test_variants_option_times_only_matching_labels_beside_the_baseline(temporary_cases, tmp_path):
+    built = []
+
+    def build(label):
+        return lambda: built.append(label) or _matmul_workload(8)
+
+    @temporary_cases("test.pick", group="test", quick=True)
+    def _(device, dtype, quick):
+        return [Variant(label, build(label), baseline=label == "dense")
+                for label in ("dense", "Linear elu", "linear relu", "hybrid w=256")]
+
+    out = tmp_path / "r.json"
+    assert main(["bench", "--quick", "--cases", "test.pick", "--variants", "LINEAR E*", "hyb*",
+                 "--no-progress", "--json", str(out)]) == 0
+    rows = [r["variant"] for r in json.loads(out.read_text())["cases"][0]["rows"]]
+    assert rows == built == ["dense", "Linear elu", "hybrid w=256"]
+
+
 def test_run_cut_short_mid_case_leaves_the_rows_it_measured(temporary_cases, tmp_path):
     """A timeout kills the process mid-case (simulated by an interrupt in the third variant's build): the
     JSON and markdown already hold the case's first two rows, with their speedups."""

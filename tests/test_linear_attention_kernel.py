@@ -629,8 +629,10 @@ def test_gpu_torch_compile_fullgraph():
 
     eager = step(f)
     compiled = step(torch.compile(f, fullgraph=True))
+    # The traced op may sum in another order than the eager launch (fp32 state, then one bf16 rounding):
+    # outputs then differ by a bf16 ulp (2^-8 relative) in some entries, not more (H100: 1.3e-3).
     for e, c in zip(eager, compiled):
-        assert rel_err(c, e) < 1e-3
+        assert rel_err(c, e) < 2**-8
 
 
 @needs_kernel

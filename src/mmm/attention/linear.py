@@ -35,13 +35,6 @@ _NATIVE_MAPS = (EluFeatureMap, ReluFeatureMap)  # maps the kernel applies itself
 # 10 ms at 128 (H200, results/h200/2026-12-04-la-tune.md). Normalised only for maps whose features are
 # non-negative (`FeatureMap.nonnegative`: no partial denominator cancels). None: one call, any width.
 KEY_SPLIT: int | None = 128
-# elu+1 and relu: from this many rows (B T H) on, the features are computed in one compiled pass before
-# the kernel (and their gradient in one after it) and the kernel runs identity features. Applying the map
-# inside the kernel's loops costs more than those passes at long T: f+b 13.10 -> 10.33 ms at 128k tokens
-# and 3.60 -> 2.87 at 32k (16 heads of 128, bf16, normalized), but 0.47 -> 0.87 ms at 2k, where the
-# compiled passes' host time dominates (H100, results/h100/2026-12-06-s13-la-breakdown.log). 32k x 16 heads,
-# the shortest length measured to gain; 8k untimed.
-FEATURES_OUTSIDE_MIN_ROWS = 32768 * 16
 # Maps with a query scale (FAVOR+), normalised, through the kernel: off until a GPU run passes its bf16
 # test again. It failed on the H100 (rel. error 0.54 vs PyTorch's 0.027, 2026-12-06): the rescaled
 # denominators (~1e-9 to 1e-17) sat far below the kernel's eps = 1e-6, and putting the query scale back
@@ -75,9 +68,7 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
 
     groups = q.shape[2] // k.shape[2]
     log_scale, scale = None, 1.0
-    if isinstance(fmap, _NATIVE_MAPS) and features_outside(q):
-        kq, kk, name = _native_features(q, fmap.name), _native_features(k, fmap.name), None
-    elif isinstance(fmap, _NATIVE_MAPS):  # the maps' input scaling d^-1/4 the kernel applies as it reads q, k
+    if isinstance(fmap, _NATIVE_MAPS):  # the maps' input scaling d^-1/4 the kernel applies as it reads q, k
         kq, kk, name, scale = q, k, fmap.name, q.shape[-1] ** -0.25
     else:
         dt = compute_dtype(q)
@@ -116,21 +107,6 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     if with_rden:
         return out[0].to(q.dtype), out[1]
     return out.to(q.dtype)
-
-
-def features_outside(q: torch.Tensor) -> bool:
-    """Whether elu+1 / relu features are computed before the kernel (`_native_features`, one compiled pass
-    each way) instead of inside its loops: from FEATURES_OUTSIDE_MIN_ROWS rows (B T H) on."""
-    return q.shape[0] * q.shape[1] * q.shape[2] >= FEATURES_OUTSIDE_MIN_ROWS
-
-
-@compiled_on_cuda
-def _native_features(x: torch.Tensor, name: str) -> torch.Tensor:
-    """elu(x d^-1/4) + 1 or relu(x d^-1/4), computed in fp32 and rounded once to x's dtype: the same
-    rounding the kernel gives its in-loop features (which it also rounds to the dot dtype)."""
-    scaled = x.float() * x.shape[-1] ** -0.25
-    phi = torch.nn.functional.elu(scaled) + 1.0 if name == "elu" else torch.relu(scaled)
-    return phi.to(x.dtype)
 
 
 @compiled_on_cuda

@@ -35,6 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cases", nargs="+", metavar="PATTERN",
                    help="case names or globs, e.g. 'linear.up4x.*' (default: every case of the set; "
                         "commas also separate)")
+    p.add_argument("--variants", nargs="+", metavar="PATTERN",
+                   help="time only the variants whose labels match one of these globs (case-insensitive, e.g. "
+                        "'linear*' 'hybrid*'), beside the baseline, which always runs")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--json", metavar="PATH", help="write every number, machine header included, as JSON")
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         write_outputs(results["cases"])
 
     run_cases(cases, device, dtype, args.quick, header, progress=not args.no_progress, on_case_done=case_done,
-              on_row_done=lambda running: write_outputs(results["cases"] + [running], plot=False))
+              variants=args.variants, on_row_done=lambda running: write_outputs(results["cases"] + [running], plot=False))
     rows = [r for c in results["cases"] for r in c["rows"]]
     failed = sum(1 for r in rows if r["error"]) + sum(1 for c in results["cases"] if c["error"])
     written = ", ".join(path for path, _ in outputs)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import gc
 import sys
 import time
@@ -91,13 +92,24 @@ def derive(rows: list[dict], matmul_tflops: float, copy_gbps: float) -> list[dic
     return rows
 
 
+def wanted(variant: Variant, patterns: Sequence[str] | None) -> bool:
+    """Whether `variant` runs: baselines always (speedups need them), others when their label matches one
+    of the glob `patterns` (case-insensitive), or always when there are none."""
+    label = variant.label.lower()
+    return variant.baseline or not patterns or any(fnmatch.fnmatchcase(label, p.lower()) for p in patterns)
+
+
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, quick: bool, header: dict,
-             settings: TimerSettings | None = None, on_row_done: Callable[[dict], None] | None = None) -> dict:
-    """Time every variant of `case`; `on_row_done` gets the case so far (rows derived) after each row."""
+             settings: TimerSettings | None = None, on_row_done: Callable[[dict], None] | None = None,
+             variants: Sequence[str] | None = None) -> dict:
+    """Time the variants of `case` (those `variants` selects, see `wanted`); `on_row_done` gets the case
+    so far (rows derived) after each row."""
     settings = settings or (QUICK if quick else FULL)
     result = {"name": case.name, "group": case.group, "description": case.description, "error": None, "rows": []}
     try:
         for variant in case.setup(device, dtype, quick):
+            if not wanted(variant, variants):
+                continue
             row = measure_variant(variant, device, settings)
             result["rows"].append(row)
             # one line per variant as it ends, so a run cut short still shows where its time went
@@ -115,14 +127,15 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, quick: bool, 
 
 def run_cases(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, quick: bool, header: dict,
               on_case_done: Callable[[dict], None] | None = None, progress: bool = True,
-              on_row_done: Callable[[dict], None] | None = None) -> list[dict]:
+              on_row_done: Callable[[dict], None] | None = None, variants: Sequence[str] | None = None) -> list[dict]:
     """Run `cases` in order (tqdm progress over cases); `header` supplies the roofline rates;
-    `on_row_done` gets the running case after each of its rows, `on_case_done` each finished case."""
+    `on_row_done` gets the running case after each of its rows, `on_case_done` each finished case;
+    `variants`: label globs to time (see `wanted`)."""
     results = []
     bar = tqdm(cases, desc="mmm bench", unit="case", disable=not progress)
     for case in bar:
         bar.set_postfix_str(case.name)
-        result = run_case(case, device, dtype, quick, header, on_row_done=on_row_done)
+        result = run_case(case, device, dtype, quick, header, on_row_done=on_row_done, variants=variants)
         results.append(result)
         if on_case_done:
             on_case_done(result)
