@@ -22,19 +22,24 @@ import mmm  # noqa: E402
 from mmm.attention.api import attention_path  # noqa: E402
 
 
-def kernel_ms(step, n: int = 3) -> dict[str, float]:
-    """CUDA ms per kernel name (first 60 characters) per call of `step`, largest first (after a warm call)."""
+def kernel_ms(step, n: int = 3, by_op: bool = False) -> dict[str, float]:
+    """CUDA ms per kernel name (first 60 characters) per call of `step`, largest first (after a warm call).
+    by_op: per host-side op instead (aten::copy_, aten::fill_, CompiledFunction, ...: the CUDA time its
+    own launches took), which says where copies and fills come from."""
     step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if by_op else [])
+    with torch.profiler.profile(activities=acts) as prof:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
     times: dict[str, float] = {}
     for e in prof.key_averages():
-        if getattr(e, "device_time_total", 0) > 0:
+        on_host = e.device_type == torch.autograd.DeviceType.CPU
+        t = getattr(e, "self_device_time_total", 0) if by_op else getattr(e, "device_time_total", 0)
+        if t > 0 and on_host == by_op:
             key = e.key[:60]
-            times[key] = times.get(key, 0.0) + e.device_time_total / n / 1e3
+            times[key] = times.get(key, 0.0) + t / n / 1e3
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
@@ -65,6 +70,12 @@ def main() -> None:
               f"(path {path})")
         for name, t in list(times.items())[:14]:
             print(f"   {t:8.3f}  {name}")
+        if kw["method"] == "hybrid":
+            ops = kernel_ms(step, by_op=True)
+            report[label]["ops_ms"] = {k_: round(t, 3) for k_, t in ops.items()}
+            print("   by host op (CUDA time of its own launches):")
+            for name, t in list(ops.items())[:16]:
+                print(f"   {t:8.3f}  {name}")
     with open(os.path.join(os.environ.get("OUT", "."), "hybrid_profile.json"), "w") as f:
         json.dump({"args": vars(args), "report": report}, f, indent=1)
 
