@@ -424,6 +424,43 @@ def test_wide_keys_through_the_kernel_in_slices(kind, causal, normalize, monkeyp
         assert fq.shape[-1] == 32 and rel_err(o, o1) < 1e-5 and rel_err(rden, rden1) < 1e-5
 
 
+class _DoubledHedgehog(HedgehogFeatureMap):
+    """A user's map that overrides `features` (not `apply_features`): twice Hedgehog's features."""
+
+    def features(self, x, is_query):
+        phi, log_scale = super().features(x, is_query)
+        return 2.0 * phi, log_scale
+
+
+@pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
+def test_kernel_path_runs_a_subclass_override_of_features(monkeypatch):
+    """The kernel path computes built-in maps through their pure `apply_features`; a subclass that
+    overrides `features` gets its own features there too (unnormalised: the factor 2 squared shows),
+    output and every gradient as the PyTorch path, parameters included."""
+    from mmm.attention import linear as linear_mod
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
+    q, k, v = qkv(torch.float32, d=16, dv=32)
+    g = torch.randn(B, T, H, 32)
+    outs = {}
+    for cls in (HedgehogFeatureMap, _DoubledHedgehog):
+        torch.manual_seed(3)
+        fmap = cls(16, num_features=8, num_heads=H, num_kv_heads=HK)
+        with torch.no_grad():
+            for p in fmap.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        params = [q, k, v, *fmap.parameters()]
+        for kernel in (True, False):
+            monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", kernel)
+            assert (linear_mod._triton_linear(q, k, v, fmap, True, False, 1e-6) is not None) == kernel
+            o = mmm.attention(q, k, v, "linear", feature_map=fmap, normalize=False)
+            outs[cls, kernel] = [o, *torch.autograd.grad(o, params, g)]
+        for got, want in zip(outs[cls, True], outs[cls, False]):
+            assert rel_err(got, want) < 1e-5
+    assert rel_err(outs[_DoubledHedgehog, True][0], 4.0 * outs[HedgehogFeatureMap, True][0]) < 1e-5
+
+
 @pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
 @pytest.mark.parametrize("num_features, split, causal, normalize", [
     (24, None, True, True), (24, None, False, False), (40, 16, True, False), (40, 16, False, True)])

@@ -10,6 +10,11 @@ them divided by a per-row factor and that factor's log (`log_scale`, [batch, seq
 return `log_scale=None`. Normalised linear attention ignores a per-query factor (it cancels), the
 unnormalised and hybrid forms put it back in (see linear.py / hybrid.py).
 
+The built-in maps write `features` as a pure function of x and their tensors: the static
+`apply_features(x, is_query, *feature_params(is_query))`. On CUDA the kernel path compiles that
+function once per map class (linear.py `_kernel_features`), whichever map instance (layer) calls it. A
+subclass may override `features` instead; it then runs eagerly.
+
 Every map first scales its input by d^-1/4 (d = head_dim), so that x'_q . x'_k = q.k / sqrt(d), the
 logit of softmax attention. Maps compute in the dtype of `x` (callers pass fp32 or fp64) and cast their
 own parameters to it.
@@ -45,8 +50,14 @@ __all__ = [
 ]
 
 
+def _scaled(x: torch.Tensor) -> torch.Tensor:
+    """x d^-1/4 (d = head dim): x'_q . x'_k = q.k / sqrt(d)."""
+    return x * x.shape[-1] ** -0.25
+
+
 class FeatureMap(nn.Module):
-    """Base class. Subclasses implement `features`; `forward` returns the unscaled features."""
+    """Base class. Subclasses implement `apply_features` (and `feature_params` when they have tensors), or
+    override `features`; `forward` returns the unscaled features."""
 
     name = ""
     # whether `features` may return a query log scale (then phi(q) is not the features as returned)
@@ -79,15 +90,25 @@ class FeatureMap(nn.Module):
     def feature_dim(self) -> int:
         raise NotImplementedError
 
-    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+    def check_head_dim(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.head_dim:
             raise ValueError(
                 f"{type(self).__name__} was built for head_dim={self.head_dim}, got input of shape {tuple(x.shape)}"
             )
-        return x * self.head_dim**-0.25
+
+    def feature_params(self, is_query: bool) -> tuple[torch.Tensor, ...]:
+        """The tensors (parameters, buffers) `apply_features` reads for queries or keys."""
+        return ()
+
+    @staticmethod
+    def apply_features(x: torch.Tensor, is_query: bool, *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(phi_s, log_scale) of x [batch, seq, heads, head_dim] computed in x's dtype from `params`
+        (`feature_params`), a pure function: nothing read from the module."""
+        raise NotImplementedError
 
     def features(self, x: torch.Tensor, is_query: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+        self.check_head_dim(x)
+        return self.apply_features(x, is_query, *self.feature_params(is_query))
 
     def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
         phi, log_scale = self.features(x, is_query)
@@ -115,8 +136,9 @@ class EluFeatureMap(FeatureMap):
     def feature_dim(self) -> int:
         return self.head_dim
 
-    def features(self, x, is_query):
-        return F.elu(self._scaled(x)) + 1.0, None
+    @staticmethod
+    def apply_features(x, is_query):
+        return F.elu(_scaled(x)) + 1.0, None
 
 
 class ReluFeatureMap(FeatureMap):
@@ -129,8 +151,9 @@ class ReluFeatureMap(FeatureMap):
     def feature_dim(self) -> int:
         return self.head_dim
 
-    def features(self, x, is_query):
-        return F.relu(self._scaled(x)), None
+    @staticmethod
+    def apply_features(x, is_query):
+        return F.relu(_scaled(x)), None
 
 
 def orthogonal_gaussian(num_features: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -186,11 +209,15 @@ class FavorFeatureMap(FeatureMap):
         w = orthogonal_gaussian(self.num_features, self.head_dim, gen)
         self.projection.copy_(w.to(self.projection.device))
 
-    def features(self, x, is_query):
-        xs = self._scaled(x)
-        w = self.projection.to(xs.dtype)
-        shift = (0.5 * (w * w).sum(-1) - self.KEY_LOG_BOUND).clamp_min(0.0)  # c_i, [m]
-        logits = xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True) - 0.5 * math.log(self.num_features)
+    def feature_params(self, is_query):
+        return (self.projection,)
+
+    @staticmethod
+    def apply_features(x, is_query, projection):
+        xs = _scaled(x)
+        w = projection.to(xs.dtype)
+        shift = (0.5 * (w * w).sum(-1) - FavorFeatureMap.KEY_LOG_BOUND).clamp_min(0.0)  # c_i, [m]
+        logits = xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True) - 0.5 * math.log(w.shape[0])
         if not is_query:
             return torch.exp(logits - shift), None
         logits = logits + shift
@@ -213,8 +240,9 @@ class TaylorFeatureMap(FeatureMap):
     def feature_dim(self) -> int:
         return 1 + self.head_dim + self.head_dim**2
 
-    def features(self, x, is_query):
-        xs = self._scaled(x)
+    @staticmethod
+    def apply_features(x, is_query):
+        xs = _scaled(x)
         outer = (xs.unsqueeze(-1) * xs.unsqueeze(-2)).flatten(-2) * math.sqrt(0.5)
         return torch.cat([torch.ones_like(xs[..., :1]), xs, outer], dim=-1), None
 
@@ -250,9 +278,12 @@ class HedgehogFeatureMap(FeatureMap):
     def feature_dim(self) -> int:
         return 2 * self.num_features
 
-    def features(self, x, is_query):
-        xs = self._scaled(x)
-        w, b = (self.weight_q, self.bias_q) if is_query else (self.weight_k, self.bias_k)
+    def feature_params(self, is_query):
+        return (self.weight_q, self.bias_q) if is_query else (self.weight_k, self.bias_k)
+
+    @staticmethod
+    def apply_features(x, is_query, w, b):
+        xs = _scaled(x)
         heads = x.shape[-2]
         if w.shape[0] not in (1, heads):
             role = "query" if is_query else "key"

@@ -71,11 +71,9 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     if isinstance(fmap, _NATIVE_MAPS):  # the maps' input scaling d^-1/4 the kernel applies as it reads q, k
         kq, kk, name, scale = q, k, fmap.name, q.shape[-1] ** -0.25
     else:
-        dt = compute_dtype(q)
-        kq, log_scale = fmap.features(q.to(dt), True)
-        kk = fmap.features(k.to(dt), False)[0]
-        pad = _kernel_key_width(fmap) - kq.shape[-1]
-        kq, kk = (torch.nn.functional.pad(x, (0, pad)).to(q.dtype) for x in (kq, kk))
+        width = _kernel_key_width(fmap)
+        kq, log_scale = _kernel_features(fmap, q, True, width)
+        kk = _kernel_features(fmap, k, False, width)[0]
         name = None
     if groups > 1:
         kk, v = kk.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
@@ -107,6 +105,24 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     if with_rden:
         return out[0].to(q.dtype), out[1]
     return out.to(q.dtype)
+
+
+def _kernel_features(fmap: FeatureMap, x: torch.Tensor, is_query: bool, width: int):
+    """fmap's (features in x's dtype, zero-padded to `width`; log scale or None) of x, computed in
+    compute_dtype(x). On CUDA in one compiled pass (per map class and role, whatever the instance) for maps
+    written as `apply_features`; eagerly for maps that override `features`."""
+    if type(fmap).features is FeatureMap.features:
+        fmap.check_head_dim(x)
+        return _padded_features(type(fmap).apply_features, x, is_query, width, *fmap.feature_params(is_query))
+    phi, log_scale = fmap.features(x.to(compute_dtype(x)), is_query)
+    return torch.nn.functional.pad(phi, (0, width - phi.shape[-1])).to(x.dtype), log_scale
+
+
+@compiled_on_cuda
+def _padded_features(apply, x, is_query: bool, width: int, *params):
+    """`_kernel_features` for maps given by their pure `apply_features`."""
+    phi, log_scale = apply(x.to(compute_dtype(x)), is_query, *params)
+    return torch.nn.functional.pad(phi, (0, width - phi.shape[-1])).to(x.dtype), log_scale
 
 
 @compiled_on_cuda
