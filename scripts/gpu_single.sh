@@ -53,10 +53,11 @@ tests() {  # eight pytest processes side by side (-v: a timeout still leaves eac
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
 
-retests() {  # session 14: no features outside the kernel, compile test's bf16 tolerance
+retests() {  # session 14: compiled feature maps (key_slices), the key lag (opcheck, hybrid flex paths), compile bound
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
-  $t tests/test_attention_gpu.py -k "triton_dispatch or key_slices" > "$OUT/t_attn.log" 2>&1 &
-  $t tests/test_linear_attention_kernel.py -k "compile or opcheck" > "$OUT/t_la.log" 2>&1 &
+  $t tests/test_attention_gpu.py -k "key_slices or triton_dispatch" > "$OUT/t_attn.log" 2>&1 &
+  $t tests/test_linear_attention_kernel.py tests/test_attention_flex.py -k "compile or opcheck or flex_paths or bf16" \
+    > "$OUT/t_la.log" 2>&1 &
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }

@@ -50,15 +50,15 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", empty_like)
 
 
-def check_against_fp64(q, k, v, feature_map, normalize, causal, seg_len, tol, grad_floor=0.0, scale=1.0):
+def check_against_fp64(q, k, v, feature_map, normalize, causal, seg_len, tol, grad_floor=0.0, scale=1.0, lag=0):
     """Forward and dq, dk, dv of the kernel path vs the naive reference in fp64 (upstream grad random);
-    scale: the kernel's input scaling, which the reference gets as scale * q, scale * k."""
+    scale: the kernel's input scaling, which the reference gets as scale * q, scale * k; lag: the key lag."""
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o = op._kernel_forward(qs, ks, vs, feature_map, normalize, causal, 1e-6, seg_len=seg_len, scale=scale)
+    o = op._kernel_forward(qs, ks, vs, feature_map, normalize, causal, 1e-6, seg_len=seg_len, scale=scale, lag=lag)
     go = torch.randn_like(o)
     o.backward(go)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = linear_attention_naive(q64 * scale, k64 * scale, v64, feature_map, normalize, causal, 1e-6)
+    ref = linear_attention_naive(q64 * scale, k64 * scale, v64, feature_map, normalize, causal, 1e-6, lag=lag)
     ref.backward(go.double())
     assert o.dtype == q.dtype and o.shape == v.shape
     assert torch.isfinite(o).all()
@@ -280,6 +280,39 @@ def test_rden_output_and_its_gradient(feature_map, causal, poisoned_empty):
     want = torch.autograd.grad((r_ref * gr.double()).sum(), (q64, k64))
     for name, a, b in zip(("dq", "dk"), got, want):
         assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+
+
+@needs_kernel
+@pytest.mark.parametrize("lag", [1, 5, 16, 37, 45, 60])
+@pytest.mark.parametrize("feature_map,normalize", [("elu", True), ("relu", False), (None, False)])
+def test_key_lag(lag, feature_map, normalize, poisoned_empty):
+    """lag: query t sees the keys s <= t - lag. Output and every gradient against fp64, over segment
+    boundaries (segments of 16, lags across one or two of them), two batches (the lag must not reach into
+    the previous sequence's rows), lag = T (no keys) and beyond; dk and dv of the last `lag` rows are 0."""
+    q, k, v = make_inputs(2, 45, 3, 16, feature_map, normalize, dv=32)
+    check_against_fp64(q, k, v, feature_map, normalize, True, 16, 1e-5, grad_floor=1.0, lag=lag)
+
+
+@needs_kernel
+def test_key_lag_rden_rows_without_keys():
+    """Rows t < lag see no key: o = 0 and rden = 1 / eps; the rest as the unlagged kernel on the shifted
+    sequence (what hybrid attention computed before the lag, by slicing)."""
+    q, k, v = make_inputs(1, 50, 2, 16, "elu", True)
+    o, rden = linear_attention(q, k, v, "elu", with_rden=True, lag=7)
+    o_s, rden_s = linear_attention(q[:, 7:], k[:, :43], v[:, :43], "elu", with_rden=True)
+    assert torch.all(o[:, :7] == 0) and torch.allclose(rden[..., :7], torch.full_like(rden[..., :7], 1e6))
+    assert rel_err(o[:, 7:], o_s) < 1e-6 and rel_err(rden[..., 7:], rden_s) < 1e-6
+
+
+def test_key_lag_bad_values():
+    q = torch.randn(1, 8, 2, 16)
+    for lag in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="lag must be an int >= 0"):
+            linear_attention(q, q, q, lag=lag)
+    with pytest.raises(ValueError, match="lag needs causal=True"):
+        linear_attention(q, q, q, causal=False, lag=2)
+    want = linear_attention_naive(q.double(), q.double(), q.double(), lag=3)  # rows without keys: 0
+    assert torch.equal(want[:, :3], torch.zeros_like(want[:, :3])) and want[:, 3:].abs().amin(-1).gt(0).all()
 
 
 @needs_kernel
@@ -604,12 +637,14 @@ def _assert_within_twice_pytorch_bf16(q, k, v, feature_map, normalize, causal=Tr
 @pytest.mark.parametrize("normalize,causal", [(True, True), (False, False)])
 def test_gpu_opcheck(normalize, causal):
     q, k, v = (torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    args = (q, k, v, 1, normalize, causal, 1e-6, 128, 0.5)
+    lag = 5 if causal else 0
+    args = (q, k, v, 1, normalize, causal, 1e-6, 128, 0.5, lag)
     torch.library.opcheck(torch.ops.mmm.linear_attention_fwd.default, args)
     o, rden, states = torch.ops.mmm.linear_attention_fwd(*args)
     do = torch.randn_like(o)
     # rden is a differentiable output: detach it and the states, or opcheck differentiates the backward op
-    bwd_args = (do, q.detach(), k.detach(), v.detach(), o.detach(), rden.detach(), states.detach(), 1, normalize, causal, 128, 0.5)
+    bwd_args = (do, q.detach(), k.detach(), v.detach(), o.detach(), rden.detach(), states.detach(), 1, normalize, causal,
+                128, 0.5, lag)
     torch.library.opcheck(torch.ops.mmm.linear_attention_bwd.default, bwd_args)
 
 

@@ -36,7 +36,7 @@ and the two parts meet in the same shared normaliser with r_i = max(lse_i, l_i) 
 sums are a causal linear attention whose state at row i holds the keys j <= i - w: queries from row w on
 against the keys and values up to row T - 1 - w, i.e. the sequence shifted by w (`prefix_far_sums`;
 two-sided adds the same on the reversed sequence for the keys j >= i + w). For elu / relu maps that is
-the Triton op mmm.ops.linear_attention, which returns its normalised output and its fp32 rden = 1 / (den
+the Triton op mmm.ops.linear_attention with a key lag of w (it reads the shifted rows in place), which returns its normalised output and its fp32 rden = 1 / (den
 + eps), both differentiable, so num = o / rden and den = 1 / rden - eps come back without another pass
 over the features; the combination is one compiled elementwise pass (`kernel_far_part`, `_combine`). For
 other maps, the chunked PyTorch sums of linear.py. O(T w d + T F Dv), no T x T tensor. `hybrid_path` says
@@ -125,36 +125,31 @@ def prefix_far_sums(q, k, v, fq, fk, window: int, chunk_size: int):
 
 
 def kernel_far_part(q, k, v, fmap: FeatureMap, window: int, eps: float):
-    """The far sums of `prefix_far_sums` through the Triton op, as it returns them for the rows i >= window
-    (the others have no far key): its normalized output o = num / (den + eps) [B, T - window, H, Dv] and
-    rden = 1 / (den + eps) [B, H, T - window] fp32, both differentiable (q's heads, GQA keys repeated).
+    """The far sums of `prefix_far_sums` through the Triton op with a key lag of `window` (query i sees
+    the keys j <= i - window; q, k, v whole, so their gradients need no slice or pad): its normalized
+    output o = num / (den + eps) [B, T, H, Dv] and rden = 1 / (den + eps) [B, H, T] fp32, both
+    differentiable (q's heads, GQA keys repeated). Rows i < window have no far key: o = 0, rden = 1 / eps.
     None if T <= window."""
-    shifted = q.shape[1] - window
-    if shifted <= 0:
+    if q.shape[1] <= window:
         return None
-    return linear_mod._triton_linear(q[:, window:], k[:, :shifted], v[:, :shifted], fmap, True, True, eps,
-                                     with_rden=True)
+    return linear_mod._triton_linear(q, k, v, fmap, True, True, eps, with_rden=True, lag=window)
 
 
-def combine_kernel_far(o_w, lse, parts, log_scale, window: int, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+def combine_kernel_far(o_w, lse, parts, log_scale, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     """`combine_lse` for maps without a query scale (l = c_h, log_scale [H, 1]), near part o_w [B, H, T, Dv]
     and lse [B, H, T] from flex, far parts as `kernel_far_part` returns them: [(o, rden, reversed)], one
-    causal, a second computed on the reversed sequence when two-sided. Each is placed on its rows here
-    (rows >= window, or rows < T - window flipped back), where a row without far keys gets num = 0 and
-    den = 0 (o = 0, rden = 1 / eps). Returns [B, T, H, Dv] in out_dtype. Elementwise: on CUDA the placing,
-    the combination, the transpose and the cast compile into one pass (`_combine`), and so does their
-    backward."""
+    causal, a second computed on the reversed sequence when two-sided (flipped back here). A row without
+    far keys has o = 0, rden = 1 / eps: num = 0 and den = 0 (up to rounding). Returns [B, T, H, Dv] in
+    out_dtype. Elementwise: on CUDA the combination, the transposes and the cast compile into one pass
+    (`_combine`), and so does their backward."""
     r = torch.maximum(lse, log_scale).detach()
     near_scale, far_scale = torch.exp(lse - r), torch.exp(log_scale - r)
     num = near_scale.unsqueeze(-1) * o_w.float()
     den = near_scale + eps * torch.exp(-r)
     for o, rden, reverse in parts:
-        o = o.transpose(1, 2).float()  # [B, H, T - window, Dv]; rden is [B, H, T - window]
+        o = o.transpose(1, 2).float()  # [B, H, T, Dv]; rden is [B, H, T]
         if reverse:
             o, rden = o.flip(-2), rden.flip(-1)
-        rows = (0, window) if reverse else (window, 0)
-        o = torch.nn.functional.pad(o, (0, 0, *rows))
-        rden = torch.nn.functional.pad(rden, rows, value=1.0 / eps)
         num = num + (far_scale / rden).unsqueeze(-1) * o
         den = den + far_scale * (1.0 / rden - eps)
     out = num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
@@ -174,7 +169,7 @@ def flex_hybrid(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float
         if not causal:  # keys j >= i + window: the same on the reversed sequence
             parts.append((kernel_far_part(q.flip(1), k.flip(1), v.flip(1), fmap, window, eps), True))
         c = far_log_scale(fmap, None, hk, h // hk, lse.dtype).reshape(h, 1)
-        return _combine(o_w, lse, [(*far, rev) for far, rev in parts if far is not None], c, window, eps, q.dtype)
+        return _combine(o_w, lse, [(*far, rev) for far, rev in parts if far is not None], c, eps, q.dtype)
     o_w = o_w.to(dt).reshape(b, hk, h // hk, t, -1)  # [B, H, T, Dv] -> grouped [B, Hk, g, T, Dv]
     lse = lse.to(dt).reshape(b, hk, h // hk, t)
     fq, log_scale, fk, _ = linear_features(q, k, None, fmap)

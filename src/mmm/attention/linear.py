@@ -50,9 +50,11 @@ RESCALED_KERNEL_EPS = 1e-30
 MAX_SPLIT_FEATURES = 1024
 
 
-def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps: float, with_rden: bool = False):
+def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps: float, with_rden: bool = False,
+                   lag: int = 0):
     """The one dispatch point to the Triton kernel `mmm.ops.linear_attention.linear_attention`; None means
-    "use the PyTorch path" (see `triton_applies`). with_rden: (o, 1 / (den + eps)) instead of o.
+    "use the PyTorch path" (see `triton_applies`). with_rden: (o, 1 / (den + eps)) instead of o. lag
+    (causal): query t sees the keys s <= t - lag (the kernel's `lag`).
 
     The kernel takes q, k [B, T, H, DK] and v [B, T, H, DV] (GQA heads are repeated here) with DK and DV
     each in its SUPPORTED_HEAD_DIMS and fp32 state, and computes this module's formulas. elu+1 and relu it
@@ -87,7 +89,7 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
 
     def run(a, b, rden: bool):
         return kernel(a, b, v, feature_map=name, normalize=normalize, causal=causal, eps=kernel_eps,
-                      with_rden=rden, scale=scale)
+                      with_rden=rden, scale=scale, lag=lag)
 
     if not (KEY_SPLIT and width > KEY_SPLIT and width % KEY_SPLIT == 0 and (fmap.nonnegative or not normalize)):
         out = run(kq, kk, want_rden)

@@ -279,6 +279,16 @@ def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
     return i_t, i_s, i_bh, rowk0, rowv0, i_bh * T + t_start, t_len
 
 
+@triton.jit
+def _key_lag(i_s, L, LAG, H, DK: tl.constexpr, DV: tl.constexpr):
+    """For a key lag (query t sees the keys s <= t - LAG: the key and value sequences shifted down by LAG
+    rows): how far back the key rows of this segment's chunks sit, as int64 element offsets into the key
+    [B, T, H, DK] and value [B, T, H, DV] tensors, and the first local row of the segment whose key exists
+    (rows before it read and store no key: theirs would come before the sequence's start)."""
+    lag = i_s * 0 + LAG  # int64, like i_s
+    return lag * (H * DK), lag * (H * DV), lag - i_s * L
+
+
 # Autotuned kernels must stay idempotent (each launch rewrites all of its outputs, never accumulates
 # into them): the autotuner launches every config many times on the same buffers.
 @triton.autotune(
@@ -291,7 +301,7 @@ def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
 @triton.jit
 def chunk_state_kernel(
     x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, st_ptr,
-    T, H, L, NS, scale,
+    T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
     HAS_DRDEN: tl.constexpr, ZDOT: tl.constexpr,
     DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -301,23 +311,26 @@ def chunk_state_kernel(
     vector = sum r a, with r computed here (it needs the full V row of do and o) and written out. With
     HAS_DRDEN, rden itself was used downstream (hybrid attention reads the denominator off it): its
     gradient drden adds d rden / d den * drden = -rden^2 drden to r. ZDOT: the vector's sums as dots
-    (`_row_sums`, see ZDOT above)."""
+    (`_row_sums`, see ZDOT above). LAG (forward only; 0 in the backward, whose x and y are query rows):
+    x and y are read LAG rows back (`_key_lag`)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
+    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_dv = tl.arange(0, DV)
     tile_k = offs_t[:, None] * (H * DK) + offs_k[None, :]
     tile_dv = offs_t[:, None] * (H * DV) + offs_dv[None, :]
-    x_base = x_ptr + rowk0
-    y_base = y_ptr + rowv0
+    x_base = x_ptr + rowk0 - lag_k
+    y_base = y_ptr + rowv0 - lag_v
     o_base = o_ptr + rowv0
     acc = tl.zeros([BK, DV], dtype=tl.float32)
     vec = tl.zeros([BK], dtype=tl.float32)
     vec_w = tl.zeros([BK, ZW], dtype=tl.float32)  # ZDOT: the vector in each of its ZW equal columns
     for t0 in range(0, t_len, BT):
         mt = offs_t < t_len - t0
-        x_c = _features(tl.load(x_base + tile_k, mask=mt[:, None], other=0.0), mt, x_ptr, scale, FEATURE, DOT_MODE)
-        y = tl.load(y_base + tile_dv, mask=mt[:, None], other=0.0)
+        mx = mt & (offs_t + t0 >= first)
+        x_c = _features(tl.load(x_base + tile_k, mask=mx[:, None], other=0.0), mx, x_ptr, scale, FEATURE, DOT_MODE)
+        y = tl.load(y_base + tile_dv, mask=mx[:, None], other=0.0)
         if NORMALIZE:
             if BWD:
                 rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
@@ -383,14 +396,16 @@ def scan_kernel(st_ptr, NS, M, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rden_ptr, st_ptr,
-    T, H, L, NS, eps, scale,
+    T, H, L, NS, eps, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     ZDOT: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
     chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps).
-    ZDOT: z's sums and a . z as tensor-core dots (z carried as [DK, ZW] equal columns; see ZDOT above)."""
+    ZDOT: z's sums and a . z as tensor-core dots (z carried as [DK, ZW] equal columns; see ZDOT above).
+    LAG: keys and values read LAG rows back (`_key_lag`; causal only)."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
+    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_dk = tl.arange(0, DK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -409,8 +424,8 @@ def fwd_kernel(
     Zw = tl.zeros([DK, ZW], dtype=tl.float32) + z[:, None]  # ZDOT's z
     ones = tl.full([BT, ZW], 1.0, tl.float32)
     q_base = q_ptr + rowk0
-    k_base = k_ptr + rowk0
-    v_base = v_ptr + rowv0
+    k_base = k_ptr + rowk0 - lag_k
+    v_base = v_ptr + rowv0 - lag_v
     o_base = o_ptr + rowv0
     for t0 in range(0, t_len, BT):
         mt = offs_t < t_len - t0
@@ -422,8 +437,9 @@ def fwd_kernel(
             else:
                 den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
         if CAUSAL:
-            b_c = _features(tl.load(k_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
-            v_c = _cast(tl.load(v_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+            mk = mt & (offs_t + t0 >= first)
+            b_c = _features(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), mk, q_ptr, scale, FEATURE, DOT_MODE)
+            v_c = _cast(tl.load(v_base + tile_v, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
             A = tl.where(causal, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
             num += _dot(_cast(A, q_ptr, DOT_MODE), v_c, DOT_MODE)
             S += _dot(tl.trans(b_c), v_c, DOT_MODE)
@@ -453,7 +469,7 @@ def fwd_kernel(
 @triton.jit
 def bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, rden_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
-    T, H, L, NS, scale,
+    T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     ZDOT: tl.constexpr, DOT_MODE: tl.constexpr, PART: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
@@ -468,8 +484,10 @@ def bwd_dqdk_kernel(
     segment (S -= b^T v): each subtraction leaves rounding of the size of the larger state, so the first
     rows' dq lose precision in proportion to the segment length (in fp32: ~7x PyTorch's error at 640
     tokens; hidden by bf16's own error). ZDOT: the sums into z and dz as tensor-core dots (carried as
-    [BK, ZW] equal columns, read back as their mean where used; see ZDOT above)."""
+    [BK, ZW] equal columns, read back as their mean where used; see ZDOT above). LAG: k and v read, dk
+    stored, LAG rows back (`_key_lag`; causal only)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
+    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_dv = tl.arange(0, DV)
@@ -510,9 +528,10 @@ def bwd_dqdk_kernel(
         off_k = rowk0 + t0.to(tl.int64) * (H * DK)
         off_v = rowv0 + t0.to(tl.int64) * (H * DV)
         mt = offs_t < t_len - t0
-        b_c = _features(tl.load(k_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE,
-                        DOT_MODE)
-        v_c = _cast(tl.load(v_ptr + off_v + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+        mk = mt & (offs_t + t0 >= first)
+        b_c = _features(tl.load(k_ptr + off_k - lag_k + tile_k, mask=mk[:, None], other=0.0), mk, q_ptr, scale,
+                        FEATURE, DOT_MODE)
+        v_c = _cast(tl.load(v_ptr + off_v - lag_v + tile_dv, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
         if CAUSAL and PART == 0:
             S -= _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
@@ -562,7 +581,7 @@ def bwd_dqdk_kernel(
                 db += _dot(tl.trans(dA_c), a_c, DOT_MODE)
             if FEATURE != 0:
                 db = db * _dphi(b_c, FEATURE)
-            tl.store(dk_ptr + off_k + tile_k, (db * scale).to(dk_ptr.dtype.element_ty), mask=mt[:, None])
+            tl.store(dk_ptr + off_k - lag_k + tile_k, (db * scale).to(dk_ptr.dtype.element_ty), mask=mk[:, None])
         if CAUSAL and PART != 1:
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
             if NORMALIZE:
@@ -580,13 +599,15 @@ def bwd_dqdk_kernel(
 @triton.jit
 def bwd_dv_kernel(
     q_ptr, k_ptr, do_ptr, rden_ptr, dst_ptr, dv_ptr,
-    T, H, L, NS, scale,
+    T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """dv for one V-tile of one segment, chunks in reverse: dv = b dS_next + tril(a b^T)^T g
-    (contracts over K: full K here); dS_next (DK x BV) accumulates a^T g."""
+    (contracts over K: full K here); dS_next (DK x BV) accumulates a^T g. LAG: k read and dv stored LAG
+    rows back (`_key_lag`; causal only)."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
+    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV)
     offs_t = tl.arange(0, BT)
     offs_dk = tl.arange(0, DK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -602,13 +623,14 @@ def bwd_dv_kernel(
     last_k = (n_blk - 1).to(tl.int64) * (BT * H * DK)
     last_v = (n_blk - 1).to(tl.int64) * (BT * H * DV)
     q_base = q_ptr + rowk0 + last_k
-    k_base = k_ptr + rowk0 + last_k
+    k_base = k_ptr + rowk0 - lag_k + last_k
     do_base = do_ptr + rowv0 + last_v
-    dv_base = dv_ptr + rowv0 + last_v
+    dv_base = dv_ptr + rowv0 - lag_v + last_v
     for j in range(0, n_blk):
         t0 = (n_blk - 1 - j) * BT
         mt = offs_t < t_len - t0
-        b_c = _features(tl.load(k_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
+        mk = mt & (offs_t + t0 >= first)
+        b_c = _features(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), mk, q_ptr, scale, FEATURE, DOT_MODE)
         dv = _dot(b_c, _cast(dS, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
             a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
@@ -621,7 +643,7 @@ def bwd_dv_kernel(
             At = tl.where(causal_t, _dot(b_c, tl.trans(a_c), DOT_MODE), 0.0)
             dv += _dot(_cast(At, q_ptr, DOT_MODE), g_c, DOT_MODE)
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
-        tl.store(dv_base + tile_v, dv.to(dv_ptr.dtype.element_ty), mask=mt[:, None])
+        tl.store(dv_base + tile_v, dv.to(dv_ptr.dtype.element_ty), mask=mk[:, None])
         q_base -= BT * H * DK
         k_base -= BT * H * DK
         do_base -= BT * H * DV

@@ -30,18 +30,20 @@ def linear_attention_naive(
     normalize: bool = True,
     causal: bool = True,
     eps: float = 1e-6,
+    lag: int = 0,
 ) -> torch.Tensor:
     """o_t = phi(q_t) S_t / (phi(q_t) . z_t + eps), S_t = sum_{s<=t} phi(k_s)^T v_s, z_t = sum_{s<=t} phi(k_s).
 
     q, k: [B, T, H, DK], v: [B, T, H, DV] (o is [B, T, H, DV]). Without `causal` the sums run over the whole sequence; without
-    `normalize` the division is dropped. O(T^2) memory: a reference, not a fast path.
+    `normalize` the division is dropped. lag (causal): the sums stop at s <= t - lag. O(T^2) memory: a
+    reference, not a fast path.
     """
     phi = feature_map_fn(feature_map)
     a, b = phi(q), phi(k)
     scores = torch.einsum("bthd,bshd->bhts", a, b)  # [B, H, T, T]
     if causal:
         T = q.shape[1]
-        keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril(-lag)
         scores = scores.masked_fill(~keep, 0)
     out = torch.einsum("bhts,bshd->bthd", scores, v)
     if normalize:

@@ -79,9 +79,10 @@ if HAVE_TRITON:
 
     def _forward_launches(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        feature: int, normalize: bool, causal: bool, eps: float, seg_len: int, scale: float,
+        feature: int, normalize: bool, causal: bool, eps: float, seg_len: int, scale: float, lag: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k [B,T,H,DK], v [B,T,H,DV]; the features are phi(scale * q), phi(scale * k). Returns o
+        """q, k [B,T,H,DK], v [B,T,H,DV]; the features are phi(scale * q), phi(scale * k); query t sees the
+        keys s <= t - lag (causal; lag 0: s <= t). Returns o
         [B,T,H,DV], rden = 1/(den+eps) [B,H,T] fp32 (zeros when not normalizing) and the exclusive
         per-segment prefix states [B*H, NS+1, DK*DV+DK] fp32 (entry NS = total), kept for backward.
         Every element of o, rden and states is written: states 0..NS-1 by
@@ -98,21 +99,24 @@ if HAVE_TRITON:
         common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
                       DOT_MODE=_dot_mode(q.dtype))
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            k, v, v, rden, rden, rden, states, BWD=False, HAS_DRDEN=False, ZDOT=kernels.zdot("chunk_state"), **common)
+            k, v, v, rden, rden, rden, states, LAG=lag, BWD=False, HAS_DRDEN=False, ZDOT=kernels.zdot("chunk_state"),
+            **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
         launcher(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
-            q, k, v, o, rden, states, eps=eps, CAUSAL=causal, ZDOT=kernels.zdot("fwd"), **common)
+            q, k, v, o, rden, states, eps=eps, LAG=lag, CAUSAL=causal, ZDOT=kernels.zdot("fwd"), **common)
         return o, rden, states
 
     def _backward_launches(
         do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
         rden: torch.Tensor, states: torch.Tensor,
-        feature: int, normalize: bool, causal: bool, seg_len: int, scale: float, drden: torch.Tensor | None = None,
+        feature: int, normalize: bool, causal: bool, seg_len: int, scale: float, lag: int,
+        drden: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv from the forward's saved o, rden and prefix states. r (the normalizer's gradient) is
         written by chunk_state_kernel and read only when normalizing; zeros otherwise. drden: the gradient
-        of the rden output, when something used it (None otherwise)."""
+        of the rden output, when something used it (None otherwise). With a lag, the kernels store dk and
+        dv for the key rows some query sees (s <= T - 1 - lag); the last `lag` rows are zeroed here."""
         B, T, H, DK = q.shape
         DV = v.shape[-1]
         NS = cdiv(T, seg_len)
@@ -123,23 +127,26 @@ if HAVE_TRITON:
         common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
                       DOT_MODE=_dot_mode(q.dtype))
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            q, do, o, rden, r, rden if drden is None else drden, dstates, BWD=True,
+            q, do, o, rden, r, rden if drden is None else drden, dstates, LAG=0, BWD=True,
             HAS_DRDEN=normalize and drden is not None, ZDOT=kernels.zdot("chunk_state"), **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
             launcher(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
-                q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.zdot("dqdk"),
-                **common)
+                q, k, v, do, rden, r, states, dstates, dq, dk, LAG=lag, CAUSAL=causal, PART=part,
+                ZDOT=kernels.zdot("dqdk"), **common)
         launcher(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
-            q, k, do, rden, dstates, dv, CAUSAL=causal, **common)
+            q, k, do, rden, dstates, dv, LAG=lag, CAUSAL=causal, **common)
+        if lag:
+            dk[:, T - lag:].zero_()
+            dv[:, T - lag:].zero_()
         return dq, dk, dv
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, feature, normalize, causal, eps, seg_len, scale = inputs
+        q, k, v, feature, normalize, causal, eps, seg_len, scale, lag = inputs
         o, rden, states = output
         ctx.save_for_backward(q, k, v, o, rden, states)
-        ctx.config = (feature, normalize, causal, seg_len, scale)
+        ctx.config = (feature, normalize, causal, seg_len, scale, lag)
         # rden = 1 / (den + eps) is differentiable: hybrid attention reads the denominator off it.
         ctx.mark_non_differentiable(states)
         # Without this, autograd allocates and zero-fills gradients for rden and states (states is
@@ -152,7 +159,7 @@ if HAVE_TRITON:
             do = torch.zeros_like(o) if do is None else do.contiguous()
             drden = None if drden is None else drden.contiguous()
             dq, dk, dv = backward_launches(do, q, k, v, o, rden, states, *ctx.config, drden)
-            return dq, dk, dv, None, None, None, None, None, None
+            return dq, dk, dv, None, None, None, None, None, None, None
 
         return backward
 
@@ -201,10 +208,10 @@ def _uses_kernel(q: torch.Tensor) -> bool:
 
 
 def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps=1e-6, seg_len=None, with_rden=False,
-                    scale=1.0):
+                    scale=1.0, lag=0):
     """The Triton path without dispatch; seg_len (a multiple of kernels.SEGMENT_MULTIPLE) picks the
     segment length, which tests and the benchmark vary. with_rden: return (o, rden) with rden = 1 / (den
-    + eps) [B, H, T] fp32, differentiable (normalized only)."""
+    + eps) [B, H, T] fp32, differentiable (normalized only). lag: see `linear_attention`."""
     for width, role, where in ((q.shape[-1], "key", "q and k"), (v.shape[-1], "value", "v")):
         if width not in SUPPORTED_HEAD_DIMS:
             raise ValueError(
@@ -217,7 +224,8 @@ def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps
         seg_len = segment_len(T, B * H)
     elif seg_len <= 0 or seg_len % kernels.SEGMENT_MULTIPLE:
         raise ValueError(f"seg_len must be a positive multiple of {kernels.SEGMENT_MULTIPLE}, got {seg_len}")
-    args = (q, k, v, kernels.FEATURE_CODES[feature_map], normalize, causal, float(eps), seg_len, float(scale))
+    args = (q, k, v, kernels.FEATURE_CODES[feature_map], normalize, causal, float(eps), seg_len, float(scale),
+            min(int(lag), T))
     o, rden, _ = (_EagerLinearAttention.apply if plain_eager(q, k, v) else linear_attention_fwd)(*args)
     return (o, rden) if with_rden else o
 
@@ -232,6 +240,7 @@ def linear_attention(
     eps: float = 1e-6,
     with_rden: bool = False,
     scale: float = 1.0,
+    lag: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Linear attention o_t = phi(q_t) S_t / (phi(q_t) . z_t + eps) with S_t = sum_{s<=t} phi(k_s)^T v_s,
     z_t = sum_{s<=t} phi(k_s) (sums over the whole sequence when causal=False; no division when
@@ -243,6 +252,9 @@ def linear_attention(
     (independently).
     with_rden=True (normalized, Triton kernel only) returns (o, rden) with rden = 1 / (den + eps)
     [batch, heads, seq_len] fp32, differentiable: the denominator without a second pass over the sequence.
+    lag (causal only): query t sees only the keys s <= t - lag, as if k and v were shifted down by `lag`
+    rows (hybrid attention's far keys); rows t < lag see none (o = 0, rden = 1 / eps). Gradients come back
+    full-size: no slice or pad of q, k, v or of their gradients.
     """
     _check_inputs(q, k, v, feature_map, normalize, causal, eps)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -250,8 +262,12 @@ def linear_attention(
     if with_rden and not (normalize and _uses_kernel(q)):
         raise ValueError("with_rden=True needs normalize=True and the Triton kernel (CUDA, or CPU under "
                          "TRITON_INTERPRET=1, a float dtype other than float64, seq_len > 0)")
+    if isinstance(lag, bool) or not isinstance(lag, int) or lag < 0:
+        raise ValueError(f"lag must be an int >= 0, got {lag!r}")
+    if lag and not causal:
+        raise ValueError("lag needs causal=True (it drops the last `lag` keys each query would see causally)")
     if not _uses_kernel(q):
         if scale != 1:
             q, k = q * scale, k * scale
-        return linear_attention_naive(q, k, v, feature_map, normalize, causal, eps)
-    return _kernel_forward(q, k, v, feature_map, normalize, causal, eps, with_rden=with_rden, scale=scale)
+        return linear_attention_naive(q, k, v, feature_map, normalize, causal, eps, lag=lag)
+    return _kernel_forward(q, k, v, feature_map, normalize, causal, eps, with_rden=with_rden, scale=scale, lag=lag)
