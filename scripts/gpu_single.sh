@@ -22,7 +22,8 @@
 # time, ~3 min), favor (normalised FAVOR+'s GPU test on the kernel; when it passes, the kernel is switched
 # on in this copy (linear.RESCALED_NORMALIZED_ON_KERNEL) for the phases after it), la128k / la32k (the
 # bench's linear, FAVOR+, window and hybrid rows only, ~2 min), zdotab (the 128k bench's linear rows with ZDOT
-# off, then on in chunk_state and dqdk, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
+# off, then on in chunk_state and dqdk, ~2 min), zdotsan (fwd_kernel's ZDOT fault under
+# compute-sanitizer memcheck, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -93,6 +94,9 @@ for phase in "$@"; do
     zdotbisect) for kern in chunk_state fwd dqdk; do  # which kernel's ZDOT is wrong: one process each
         step "zdot_$kern" 120 env MMM_LA_ZDOT=$kern python -m pytest -v --tb=line -m gpu -p no:cacheprovider \
           tests/test_linear_attention_kernel.py -k normalizer_sums; done ;;
+    zdotsan) step zdotsan 200 env MMM_LA_ZDOT=fwd compute-sanitizer --tool memcheck --print-limit 5 \
+        python -m pytest -x -q --tb=line -m gpu -p no:cacheprovider tests/test_linear_attention_kernel.py \
+        -k "normalizer_sums and True-64" ;;  # where fwd_kernel's ZDOT faults (global or shared, which instruction)
     zdot) for z in 0 1; do  # linear attention per kernel, chunk_state's normalizer sums as dots off, then on
         step "la_zdot$z" 150 env MMM_LA_ZDOT=$z python scripts/gpu_la_breakdown.py; done ;;
     window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;
