@@ -136,24 +136,26 @@ def kernel_far_part(q, k, v, fmap: FeatureMap, window: int, eps: float):
 
 
 def combine_kernel_far(o_w, lse, parts, log_scale, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """`combine_lse` for maps without a query scale (l = c_h, log_scale [H, 1]), near part o_w [B, H, T, Dv]
+    """`combine_lse` for maps without a query scale (l = c_h, log_scale [H]), near part o_w [B, H, T, Dv]
     and lse [B, H, T] from flex, far parts as `kernel_far_part` returns them: [(o, rden, reversed)], one
     causal, a second computed on the reversed sequence when two-sided (flipped back here). A row without
     far keys has o = 0, rden = 1 / eps: num = 0 and den = 0 (up to rounding). Returns [B, T, H, Dv] in
-    out_dtype. Elementwise: on CUDA the combination, the transposes and the cast compile into one pass
-    (`_combine`), and so does their backward."""
+    out_dtype. Elementwise: on CUDA the combination and the cast compile into one pass (`_combine`), and
+    so does their backward. It runs in the output's order [B, T, H, .], the order the far parts and (as
+    flex keeps q's layout) o_w are stored in, so that the pass reads and writes memory in order."""
+    o_w, lse = o_w.transpose(1, 2), lse.transpose(1, 2)  # [B, T, H, Dv], [B, T, H]
     r = torch.maximum(lse, log_scale).detach()
     near_scale, far_scale = torch.exp(lse - r), torch.exp(log_scale - r)
     num = near_scale.unsqueeze(-1) * o_w.float()
     den = near_scale + eps * torch.exp(-r)
     for o, rden, reverse in parts:
-        o = o.transpose(1, 2).float()  # [B, H, T, Dv]; rden is [B, H, T]
+        o, rden = o.float(), rden.transpose(1, 2)  # [B, T, H, Dv], [B, T, H]
         if reverse:
-            o, rden = o.flip(-2), rden.flip(-1)
+            o, rden = o.flip(1), rden.flip(1)
         num = num + (far_scale / rden).unsqueeze(-1) * o
         den = den + far_scale * (1.0 / rden - eps)
     out = num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
-    return out.transpose(1, 2).to(out_dtype)
+    return out.to(out_dtype)
 
 
 _combine = compiled_on_cuda(combine_kernel_far)
@@ -168,7 +170,7 @@ def flex_hybrid(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float
         parts = [(kernel_far_part(q, k, v, fmap, window, eps), False)]
         if not causal:  # keys j >= i + window: the same on the reversed sequence
             parts.append((kernel_far_part(q.flip(1), k.flip(1), v.flip(1), fmap, window, eps), True))
-        c = far_log_scale(fmap, None, hk, h // hk, lse.dtype).reshape(h, 1)
+        c = far_log_scale(fmap, None, hk, h // hk, lse.dtype).reshape(h)
         return _combine(o_w, lse, [(*far, rev) for far, rev in parts if far is not None], c, eps, q.dtype)
     o_w = o_w.to(dt).reshape(b, hk, h // hk, t, -1)  # [B, H, T, Dv] -> grouped [B, Hk, g, T, Dv]
     lse = lse.to(dt).reshape(b, hk, h // hk, t)
