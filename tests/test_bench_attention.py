@@ -215,6 +215,18 @@ def test_cost_model():
     assert linear_flops(1, 2, 256, 32, 64) == 2 * 256 * (4 * 64 * 32 + 2 * 64 * (64 + 32))
 
 
+def test_banded_memory_estimate_follows_the_path(monkeypatch):
+    """Window / hybrid keep fp32 blocks only on their blockwise paths: on flex (CUDA) nothing is skipped
+    for memory (session 14's H100 run skipped window 1024 at 128k as needing ~96 GiB)."""
+    import mmm.bench.cases_attention as cases
+
+    q = torch.randn(1, 64, 2, 8)
+    for kind in ("window", "hybrid"):
+        assert cases.banded_bytes(kind, q, 16) == cases.peak_bytes(kind, 1, 2, 64, 16) > 0  # CPU: blockwise
+    monkeypatch.setattr(cases, "attention_path", lambda q, k, v, method: "flex" if method == "window" else "flex+triton")
+    assert cases.banded_bytes("window", q, 16) == 0 and cases.banded_bytes("hybrid", q, 16) == 0
+
+
 def _tiny_inputs(t=16):
     q, k, v = (torch.randn(1, t, 2, 8, requires_grad=True) for _ in range(3))
     return (q, k, v), torch.randn(1, t, 2, 8)

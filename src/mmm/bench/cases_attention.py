@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..attention import attention, attention_error, exact_backend
-from ..attention.api import exact_rows, sample_query_rows
+from ..attention.api import attention_path, exact_rows, sample_query_rows
 from ..attention.feature_maps import FeatureMap, HedgehogFeatureMap, make_feature_map
 from ..attention.fit import fit_hybrid, train_hedgehog
 from .attention_inputs import real_qkv, training_qkv
@@ -146,12 +146,22 @@ def available_bytes(device: torch.device) -> float:
 
 def peak_bytes(kind: str, b: int, h: int, t: int, window: int = 0) -> int:
     """Rough forward+backward peak of the paths that materialise more than O(T H D), fp32 blocks kept
-    for autograd: SDPA's math backend (T x T scores, probabilities and their gradients), mmm's window /
-    hybrid paths (query chunks of C = min(w, T) against 2C keys). Other paths: 0 (not the limit)."""
+    for autograd: SDPA's math backend (T x T scores, probabilities and their gradients), mmm's blockwise
+    window / hybrid paths (query chunks of C = min(w, T) against 2C keys; not their flex paths, which are
+    O(T H D): see `banded_bytes`). Other paths: 0 (not the limit)."""
     if kind == "math":
         return 4 * b * h * t * t * 4
     blocks = b * h * t * 2 * min(window, t) * 4
     return {"window": 6, "hybrid": 10}.get(kind, 0) * blocks
+
+
+def banded_bytes(kind: str, q: torch.Tensor, window: int) -> int:
+    """`peak_bytes` of the window or hybrid method on inputs like q, 0 where it runs on flex (CUDA): a
+    window of 1024 at 128k tokens would otherwise be skipped as needing ~96 GiB."""
+    if attention_path(q, q, q, kind) != "blockwise":
+        return 0
+    b, t, h, _ = q.shape
+    return peak_bytes(kind, b, h, t, window)
 
 
 # --- variants ---------------------------------------------------------------------------------------
@@ -358,13 +368,13 @@ def _causal_setup(t: int, sizes: Sizes):
         for w in sizes.windows:
             variants.append(attention_variant(
                 f"window {w}", mmm_path("window", window=w), inputs, grad, softmax_flops(b, h, t, d, w), SOFTMAX_BWD,
-                need_bytes=peak_bytes("window", b, h, t, w), info={"call": f"mmm.attention(method='window', window={w})"},
+                need_bytes=banded_bytes("window", q, w), info={"call": f"mmm.attention(method='window', window={w})"},
                 error_fn=mmm_error("window", window=w), real=real))
         w = sizes.hybrid_window
         near = softmax_flops(b, h, t, d, w)  # hybrid = window softmax + linear for the far keys
         for name, far in (("elu", lin), ("hedgehog", linear_flops(b, h, t, d, 2 * d))):
             variants.append(hybrid_variant(name, inputs, grad, near + far, (near * SOFTMAX_BWD + far * LINEAR_BWD) / (near + far),
-                                           w, peak_bytes("hybrid", b, h, t, w), quick, real))
+                                           w, banded_bytes("hybrid", q, w), quick, real))
         if cuda:  # without host overhead (the fixed cost that dominates at short T): cuDNN and elu
             variants += [graphed(variants[0]), graphed(variants[2]), triton_launched(variants[2])]
         # fla is GPU-only: listed on CUDA always (a missing install shows as an error), on CPU if installed
