@@ -92,7 +92,7 @@ INTERPRET_CONFIG = (16, 16, 1, 1)
 # backward kernel took 3.94 ms instead of 4.87 (f+b 10.22 vs 11.19 ms, scripts/gpu_la_tune.py, H200)
 SPLIT_DQDK = True  # the interpreter runs one config (autotuning several fails there)
 # The normalizer's sums (z = sum b, and sum r a in the backward) as tensor-core dots x^T W with W [BT, ZW]
-# of equal columns (ones; r in two bf16 parts), z carried as [.., ZW] equal columns and a . z a dot too,
+# of equal columns (ones; r in two bf16 parts), z carried as [.., ZW] equal columns (not in fwd, below),
 # instead of fp32 copies of whole feature tiles summed over their rows (chunk_state, fwd, dq/dk). Why: at
 # T = 128k normalizing took identity features from 4.6 to 8.0 ms f+b, chunk_state from 0.55 to 1.74 ms
 # (H200, results/h200/2026-11-28-la-breakdown.log): a cross-warp reduction every chunk. Off until a GPU
@@ -100,7 +100,10 @@ SPLIT_DQDK = True  # the interpreter runs one config (autotuning several fails t
 # the H200, cause not found: run `gpu_single.sh sanitize`-style checks before trusting it).
 ZW = tl.constexpr(16)
 # The H100 run of 2026-12-06 found it wrong in bf16 (causal output rel. error 1.66; two-sided: an illegal
-# address). MMM_LA_ZDOT also takes kernel names (e.g. "fwd" or "chunk_state,dqdk") to bisect which one.
+# address). MMM_LA_ZDOT also takes kernel names (e.g. "fwd" or "chunk_state,dqdk") to bisect which one:
+# chunk_state and dqdk passed their GPU test, fwd faulted. fwd then carried z as [DK, ZW] columns whose
+# bf16 copy fed a second dot (a . z) through shared memory, a pattern no passing kernel has; since then it
+# keeps z as a vector, takes only the column sums as a dot and a . z as a row reduction (untested on a GPU).
 ZDOT_KERNELS = ("chunk_state", "fwd", "dqdk")
 _ZDOT = os.environ.get("MMM_LA_ZDOT", "0").strip()
 if _ZDOT in ("0", "1"):
@@ -250,18 +253,6 @@ def _row_sums(x_c, w, acc, like_ptr, DOT_MODE: tl.constexpr, EXACT: tl.constexpr
 
 
 @triton.jit
-def _dot_rows(a_c, Zw, like_ptr, DOT_MODE: tl.constexpr):
-    """a_c z per row, z given as Zw [DK, ZW] of equal columns, through tensor-core dots (mode 0: Zw in two
-    bf16 parts, hi + lo, so ~16 bits of z survive: z grows with the sequence)."""
-    if DOT_MODE == 0:
-        hi = Zw.to(like_ptr.dtype.element_ty)
-        r = tl.dot(a_c, (Zw - hi.to(tl.float32)).to(like_ptr.dtype.element_ty), tl.dot(a_c, hi))
-    else:
-        r = _dot(a_c, Zw, DOT_MODE)
-    return tl.sum(r, axis=1) * (1.0 / ZW)  # ZW equal columns: their mean is exact
-
-
-@triton.jit
 def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
     """1-D grid (no 65535 limit on B*H), tile index fastest, so the tiles of one (head, segment), which
     read the same rows, run side by side and share them through L2. Returns the tile, the flat
@@ -402,7 +393,7 @@ def fwd_kernel(
 ):
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
     chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps).
-    ZDOT: z's sums and a . z as tensor-core dots (z carried as [DK, ZW] equal columns; see ZDOT above).
+    ZDOT: z's column sums as a tensor-core dot (see ZDOT above); a . z stays a row reduction.
     LAG: keys and values read LAG rows back (`_key_lag`; causal only)."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV)
@@ -421,7 +412,6 @@ def fwd_kernel(
     z = tl.zeros([DK], dtype=tl.float32)
     if NORMALIZE:
         z = tl.load(base + DK * DV + offs_dk)
-    Zw = tl.zeros([DK, ZW], dtype=tl.float32) + z[:, None]  # ZDOT's z
     ones = tl.full([BT, ZW], 1.0, tl.float32)
     q_base = q_ptr + rowk0
     k_base = k_ptr + rowk0 - lag_k
@@ -431,11 +421,8 @@ def fwd_kernel(
         mt = offs_t < t_len - t0
         a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
-        if NORMALIZE:
-            if ZDOT:
-                den = _dot_rows(a_c, Zw, q_ptr, DOT_MODE)
-            else:
-                den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
+        if NORMALIZE:  # a row reduction (within a warp's threads): no dot needed
+            den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
         if CAUSAL:
             mk = mt & (offs_t + t0 >= first)
             b_c = _features(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), mk, q_ptr, scale, FEATURE, DOT_MODE)
@@ -445,8 +432,9 @@ def fwd_kernel(
             S += _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
                 den += tl.sum(A, axis=1)
-                if ZDOT:
-                    Zw = _row_sums(b_c, ones, Zw, q_ptr, DOT_MODE, True)
+                if ZDOT:  # the column sums (across warps) as a dot, read back into z at once
+                    zsum = _row_sums(b_c, ones, tl.zeros([DK, ZW], dtype=tl.float32), q_ptr, DOT_MODE, True)
+                    z += tl.sum(zsum, axis=1) * (1.0 / ZW)
                 else:
                     z += tl.sum(b_c.to(tl.float32), axis=0)
         if NORMALIZE:
