@@ -22,7 +22,7 @@
 # time, ~3 min), favor (normalised FAVOR+'s GPU test on the kernel; when it passes, the kernel is switched
 # on in this copy (linear.RESCALED_NORMALIZED_ON_KERNEL) for the phases after it), la128k / la32k (the
 # bench's linear, FAVOR+, window and hybrid rows only, ~2 min), zdotab (the 128k bench's linear rows with ZDOT
-# off, then on in chunk_state and dqdk, ~2 min), zdotsan (fwd_kernel's ZDOT fault under
+# off, on in chunk_state and dqdk, on everywhere, ~3 min), zdotsan (fwd_kernel's ZDOT fault under
 # compute-sanitizer memcheck, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
@@ -89,7 +89,8 @@ for phase in "$@"; do
       grep -H "^RESCALED_NORMALIZED_ON_KERNEL" src/mmm/attention/linear.py | tee -a "$OUT/steps.txt" ;;
     la128k) bench la128k 200 attn.causal.T131072 "${LA_ROWS[@]}" ;;
     la32k) bench la32k 120 attn.causal.T32768 "${LA_ROWS[@]}" ;;
-    zdotab) for z in 0 chunk_state,dqdk; do  # the normaliser sums as dots in the two kernels that pass (not fwd)
+    zdotab) for z in 0 chunk_state,dqdk 1; do  # the normaliser sums as dots: off, in the two kernels that
+        # passed (session 14), in all three (fwd reworked since; run zdotbisect first)
         MMM_LA_ZDOT=$z bench "zdot_${z%%,*}" 120 attn.causal.T131072 "linear elu*" "linear relu*"; done ;;
     zdotbisect) for kern in chunk_state fwd dqdk; do  # which kernel's ZDOT is wrong: one process each
         step "zdot_$kern" 120 env MMM_LA_ZDOT=$kern python -m pytest -v --tb=line -m gpu -p no:cacheprovider \
