@@ -424,6 +424,37 @@ def test_wide_keys_through_the_kernel_in_slices(kind, causal, normalize, monkeyp
         assert fq.shape[-1] == 32 and rel_err(o, o1) < 1e-5 and rel_err(rden, rden1) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["favor", "taylor", "hedgehog"])
+def test_computed_features_trace_whole_and_once_per_map_class(name):
+    """The kernel path's feature pass (linear._padded_features) as torch.compile runs it on CUDA
+    (fullgraph, dynamic shapes; here on the CPU with the aot_eager backend): features and their gradients
+    equal the eager pass's, and a second map instance of the class (another layer) compiles nothing new."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from mmm.attention import linear as linear_mod
+
+    torch._dynamo.reset()
+    padded = linear_mod._padded_features.__wrapped__
+    compiled = torch.compile(padded, dynamic=True, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 37, H, 16, requires_grad=True)
+    graphs = []
+    for _ in range(2):
+        fmap = make_feature_map(name, 16, **({"num_heads": H} if name == "hedgehog" else {}))
+        width = linear_mod._kernel_key_width(fmap) or fmap.feature_dim
+        for is_query in (True, False):
+            params = fmap.feature_params(is_query)
+            got, want = (f(type(fmap).apply_features, x, is_query, width, *params) for f in (compiled, padded))
+            assert got[0].shape[-1] == width and torch.equal(got[0], want[0])
+            assert (got[1] is None) == (want[1] is None) and (got[1] is None or torch.equal(got[1], want[1]))
+            g = torch.randn_like(want[0])
+            inputs = [x, *(p for p in params if p.requires_grad)]
+            for a, b in zip(torch.autograd.grad(got[0], inputs, g), torch.autograd.grad(want[0], inputs, g)):
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0], graphs
+
+
 class _DoubledHedgehog(HedgehogFeatureMap):
     """A user's map that overrides `features` (not `apply_features`): twice Hedgehog's features."""
 

@@ -90,7 +90,9 @@ class FeatureMap(nn.Module):
     def feature_dim(self) -> int:
         raise NotImplementedError
 
-    def check_head_dim(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor, is_query: bool) -> None:
+        """Raises on inputs this map cannot take (checked outside `apply_features`, which stays free of
+        data-dependent branches for torch.compile)."""
         if x.shape[-1] != self.head_dim:
             raise ValueError(
                 f"{type(self).__name__} was built for head_dim={self.head_dim}, got input of shape {tuple(x.shape)}"
@@ -107,7 +109,7 @@ class FeatureMap(nn.Module):
         raise NotImplementedError
 
     def features(self, x: torch.Tensor, is_query: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.check_head_dim(x)
+        self.check_input(x, is_query)
         return self.apply_features(x, is_query, *self.feature_params(is_query))
 
     def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
@@ -281,13 +283,16 @@ class HedgehogFeatureMap(FeatureMap):
     def feature_params(self, is_query):
         return (self.weight_q, self.bias_q) if is_query else (self.weight_k, self.bias_k)
 
+    def check_input(self, x, is_query):
+        super().check_input(x, is_query)
+        maps, heads = self.feature_params(is_query)[0].shape[0], x.shape[-2]
+        if maps not in (1, heads):
+            role = "query" if is_query else "key"
+            raise ValueError(f"HedgehogFeatureMap has {maps} {role} head map(s) but the input has {heads} heads")
+
     @staticmethod
     def apply_features(x, is_query, w, b):
         xs = _scaled(x)
-        heads = x.shape[-2]
-        if w.shape[0] not in (1, heads):
-            role = "query" if is_query else "key"
-            raise ValueError(f"HedgehogFeatureMap has {w.shape[0]} {role} head map(s) but the input has {heads} heads")
         h = torch.einsum("...hd,hdf->...hf", xs, w.to(xs.dtype)) + b.to(xs.dtype)
         return torch.cat([torch.softmax(h, -1), torch.softmax(-h, -1)], dim=-1), None
 

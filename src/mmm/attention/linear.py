@@ -114,7 +114,7 @@ def _kernel_features(fmap: FeatureMap, x: torch.Tensor, is_query: bool, width: i
     compute_dtype(x). On CUDA in one compiled pass (per map class and role, whatever the instance) for maps
     written as `apply_features`; eagerly for maps that override `features`."""
     if type(fmap).features is FeatureMap.features:
-        fmap.check_head_dim(x)
+        fmap.check_input(x, is_query)
         return _padded_features(type(fmap).apply_features, x, is_query, width, *fmap.feature_params(is_query))
     phi, log_scale = fmap.features(x.to(compute_dtype(x)), is_query)
     return torch.nn.functional.pad(phi, (0, width - phi.shape[-1])).to(x.dtype), log_scale
