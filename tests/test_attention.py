@@ -455,6 +455,38 @@ def test_computed_features_trace_whole_and_once_per_map_class(name):
     assert graphs[1] == graphs[0], graphs
 
 
+@pytest.mark.parametrize("which", ["sum_parts", "put_back_normalized", "put_back_unnormalized"])
+def test_kernel_glue_traces_whole_under_compile(which):
+    """The compiled elementwise glue around the kernel (linear._sum_parts, _put_back_query_scale) as
+    torch.compile runs it on CUDA (fullgraph, dynamic shapes; aot_eager on the CPU): output and
+    gradients equal eager's."""
+    import torch._dynamo
+
+    from mmm.attention import linear as linear_mod
+
+    torch._dynamo.reset()
+    o = torch.randn(B, 29, H, 8, requires_grad=True)
+    rden = (torch.rand(B, H, 29) + 0.5).requires_grad_()
+    if which == "sum_parts":
+        fn = linear_mod._sum_parts.__wrapped__
+        o2, rden2 = torch.randn(B, 29, H, 8, requires_grad=True), (torch.rand(B, H, 29) + 0.5).requires_grad_()
+        args, leaves = ([(o, rden), (o2, rden2)], 1e-6), [o, rden, o2, rden2]
+    else:
+        fn = linear_mod._put_back_query_scale.__wrapped__
+        log_scale = torch.randn(B, 29, H, requires_grad=True)
+        normalized = which == "put_back_normalized"
+        args = (o, rden if normalized else None, log_scale, 1e-6, 1e-30)
+        leaves = [o, log_scale] + ([rden] if normalized else [])
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend="aot_eager")
+    got, want = compiled(*args), fn(*args)
+    got, want = (x if isinstance(x, tuple) else (x,) for x in (got, want))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    grads = [torch.randn_like(w) for w in want]
+    for a, b in zip(torch.autograd.grad(got, leaves, grads), torch.autograd.grad(want, leaves, grads)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 class _DoubledHedgehog(HedgehogFeatureMap):
     """A user's map that overrides `features` (not `apply_features`): twice Hedgehog's features."""
 
