@@ -271,13 +271,27 @@ def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
 
 
 @triton.jit
-def _key_lag(i_s, L, LAG, H, DK: tl.constexpr, DV: tl.constexpr):
+def _key_lag(i_s, L, LAG, H, DK: tl.constexpr, DV: tl.constexpr, HAS_LAG: tl.constexpr):
     """For a key lag (query t sees the keys s <= t - LAG: the key and value sequences shifted down by LAG
     rows): how far back the key rows of this segment's chunks sit, as int64 element offsets into the key
     [B, T, H, DK] and value [B, T, H, DV] tensors, and the first local row of the segment whose key exists
-    (rows before it read and store no key: theirs would come before the sequence's start)."""
-    lag = i_s * 0 + LAG  # int64, like i_s
-    return lag * (H * DK), lag * (H * DV), lag - i_s * L
+    (rows before it read and store no key: theirs would come before the sequence's start). Without
+    HAS_LAG, zeros: the compiled kernel is the one without a lag (no extra registers: the lag's masks
+    and offsets cost the fwd and backward kernels spills on sm_90, ptxas -v)."""
+    zero = i_s * 0  # int64, like i_s
+    if HAS_LAG:
+        return (zero + LAG) * (H * DK), (zero + LAG) * (H * DV), zero + LAG - i_s * L
+    else:
+        return zero, zero, zero
+
+
+@triton.jit
+def _key_rows(mt, offs_t, t0, first, HAS_LAG: tl.constexpr):
+    """The rows of a chunk (mask mt, first row t0 of the segment) whose lagged key exists (`_key_lag`)."""
+    if HAS_LAG:
+        return mt & (offs_t + t0 >= first)
+    else:
+        return mt
 
 
 # Autotuned kernels must stay idempotent (each launch rewrites all of its outputs, never accumulates
@@ -295,7 +309,7 @@ def chunk_state_kernel(
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
     HAS_DRDEN: tl.constexpr, ZDOT: tl.constexpr,
-    DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """One segment's local sum of phi(x)^T y (a BK-row tile of the DK x DV state, full V) and of the
     normalizer vector. Forward: x = k, y = v, vector = sum b. Backward: x = q, y = do * rden,
@@ -305,7 +319,7 @@ def chunk_state_kernel(
     (`_row_sums`, see ZDOT above). LAG (forward only; 0 in the backward, whose x and y are query rows):
     x and y are read LAG rows back (`_key_lag`)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
-    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV)
+    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_dv = tl.arange(0, DV)
@@ -319,7 +333,7 @@ def chunk_state_kernel(
     vec_w = tl.zeros([BK, ZW], dtype=tl.float32)  # ZDOT: the vector in each of its ZW equal columns
     for t0 in range(0, t_len, BT):
         mt = offs_t < t_len - t0
-        mx = mt & (offs_t + t0 >= first)
+        mx = _key_rows(mt, offs_t, t0, first, HAS_LAG)
         x_c = _features(tl.load(x_base + tile_k, mask=mx[:, None], other=0.0), mx, x_ptr, scale, FEATURE, DOT_MODE)
         y = tl.load(y_base + tile_dv, mask=mx[:, None], other=0.0)
         if NORMALIZE:
@@ -389,14 +403,14 @@ def fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rden_ptr, st_ptr,
     T, H, L, NS, eps, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    ZDOT: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
     chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps).
     ZDOT: z's column sums as a tensor-core dot (see ZDOT above); a . z stays a row reduction.
     LAG: keys and values read LAG rows back (`_key_lag`; causal only)."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
-    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV)
+    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
     offs_dk = tl.arange(0, DK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -424,7 +438,7 @@ def fwd_kernel(
         if NORMALIZE:  # a row reduction (within a warp's threads): no dot needed
             den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
         if CAUSAL:
-            mk = mt & (offs_t + t0 >= first)
+            mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
             b_c = _features(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), mk, q_ptr, scale, FEATURE, DOT_MODE)
             v_c = _cast(tl.load(v_base + tile_v, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
             A = tl.where(causal, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
@@ -459,7 +473,7 @@ def bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, rden_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    ZDOT: tl.constexpr, DOT_MODE: tl.constexpr, PART: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, PART: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """dq and dk for one K-tile of one segment:
       da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
@@ -475,7 +489,7 @@ def bwd_dqdk_kernel(
     [BK, ZW] equal columns, read back as their mean where used; see ZDOT above). LAG: k and v read, dk
     stored, LAG rows back (`_key_lag`; causal only)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
-    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV)
+    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_dv = tl.arange(0, DV)
@@ -516,7 +530,7 @@ def bwd_dqdk_kernel(
         off_k = rowk0 + t0.to(tl.int64) * (H * DK)
         off_v = rowv0 + t0.to(tl.int64) * (H * DV)
         mt = offs_t < t_len - t0
-        mk = mt & (offs_t + t0 >= first)
+        mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
         b_c = _features(tl.load(k_ptr + off_k - lag_k + tile_k, mask=mk[:, None], other=0.0), mk, q_ptr, scale,
                         FEATURE, DOT_MODE)
         v_c = _cast(tl.load(v_ptr + off_v - lag_v + tile_dv, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
@@ -589,13 +603,13 @@ def bwd_dv_kernel(
     q_ptr, k_ptr, do_ptr, rden_ptr, dst_ptr, dv_ptr,
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """dv for one V-tile of one segment, chunks in reverse: dv = b dS_next + tril(a b^T)^T g
     (contracts over K: full K here); dS_next (DK x BV) accumulates a^T g. LAG: k read and dv stored LAG
     rows back (`_key_lag`; causal only)."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
-    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV)
+    lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
     offs_dk = tl.arange(0, DK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -617,7 +631,7 @@ def bwd_dv_kernel(
     for j in range(0, n_blk):
         t0 = (n_blk - 1 - j) * BT
         mt = offs_t < t_len - t0
-        mk = mt & (offs_t + t0 >= first)
+        mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
         b_c = _features(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), mk, q_ptr, scale, FEATURE, DOT_MODE)
         dv = _dot(b_c, _cast(dS, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
