@@ -59,8 +59,8 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     The kernel takes q, k [B, T, H, DK] and v [B, T, H, DV] (GQA heads are repeated here) with DK and DV
     each in its SUPPORTED_HEAD_DIMS and fp32 state, and computes this module's formulas. elu+1 and relu it
     applies itself, elementwise inside its loops, input scaling included. Any other map (Hedgehog,
-    FAVOR+, ...) has its features computed here, in one PyTorch pass over q and k, zero-padded to
-    `_kernel_key_width`, and the kernel runs with identity features on them: DK = that width, DV = v's
+    FAVOR+, ...) has its features computed here (`_kernel_features`: one compiled pass each over q and k
+    on CUDA), zero-padded to `_kernel_key_width`, and the kernel runs with identity features on them: DK = that width, DV = v's
     own width. Key widths over KEY_SPLIT run as slices. A query log scale l (FAVOR+: phi(q) = phi_s(q)
     exp(l)) is put back afterwards (`_put_back_query_scale`); with_rden is then not offered (hybrid
     attention needs no such map here)."""
