@@ -435,7 +435,7 @@ def test_computed_features_trace_whole_and_once_per_map_class(name):
     from mmm.attention import linear as linear_mod
 
     torch._dynamo.reset()
-    padded = linear_mod._padded_features.__wrapped__
+    padded = linear_mod._pad_features
     compiled = torch.compile(padded, dynamic=True, fullgraph=True, backend="aot_eager")
     x = torch.randn(1, 37, H, 16, requires_grad=True)
     graphs = []

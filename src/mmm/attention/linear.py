@@ -60,8 +60,8 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     each in its SUPPORTED_HEAD_DIMS and fp32 state, and computes this module's formulas. elu+1 and relu it
     applies itself, elementwise inside its loops, input scaling included. Any other map (Hedgehog,
     FAVOR+, ...) has its features computed here (`_kernel_features`: one compiled pass each over q and k
-    on CUDA), zero-padded to `_kernel_key_width`, and the kernel runs with identity features on them: DK = that width, DV = v's
-    own width. Key widths over KEY_SPLIT run as slices. A query log scale l (FAVOR+: phi(q) = phi_s(q)
+    on CUDA), zero-padded to `_kernel_key_width`, and the kernel runs with identity features on them:
+    DK = that width, DV = v's own width. Key widths over KEY_SPLIT run as slices. A query log scale l (FAVOR+: phi(q) = phi_s(q)
     exp(l)) is put back afterwards (`_put_back_query_scale`); with_rden is then not offered (hybrid
     attention needs no such map here)."""
     if not triton_applies(q, v, fmap, query_scale=not with_rden, normalize=normalize):
@@ -116,15 +116,17 @@ def _kernel_features(fmap: FeatureMap, x: torch.Tensor, is_query: bool, width: i
     if type(fmap).features is FeatureMap.features:
         fmap.check_input(x, is_query)
         return _padded_features(type(fmap).apply_features, x, is_query, width, *fmap.feature_params(is_query))
-    phi, log_scale = fmap.features(x.to(compute_dtype(x)), is_query)
-    return torch.nn.functional.pad(phi, (0, width - phi.shape[-1])).to(x.dtype), log_scale
+    return _pad_features(fmap.features, x, is_query, width)
 
 
-@compiled_on_cuda
-def _padded_features(apply, x, is_query: bool, width: int, *params):
-    """`_kernel_features` for maps given by their pure `apply_features`."""
+def _pad_features(apply, x, is_query: bool, width: int, *params):
+    """apply(x in compute_dtype(x), is_query, *params) = (features, log scale), the features zero-padded to
+    `width` and cast to x's dtype."""
     phi, log_scale = apply(x.to(compute_dtype(x)), is_query, *params)
     return torch.nn.functional.pad(phi, (0, width - phi.shape[-1])).to(x.dtype), log_scale
+
+
+_padded_features = compiled_on_cuda(_pad_features)  # called with a map class's pure apply_features
 
 
 @compiled_on_cuda

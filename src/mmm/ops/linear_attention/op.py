@@ -98,13 +98,14 @@ if HAVE_TRITON:
         states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=q.device)
         common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
                       DOT_MODE=_dot_mode(q.dtype))
+        lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            k, v, v, rden, rden, rden, states, LAG=lag, HAS_LAG=lag > 0, BWD=False, HAS_DRDEN=False,
-            ZDOT=kernels.zdot("chunk_state"), **common)
+            k, v, v, rden, rden, rden, states, BWD=False, HAS_DRDEN=False, ZDOT=kernels.zdot("chunk_state"),
+            **lagged, **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
         launcher(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
-            q, k, v, o, rden, states, eps=eps, LAG=lag, HAS_LAG=lag > 0, CAUSAL=causal, ZDOT=kernels.zdot("fwd"), **common)
+            q, k, v, o, rden, states, eps=eps, CAUSAL=causal, ZDOT=kernels.zdot("fwd"), **lagged, **common)
         return o, rden, states
 
     def _backward_launches(
@@ -126,6 +127,7 @@ if HAVE_TRITON:
         dstates = torch.empty_like(states)
         common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
                       DOT_MODE=_dot_mode(q.dtype))
+        lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys (not chunk_state's: q, do)
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             q, do, o, rden, r, rden if drden is None else drden, dstates, LAG=0, HAS_LAG=False, BWD=True,
             HAS_DRDEN=normalize and drden is not None, ZDOT=kernels.zdot("chunk_state"), **common)
@@ -133,10 +135,10 @@ if HAVE_TRITON:
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
             launcher(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
-                q, k, v, do, rden, r, states, dstates, dq, dk, LAG=lag, HAS_LAG=lag > 0, CAUSAL=causal, PART=part,
-                ZDOT=kernels.zdot("dqdk"), **common)
+                q, k, v, do, rden, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.zdot("dqdk"),
+                **lagged, **common)
         launcher(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
-            q, k, do, rden, dstates, dv, LAG=lag, HAS_LAG=lag > 0, CAUSAL=causal, **common)
+            q, k, do, rden, dstates, dv, CAUSAL=causal, **lagged, **common)
         if lag:
             dk[:, T - lag:].zero_()
             dv[:, T - lag:].zero_()
