@@ -54,11 +54,12 @@ tests() {  # eight pytest processes side by side (-v: a timeout still leaves eac
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
 
-retests() {  # session 14: compiled feature maps (key_slices), the key lag (opcheck, hybrid flex paths), compile bound
+retests() {  # session 15: rden / lse stored [B, T, H] for the compiled glue, ZDOT in chunk_state and dqdk by
+  # default, normalised FAVOR+ on the kernel by default
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
-  $t tests/test_attention_gpu.py -k "key_slices or triton_dispatch" > "$OUT/t_attn.log" 2>&1 &
-  $t tests/test_linear_attention_kernel.py tests/test_attention_flex.py -k "compile or opcheck or flex_paths or bf16" \
-    > "$OUT/t_la.log" 2>&1 &
+  $t tests/test_attention_gpu.py -k "key_slices or favor_through_the_kernel" > "$OUT/t_attn.log" 2>&1 &
+  $t tests/test_attention_flex.py -k "flex_paths" > "$OUT/t_flex.log" 2>&1 &
+  $t tests/test_linear_attention_kernel.py -k "bf16 or opcheck or compile" > "$OUT/t_la.log" 2>&1 &
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }

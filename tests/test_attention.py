@@ -466,10 +466,10 @@ def test_kernel_glue_traces_whole_under_compile(which):
 
     torch._dynamo.reset()
     o = torch.randn(B, 29, H, 8, requires_grad=True)
-    rden = (torch.rand(B, H, 29) + 0.5).requires_grad_()
+    rden = (torch.rand(B, 29, H) + 0.5).requires_grad_()
     if which == "sum_parts":
         fn = linear_mod._sum_parts.__wrapped__
-        o2, rden2 = torch.randn(B, 29, H, 8, requires_grad=True), (torch.rand(B, H, 29) + 0.5).requires_grad_()
+        o2, rden2 = torch.randn(B, 29, H, 8, requires_grad=True), (torch.rand(B, 29, H) + 0.5).requires_grad_()
         args, leaves = ([(o, rden), (o2, rden2)], 1e-6), [o, rden, o2, rden2]
     else:
         fn = linear_mod._put_back_query_scale.__wrapped__
@@ -623,8 +623,8 @@ def test_query_scale_put_back_survives_denominators_far_below_eps():
     def put_back(kernel_eps: float) -> torch.Tensor:
         parts = []
         for n, d in zip(nums, dens):
-            rden = (1.0 / (d + kernel_eps)).float()
-            parts.append(((n * rden.double().transpose(1, 2).unsqueeze(-1)).to(torch.bfloat16), rden))
+            rden = (1.0 / (d + kernel_eps)).float().transpose(1, 2).contiguous()  # [B, T, H]
+            parts.append(((n * rden.double().unsqueeze(-1)).to(torch.bfloat16), rden))
         o, rden = linear_mod._sum_parts(parts, kernel_eps)
         return linear_mod._put_back_query_scale(o, rden, log_scale.float(), eps, kernel_eps)
 

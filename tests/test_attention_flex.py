@@ -207,9 +207,9 @@ def test_combine_traces_whole_under_compile(two_sided):
     torch._dynamo.reset()
     compiled = torch.compile(hybrid.combine_kernel_far, dynamic=True, fullgraph=True, backend="aot_eager")
     t = 29
-    o_w = torch.randn(B, H, t, DV, requires_grad=True)
-    lse = torch.randn(B, H, t, requires_grad=True)
-    parts = [(torch.randn(B, t, H, DV, requires_grad=True), torch.rand(B, H, t, requires_grad=True) + 0.5, rev)
+    o_w = torch.randn(B, t, H, DV, requires_grad=True)
+    lse = torch.randn(B, t, H, requires_grad=True)
+    parts = [(torch.randn(B, t, H, DV, requires_grad=True), torch.rand(B, t, H, requires_grad=True) + 0.5, rev)
              for rev in ((False, True) if two_sided else (False,))]
     c = torch.randn(H)
     leaves = [o_w, lse, *(x for o, r, _ in parts for x in (o, r))]

@@ -127,7 +127,7 @@ def prefix_far_sums(q, k, v, fq, fk, window: int, chunk_size: int):
 def kernel_far_part(q, k, v, fmap: FeatureMap, window: int, eps: float):
     """The far sums of `prefix_far_sums` through the Triton op with a key lag of `window` (query i sees
     the keys j <= i - window; q, k, v whole, so their gradients need no slice or pad): its normalized
-    output o = num / (den + eps) [B, T, H, Dv] and rden = 1 / (den + eps) [B, H, T] fp32, both
+    output o = num / (den + eps) [B, T, H, Dv] and rden = 1 / (den + eps) [B, T, H] fp32, both
     differentiable (q's heads, GQA keys repeated). Rows i < window have no far key: o = 0, rden = 1 / eps.
     None if T <= window."""
     if q.shape[1] <= window:
@@ -136,20 +136,20 @@ def kernel_far_part(q, k, v, fmap: FeatureMap, window: int, eps: float):
 
 
 def combine_kernel_far(o_w, lse, parts, log_scale, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """`combine_lse` for maps without a query scale (l = c_h, log_scale [H]), near part o_w [B, H, T, Dv]
-    and lse [B, H, T] from flex, far parts as `kernel_far_part` returns them: [(o, rden, reversed)], one
-    causal, a second computed on the reversed sequence when two-sided (flipped back here). A row without
-    far keys has o = 0, rden = 1 / eps: num = 0 and den = 0 (up to rounding). Returns [B, T, H, Dv] in
-    out_dtype. Elementwise: on CUDA the combination and the cast compile into one pass (`_combine`), and
-    so does their backward. It runs in the output's order [B, T, H, .], the order the far parts and (as
-    flex keeps q's layout) o_w are stored in, so that the pass reads and writes memory in order."""
-    o_w, lse = o_w.transpose(1, 2), lse.transpose(1, 2)  # [B, T, H, Dv], [B, T, H]
+    """`combine_lse` for maps without a query scale (l = c_h, log_scale [H]), in the output's order: near
+    part o_w [B, T, H, Dv] and lse [B, T, H] from flex (transposed), far parts as `kernel_far_part`
+    returns them: [(o, rden, reversed)], one causal, a second computed on the reversed sequence when
+    two-sided (flipped back here). A row without far keys has o = 0, rden = 1 / eps: num = 0 and den = 0
+    (up to rounding). Returns [B, T, H, Dv] in out_dtype. Elementwise: on CUDA the combination and the
+    cast compile into one pass (`_combine`), and so does their backward. Every input should be stored in
+    [B, T, H, .] order (flex keeps q's layout for o_w; lse and rden are copied into it, see
+    `linear._rows_first`), so that the pass reads and writes memory in order."""
     r = torch.maximum(lse, log_scale).detach()
     near_scale, far_scale = torch.exp(lse - r), torch.exp(log_scale - r)
     num = near_scale.unsqueeze(-1) * o_w.float()
     den = near_scale + eps * torch.exp(-r)
     for o, rden, reverse in parts:
-        o, rden = o.float(), rden.transpose(1, 2)  # [B, T, H, Dv], [B, T, H]
+        o = o.float()
         if reverse:
             o, rden = o.flip(1), rden.flip(1)
         num = num + (far_scale / rden).unsqueeze(-1) * o
@@ -171,7 +171,8 @@ def flex_hybrid(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float
         if not causal:  # keys j >= i + window: the same on the reversed sequence
             parts.append((kernel_far_part(q.flip(1), k.flip(1), v.flip(1), fmap, window, eps), True))
         c = far_log_scale(fmap, None, hk, h // hk, lse.dtype).reshape(h)
-        return _combine(o_w, lse, [(*far, rev) for far, rev in parts if far is not None], c, eps, q.dtype)
+        far_parts = [(*far, rev) for far, rev in parts if far is not None]
+        return _combine(o_w.transpose(1, 2), linear_mod._rows_first(lse), far_parts, c, eps, q.dtype)
     o_w = o_w.to(dt).reshape(b, hk, h // hk, t, -1)  # [B, H, T, Dv] -> grouped [B, Hk, g, T, Dv]
     lse = lse.to(dt).reshape(b, hk, h // hk, t)
     fq, log_scale, fk, _ = linear_features(q, k, None, fmap)

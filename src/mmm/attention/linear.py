@@ -35,12 +35,12 @@ _NATIVE_MAPS = (EluFeatureMap, ReluFeatureMap)  # maps the kernel applies itself
 # 10 ms at 128 (H200, results/h200/2026-12-04-la-tune.md). Normalised only for maps whose features are
 # non-negative (`FeatureMap.nonnegative`: no partial denominator cancels). None: one call, any width.
 KEY_SPLIT: int | None = 128
-# Maps with a query scale (FAVOR+), normalised, through the kernel: off until a GPU run passes its bf16
-# test again. It failed on the H100 (rel. error 0.54 vs PyTorch's 0.027, 2026-12-06): the rescaled
-# denominators (~1e-9 to 1e-17) sat far below the kernel's eps = 1e-6, and putting the query scale back
-# cancelled (1 - eps rden). Fixed since with RESCALED_KERNEL_EPS (CPU test
-# test_query_scale_put_back_survives_denominators_far_below_eps reproduces both), not yet re-run on a GPU.
-RESCALED_NORMALIZED_ON_KERNEL = False
+# Maps with a query scale (FAVOR+), normalised, through the kernel. It failed on the H100 (rel. error 0.54
+# vs PyTorch's 0.027, 2026-12-06): the rescaled denominators (~1e-9 to 1e-17) sat far below the kernel's
+# eps = 1e-6, and putting the query scale back cancelled (1 - eps rden). Fixed with RESCALED_KERNEL_EPS
+# (CPU test test_query_scale_put_back_survives_denominators_far_below_eps reproduces both); its bf16 GPU
+# test passed on the H100 on 2026-12-07 (128k f+b 117 ms here vs 975 on the PyTorch path).
+RESCALED_NORMALIZED_ON_KERNEL = True
 # The kernel's eps for maps with a query scale (see _triton_linear): far below any denominator they give.
 RESCALED_KERNEL_EPS = 1e-30
 # Computed features (maps the kernel does not apply itself) run at a key width the kernel takes: the
@@ -53,7 +53,7 @@ MAX_SPLIT_FEATURES = 1024
 def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps: float, with_rden: bool = False,
                    lag: int = 0):
     """The one dispatch point to the Triton kernel `mmm.ops.linear_attention.linear_attention`; None means
-    "use the PyTorch path" (see `triton_applies`). with_rden: (o, 1 / (den + eps)) instead of o. lag
+    "use the PyTorch path" (see `triton_applies`). with_rden: (o, 1 / (den + eps) [B, T, H]) instead of o. lag
     (causal): query t sees the keys s <= t - lag (the kernel's `lag`).
 
     The kernel takes q, k [B, T, H, DK] and v [B, T, H, DV] (GQA heads are repeated here) with DK and DV
@@ -88,8 +88,9 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     kernel_eps = RESCALED_KERNEL_EPS if log_scale is not None else eps
 
     def run(a, b, rden: bool):
-        return kernel(a, b, v, feature_map=name, normalize=normalize, causal=causal, eps=kernel_eps,
-                      with_rden=rden, scale=scale, lag=lag)
+        out = kernel(a, b, v, feature_map=name, normalize=normalize, causal=causal, eps=kernel_eps,
+                     with_rden=rden, scale=scale, lag=lag)
+        return (out[0], _rows_first(out[1])) if rden else out
 
     if not (KEY_SPLIT and width > KEY_SPLIT and width % KEY_SPLIT == 0 and (fmap.nonnegative or not normalize)):
         out = run(kq, kk, want_rden)
@@ -107,6 +108,14 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     if with_rden:
         return out[0].to(q.dtype), out[1]
     return out.to(q.dtype)
+
+
+def _rows_first(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T] -> [B, T, H], stored in that order: the layout of the outputs the compiled elementwise
+    passes combine x with. Given as a transposed view, x made Inductor's pass read in x's order and
+    [B, T, H, D] tensors across their rows (the hybrid's combine took 9 ms at 128k on an H100, 2026-12-07);
+    this copy is 4 bytes per row and head."""
+    return x.transpose(1, 2).contiguous()
 
 
 def _kernel_features(fmap: FeatureMap, x: torch.Tensor, is_query: bool, width: int):
@@ -133,25 +142,25 @@ _padded_features = compiled_on_cuda(_pad_features)  # called with a map class's 
 def _put_back_query_scale(o, rden, log_scale, eps: float, kernel_eps: float) -> torch.Tensor:
     """The output for query features phi(q) = phi_s(q) exp(l), from the kernel's run on phi_s (l =
     log_scale [B, T, H]). Unnormalised (rden None): o exp(l). Normalised, the kernel (with eps e_k) gave
-    o = num_s / (den_s + e_k) and rden = 1 / (den_s + e_k) [B, H, T], and exp(l) cancels except against
+    o = num_s / (den_s + e_k) and rden = 1 / (den_s + e_k) [B, T, H], and exp(l) cancels except against
     eps: num_s / (den_s + eps exp(-l)) = o / (1 + (eps exp(-l) - e_k) rden), as `finish` computes it.
     Every term of the divisor is >= 0 while e_k <= eps exp(-l) (l < ~55): no cancellation.
     Elementwise: one compiled pass on CUDA. fp32."""
     if rden is None:
         return o.float() * log_scale.exp().unsqueeze(-1)
-    divisor = 1.0 + (eps * torch.exp(-log_scale) - kernel_eps) * rden.transpose(1, 2)
+    divisor = 1.0 + (eps * torch.exp(-log_scale) - kernel_eps) * rden
     return o.float() / divisor.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
 
 
 @compiled_on_cuda
 def _sum_parts(parts: list, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised kernel outputs over slices of the features, [(o [B, T, H, Dv], rden [B, H, T] = 1 / (den
+    """Normalised kernel outputs over slices of the features, [(o [B, T, H, Dv], rden [B, T, H] = 1 / (den
     + eps)), ...], as one: num = sum o / rden, den = sum (1 / rden - eps); returns (num / (den + eps) in
     fp32, its rden). Elementwise: one compiled pass on CUDA."""
-    num = sum(o.float() / rden.transpose(1, 2).unsqueeze(-1) for o, rden in parts)
+    num = sum(o.float() / rden.unsqueeze(-1) for o, rden in parts)
     den = sum(1.0 / rden - eps for _, rden in parts)
     rden_all = 1.0 / (den + eps)
-    return num * rden_all.transpose(1, 2).unsqueeze(-1), rden_all
+    return num * rden_all.unsqueeze(-1), rden_all
 
 
 def _kernel_key_width(fmap: FeatureMap) -> int | None:

@@ -92,27 +92,26 @@ INTERPRET_CONFIG = (16, 16, 1, 1)
 # backward kernel took 3.94 ms instead of 4.87 (f+b 10.22 vs 11.19 ms, scripts/gpu_la_tune.py, H200)
 SPLIT_DQDK = True  # the interpreter runs one config (autotuning several fails there)
 # The normalizer's sums (z = sum b, and sum r a in the backward) as tensor-core dots x^T W with W [BT, ZW]
-# of equal columns (ones; r in two bf16 parts), z carried as [.., ZW] equal columns (not in fwd, below),
-# instead of fp32 copies of whole feature tiles summed over their rows (chunk_state, fwd, dq/dk). Why: at
-# T = 128k normalizing took identity features from 4.6 to 8.0 ms f+b, chunk_state from 0.55 to 1.74 ms
-# (H200, results/h200/2026-11-28-la-breakdown.log): a cross-warp reduction every chunk. Off until a GPU
-# run checks and times it (MMM_LA_ZDOT=1 turns it on; a 2026-12-04 version of the same idea faulted on
-# the H200, cause not found: run `gpu_single.sh sanitize`-style checks before trusting it).
+# of equal columns (ones; r in two bf16 parts), z carried as [.., ZW] equal columns (in fwd: a vector,
+# only its column sums as a dot), instead of fp32 copies of whole feature tiles summed over their rows. Why:
+# at T = 128k normalizing took identity features from 4.6 to 8.0 ms f+b, chunk_state from 0.55 to 1.74 ms
+# (H200, results/h200/2026-11-28-la-breakdown.log): a cross-warp reduction every chunk.
 ZW = tl.constexpr(16)
-# The H100 run of 2026-12-06 found it wrong in bf16 (causal output rel. error 1.66; two-sided: an illegal
-# address). MMM_LA_ZDOT also takes kernel names (e.g. "fwd" or "chunk_state,dqdk") to bisect which one:
-# chunk_state and dqdk passed their GPU test, fwd faulted. fwd then carried z as [DK, ZW] columns whose
-# bf16 copy fed a second dot (a . z) through shared memory, a pattern no passing kernel has; since then it
-# keeps z as a vector, takes only the column sums as a dot and a . z as a row reduction (untested on a GPU).
+# MMM_LA_ZDOT: 0 (off), 1 (every kernel) or kernel names, e.g. "fwd" or "chunk_state,dqdk". History: a
+# 2026-12-04 version faulted on the H200; on the H100 (2026-12-06) fwd's faulted, chunk_state's and
+# dqdk's passed. fwd's was reworked and all three passed their bf16 GPU tests on the H100 (2026-12-07).
+# Default: chunk_state and dqdk, the fastest there (results/h100/2026-12-07-s15-zdot-*: elu+1 f+b at
+# 128k 9.06 ms vs 9.30 with fwd too and 9.75 off; relu 7.98 / 7.94 / 8.33): fwd's dot cost elu+1 0.26 ms.
 ZDOT_KERNELS = ("chunk_state", "fwd", "dqdk")
-_ZDOT = os.environ.get("MMM_LA_ZDOT", "0").strip()
+ZDOT_DEFAULT = "chunk_state,dqdk"
+_ZDOT = os.environ.get("MMM_LA_ZDOT", ZDOT_DEFAULT).strip()
 if _ZDOT in ("0", "1"):
     ZDOT: bool | frozenset = _ZDOT == "1"
 else:
     ZDOT = frozenset(n.strip() for n in _ZDOT.split(","))
     if not ZDOT <= set(ZDOT_KERNELS):
-        raise ValueError(f"MMM_LA_ZDOT must be 0 (off, the default), 1 (on) or kernel names from "
-                         f"{ZDOT_KERNELS} separated by commas, got {_ZDOT!r}")
+        raise ValueError(f"MMM_LA_ZDOT must be 0 (off), 1 (on) or kernel names from {ZDOT_KERNELS} separated "
+                         f"by commas (default {ZDOT_DEFAULT!r}), got {_ZDOT!r}")
 
 
 def zdot(kernel: str) -> bool:
