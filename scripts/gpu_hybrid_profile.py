@@ -4,7 +4,8 @@ softmax and the hybrid of the two (window + linear for the far keys, one shared 
 On the H100 (results/h100/2026-12-06-s11-attn-causal-T131072.md) the hybrid took 29.4 ms f+b at 128k
 against 11.4 for linear and 7.3 for window 256: ~10.7 ms more than its two parts. This shows which
 kernels (flex with its log-sum-exp, the far part's kernels with drden, the compiled combine, copies)
-take it.
+take it. FAVOR+ too (five 128-wide kernel calls on its 622 features plus the feature pass and the
+combine: 117 ms f+b at 128k on the H100, 2026-12-07), by kernel and by host op.
 
     PYTHONPATH=src python scripts/gpu_hybrid_profile.py [--t 131072] [--window 256]   (about a minute)
 """
@@ -56,7 +57,8 @@ def main() -> None:
     g = torch.randn_like(q)
     methods = {"linear elu": dict(method="linear", feature_map="elu"),
                f"window {args.window}": dict(method="window", window=args.window),
-               f"hybrid w={args.window} elu": dict(method="hybrid", window=args.window, feature_map="elu")}
+               f"hybrid w={args.window} elu": dict(method="hybrid", window=args.window, feature_map="elu"),
+               "linear favor+": dict(method="linear", feature_map="favor")}
     report = {}
     for label, kw in methods.items():
         def step():
@@ -70,7 +72,7 @@ def main() -> None:
               f"(path {path})")
         for name, t in list(times.items())[:14]:
             print(f"   {t:8.3f}  {name}")
-        if kw["method"] == "hybrid":
+        if kw["method"] == "hybrid" or kw.get("feature_map") == "favor":
             ops = kernel_ms(step, by_op=True)
             report[label]["ops_ms"] = {k_: round(t, 3) for k_, t in ops.items()}
             print("   by host op (CUDA time of its own launches):")

@@ -11,7 +11,7 @@
 # ~2 min), hostab (gpu_host_profile.py with FastLaunch off, then on, ~2.5 min), la_host
 # (scripts/la_host_overhead.py --gpu), fftk (scripts/gpu_fft_kernels.py: the FFT structures' spectral
 # kernels and their tilings, ~1 min), hybridprof (scripts/gpu_hybrid_profile.py: CUDA time per kernel of
-# linear, window and hybrid f+b at 128k, ~1 min), zdot (scripts/gpu_la_breakdown.py with MMM_LA_ZDOT=0,
+# linear, window, hybrid and FAVOR+ f+b at 128k, ~2 min), zdot (scripts/gpu_la_breakdown.py with MMM_LA_ZDOT=0,
 # then 1: CUDA time per linear-attention kernel, ~3 min), segsweep (linear attention's segment length at
 # 2k / 8k / 128k, CUDA-graph times, ~1 min), hhfit (scripts/gpu_hedgehog_fit.py: Hedgehog's held-out
 # error at 8k / 32k for longer fits than the bench's, beside elu+1, ~3 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
@@ -81,7 +81,7 @@ for phase in "$@"; do
           --structures kronecker circulant "monarch b=128" dense; done ;;
     la_host) step la_host 90 python scripts/la_host_overhead.py --gpu ;;
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
-    hybridprof) step hybridprof 120 python scripts/gpu_hybrid_profile.py ;;
+    hybridprof) step hybridprof 180 python scripts/gpu_hybrid_profile.py ;;
     segsweep) step segsweep 120 python scripts/gpu_linear_attention.py --sweep-only ;;
     hhfit) step hhfit 240 python scripts/gpu_hedgehog_fit.py ;;
     favor) step favor 150 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_attention_gpu.py \
