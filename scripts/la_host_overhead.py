@@ -119,8 +119,8 @@ def measure(B, T, H, D, dtype, device, n, sync, feature_map="elu", normalize=Tru
     eps = 1e-6
     fwd_body = la_op.linear_attention_fwd._init_fn
     bwd_body = la_op.linear_attention_bwd._init_fn
-    o, rden, states = la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0)
-    cfg = (feature, normalize, causal, seg, 1.0)
+    o, rden, states = la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0, 0)
+    cfg = (feature, normalize, causal, seg, 1.0, 0)  # scale 1, lag 0
 
     def fwd_bwd():
         torch.autograd.grad(linear_attention(qg, kg, vg, feature_map, normalize, causal), (qg, kg, vg), go)
@@ -132,8 +132,8 @@ def measure(B, T, H, D, dtype, device, n, sync, feature_map="elu", normalize=Tru
         torch.autograd.grad(_Trivial.apply(qg, kg, vg)[0], (qg, kg, vg), go)
 
     cases = {
-        "fwd_body": lambda: fwd_body(q, k, v, feature, normalize, causal, eps, seg, 1.0),
-        "fwd_op": lambda: la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0),
+        "fwd_body": lambda: fwd_body(q, k, v, feature, normalize, causal, eps, seg, 1.0, 0),
+        "fwd_op": lambda: la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0, 0),
         "fwd_nograd": lambda: linear_attention(q, k, v, feature_map, normalize, causal),
         "fwd_grad": lambda: linear_attention(qg, kg, vg, feature_map, normalize, causal),
         "bwd_body": lambda: bwd_body(go, q, k, v, o, rden, states, *cfg),
