@@ -253,6 +253,8 @@ def ir_report(D: int, DV: int | None = None) -> None:
         for bt, t, w, st in options:
             for var in variants:
                 consts = dict(DK=D, DV=DV, FEATURE=1, NORMALIZE=True, DOT_MODE=0, BT=bt, **{tile: t}, **var)
+                if "HAS_LAG" in fn.arg_names:  # lag-free: the plain linear attention path
+                    consts["HAS_LAG"] = False
                 sig = {a: "constexpr" if a in consts else ("*fp32" if a in fp32_ptrs else "*bf16") if a.endswith("_ptr")
                        else "fp32" if a in ("eps", "scale") else "i32" for a in fn.arg_names}
                 src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},
