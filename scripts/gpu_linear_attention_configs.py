@@ -54,8 +54,13 @@ RETIRED = {
 # (64, 128, 8, 2): the fastest fwd and dv configs of the 2026-12-04 tuning run (2.42 / 1.72 ms vs 2.69 / 1.99
 # at 128k) but 8 warps at BT = 64, the pattern of the fault: run them under --sanitize first, with a
 # retired config beside them as the positive control (--only, the `sanitize` phase of gpu_single.sh)
-CANDIDATES = {"fwd_kernel": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
-              "bwd_dqdk_kernel": [(64, 64, 4, 3)], "bwd_dv_kernel": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)]}
+# A fifth number caps the registers per thread (maxnreg): the kernels run at 255 registers, 2 programs per
+# SM, latency-bound (ncu, 2026-12-05). Caps at 168 (3 programs of 4 warps) for the configs that spill
+# nothing or little under it, and fit 3 programs' shared memory (sm_90 report with --ir-maxnreg, 2026-12-07).
+CANDIDATES = {"fwd_kernel": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (16, 32, 4, 2, 168), (16, 32, 4, 2, 128)],
+              "bwd_dqdk_kernel": [(64, 64, 4, 3), (64, 16, 4, 3, 168), (64, 16, 4, 2, 168)],
+              "bwd_dv_kernel": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 2, 168)],
+              "chunk_state_kernel": [(64, 128, 8, 2, 168), (64, 32, 4, 3, 168), (64, 32, 4, 3, 128)]}
 VARIANTS = [("elu", True, True), (None, False, True), ("relu", True, False)]
 # smallest relative error a dtype is held to: fp16 inputs use tf32 dots (DOT_MODE 1), which are less
 # exact than the reference run in that dtype, as are fp32 inputs when PyTorch allows tf32 (IEEE dots
@@ -223,7 +228,7 @@ def note(r: dict) -> str:
 # ------------------------------------------------------------------ --ir: sm_90 compile report, no GPU
 
 
-def ir_report(D: int, DV: int | None = None) -> None:
+def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None:
     """Compiles each config (bf16, elu, normalized, causal; chunk_state in both directions) for sm_90 and
     prints shared memory, registers and spill bytes (cuobjdump -res-usage), the mma layouts (warpsPerCTA),
     and the pattern behind the H200 fault: a dot result whose mma layout has more warps along M than it
@@ -250,7 +255,7 @@ def ir_report(D: int, DV: int | None = None) -> None:
                     else [{"CAUSAL": True, "ZDOT": z} for z in (False, True)] if name == "fwd_kernel"
                     else [{"CAUSAL": True}])
         options = kernels.CONFIGS[name] + RETIRED.get(name, []) + CANDIDATES.get(name, [])
-        for bt, t, w, st in options:
+        for bt, t, w, st, *cap in options:
             for var in variants:
                 consts = dict(DK=D, DV=DV, FEATURE=1, NORMALIZE=True, DOT_MODE=0, BT=bt, **{tile: t}, **var)
                 if "HAS_LAG" in fn.arg_names:  # lag-free: the plain linear attention path
@@ -259,9 +264,9 @@ def ir_report(D: int, DV: int | None = None) -> None:
                        else "fp32" if a in ("eps", "scale") else "i32" for a in fn.arg_names}
                 src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},
                                 attrs={(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a.endswith("_ptr")})
-                label = f"{name} {var} {(bt, t, w, st)}"
+                label = f"{name} {var} {(bt, t, w, st, *cap)}"
                 try:
-                    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=w, num_stages=st))
+                    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=w, num_stages=st, maxnreg=(cap or [maxnreg])[0]))
                 except Exception as e:
                     print(f"{label}: compile error {type(e).__name__}: {str(e)[:120]}")
                     continue
@@ -294,9 +299,10 @@ def main():
     ap.add_argument("--ir", action="store_true", help="sm_90 compile report of every config (no GPU)")
     ap.add_argument("--ir-d", type=int, default=128, help="key width DK (and value width unless --ir-dv)")
     ap.add_argument("--ir-dv", type=int, default=None, help="value width DV (default: --ir-d)")
+    ap.add_argument("--ir-maxnreg", type=int, default=None, help="compile with this registers-per-thread cap")
     args = ap.parse_args()
     if args.ir:
-        ir_report(args.ir_d, args.ir_dv)
+        ir_report(args.ir_d, args.ir_dv, args.ir_maxnreg)
         return
     if args.worker:
         print(MARK + json.dumps(worker(json.loads(args.worker))), flush=True)

@@ -561,13 +561,21 @@ def test_pruner_uses_the_width_each_tile_splits(dk, dv):
 
 
 @pytest.mark.skipif(not op.HAVE_TRITON, reason="needs triton")
-def test_forced_config_parsing():
+def test_forced_config_parsing(monkeypatch):
     assert op.kernels._forced_configs("fwd_kernel=64,32,4,2; bwd_dv_kernel=32,64,4,2") == {
         "fwd_kernel": (64, 32, 4, 2), "bwd_dv_kernel": (32, 64, 4, 2)}
     assert op.kernels._forced_configs("") == {}
-    for bad in ("fwd=64,32,4,2", "fwd_kernel=64,32,4", "fwd_kernel=a,b,c,d"):
+    for bad in ("fwd=64,32,4,2", "fwd_kernel=64,32,4", "fwd_kernel=a,b,c,d", "fwd_kernel=64,32,4,2,168,1"):
         with pytest.raises(ValueError, match="MMM_LA_CONFIG"):
             op.kernels._forced_configs(bad)
+    # a fifth number caps the registers per thread: it reaches the Triton config, absent otherwise
+    forced = op.kernels._forced_configs("fwd_kernel=16,32,4,2,168")
+    assert forced == {"fwd_kernel": (16, 32, 4, 2, 168)}
+    monkeypatch.setattr(op.kernels, "FORCED", forced)
+    [capped] = op.kernels._configs("fwd_kernel", "BV")
+    [plain] = op.kernels._configs("bwd_dv_kernel", "BV")[:1]
+    assert capped.maxnreg == 168 and capped.kwargs == {"BT": 16, "BV": 32} and capped.num_stages == 2
+    assert plain.maxnreg is None
 
 
 @needs_kernel

@@ -51,7 +51,7 @@ Triton has reports of shared-memory faults on sm_90 in kernels with several tl.d
 scripts/gpu_linear_attention_configs.py runs every config alone on the GPU to confirm or prune further.
 
 MMM_LA_CONFIG (diagnosis only, read at import): "fwd_kernel=64,32,4,2;bwd_dv_kernel=..." forces one
-(BT, tile, num_warps, num_stages) config per named kernel; that config is launched as given, unpruned.
+(BT, tile, num_warps, num_stages[, maxnreg]) config per named kernel; that config is launched as given, unpruned.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def zdot(kernel: str) -> bool:
 
 
 def _forced_configs(spec: str) -> dict:
-    """Parses MMM_LA_CONFIG: "kernel=BT,tile,num_warps,num_stages;kernel=..." (see the module docstring)."""
+    """Parses MMM_LA_CONFIG: "kernel=BT,tile,num_warps,num_stages[,maxnreg];kernel=..." (see the module
+    docstring; maxnreg caps the registers per thread, for more programs per SM)."""
     forced = {}
     for item in filter(None, (p.strip() for p in spec.split(";"))):
         name, _, values = item.partition("=")
@@ -128,9 +129,9 @@ def _forced_configs(spec: str) -> dict:
             numbers = tuple(int(x) for x in values.split(","))
         except ValueError:
             numbers = ()
-        if name.strip() not in CONFIGS or len(numbers) != 4:
+        if name.strip() not in CONFIGS or len(numbers) not in (4, 5):
             raise ValueError(
-                f"MMM_LA_CONFIG: expected 'kernel=BT,tile,num_warps,num_stages' items separated by ';' with "
+                f"MMM_LA_CONFIG: expected 'kernel=BT,tile,num_warps,num_stages[,maxnreg]' items separated by ';' with "
                 f"kernel one of {sorted(CONFIGS)}, got {item!r}")
         forced[name.strip()] = numbers
     return forced
@@ -146,7 +147,9 @@ def _configs(kernel: str, tile: str):
         options = [INTERPRET_CONFIG]
     else:
         options = CONFIGS[kernel]
-    return [triton.Config({"BT": bt, tile: t}, num_warps=w, num_stages=s) for bt, t, w, s in options]
+    # an option is (BT, tile, num_warps, num_stages) or the same with a register cap (maxnreg) last
+    return [triton.Config({"BT": o[0], tile: o[1]}, num_warps=o[2], num_stages=o[3], maxnreg=(o[4:] or (None,))[0])
+            for o in options]
 
 
 def _pruner(tile: str, n_states, max_tile_rows: int, state_rows: str | None = None):
