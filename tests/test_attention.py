@@ -536,7 +536,7 @@ def test_favor_through_the_kernel_matches_the_pytorch_path(num_features, split, 
     pytest.importorskip("triton")
     monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
     monkeypatch.setattr(linear_mod, "KEY_SPLIT", split)
-    monkeypatch.setattr(linear_mod, "RESCALED_NORMALIZED_ON_KERNEL", True)  # off by default (linear.py says why)
+    monkeypatch.setattr(linear_mod, "RESCALED_NORMALIZED_ON_KERNEL", True)  # the default since 2026-12-07; set here so the test holds either way
     fmap = FavorFeatureMap(16, num_features=num_features, seed=3)
     q, k, v = qkv(torch.float32, d=16, dv=32)
     assert api.attention_path(q, k, v, "linear", feature_map=fmap) == "triton"
@@ -591,9 +591,13 @@ def test_maps_the_kernel_cannot_take_stay_on_the_pytorch_path(monkeypatch):
     favor = FavorFeatureMap(16, num_features=16)
     assert not linear_mod.triton_applies(q, v, favor)  # rescales its queries: only where the caller takes that
     assert linear_mod.triton_applies(q, v, favor, query_scale=True)
-    assert not linear_mod.triton_applies(q, v, favor, query_scale=True, normalize=True)  # off: wrong in bf16
-    assert api.attention_path(q, k, v, "linear", feature_map=favor) == "pytorch"
+    assert linear_mod.triton_applies(q, v, favor, query_scale=True, normalize=True)
+    assert api.attention_path(q, k, v, "linear", feature_map=favor) == "triton"
     assert api.attention_path(q, k, v, "linear", feature_map=favor, normalize=False) == "triton"
+    monkeypatch.setattr(linear_mod, "RESCALED_NORMALIZED_ON_KERNEL", False)  # the switch, should a GPU disagree
+    assert not linear_mod.triton_applies(q, v, favor, query_scale=True, normalize=True)
+    assert api.attention_path(q, k, v, "linear", feature_map=favor) == "pytorch"
+    monkeypatch.setattr(linear_mod, "RESCALED_NORMALIZED_ON_KERNEL", True)
     assert not linear_mod.triton_applies(q.half(), v.half(), favor, query_scale=True)  # fp16 key features overflow
     assert not linear_mod.triton_applies(q, v, TaylorFeatureMap(16))  # F = 273, features of either sign: no slices
     assert linear_mod.triton_applies(q, v, HedgehogFeatureMap(16, num_features=4))  # F = 8: padded to 16

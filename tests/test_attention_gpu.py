@@ -134,8 +134,7 @@ def test_key_slices_within_twice_pytorch_bf16_error(kind, normalize, monkeypatch
 
 
 # Normalised FAVOR+ on the kernel failed here on the H100 (rel. error 0.54 vs 0.027) before the kernel eps
-# fix (linear.RESCALED_KERNEL_EPS); it stays off by default (linear.RESCALED_NORMALIZED_ON_KERNEL) until
-# this passes on a GPU.
+# fix (linear.RESCALED_KERNEL_EPS); it passed on the H100 on 2026-12-07 and is the default since.
 @pytest.mark.parametrize("normalize", [True, False])
 def test_favor_through_the_kernel_within_twice_pytorch_bf16_error(normalize, monkeypatch):
     """FAVOR+ at head dim 128 (622 features, padded to 640: five 128-wide kernel calls, the query scale put
