@@ -524,6 +524,21 @@ def test_kernel_path_runs_a_subclass_override_of_features(monkeypatch):
     assert rel_err(outs[_DoubledHedgehog, True][0], 4.0 * outs[HedgehogFeatureMap, True][0]) < 1e-5
 
 
+def rows_first_glue(monkeypatch, module, name: str, per_row_args, t: int = T) -> None:
+    """Wraps module.name (compiled elementwise glue on CUDA) to check that the [B, T, H] tensors it gets
+    (per_row_args(*args) lists them; None allowed; t rows) are stored in that order: read as transposed [B, H, T]
+    views they made Inductor's pass read its big [B, T, H, D] inputs across rows, ~10x slower (the
+    hybrid's combine: 9 ms at 128k on an H100, `linear._rows_first`)."""
+    real = getattr(module, name)
+
+    def checked(*args):
+        for x in per_row_args(*args):
+            assert x is None or (x.shape[1] == t and x.is_contiguous()), (name, tuple(x.shape), x.stride())
+        return real(*args)
+
+    monkeypatch.setattr(module, name, checked)
+
+
 @pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
 @pytest.mark.parametrize("num_features, split, causal, normalize", [
     (24, None, True, True), (24, None, False, False), (40, 16, True, False), (40, 16, False, True)])
@@ -545,6 +560,8 @@ def test_favor_through_the_kernel_matches_the_pytorch_path(num_features, split, 
 
     widths, real = [], la.linear_attention
     monkeypatch.setattr(la, "linear_attention", lambda q_, *a, **kw: widths.append(q_.shape[-1]) or real(q_, *a, **kw))
+    rows_first_glue(monkeypatch, linear_mod, "_sum_parts", lambda parts, eps: [r for _, r in parts])
+    rows_first_glue(monkeypatch, linear_mod, "_put_back_query_scale", lambda o, rden, *rest: [rden])
 
     def run(kernel: bool):
         monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", kernel)
