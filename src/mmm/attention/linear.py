@@ -70,16 +70,19 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
 
     groups = q.shape[2] // k.shape[2]
     log_scale, scale = None, 1.0
-    if isinstance(fmap, _NATIVE_MAPS):  # the maps' input scaling d^-1/4 the kernel applies as it reads q, k
-        kq, kk, name, scale = q, k, fmap.name, q.shape[-1] ** -0.25
+    native = isinstance(fmap, _NATIVE_MAPS)
+    width = q.shape[-1] if native else _kernel_key_width(fmap)
+    # the maps act elementwise (elu, relu) or are computed here: phi(q).phi(k) is a sum over the slices
+    piece = KEY_SPLIT if KEY_SPLIT and width > KEY_SPLIT and width % KEY_SPLIT == 0 and (
+        fmap.nonnegative or not normalize) else width
+    if native:  # the maps' input scaling d^-1/4 the kernel applies as it reads q, k
+        kq, kk, name, scale = q.split(piece, -1), k.split(piece, -1), fmap.name, q.shape[-1] ** -0.25
     else:
-        width = _kernel_key_width(fmap)
-        kq, log_scale = _kernel_features(fmap, q, True, width)
-        kk = _kernel_features(fmap, k, False, width)[0]
+        kq, log_scale = _kernel_features(fmap, q, True, width, piece)
+        kk = _kernel_features(fmap, k, False, width, piece)[0]
         name = None
     if groups > 1:
-        kk, v = kk.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    width = kq.shape[-1]
+        kk, v = [x.repeat_interleave(groups, dim=2) for x in kk], v.repeat_interleave(groups, dim=2)
     want_rden = with_rden or (normalize and log_scale is not None)
 
     # A query scale's eps (eps exp(-l)) goes in afterwards (_put_back_query_scale): the kernel runs with a
@@ -92,11 +95,10 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
                      with_rden=rden, scale=scale, lag=lag)
         return (out[0], _rows_first(out[1])) if rden else out
 
-    if not (KEY_SPLIT and width > KEY_SPLIT and width % KEY_SPLIT == 0 and (fmap.nonnegative or not normalize)):
-        out = run(kq, kk, want_rden)
+    if len(kq) == 1:
+        out = run(kq[0], kk[0], want_rden)
     else:
-        # the maps act elementwise (elu, relu) or were applied above: phi(q).phi(k) is a sum over the slices
-        parts = [run(a, b, normalize) for a, b in zip(kq.split(KEY_SPLIT, -1), kk.split(KEY_SPLIT, -1))]
+        parts = [run(a, b, normalize) for a, b in zip(kq, kk)]
         if not normalize:  # the numerators add up (in fp32, rounded once)
             out = sum(p.float() for p in parts)
         else:
@@ -118,21 +120,24 @@ def _rows_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
-def _kernel_features(fmap: FeatureMap, x: torch.Tensor, is_query: bool, width: int):
-    """fmap's (features in x's dtype, zero-padded to `width`; log scale or None) of x, computed in
-    compute_dtype(x). On CUDA in one compiled pass (per map class and role, whatever the instance) for maps
-    written as `apply_features`; eagerly for maps that override `features`."""
+def _kernel_features(fmap: FeatureMap, x: torch.Tensor, is_query: bool, width: int, piece: int):
+    """fmap's (features in x's dtype, zero-padded to `width`, as contiguous slices of `piece` features; log
+    scale or None) of x, computed in compute_dtype(x). On CUDA in one compiled pass (per map class and role,
+    whatever the instance) for maps written as `apply_features`; eagerly for maps that override `features`."""
     if type(fmap).features is FeatureMap.features:
         fmap.check_input(x, is_query)
-        return _padded_features(type(fmap).apply_features, x, is_query, width, *fmap.feature_params(is_query))
-    return _pad_features(fmap.features, x, is_query, width)
+        return _padded_features(type(fmap).apply_features, x, is_query, width, piece, *fmap.feature_params(is_query))
+    return _pad_features(fmap.features, x, is_query, width, piece)
 
 
-def _pad_features(apply, x, is_query: bool, width: int, *params):
+def _pad_features(apply, x, is_query: bool, width: int, piece: int, *params):
     """apply(x in compute_dtype(x), is_query, *params) = (features, log scale), the features zero-padded to
-    `width` and cast to x's dtype."""
+    `width`, cast to x's dtype and cut into width / piece slices along the features, each stored on its own
+    (the kernel takes contiguous keys: slices of one tensor would each be copied, and their gradients
+    gathered back, a pass over every feature each way; compiled, the pass writes the slices directly)."""
     phi, log_scale = apply(x.to(compute_dtype(x)), is_query, *params)
-    return torch.nn.functional.pad(phi, (0, width - phi.shape[-1])).to(x.dtype), log_scale
+    phi = torch.nn.functional.pad(phi, (0, width - phi.shape[-1])).to(x.dtype)
+    return tuple(p.contiguous() for p in phi.split(piece, -1)), log_scale
 
 
 _padded_features = compiled_on_cuda(_pad_features)  # called with a map class's pure apply_features
