@@ -457,31 +457,29 @@ def test_computed_features_trace_whole_and_once_per_map_class(name):
     assert graphs[1] == graphs[0], graphs
 
 
-@pytest.mark.parametrize("which", ["sum_parts", "put_back_normalized", "put_back_unnormalized"])
-def test_kernel_glue_traces_whole_under_compile(which):
-    """The compiled elementwise glue around the kernel (linear._sum_parts, _put_back_query_scale) as
-    torch.compile runs it on CUDA (fullgraph, dynamic shapes; aot_eager on the CPU): output and
-    gradients equal eager's."""
+@pytest.mark.parametrize("normalized, query_scale, n_parts", [
+    (True, False, 2), (True, True, 1), (True, True, 3), (False, True, 2), (False, False, 2)])
+def test_kernel_glue_traces_whole_under_compile(normalized, query_scale, n_parts):
+    """The compiled elementwise pass after the kernel calls (linear._finish: slices combined through their
+    normalisers, a query scale put back, the cast) as torch.compile runs it on CUDA (fullgraph, dynamic
+    shapes; aot_eager on the CPU): output and gradients equal eager's."""
     import torch._dynamo
 
     from mmm.attention import linear as linear_mod
 
     torch._dynamo.reset()
-    o = torch.randn(B, 29, H, 8, requires_grad=True)
-    rden = (torch.rand(B, 29, H) + 0.5).requires_grad_()
-    if which == "sum_parts":
-        fn = linear_mod._sum_parts.__wrapped__
-        o2, rden2 = torch.randn(B, 29, H, 8, requires_grad=True), (torch.rand(B, 29, H) + 0.5).requires_grad_()
-        args, leaves = ([(o, rden), (o2, rden2)], 1e-6), [o, rden, o2, rden2]
-    else:
-        fn = linear_mod._put_back_query_scale.__wrapped__
-        log_scale = torch.randn(B, 29, H, requires_grad=True)
-        normalized = which == "put_back_normalized"
-        args = (o, rden if normalized else None, log_scale, 1e-6, 1e-30)
-        leaves = [o, log_scale] + ([rden] if normalized else [])
+    fn = linear_mod._finish.__wrapped__
+    os_ = [torch.randn(B, 29, H, 8, requires_grad=True) for _ in range(n_parts)]
+    rdens = [(torch.rand(B, 29, H) + 0.5).requires_grad_() for _ in range(n_parts)]
+    log_scale = torch.randn(B, 29, H, requires_grad=True) if query_scale else None
+    parts = list(zip(os_, rdens)) if normalized else os_
+    want_rden = normalized and not query_scale
+    args = (parts, normalized, log_scale, 1e-6, 1e-30 if query_scale else 1e-6, torch.float32, want_rden)
+    leaves = os_ + (rdens if normalized else []) + ([log_scale] if query_scale else [])
     compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend="aot_eager")
     got, want = compiled(*args), fn(*args)
-    got, want = (x if isinstance(x, tuple) else (x,) for x in (got, want))
+    assert (got[1] is None) == (want[1] is None) == (not want_rden)
+    got, want = [x for x in got if x is not None], [x for x in want if x is not None]
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     grads = [torch.randn_like(w) for w in want]
@@ -568,8 +566,8 @@ def test_favor_through_the_kernel_matches_the_pytorch_path(num_features, split, 
         return real(q_, k_, *a, **kw)
 
     monkeypatch.setattr(la, "linear_attention", counting)
-    rows_first_glue(monkeypatch, linear_mod, "_sum_parts", lambda parts, eps: [r for _, r in parts])
-    rows_first_glue(monkeypatch, linear_mod, "_put_back_query_scale", lambda o, rden, *rest: [rden])
+    rows_first_glue(monkeypatch, linear_mod, "_finish", lambda parts, normalized, log_scale, *rest: [
+        log_scale, *(r for _, r in parts)] if normalized else [log_scale])
 
     def run(kernel: bool):
         monkeypatch.setattr(linear_mod, "USE_TRITON_KERNEL", kernel)
@@ -654,8 +652,7 @@ def test_query_scale_put_back_survives_denominators_far_below_eps():
         for n, d in zip(nums, dens):
             rden = (1.0 / (d + kernel_eps)).float().transpose(1, 2).contiguous()  # [B, T, H]
             parts.append(((n * rden.double().unsqueeze(-1)).to(torch.bfloat16), rden))
-        o, rden = linear_mod._sum_parts(parts, kernel_eps)
-        return linear_mod._put_back_query_scale(o, rden, log_scale.float(), eps, kernel_eps)
+        return linear_mod._finish(parts, True, log_scale.float(), eps, kernel_eps, torch.float32, False)[0]
 
     assert rel_err(put_back(linear_mod.RESCALED_KERNEL_EPS), want) < 1e-2
     assert not rel_err(put_back(eps), want) < 1e-2

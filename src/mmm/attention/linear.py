@@ -30,7 +30,7 @@ USE_TRITON_KERNEL = True
 KERNEL_ON_CPU_INTERPRETER = False
 _NATIVE_MAPS = (EluFeatureMap, ReluFeatureMap)  # maps the kernel applies itself, elementwise
 # Key widths over this (head dim 256 with elu / relu, Hedgehog's 2 x 128 features) go through the kernel as
-# slices of this width, one call each, combined through their normalisers (`_sum_parts`). At 128k tokens
+# slices of this width, one call each, combined through their normalisers (`_finish`). At 128k tokens
 # the kernel took 37 ms forward+backward at key width 256 (its 256-wide tiles spill registers) against
 # 10 ms at 128 (H200, results/h200/2026-12-04-la-tune.md). Normalised only for maps whose features are
 # non-negative (`FeatureMap.nonnegative`: no partial denominator cancels). None: one call, any width.
@@ -62,7 +62,7 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     FAVOR+, ...) has its features computed here (`_kernel_features`: one compiled pass each over q and k
     on CUDA), zero-padded to `_kernel_key_width`, and the kernel runs with identity features on them:
     DK = that width, DV = v's own width. Key widths over KEY_SPLIT run as slices. A query log scale l (FAVOR+: phi(q) = phi_s(q)
-    exp(l)) is put back afterwards (`_put_back_query_scale`); with_rden is then not offered (hybrid
+    exp(l)) is put back afterwards (`_finish`); with_rden is then not offered (hybrid
     attention needs no such map here)."""
     if not triton_applies(q, v, fmap, query_scale=not with_rden, normalize=normalize):
         return None
@@ -83,11 +83,10 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
         name = None
     if groups > 1:
         kk, v = [x.repeat_interleave(groups, dim=2) for x in kk], v.repeat_interleave(groups, dim=2)
-    want_rden = with_rden or (normalize and log_scale is not None)
 
-    # A query scale's eps (eps exp(-l)) goes in afterwards (_put_back_query_scale): the kernel runs with a
-    # negligible one, since the rescaled denominators (~1e-9 to 1e-17 for FAVOR+ at head dim 128) are far
-    # below eps, and a kernel eps of 1e-6 would leave only cancellation to recover them from.
+    # A query scale's eps (eps exp(-l)) goes in afterwards (`_finish`): the kernel runs with a negligible
+    # one, since the rescaled denominators (~1e-9 to 1e-17 for FAVOR+ at head dim 128) are far below eps,
+    # and a kernel eps of 1e-6 would leave only cancellation to recover them from.
     kernel_eps = RESCALED_KERNEL_EPS if log_scale is not None else eps
 
     def run(a, b, rden: bool):
@@ -95,21 +94,12 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
                      with_rden=rden, scale=scale, lag=lag)
         return (out[0], _rows_first(out[1])) if rden else out
 
-    if len(kq) == 1:
-        out = run(kq[0], kk[0], want_rden)
-    else:
-        parts = [run(a, b, normalize) for a, b in zip(kq, kk)]
-        if not normalize:  # the numerators add up (in fp32, rounded once)
-            out = sum(p.float() for p in parts)
-        else:
-            o, rden = _sum_parts(parts, kernel_eps)
-            out = (o, rden) if want_rden else o
-    if log_scale is not None:
-        o, rden = out if normalize else (out, None)
-        return _put_back_query_scale(o, rden, log_scale, eps, kernel_eps).to(q.dtype)
-    if with_rden:
-        return out[0].to(q.dtype), out[1]
-    return out.to(q.dtype)
+    if len(kq) == 1 and log_scale is None:  # the kernel's output is the answer
+        out = run(kq[0], kk[0], with_rden)
+        return (out[0].to(q.dtype), out[1]) if with_rden else out.to(q.dtype)
+    parts = [run(a, b, normalize) for a, b in zip(kq, kk)]
+    o, rden = _finish(parts, normalize, log_scale, eps, kernel_eps, q.dtype, with_rden)
+    return (o, rden) if with_rden else o
 
 
 def _rows_first(x: torch.Tensor) -> torch.Tensor:
@@ -144,28 +134,26 @@ _padded_features = compiled_on_cuda(_pad_features)  # called with a map class's 
 
 
 @compiled_on_cuda
-def _put_back_query_scale(o, rden, log_scale, eps: float, kernel_eps: float) -> torch.Tensor:
-    """The output for query features phi(q) = phi_s(q) exp(l), from the kernel's run on phi_s (l =
-    log_scale [B, T, H]). Unnormalised (rden None): o exp(l). Normalised, the kernel (with eps e_k) gave
-    o = num_s / (den_s + e_k) and rden = 1 / (den_s + e_k) [B, T, H], and exp(l) cancels except against
-    eps: num_s / (den_s + eps exp(-l)) = o / (1 + (eps exp(-l) - e_k) rden), as `finish` computes it.
-    Every term of the divisor is >= 0 while e_k <= eps exp(-l) (l < ~55): no cancellation.
-    Elementwise: one compiled pass on CUDA. fp32."""
-    if rden is None:
-        return o.float() * log_scale.exp().unsqueeze(-1)
-    divisor = 1.0 + (eps * torch.exp(-log_scale) - kernel_eps) * rden
-    return o.float() / divisor.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-
-
-@compiled_on_cuda
-def _sum_parts(parts: list, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised kernel outputs over slices of the features, [(o [B, T, H, Dv], rden [B, T, H] = 1 / (den
-    + eps)), ...], as one: num = sum o / rden, den = sum (1 / rden - eps); returns (num / (den + eps) in
-    fp32, its rden). Elementwise: one compiled pass on CUDA."""
+def _finish(parts: list, normalized: bool, log_scale, eps: float, kernel_eps: float, out_dtype: torch.dtype,
+            want_rden: bool):
+    """The kernel calls' outputs as one output in out_dtype, in one elementwise pass (compiled on CUDA).
+    parts: one per slice of the features; normalized, (o [B, T, H, Dv], rden = 1 / (den_p + e_k) [B, T, H]
+    fp32) with e_k = kernel_eps, else the numerators o. log_scale: l [B, T, H] (FAVOR+: phi(q) = phi_s(q)
+    exp(l), the kernel ran on phi_s) or None.
+    Normalized: num = sum o / rden, den = sum (1 / rden - e_k), output num / (den + E) with E = eps, or
+    eps exp(-l) under a query scale (exp(l) cancels between num and den except against eps). No term
+    cancels where den is far below eps (1 / rden >= e_k, and e_k is far below any den: RESCALED_KERNEL_EPS).
+    Returns (output, 1 / (den + E) fp32 if want_rden else None).
+    Unnormalized: (sum o in fp32, times exp(l) under a query scale, None)."""
+    if not normalized:
+        o = sum(p.float() for p in parts)
+        if log_scale is not None:
+            o = o * log_scale.exp().unsqueeze(-1)
+        return o.to(out_dtype), None
     num = sum(o.float() / rden.unsqueeze(-1) for o, rden in parts)
-    den = sum(1.0 / rden - eps for _, rden in parts)
-    rden_all = 1.0 / (den + eps)
-    return num * rden_all.unsqueeze(-1), rden_all
+    den = sum(1.0 / rden - kernel_eps for _, rden in parts)
+    den = (den + (eps if log_scale is None else eps * torch.exp(-log_scale))).clamp_min(torch.finfo(torch.float32).tiny)
+    return (num / den.unsqueeze(-1)).to(out_dtype), (1.0 / den if want_rden else None)
 
 
 def _kernel_key_width(fmap: FeatureMap) -> int | None:
