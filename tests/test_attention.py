@@ -580,6 +580,32 @@ def test_favor_through_the_kernel_matches_the_pytorch_path(num_features, split, 
         assert rel_err(a, b) < 1e-5
 
 
+def autograd_node_names(t: torch.Tensor) -> set:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in seen:
+            seen.add(node.name())
+            todo += [n for n, _ in node.next_functions]
+    return seen
+
+
+@pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
+@pytest.mark.parametrize("fmap_name, d", [("elu", 16), ("hedgehog", 8)])
+def test_one_kernel_call_adds_no_split_to_the_graph(fmap_name, d, monkeypatch):
+    """Keys that fit one kernel call go to it whole: no split node, whose backward would concatenate (copy)
+    q's and k's gradients (a pass over each at every step: it crept in once, session 15)."""
+    from mmm.attention import linear as linear_mod
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
+    q, k, v = qkv(torch.float32, d=d, dv=16)
+    o = mmm.attention(q, k, v, "linear", feature_map=fmap_for(fmap_name, d))
+    names = autograd_node_names(o)
+    assert api.attention_path(q, k, v, "linear", feature_map=fmap_for(fmap_name, d)) == "triton"
+    assert not any("Split" in n for n in names), names  # (Hedgehog's own features hold a cat)
+
+
 @pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
 @pytest.mark.parametrize("fmap_name", ["elu", "relu"])
 def test_native_maps_with_v_dim_other_than_head_dim_through_the_kernel(fmap_name, monkeypatch):

@@ -76,7 +76,7 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     piece = KEY_SPLIT if KEY_SPLIT and width > KEY_SPLIT and width % KEY_SPLIT == 0 and (
         fmap.nonnegative or not normalize) else width
     if native:  # the maps' input scaling d^-1/4 the kernel applies as it reads q, k
-        kq, kk, name, scale = q.split(piece, -1), k.split(piece, -1), fmap.name, q.shape[-1] ** -0.25
+        kq, kk, name, scale = _slices(q, piece), _slices(k, piece), fmap.name, q.shape[-1] ** -0.25
     else:
         kq, log_scale = _kernel_features(fmap, q, True, width, piece)
         kk = _kernel_features(fmap, k, False, width, piece)[0]
@@ -127,7 +127,13 @@ def _pad_features(apply, x, is_query: bool, width: int, piece: int, *params):
     gathered back, a pass over every feature each way; compiled, the pass writes the slices directly)."""
     phi, log_scale = apply(x.to(compute_dtype(x)), is_query, *params)
     phi = torch.nn.functional.pad(phi, (0, width - phi.shape[-1])).to(x.dtype)
-    return tuple(p.contiguous() for p in phi.split(piece, -1)), log_scale
+    return tuple(p.contiguous() for p in _slices(phi, piece)), log_scale
+
+
+def _slices(x: torch.Tensor, piece: int) -> tuple:
+    """x cut into slices of `piece` along its last dim; (x,) when that is one slice, so that autograd gets
+    no split node (its backward concatenates the gradients: a copy of x's gradient)."""
+    return (x,) if x.shape[-1] == piece else x.split(piece, -1)
 
 
 _padded_features = compiled_on_cuda(_pad_features)  # called with a map class's pure apply_features
