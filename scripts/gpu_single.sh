@@ -23,7 +23,8 @@
 # on in this copy (linear.RESCALED_NORMALIZED_ON_KERNEL) for the phases after it), la128k / la32k (the
 # bench's linear, FAVOR+, window and hybrid rows only, ~2 min), zdotab (the 128k bench's linear rows with ZDOT
 # off, on in chunk_state and dqdk, on everywhere, ~3 min), zdotsan (fwd_kernel's ZDOT fault under
-# compute-sanitizer memcheck, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
+# compute-sanitizer memcheck, ~2 min), capsweep (the register-capped configs of gpu_linear_attention_configs.py's
+# candidates, each forced against the baseline, ~4 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -103,6 +104,10 @@ for phase in "$@"; do
         step "la_zdot$z" 150 env MMM_LA_ZDOT=$z python scripts/gpu_la_breakdown.py; done ;;
     window) step window 240 python scripts/gpu_window_tune.py --budget-s 170 ;;
     ncu) step ncu 240 python scripts/gpu_ncu.py --profile ;;
+    capsweep) step capsweep 280 python scripts/gpu_linear_attention_configs.py --budget-s 200 --only \
+      fwd_kernel=64,32,4,1,168 fwd_kernel=16,32,4,2,168 bwd_dv_kernel=64,32,4,1,168 bwd_dv_kernel=64,32,4,2,168 \
+      chunk_state_kernel=64,32,4,1,128 chunk_state_kernel=64,128,8,2,168 bwd_dqdk_kernel=64,16,4,1,168 \
+      bwd_dqdk_kernel=64,16,4,3,168 ;;  # register caps (session 15): each vs the baseline at 8k, tests included
     sanitize) step sanitize 300 python scripts/gpu_linear_attention_configs.py --sanitize --budget-s 200 \
       --only fwd_kernel=64,128,8,2 bwd_dv_kernel=64,128,8,2 fwd_kernel=64,64,8,2 ;;
     *) echo "unknown phase $phase" | tee -a "$OUT/steps.txt" ;;
