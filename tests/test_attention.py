@@ -11,7 +11,7 @@ import mmm
 from mmm.attention import _layout, api, naive
 from mmm.attention.feature_maps import FEATURE_MAPS, FavorFeatureMap, HedgehogFeatureMap, TaylorFeatureMap, make_feature_map
 
-from conftest import rel_err
+from conftest import autograd_node_names, rel_err
 
 B, T, H, HK, D, DV = 2, 37, 4, 2, 8, 6  # odd length, GQA (2 query heads per kv head), v_dim != head_dim
 WINDOW, CHUNK = 8, 16
@@ -578,16 +578,6 @@ def test_favor_through_the_kernel_matches_the_pytorch_path(num_features, split, 
     assert widths == ([32] if split is None else [16] * 4)
     for a, b in zip(got, run(False)):
         assert rel_err(a, b) < 1e-5
-
-
-def autograd_node_names(t: torch.Tensor) -> set:
-    seen, todo = set(), [t.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node.name() not in seen:
-            seen.add(node.name())
-            todo += [n for n, _ in node.next_functions]
-    return seen
 
 
 @pytest.mark.skipif(not _interpreter_on(), reason="routes CPU tensors through the Triton interpreter")
