@@ -72,7 +72,7 @@ def main() -> None:
               f"(path {path})")
         for name, t in list(times.items())[:14]:
             print(f"   {t:8.3f}  {name}")
-        if kw["method"] != "linear" or kw.get("feature_map") == "favor":  # window: whose is its 0.7 ms copy
+        if label != "linear elu":  # by host op too (window: whose is its 0.7 ms copy)
             ops = kernel_ms(step, by_op=True)
             report[label]["ops_ms"] = {k_: round(t, 3) for k_, t in ops.items()}
             print("   by host op (CUDA time of its own launches):")

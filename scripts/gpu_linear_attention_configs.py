@@ -269,7 +269,8 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
                                 attrs={(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a.endswith("_ptr")})
                 label = f"{name} {var} {(bt, t, w, st, *cap)}"
                 try:
-                    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=w, num_stages=st, maxnreg=(cap or [maxnreg])[0]))
+                    compile_options = dict(num_warps=w, num_stages=st, maxnreg=cap[0] if cap else maxnreg)
+                    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=compile_options)
                 except Exception as e:
                     print(f"{label}: compile error {type(e).__name__}: {str(e)[:120]}")
                     continue

@@ -526,9 +526,9 @@ def test_kernel_path_runs_a_subclass_override_of_features(monkeypatch):
 
 def rows_first_glue(monkeypatch, module, name: str, per_row_args, t: int = T) -> None:
     """Wraps module.name (compiled elementwise glue on CUDA) to check that the [B, T, H] tensors it gets
-    (per_row_args(*args) lists them; None allowed; t rows) are stored in that order: read as transposed [B, H, T]
-    views they made Inductor's pass read its big [B, T, H, D] inputs across rows, ~10x slower (the
-    hybrid's combine: 9 ms at 128k on an H100, `linear._rows_first`)."""
+    (per_row_args(*args) lists them; None allowed; t rows) are stored in that order: read as transposed
+    [B, H, T] views they made Inductor's pass read its big [B, T, H, D] inputs across rows, ~10x slower
+    (the hybrid's combine: 9 ms at 128k on an H100, `linear._rows_first`)."""
     real = getattr(module, name)
 
     def checked(*args):
@@ -590,9 +590,9 @@ def test_one_kernel_call_adds_no_split_to_the_graph(fmap_name, d, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
     q, k, v = qkv(torch.float32, d=d, dv=16)
-    o = mmm.attention(q, k, v, "linear", feature_map=fmap_for(fmap_name, d))
-    names = autograd_node_names(o)
-    assert api.attention_path(q, k, v, "linear", feature_map=fmap_for(fmap_name, d)) == "triton"
+    fmap = fmap_for(fmap_name, d)
+    assert api.attention_path(q, k, v, "linear", feature_map=fmap) == "triton"
+    names = autograd_node_names(mmm.attention(q, k, v, "linear", feature_map=fmap))
     assert not any("Split" in n for n in names), names  # (Hedgehog's own features hold a cat)
 
 

@@ -37,8 +37,8 @@ sums are a causal linear attention whose state at row i holds the keys j <= i - 
 against the keys and values up to row T - 1 - w, i.e. the sequence shifted by w (`prefix_far_sums`;
 two-sided adds the same on the reversed sequence for the keys j >= i + w). For elu / relu maps that is
 the Triton op mmm.ops.linear_attention with a key lag of w (it reads the shifted rows in place), which
-returns its normalised output and its fp32 rden = 1 / (den + eps), both differentiable, so num = o / rden and den = 1 / rden - eps come back without another pass
-over the features; the combination is one compiled elementwise pass (`kernel_far_part`, `_combine`). For
+returns its normalised output and its fp32 rden = 1 / (den + eps), both differentiable, so num = o / rden
+and den = 1 / rden - eps come back without another pass over the features; the combination is one compiled elementwise pass (`kernel_far_part`, `_combine`). For
 other maps, the chunked PyTorch sums of linear.py. O(T w d + T F Dv), no T x T tensor. `hybrid_path` says
 which runs.
 """

@@ -61,9 +61,9 @@ def _triton_linear(q, k, v, fmap: FeatureMap, causal: bool, normalize: bool, eps
     applies itself, elementwise inside its loops, input scaling included. Any other map (Hedgehog,
     FAVOR+, ...) has its features computed here (`_kernel_features`: one compiled pass each over q and k
     on CUDA), zero-padded to `_kernel_key_width`, and the kernel runs with identity features on them:
-    DK = that width, DV = v's own width. Key widths over KEY_SPLIT run as slices. A query log scale l (FAVOR+: phi(q) = phi_s(q)
-    exp(l)) is put back afterwards (`_finish`); with_rden is then not offered (hybrid
-    attention needs no such map here)."""
+    DK = that width, DV = v's own width. Key widths over KEY_SPLIT run as slices. A query log scale l
+    (FAVOR+: phi(q) = phi_s(q) exp(l)) is put back afterwards (`_finish`); with_rden is then not offered
+    (hybrid attention needs no such map here)."""
     if not triton_applies(q, v, fmap, query_scale=not with_rden, normalize=normalize):
         return None
     from mmm.ops.linear_attention import linear_attention as kernel

@@ -148,8 +148,8 @@ def _configs(kernel: str, tile: str):
     else:
         options = CONFIGS[kernel]
     # an option is (BT, tile, num_warps, num_stages) or the same with a register cap (maxnreg) last
-    return [triton.Config({"BT": o[0], tile: o[1]}, num_warps=o[2], num_stages=o[3], maxnreg=(o[4:] or (None,))[0])
-            for o in options]
+    return [triton.Config({"BT": bt, tile: t}, num_warps=w, num_stages=s, maxnreg=cap[0] if cap else None)
+            for bt, t, w, s, *cap in options]
 
 
 def _pruner(tile: str, n_states, max_tile_rows: int, state_rows: str | None = None):
