@@ -51,7 +51,7 @@ from ..attention.api import attention_path, exact_rows, sample_query_rows
 from ..attention.feature_maps import FeatureMap, HedgehogFeatureMap, make_feature_map
 from ..attention.fit import fit_hybrid, train_hedgehog
 from .attention_inputs import real_qkv, training_qkv
-from .graphs import graphed, triton_launched
+from .graphs import capture, graphed, triton_launched
 from .registry import Variant, Workload, bench_case
 from .timing import FULL, QUICK, median_ms
 
@@ -375,8 +375,11 @@ def _causal_setup(t: int, sizes: Sizes):
         for name, far in (("elu", lin), ("hedgehog", linear_flops(b, h, t, d, 2 * d))):
             variants.append(hybrid_variant(name, inputs, grad, near + far, (near * SOFTMAX_BWD + far * LINEAR_BWD) / (near + far),
                                            w, banded_bytes("hybrid", q, w), quick, real))
-        if cuda:  # without host overhead (the fixed cost that dominates at short T): cuDNN and elu
-            variants += [graphed(variants[0]), graphed(variants[2]), triton_launched(variants[2])]
+        if cuda:  # without host overhead (the fixed cost that dominates at short T)
+            by_label = {v.label: v for v in variants}
+            graph_rows = ["sdpa cudnn", "linear elu (normalized)", f"window {sizes.windows[0]}",
+                          f"hybrid w={w} {HYBRID_MAPS['elu']}"]
+            variants += [graphed(by_label[label]) for label in graph_rows] + [triton_launched(variants[2])]
         # fla is GPU-only: listed on CUDA always (a missing install shows as an error), on CPU if installed
         if cuda or importlib.util.find_spec("fla") is not None:
             variants.append(fla_variant("fla chunk_linear_attn (normalized, elu+1)", "normalized", inputs, grad, lin, real))
@@ -411,18 +414,27 @@ def _crossover_setup(sizes: Sizes):
         b, h, d = 1, sizes.heads, sizes.head_dim
         settings = QUICK if quick else FULL
         exact, linear = mmm_path("exact"), mmm_path("linear", feature_map="elu")
+        graphs = device.type == "cuda"  # also without host overhead: each step replayed from a CUDA graph
         per_length, timed = [], {"T": [], "exact_ms": [], "linear_ms": []}
+        if graphs:
+            timed.update(exact_graph_ms=[], linear_graph_ms=[])
         for t in sizes.crossover:
             q, k, v = (torch.randn(b, t, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             grad = torch.randn(b, t, h, d, device=device, dtype=dtype)
             per_length.append((t, (q, k, v), grad))
             timed["T"].append(t)
-            for name, fn in (("exact_ms", exact), ("linear_ms", linear)):
+            for name, fn in (("exact", exact), ("linear", linear)):
                 step = lambda fn=fn, q=q, k=k, v=v, grad=grad: fn(q, k, v).backward(grad)  # noqa: E731
-                timed[name].append(median_ms(step, device, settings, (q, k, v)))
+                timed[f"{name}_ms"].append(median_ms(step, device, settings, (q, k, v)))
+                if graphs:
+                    replay = capture(step, (q, k, v)).replay
+                    timed[f"{name}_graph_ms"].append(median_ms(replay, device, settings))
         at, text = crossover_length(sizes.crossover, timed["exact_ms"], timed["linear_ms"])
         rounded = {name: [float(f"{x:.4g}") for x in xs] if name != "T" else xs for name, xs in timed.items()}
         summary = {"crossover_T": at, "crossover": text, "crossover_fwd_bwd_ms": rounded}
+        if graphs:
+            at, text = crossover_length(sizes.crossover, timed["exact_graph_ms"], timed["linear_graph_ms"])
+            summary.update(crossover_T_cuda_graph=at, crossover_cuda_graph=text)
         variants = []
         for t, inputs, grad in per_length:
             backend = exact_backend(*inputs)

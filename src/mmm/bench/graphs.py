@@ -22,7 +22,7 @@ from .timing import without_grad
 WARMUP_CALLS = 3  # autotuning and caches run here, outside the capture (they synchronize)
 
 
-def _capture(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> torch.cuda.CUDAGraph:
+def capture(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> torch.cuda.CUDAGraph:
     """A graph of one call of fn, after warmup calls on a side stream (as torch.cuda.graph requires).
     Gradients are dropped first, so the captured backward allocates them in the graph's own pool and
     every replay overwrites them rather than accumulating."""
@@ -49,8 +49,8 @@ def graphed(variant: Variant) -> Variant:
 
     def build() -> Workload:
         work = variant.build()
-        forward = _capture(without_grad(work.forward), work.grad_to_none)
-        both = _capture(work.forward_backward, work.grad_to_none) if work.forward_backward else None
+        forward = capture(without_grad(work.forward), work.grad_to_none)
+        both = capture(work.forward_backward, work.grad_to_none) if work.forward_backward else None
         info = dict(work.info, cuda_graph=True)
         return dataclasses.replace(work, forward=forward.replay, forward_backward=both and both.replay,
                                    grad_to_none=(), info=info)
