@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmm
-from mmm.attention import api, flex, hybrid, linear as linear_mod, naive, window as window_mod
+from mmm.attention import _compiled, api, flex, hybrid, linear as linear_mod, naive, window as window_mod
 from mmm.attention.feature_maps import FEATURE_MAPS, make_feature_map
 
 from conftest import rel_err
@@ -234,6 +234,35 @@ def test_compiled_flex_cache_keeps_one_code_object_per_key():
     code_a, code_b = (getattr(f, "_torchdynamo_orig_callable", f).__code__ for f in (a, b))
     assert code_a is not code_b and code_a is not flex._call_flex.__code__
     assert code_a.co_code == flex._call_flex.__code__.co_code
+
+
+def test_compiled_glue_gets_a_compile_limit_per_kind_of_call(monkeypatch):
+    """compiled_on_cuda compiles each kind of call (here: the function passed in, as `_pad_features` gets
+    each map's apply_features; also dtypes, grad mode) from a code copy of its own: more kinds than
+    dynamo's recompile limit (8) all compile, where one shared code object traced 8 and ran every later
+    kind eagerly, silently. Traced on CPU with a recording backend."""
+    traced = []
+
+    def record(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    def glue(apply, x):
+        return apply(x) * 2.0
+
+    monkeypatch.setattr(_compiled, "BACKEND", record)
+    run = _compiled.compiled_on_cuda(glue)
+    x = torch.randn(5, 3)
+    maps = [lambda x, i=i: x + i for i in range(10)]
+    for apply in maps:
+        args = (apply, x)
+        torch.testing.assert_close(run.compiled_for(_compiled._kind(args))(*args), glue(*args))
+    assert len(traced) == len(maps) > 8
+    with torch.no_grad():
+        no_grad_kind = _compiled._kind((maps[0], x))
+    assert no_grad_kind != _compiled._kind((maps[0], x)) != _compiled._kind((maps[0], x.double()))
+    run.compiled_for(_compiled._kind((maps[0], x)))(maps[0], x)  # a kind seen before: no new trace
+    assert len(traced) == len(maps)
 
 
 # --- GPU: the compiled kernels (full checks and timings: scripts/gpu_attention_paths.py) -------------

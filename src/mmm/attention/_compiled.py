@@ -1,29 +1,56 @@
 """Elementwise glue between kernels, compiled into one pass on CUDA: in eager PyTorch each of its ops is
-a pass over [B, T, H, D] tensors (about 0.25 ms each at 128k tokens, 16 heads of 128 on an H200)."""
+a pass over [B, T, H, D] tensors (about 0.25 ms each at 128k tokens, 16 heads of 128 on an H200).
+
+Dynamo keeps the compiled graphs of a function per code object, with a limit of 8 recompiles, after
+which it silently runs that function eagerly for good. Everything but tensor shapes forces a recompile
+(a function or bool argument, a float, a dtype, grad mode), and one bench process meets more than 8 such
+kinds of call (feature maps x query/key x grad on/off x dtypes), so each kind gets its own copy of the
+code (`code_copy`) and with it its own limit.
+"""
 
 from __future__ import annotations
 
 import functools
+import types
 from typing import Callable
 
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten
+
+BACKEND = "inductor"  # tests trace with a recording backend instead
+
+
+def code_copy(fn: Callable, tag: str) -> Callable:
+    """fn with a code object of its own (named fn's name + tag): dynamo counts recompiles per code object."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _kind(args: tuple) -> tuple:
+    """What forces a recompile, shapes aside: the arguments' structure, non-tensor values, tensor dtypes
+    and ranks, and grad mode."""
+    leaves, spec = tree_flatten(args)
+    static = tuple((t.dtype, t.dim(), t.requires_grad) if isinstance(t, torch.Tensor) else t for t in leaves)
+    return torch.is_grad_enabled(), str(spec), static
 
 
 def compiled_on_cuda(fn: Callable) -> Callable:
-    """fn, through torch.compile (compiled on first use, dynamic shapes) when its first tensor argument
-    (lists searched too) is on CUDA and nothing is tracing already; plain fn otherwise (CPU, or inside an
-    outer compile)."""
-    compiled = None
+    """fn, through torch.compile (compiled on first use, dynamic shapes, one code copy per kind of call:
+    see the module docstring) when its first tensor argument (lists searched too) is on CUDA and nothing
+    is tracing already; plain fn otherwise (CPU, or inside an outer compile)."""
+    compiled: dict[tuple, Callable] = {}
 
     @functools.wraps(fn)
     def run(*args):
-        nonlocal compiled
-        first = next(t for t in tree_leaves(args) if isinstance(t, torch.Tensor))
+        first = next(t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor))
         if not first.is_cuda or torch.compiler.is_compiling():
             return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True)
-        return compiled(*args)
+        return compiled_for(_kind(args))(*args)
 
+    def compiled_for(kind: tuple) -> Callable:
+        if kind not in compiled:
+            compiled[kind] = torch.compile(code_copy(fn, str(len(compiled))), dynamic=True, backend=BACKEND)
+        return compiled[kind]
+
+    run.compiled_for = compiled_for  # tests reach the compiled path without a GPU
     return run

@@ -19,9 +19,10 @@ the first sequence length compiles a static graph and a second distinct length o
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
+
+from ._compiled import code_copy
 
 FLEX_ENABLED = True  # switch for the flex path (tests and benchmarks compare against the blockwise path)
 FLEX_HEAD_DIMS = (16, 32, 64, 128)  # q/k and v head dims sent to flex; 256 stays blockwise (untested there)
@@ -123,9 +124,7 @@ def _compiled_flex(causal: bool, window: int, dtype: torch.dtype, enable_gqa: bo
     builds T x T scores (out of memory at long T). Each entry therefore compiles its own copy of the
     code, so that its graphs count against its own limit; the key holds what would force a recompile
     other than shapes."""
-    code = _call_flex.__code__.replace(co_name=f"_call_flex_{'causal' if causal else 'two_sided'}_{window}")
-    fn = types.FunctionType(code, _call_flex.__globals__, code.co_name)
-    return torch.compile(fn, fullgraph=True)
+    return torch.compile(code_copy(_call_flex, f"{'causal' if causal else 'two_sided'}_{window}"), fullgraph=True)
 
 
 def flex_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool, return_lse: bool = False):
