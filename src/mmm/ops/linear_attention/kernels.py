@@ -60,6 +60,7 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Segment lengths are multiples of every BT below, so chunks are full except at the end of the sequence
@@ -67,6 +68,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SEGMENT_MULTIPLE = 16 if INTERPRET else 128
 SCAN_BLOCK = 1024
 FEATURE_CODES = {None: 0, "identity": 0, "elu": 1, "relu": 2}
+LOG2E = tl.constexpr(1.4426950408889634)
+LIBDEVICE = tl.constexpr(not INTERPRET)  # the interpreter has no libdevice functions
 
 # (BT, tile size, num_warps, num_stages) per autotuned kernel, the tile being BK or BV.
 # Best first: scripts/gpu_la_tune.py timed each alone at T = 128k (B=1, H=16, D=128, bf16, elu+1 normalized,
@@ -213,19 +216,47 @@ def _dot(a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
+def _exp2(x):
+    if LIBDEVICE:
+        return libdevice.exp2(x)  # flush-to-zero: one MUFU.EX2
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
 def _features(x, mt, like_ptr, scale, FEATURE: tl.constexpr, DOT_MODE: tl.constexpr):
-    """phi(scale * x) computed in fp32, zeroed on padding rows (phi(0) = 1 for elu), rounded once to the dot
-    dtype. (scale: the feature maps' input scaling, d^-1/4, applied here rather than in a separate pass
-    over q and k and their gradients.) Every later use (dots, normalizer sums, phi') reads this one copy,
+    """phi(scale * x) computed in fp32, zeroed on the rows outside mask mt (phi(0) = 1 for elu), rounded
+    once to the dot dtype. (scale: the feature maps' input scaling, d^-1/4, applied here rather than in a
+    separate pass over q and k and their gradients; scale > 0, so elu's exp(min(s x, 0)) is one exp2 of
+    min(x, 0) s log2(e).) Every later use (dots, normalizer sums, phi') reads this one copy,
     so forward and backward see the same features, and no fp32 tile stays live (register pressure is what
-    limits these kernels)."""
-    x = x.to(tl.float32) * scale
+    limits these kernels).
+    Instruction count is what limits them next (ncu: issue-bound at 2 programs per SM): per element
+    this is an unpack, min, multiply, one MUFU (libdevice's exp2 is flush-to-zero: tl.exp's denormal
+    guard cost 3 more instructions; results below 2^-126 become 0, far inside bf16's rounding of the
+    features) and a select. mt None: no mask, for query rows, whose padding rows only ever feed outputs
+    that are not stored (their do, rden and r load as 0, so they add nothing to the gradient sums)."""
+    x = x.to(tl.float32)
     if FEATURE == 1:
-        x = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+        x = tl.where(x > 0, x * scale + 1.0, _exp2(tl.minimum(x, 0.0) * (scale * LOG2E)))
     elif FEATURE == 2:
-        x = tl.maximum(x, 0.0)
-    x = tl.where(mt[:, None], x, 0.0)
+        x = tl.maximum(x, 0.0) * scale
+    else:
+        x = x * scale
+    if mt is not None:
+        x = tl.where(mt[:, None], x, 0.0)
     return _cast(x, like_ptr, DOT_MODE)
+
+
+@triton.jit
+def _scaled_g(g, rden_ptrs, mt, like_ptr, SCALE: tl.constexpr, DOT_MODE: tl.constexpr):
+    """g = do * rden as a dot operand (SCALE), or the loaded tile as one: do unnormalized, or g itself
+    when G_SCALED (chunk_state_kernel's STORE_G wrote it in the dot dtype)."""
+    if SCALE:
+        rd = tl.load(rden_ptrs, mask=mt, other=0.0)
+        return _cast(g.to(tl.float32) * rd[:, None], like_ptr, DOT_MODE)
+    else:
+        return _cast(g, like_ptr, DOT_MODE)
 
 
 @triton.jit
@@ -307,17 +338,20 @@ def _key_rows(mt, offs_t, t0, first, HAS_LAG: tl.constexpr):
 )
 @triton.jit
 def chunk_state_kernel(
-    x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, st_ptr,
+    x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, g_ptr, st_ptr,
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
-    HAS_DRDEN: tl.constexpr, ZDOT: tl.constexpr,
+    HAS_DRDEN: tl.constexpr, STORE_G: tl.constexpr, ZDOT: tl.constexpr,
     HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """One segment's local sum of phi(x)^T y (a BK-row tile of the DK x DV state, full V) and of the
     normalizer vector. Forward: x = k, y = v, vector = sum b. Backward: x = q, y = do * rden,
     vector = sum r a, with r computed here (it needs the full V row of do and o) and written out. With
     HAS_DRDEN, rden itself was used downstream (hybrid attention reads the denominator off it): its
-    gradient drden adds d rden / d den * drden = -rden^2 drden to r. ZDOT: the vector's sums as dots
+    gradient drden adds d rden / d den * drden = -rden^2 drden to r. STORE_G (backward, normalizing): y as
+    the dots take it, do * rden rounded to the dot dtype, written to g_ptr for the dq/dk/dv kernels (which
+    then load it as is: no per-element scaling and conversion of a full-V tile in each of their programs).
+    ZDOT: the vector's sums as dots
     (`_row_sums`, see ZDOT above). LAG (forward only; 0 in the backward, whose x and y are query rows):
     x and y are read LAG rows back (`_key_lag`)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
@@ -330,6 +364,7 @@ def chunk_state_kernel(
     x_base = x_ptr + rowk0 - lag_k
     y_base = y_ptr + rowv0 - lag_v
     o_base = o_ptr + rowv0
+    g_base = g_ptr + rowv0
     acc = tl.zeros([BK, DV], dtype=tl.float32)
     vec = tl.zeros([BK], dtype=tl.float32)
     vec_w = tl.zeros([BK, ZW], dtype=tl.float32)  # ZDOT: the vector in each of its ZW equal columns
@@ -348,6 +383,9 @@ def chunk_state_kernel(
                 if i_k == 0:
                     tl.store(r_ptr + trow0 + t0 + offs_t, r, mask=mt)
                 y_c = _cast(y.to(tl.float32) * rd[:, None], x_ptr, DOT_MODE)
+                if STORE_G:
+                    if i_k == 0:
+                        tl.store(g_base + tile_dv, y_c, mask=mt[:, None])
                 if ZDOT:
                     w = tl.broadcast_to(r[:, None], [BT, ZW])
                     vec_w = _row_sums(x_c, w, vec_w, x_ptr, DOT_MODE, False)
@@ -366,6 +404,7 @@ def chunk_state_kernel(
         x_base += BT * H * DK
         y_base += BT * H * DV
         o_base += BT * H * DV
+        g_base += BT * H * DV
     base = st_ptr + (i_bh * (NS + 1) + i_s) * (DK * DV + DK)
     tl.store(base + offs_k[:, None] * DV + offs_dv[None, :], acc)
     if ZDOT:
@@ -435,7 +474,7 @@ def fwd_kernel(
     o_base = o_ptr + rowv0
     for t0 in range(0, t_len, BT):
         mt = offs_t < t_len - t0
-        a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
+        a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if NORMALIZE:  # a row reduction (within a warp's threads): no dot needed
             den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
@@ -475,7 +514,8 @@ def bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, rden_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, PART: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    ZDOT: tl.constexpr, G_SCALED: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, PART: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
 ):
     """dq and dk for one K-tile of one segment:
       da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
@@ -489,7 +529,8 @@ def bwd_dqdk_kernel(
     rows' dq lose precision in proportion to the segment length (in fp32: ~7x PyTorch's error at 640
     tokens; hidden by bf16's own error). ZDOT: the sums into z and dz as tensor-core dots (carried as
     [BK, ZW] equal columns, read back as their mean where used; see ZDOT above). LAG: k and v read, dk
-    stored, LAG rows back (`_key_lag`; causal only)."""
+    stored, LAG rows back (`_key_lag`; causal only). G_SCALED: do_ptr holds g = do * rden in the dot dtype
+    (chunk_state_kernel's STORE_G), loaded as is."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
@@ -546,16 +587,13 @@ def bwd_dqdk_kernel(
         g = tl.load(do_ptr + off_v + tile_dv, mask=mt[:, None], other=0.0)
         if NORMALIZE:
             rr = tl.load(r_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
-            rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
-            g_c = _cast(g.to(tl.float32) * rd[:, None], q_ptr, DOT_MODE)
-        else:
-            g_c = _cast(g, q_ptr, DOT_MODE)
+        g_c = _scaled_g(g, rden_ptr + trow0 + t0 + offs_t, mt, q_ptr, NORMALIZE and not G_SCALED, DOT_MODE)
         if CAUSAL:
             dA = _dot(g_c, tl.trans(v_c), DOT_MODE)
             if NORMALIZE:
                 dA += rr[:, None]
             dA_c = _cast(tl.where(causal, dA, 0.0), q_ptr, DOT_MODE)
-        a_c = _features(tl.load(q_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE,
+        a_c = _features(tl.load(q_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE,
                         DOT_MODE)
         if PART != 2:  # dq
             da = _dot(g_c, tl.trans(_cast(S, q_ptr, DOT_MODE)), DOT_MODE)
@@ -605,11 +643,11 @@ def bwd_dv_kernel(
     q_ptr, k_ptr, do_ptr, rden_ptr, dst_ptr, dv_ptr,
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    G_SCALED: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """dv for one V-tile of one segment, chunks in reverse: dv = b dS_next + tril(a b^T)^T g
     (contracts over K: full K here); dS_next (DK x BV) accumulates a^T g. LAG: k read and dv stored LAG
-    rows back (`_key_lag`; causal only)."""
+    rows back (`_key_lag`; causal only). G_SCALED: do_ptr holds g (as in bwd_dqdk_kernel)."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
@@ -637,13 +675,9 @@ def bwd_dv_kernel(
         b_c = _features(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), mk, q_ptr, scale, FEATURE, DOT_MODE)
         dv = _dot(b_c, _cast(dS, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
-            a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), mt, q_ptr, scale, FEATURE, DOT_MODE)
+            a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
             g = tl.load(do_base + tile_v, mask=mt[:, None], other=0.0)
-            if NORMALIZE:
-                rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
-                g_c = _cast(g.to(tl.float32) * rd[:, None], q_ptr, DOT_MODE)
-            else:
-                g_c = _cast(g, q_ptr, DOT_MODE)
+            g_c = _scaled_g(g, rden_ptr + trow0 + t0 + offs_t, mt, q_ptr, NORMALIZE and not G_SCALED, DOT_MODE)
             At = tl.where(causal_t, _dot(b_c, tl.trans(a_c), DOT_MODE), 0.0)
             dv += _dot(_cast(At, q_ptr, DOT_MODE), g_c, DOT_MODE)
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
