@@ -24,7 +24,8 @@
 # bench's linear, FAVOR+, window and hybrid rows only, ~2 min), zdotab (the 128k bench's linear rows with ZDOT
 # off, on in chunk_state and dqdk, on everywhere, ~3 min), zdotsan (fwd_kernel's ZDOT fault under
 # compute-sanitizer memcheck, ~2 min), capsweep (the register-capped configs of gpu_linear_attention_configs.py's
-# candidates, each forced against the baseline, ~4 min). Bench files land as bench_<phase>.{md,json,png}.
+# candidates, each forced against the baseline, ~4 min), laab (scripts/gpu_la_ab.py on a carried ../snap_old
+# checkout, then on this one: the linear-attention op side by side, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -55,10 +56,12 @@ tests() {  # eight pytest processes side by side (-v: a timeout still leaves eac
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
 
-retests() {  # session 16: the compiled glue compiles one code copy per kind of call (attention._compiled)
+retests() {  # session 16: compiled glue with one code copy per kind of call (attention._compiled); the
+  # linear-attention kernels' fewer instructions per element (exp2, unmasked query features, g written once)
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
   $t tests/test_attention_gpu.py -k "key_slices or favor_through_the_kernel" > "$OUT/t_attn.log" 2>&1 &
   $t tests/test_attention_flex.py -k "flex_paths or compile" > "$OUT/t_flex.log" 2>&1 &
+  $t tests/test_linear_attention_kernel.py -k "bf16 or opcheck or compile" > "$OUT/t_la.log" 2>&1 &
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
@@ -81,6 +84,10 @@ for phase in "$@"; do
     la_host) step la_host 90 python scripts/la_host_overhead.py --gpu ;;
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     hybridprof) step hybridprof 180 python scripts/gpu_hybrid_profile.py ;;
+    laab) for side in old new; do  # A/B of the linear-attention op: ../snap_old (carried) vs this tree
+        src=src; [ $side = old ] && src=../snap_old/src
+        step laab_$side 100 env PYTHONPATH=$src python scripts/gpu_la_ab.py --label $side
+      done ;;
     segsweep) step segsweep 120 python scripts/gpu_linear_attention.py --sweep-only ;;
     hhfit) step hhfit 240 python scripts/gpu_hedgehog_fit.py ;;
     favor) step favor 150 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_attention_gpu.py \
