@@ -53,7 +53,7 @@ def kernel_ms(fn, reps: int = 5) -> dict:
         torch.cuda.synchronize()
     out = {}
     for e in prof.key_averages():
-        if e.device_type.name == "CUDA" and e.device_time_total > 0:
+        if e.device_type != torch.autograd.DeviceType.CPU and getattr(e, "device_time_total", 0) > 0:
             out[e.key[:40]] = round(e.device_time_total / 1e3 / reps, 3)
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
 

@@ -86,7 +86,7 @@ for phase in "$@"; do
     hybridprof) step hybridprof 180 python scripts/gpu_hybrid_profile.py ;;
     laab) for side in old new; do  # A/B of the linear-attention op: ../snap_old (carried) vs this tree
         src=src; [ $side = old ] && src=../snap_old/src
-        step laab_$side 100 env PYTHONPATH=$src python scripts/gpu_la_ab.py --label $side
+        step laab_$side 95 env PYTHONPATH=$src python scripts/gpu_la_ab.py --label $side
       done ;;
     segsweep) step segsweep 120 python scripts/gpu_linear_attention.py --sweep-only ;;
     hhfit) step hhfit 240 python scripts/gpu_hedgehog_fit.py ;;
