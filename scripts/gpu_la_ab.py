@@ -24,24 +24,6 @@ from triton.testing import do_bench
 LENGTHS = (8192, 32768, 131072)
 
 
-def graphed(fn, grads):
-    """fn captured in a CUDA graph after warmup calls on a side stream; returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            for t in grads:
-                t.grad = None
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    for t in grads:
-        t.grad = None
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
 def kernel_ms(fn, reps: int = 5) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -63,6 +45,7 @@ def main() -> None:
     ap.add_argument("--label", required=True)
     args = ap.parse_args()
     import mmm
+    from mmm.bench.graphs import capture  # (checkouts from 7758096 on)
     from mmm.ops.linear_attention import linear_attention
 
     start = time.time()
@@ -81,8 +64,8 @@ def main() -> None:
             def both(fwd=fwd):
                 fwd().backward(do if name != "cudnn" else do.transpose(1, 2))
             with torch.no_grad():
-                f_ms = do_bench(graphed(fwd, ()), warmup=25, rep=100)
-            fb_ms = do_bench(graphed(both, (q, k, v)), warmup=25, rep=100)
+                f_ms = do_bench(capture(fwd, ()).replay, warmup=25, rep=100)
+            fb_ms = do_bench(capture(both, (q, k, v)).replay, warmup=25, rep=100)
             row = {"label": args.label, "T": t, "path": name, "fwd_ms": round(f_ms, 4), "fwd_bwd_ms": round(fb_ms, 4),
                    "bwd_over_fwd": round((fb_ms - f_ms) / f_ms, 2)}
             if t == LENGTHS[-1] and name == "elu":
