@@ -30,6 +30,7 @@ have >= 128 rows (no layout conversion in the sm_90 IR; not in the lists yet).
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as cf
 import json
 import math
@@ -233,7 +234,9 @@ def note(r: dict) -> str:
 
 def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None:
     """Compiles each config (bf16, elu, normalized, causal; chunk_state in both directions) for sm_90 and
-    prints shared memory, registers and spill bytes (cuobjdump -res-usage), the mma layouts (warpsPerCTA),
+    prints shared memory, registers and spill bytes (cuobjdump -res-usage), the static SASS instruction
+    count with its commonest opcodes (cuobjdump -sass: session 16 cut elu+1's ~14 instructions per element
+    to ~7 by reading these), the mma layouts (warpsPerCTA),
     and the pattern behind the H200 fault: a dot result whose mma layout has more warps along M than it
     has 16-row groups (replicated rows), converted to another mma layout or dot operand."""
     import tempfile
@@ -278,6 +281,10 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
                     f.write(c.asm["cubin"])
                     f.flush()
                     usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+                    sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+                # static SASS instruction count and the commonest opcodes: the kernels are issue-bound
+                opcodes = [op.split(".")[0] for op in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)]
+                top = ", ".join(f"{op} {n}" for op, n in collections.Counter(opcodes).most_common(6))
                 m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
                 ttgir = c.asm["ttgir"]
                 mmas = dict(re.findall(r"(#mma\d*) = #ttg.nvidia_mma<\{versionMajor = \d, versionMinor = \d, warpsPerCTA = \[(\d+), \d+\]", ttgir))
@@ -288,7 +295,8 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
                     r"convert_layout .* : tensor<([0-9x]+)x\w+, (#mma\d*)> -> tensor<[0-9x]+x\w+, (#ttg.dot_op<\{opIdx = \d, parent = )?(#mma\d*)", ttgir)
                     if src_ in replicated and full[src_] != full[dst]})
                 print(f"{label}: {c.metadata.shared} B, {m[1] if m else '?'} regs, {m[2] if m else '?'} B spilled, "
-                      f"{sorted(set(full.values()))}{'  RISKY: replicated rows converted ' + ', '.join(flags) if flags else ''}", flush=True)
+                      f"{sorted(set(full.values()))}, {len(opcodes)} SASS instructions ({top})"
+                      f"{'  RISKY: replicated rows converted ' + ', '.join(flags) if flags else ''}", flush=True)
 
 
 def main():
