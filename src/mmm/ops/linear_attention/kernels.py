@@ -234,8 +234,9 @@ def _features(x, mt, like_ptr, scale, FEATURE: tl.constexpr, DOT_MODE: tl.conste
     Instruction count is what limits them next (ncu: issue-bound at 2 programs per SM): per element
     this is an unpack, min, multiply, one MUFU (libdevice's exp2 is flush-to-zero: tl.exp's denormal
     guard cost 3 more instructions; results below 2^-126 become 0, far inside bf16's rounding of the
-    features) and a select. mt None: no mask, for query rows, whose padding rows only ever feed outputs
-    that are not stored (their do, rden and r load as 0, so they add nothing to the gradient sums)."""
+    features) and a select. mt None: no mask, where the rows outside it only ever meet zeros or feed
+    rows that are not stored (each call says why): query rows (their do, rden and r load as 0), and key
+    rows wherever their value rows (loaded as 0) and zero weights in the normalizer's dots cover them."""
     x = x.to(tl.float32)
     if FEATURE == 1:
         x = tl.where(x > 0, x * scale + 1.0, _exp2(tl.minimum(x, 0.0) * (scale * LOG2E)))
@@ -371,7 +372,11 @@ def chunk_state_kernel(
     for t0 in range(0, t_len, BT):
         mt = offs_t < t_len - t0
         mx = _key_rows(mt, offs_t, t0, first, HAS_LAG)
-        x_c = _features(tl.load(x_base + tile_k, mask=mx[:, None], other=0.0), mx, x_ptr, scale, FEATURE, DOT_MODE)
+        x = tl.load(x_base + tile_k, mask=mx[:, None], other=0.0)
+        if NORMALIZE and not BWD and not ZDOT:  # only the plain sum of b needs its padding rows zeroed
+            x_c = _features(x, mx, x_ptr, scale, FEATURE, DOT_MODE)
+        else:  # they meet y = 0 in the state, and r = 0 or a zero weight in the vector's dots
+            x_c = _features(x, None, x_ptr, scale, FEATURE, DOT_MODE)
         y = tl.load(y_base + tile_dv, mask=mx[:, None], other=0.0)
         if NORMALIZE:
             if BWD:
@@ -393,8 +398,8 @@ def chunk_state_kernel(
                     vec += tl.sum(x_c.to(tl.float32) * r[:, None], axis=0)
             else:
                 y_c = _cast(y, x_ptr, DOT_MODE)
-                if ZDOT:
-                    ones = tl.full([BT, ZW], 1.0, tl.float32)
+                if ZDOT:  # ones on the key rows, zeros on the padding rows
+                    ones = tl.broadcast_to(tl.where(mx, 1.0, 0.0)[:, None], [BT, ZW])
                     vec_w = _row_sums(x_c, ones, vec_w, x_ptr, DOT_MODE, True)
                 else:
                     vec += tl.sum(x_c.to(tl.float32), axis=0)
@@ -563,7 +568,6 @@ def bwd_dqdk_kernel(
         dZw = tl.zeros([BK, ZW], dtype=tl.float32) + dz[:, None]  # ZDOT's dz
     if PART != 2:
         Zw = tl.zeros([BK, ZW], dtype=tl.float32) + z[:, None]  # ZDOT's z
-    ones = tl.full([BT, ZW], 1.0, tl.float32)
     n_blk = tl.cdiv(t_len, BT)
     for j in range(0, n_blk):
         if PART == 1:
@@ -574,8 +578,13 @@ def bwd_dqdk_kernel(
         off_v = rowv0 + t0.to(tl.int64) * (H * DV)
         mt = offs_t < t_len - t0
         mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
-        b_c = _features(tl.load(k_ptr + off_k - lag_k + tile_k, mask=mk[:, None], other=0.0), mk, q_ptr, scale,
-                        FEATURE, DOT_MODE)
+        k_c = tl.load(k_ptr + off_k - lag_k + tile_k, mask=mk[:, None], other=0.0)
+        if HAS_LAG or (NORMALIZE and not ZDOT):  # lagged keys' missing rows meet dA in da; the plain z sums
+            b_c = _features(k_c, mk, q_ptr, scale, FEATURE, DOT_MODE)
+        else:  # padding rows meet v = 0, dA = 0 (do, r = 0 on those rows) and ZDOT's zero weights
+            b_c = _features(k_c, None, q_ptr, scale, FEATURE, DOT_MODE)
+        if ZDOT:
+            ones = tl.broadcast_to(tl.where(mk, 1.0, 0.0)[:, None], [BT, ZW])
         v_c = _cast(tl.load(v_ptr + off_v - lag_v + tile_dv, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
         if CAUSAL and PART == 0:
             S -= _dot(tl.trans(b_c), v_c, DOT_MODE)
@@ -672,7 +681,8 @@ def bwd_dv_kernel(
         t0 = (n_blk - 1 - j) * BT
         mt = offs_t < t_len - t0
         mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
-        b_c = _features(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), mk, q_ptr, scale, FEATURE, DOT_MODE)
+        # unmasked: rows without a key only reach dv rows that are not stored
+        b_c = _features(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
         dv = _dot(b_c, _cast(dS, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
             a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
