@@ -22,9 +22,10 @@ Backward mirrors it: local sums of a^T g (and of r a) per segment, a reverse (su
 All states and accumulations are fp32; operands of tl.dot are cast to the input dtype (bf16) on GPU.
 
 Bytes, in units of one [B, T, H, D] bf16 tensor: forward reads k, v (states) then q, k, v and writes o:
-6 (the minimum is 4); backward reads q, do, o (states, r), then q, k, v, do and writes dq, dk, then q, k, do
-and writes dv: 13 (minimum 8). Plus the fp32 segment states, small unless segments are short. At T=128k,
-H=16, D=128 a unit is 0.54 GB, so about 0.8 ms forward and 1.7 ms backward at 4.2 TB/s; the FLOPs
+6 (the minimum is 4); backward reads q, do, o (states, r; normalizing, it writes g = do * rden), then q,
+k, v, g and writes dq, dk, then q, k, g and writes dv: 13, 14 with g (minimum 8). Plus the fp32 segment
+states, small unless segments are short. At T=128k, H=16, D=128 a unit is 0.54 GB, so about 0.8 ms forward
+and 1.7 ms backward at 4.2 TB/s; the FLOPs
 (~0.1 MFLOP per token and head forward, ~2.5x that backward) take about a third of that at 775
 TFLOP/s. Memory-bound by design: the backward/forward ratio is about 2 at best.
 
