@@ -254,12 +254,12 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
     print(f"DK={D} DV={DV}: kernel variant (BT,tile,warps,stages): shared bytes, registers, spill bytes, mma warpsPerCTA, flags")
     for name, tile in tiles.items():
         fn = getattr(kernels, name).fn
-        variants = ([{"BWD": bwd, "HAS_DRDEN": False, "STORE_G": bwd, "ZDOT": z} for z in (False, True) for bwd in (False, True)]
+        variants = ([{"BWD": bwd, "HAS_DRDEN": False, "ZDOT": z} for z in (False, True) for bwd in (False, True)]
                     if name == "chunk_state_kernel"
-                    else [{"CAUSAL": True, "PART": p, "ZDOT": z, "G_SCALED": True} for z in (False, True) for p in (1, 2)]
+                    else [{"CAUSAL": True, "PART": p, "ZDOT": z} for z in (False, True) for p in (1, 2)]
                     if name == "bwd_dqdk_kernel"
                     else [{"CAUSAL": True, "ZDOT": z} for z in (False, True)] if name == "fwd_kernel"
-                    else [{"CAUSAL": True, "G_SCALED": True}])
+                    else [{"CAUSAL": True}])
         options = kernels.CONFIGS[name] + RETIRED.get(name, []) + CANDIDATES.get(name, [])
         for bt, t, w, st, *cap in options:
             for var in variants:

@@ -50,16 +50,16 @@ KERNELS = {
     # the default path (ZDOT in chunk_state and dqdk: kernels.ZDOT_DEFAULT; gpu_linear_attention_configs.py --ir
     # compiles it both ways)
     "chunk_state_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "drden_ptr": "*fp32", "st_ptr": "*fp32"},
-                           dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, BWD=True, HAS_DRDEN=True, STORE_G=True, DOT_MODE=0,
+                           dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, BWD=True, HAS_DRDEN=True, DOT_MODE=0,
                                 ZDOT=True, HAS_LAG=False)),
     "scan_kernel": ("linear_attention", "*fp32", {}, dict(REVERSE=True, BLOCK="SCAN_BLOCK")),
     "fwd_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "st_ptr": "*fp32"},
                    dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, ZDOT=False, HAS_LAG=False)),
-    "bwd_dqdk_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "st_ptr": "*fp32", "dst_ptr": "*fp32"},
+    "bwd_dqdk_kernel": ("linear_attention", "*bf16", {"r_ptr": "*fp32", "st_ptr": "*fp32", "dst_ptr": "*fp32"},
                         dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, PART=1, ZDOT=True,
-                             G_SCALED=True, HAS_LAG=True)),
-    "bwd_dv_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "dst_ptr": "*fp32"},
-                      dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, G_SCALED=True, HAS_LAG=True)),
+                             HAS_LAG=True)),
+    "bwd_dv_kernel": ("linear_attention", "*bf16", {"dst_ptr": "*fp32"},
+                      dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, HAS_LAG=True)),
     # FFT as DFT GEMMs ("fft.dft_kernels": a module name with a dot is taken as is), 128 x 128 tiles, two
     # Toeplitz branches, bf16 rows, fp16 tables and scratch, fp32 spectrum, partial sums and stash
     "dft_conv_kernel": ("fft.dft_kernels", "*fp16",

@@ -377,9 +377,10 @@ def _causal_setup(t: int, sizes: Sizes):
                                            w, banded_bytes("hybrid", q, w), quick, real))
         if cuda:  # without host overhead (the fixed cost that dominates at short T)
             by_label = {v.label: v for v in variants}
-            graph_rows = ["sdpa cudnn", "linear elu (normalized)", f"window {sizes.windows[0]}",
-                          f"hybrid w={w} {HYBRID_MAPS['elu']}"]
-            variants += [graphed(by_label[label]) for label in graph_rows] + [triton_launched(variants[2])]
+            elu = by_label["linear elu (normalized)"]
+            graph_rows = [by_label["sdpa cudnn"], elu, by_label[f"window {sizes.windows[0]}"],
+                          by_label[f"hybrid w={w} {HYBRID_MAPS['elu']}"]]
+            variants += [graphed(v) for v in graph_rows] + [triton_launched(elu)]
         # fla is GPU-only: listed on CUDA always (a missing install shows as an error), on CPU if installed
         if cuda or importlib.util.find_spec("fla") is not None:
             variants.append(fla_variant("fla chunk_linear_attn (normalized, elu+1)", "normalized", inputs, grad, lin, real))

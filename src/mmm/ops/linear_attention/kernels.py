@@ -251,17 +251,6 @@ def _features(x, mt, like_ptr, scale, FEATURE: tl.constexpr, DOT_MODE: tl.conste
 
 
 @triton.jit
-def _scaled_g(g, rden_ptrs, mt, like_ptr, SCALE: tl.constexpr, DOT_MODE: tl.constexpr):
-    """g = do * rden as a dot operand (SCALE), or the loaded tile as one: do unnormalized, or g itself
-    when G_SCALED (chunk_state_kernel's STORE_G wrote it in the dot dtype)."""
-    if SCALE:
-        rd = tl.load(rden_ptrs, mask=mt, other=0.0)
-        return _cast(g.to(tl.float32) * rd[:, None], like_ptr, DOT_MODE)
-    else:
-        return _cast(g, like_ptr, DOT_MODE)
-
-
-@triton.jit
 def _dphi(f, FEATURE: tl.constexpr):
     """phi'(x) read off f = phi(x): elu+1 gives min(f, 1) (1 for x > 0, exp(x) otherwise); relu gives [f > 0]."""
     f = f.to(tl.float32)
@@ -343,16 +332,16 @@ def chunk_state_kernel(
     x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, g_ptr, st_ptr,
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
-    HAS_DRDEN: tl.constexpr, STORE_G: tl.constexpr, ZDOT: tl.constexpr,
+    HAS_DRDEN: tl.constexpr, ZDOT: tl.constexpr,
     HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """One segment's local sum of phi(x)^T y (a BK-row tile of the DK x DV state, full V) and of the
     normalizer vector. Forward: x = k, y = v, vector = sum b. Backward: x = q, y = do * rden,
     vector = sum r a, with r computed here (it needs the full V row of do and o) and written out. With
     HAS_DRDEN, rden itself was used downstream (hybrid attention reads the denominator off it): its
-    gradient drden adds d rden / d den * drden = -rden^2 drden to r. STORE_G (backward, normalizing): y as
-    the dots take it, do * rden rounded to the dot dtype, written to g_ptr for the dq/dk/dv kernels (which
-    then load it as is: no per-element scaling and conversion of a full-V tile in each of their programs).
+    gradient drden adds d rden / d den * drden = -rden^2 drden to r. The backward, normalizing, also writes
+    y as the dots take it, g = do * rden rounded to the dot dtype, to g_ptr for the dq/dk/dv kernels (which
+    load it as is: no per-element scaling and conversion of a full-V tile in each of their programs).
     ZDOT: the vector's sums as dots
     (`_row_sums`, see ZDOT above). LAG (forward only; 0 in the backward, whose x and y are query rows):
     x and y are read LAG rows back (`_key_lag`)."""
@@ -389,9 +378,8 @@ def chunk_state_kernel(
                 if i_k == 0:
                     tl.store(r_ptr + trow0 + t0 + offs_t, r, mask=mt)
                 y_c = _cast(y.to(tl.float32) * rd[:, None], x_ptr, DOT_MODE)
-                if STORE_G:
-                    if i_k == 0:
-                        tl.store(g_base + tile_dv, y_c, mask=mt[:, None])
+                if i_k == 0:
+                    tl.store(g_base + tile_dv, y_c, mask=mt[:, None])
                 if ZDOT:
                     w = tl.broadcast_to(r[:, None], [BT, ZW])
                     vec_w = _row_sums(x_c, w, vec_w, x_ptr, DOT_MODE, False)
@@ -517,11 +505,11 @@ def fwd_kernel(
 )
 @triton.jit
 def bwd_dqdk_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, rden_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
+    q_ptr, k_ptr, v_ptr, g_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    ZDOT: tl.constexpr, G_SCALED: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, PART: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr,
+    ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, PART: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """dq and dk for one K-tile of one segment:
       da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
@@ -535,8 +523,8 @@ def bwd_dqdk_kernel(
     rows' dq lose precision in proportion to the segment length (in fp32: ~7x PyTorch's error at 640
     tokens; hidden by bf16's own error). ZDOT: the sums into z and dz as tensor-core dots (carried as
     [BK, ZW] equal columns, read back as their mean where used; see ZDOT above). LAG: k and v read, dk
-    stored, LAG rows back (`_key_lag`; causal only). G_SCALED: do_ptr holds g = do * rden in the dot dtype
-    (chunk_state_kernel's STORE_G), loaded as is."""
+    stored, LAG rows back (`_key_lag`; causal only). g_ptr: g as the dots take it (do * rden written by the
+    backward chunk_state_kernel when normalizing, do otherwise)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
@@ -594,10 +582,9 @@ def bwd_dqdk_kernel(
                     Zw = _row_sums(b_c, -ones, Zw, q_ptr, DOT_MODE, True)
                 else:
                     z -= tl.sum(b_c.to(tl.float32), axis=0)
-        g = tl.load(do_ptr + off_v + tile_dv, mask=mt[:, None], other=0.0)
+        g_c = _cast(tl.load(g_ptr + off_v + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
         if NORMALIZE:
             rr = tl.load(r_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
-        g_c = _scaled_g(g, rden_ptr + trow0 + t0 + offs_t, mt, q_ptr, NORMALIZE and not G_SCALED, DOT_MODE)
         if CAUSAL:
             dA = _dot(g_c, tl.trans(v_c), DOT_MODE)
             if NORMALIZE:
@@ -650,14 +637,15 @@ def bwd_dqdk_kernel(
 )
 @triton.jit
 def bwd_dv_kernel(
-    q_ptr, k_ptr, do_ptr, rden_ptr, dst_ptr, dv_ptr,
+    q_ptr, k_ptr, g_ptr, dst_ptr, dv_ptr,
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    G_SCALED: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """dv for one V-tile of one segment, chunks in reverse: dv = b dS_next + tril(a b^T)^T g
     (contracts over K: full K here); dS_next (DK x BV) accumulates a^T g. LAG: k read and dv stored LAG
-    rows back (`_key_lag`; causal only). G_SCALED: do_ptr holds g (as in bwd_dqdk_kernel)."""
+    rows back (`_key_lag`; causal only). g_ptr: g as in bwd_dqdk_kernel. (NORMALIZE is unused here: g
+    carries the normalizer.)"""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
@@ -676,7 +664,7 @@ def bwd_dv_kernel(
     last_v = (n_blk - 1).to(tl.int64) * (BT * H * DV)
     q_base = q_ptr + rowk0 + last_k
     k_base = k_ptr + rowk0 - lag_k + last_k
-    do_base = do_ptr + rowv0 + last_v
+    g_base = g_ptr + rowv0 + last_v
     dv_base = dv_ptr + rowv0 - lag_v + last_v
     for j in range(0, n_blk):
         t0 = (n_blk - 1 - j) * BT
@@ -687,13 +675,12 @@ def bwd_dv_kernel(
         dv = _dot(b_c, _cast(dS, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
             a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
-            g = tl.load(do_base + tile_v, mask=mt[:, None], other=0.0)
-            g_c = _scaled_g(g, rden_ptr + trow0 + t0 + offs_t, mt, q_ptr, NORMALIZE and not G_SCALED, DOT_MODE)
+            g_c = _cast(tl.load(g_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
             At = tl.where(causal_t, _dot(b_c, tl.trans(a_c), DOT_MODE), 0.0)
             dv += _dot(_cast(At, q_ptr, DOT_MODE), g_c, DOT_MODE)
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
         tl.store(dv_base + tile_v, dv.to(dv_ptr.dtype.element_ty), mask=mk[:, None])
         q_base -= BT * H * DK
         k_base -= BT * H * DK
-        do_base -= BT * H * DV
+        g_base -= BT * H * DV
         dv_base -= BT * H * DV

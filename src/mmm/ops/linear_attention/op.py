@@ -100,8 +100,8 @@ if HAVE_TRITON:
                       DOT_MODE=_dot_mode(q.dtype))
         lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            k, v, v, rden, rden, rden, v, states, BWD=False, HAS_DRDEN=False, STORE_G=False,
-            ZDOT=kernels.zdot("chunk_state"), **lagged, **common)
+            k, v, v, rden, rden, rden, v, states, BWD=False, HAS_DRDEN=False, ZDOT=kernels.zdot("chunk_state"),
+            **lagged, **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
         launcher(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
@@ -133,15 +133,15 @@ if HAVE_TRITON:
         g = torch.empty(do.shape, dtype=do.dtype if dot_mode == 0 else torch.float32, device=do.device) if normalize else do
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             q, do, o, rden, r, rden if drden is None else drden, g, dstates, LAG=0, HAS_LAG=False, BWD=True,
-            HAS_DRDEN=normalize and drden is not None, STORE_G=normalize, ZDOT=kernels.zdot("chunk_state"), **common)
+            HAS_DRDEN=normalize and drden is not None, ZDOT=kernels.zdot("chunk_state"), **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
             launcher(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
-                q, k, v, g, rden, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.zdot("dqdk"),
-                G_SCALED=normalize, **lagged, **common)
+                q, k, v, g, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.zdot("dqdk"),
+                **lagged, **common)
         launcher(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
-            q, k, g, rden, dstates, dv, CAUSAL=causal, G_SCALED=normalize, **lagged, **common)
+            q, k, g, dstates, dv, CAUSAL=causal, **lagged, **common)
         if lag:
             dk[:, T - lag:].zero_()
             dv[:, T - lag:].zero_()
