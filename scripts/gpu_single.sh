@@ -25,7 +25,8 @@
 # off, on in chunk_state and dqdk, on everywhere, ~3 min), zdotsan (fwd_kernel's ZDOT fault under
 # compute-sanitizer memcheck, ~2 min), capsweep (the register-capped configs of gpu_linear_attention_configs.py's
 # candidates, each forced against the baseline, ~4 min), laab (scripts/gpu_la_ab.py on a carried ../snap_old
-# checkout, then on this one: the linear-attention op side by side, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
+# checkout, then on this one: the linear-attention op side by side, ~2 min), opdiag (scripts/gpu_opcheck_diag.py
+# on both checkouts, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -87,6 +88,10 @@ for phase in "$@"; do
     laab) for side in old new; do  # A/B of the linear-attention op: ../snap_old (carried) vs this tree
         src=src; [ $side = old ] && src=../snap_old/src
         step laab_$side 95 env PYTHONPATH=$src python scripts/gpu_la_ab.py --label $side
+      done ;;
+    opdiag) for side in old new; do  # opcheck's eager-vs-AOT forward: determinism and tile configs, ~1 min each
+        src=src; [ $side = old ] && src=../snap_old/src
+        step opdiag_$side 90 env PYTHONPATH=$src python scripts/gpu_opcheck_diag.py
       done ;;
     segsweep) step segsweep 120 python scripts/gpu_linear_attention.py --sweep-only ;;
     hhfit) step hhfit 240 python scripts/gpu_hedgehog_fit.py ;;
