@@ -13,8 +13,9 @@
 # kernels and their tilings, ~1 min), hybridprof (scripts/gpu_hybrid_profile.py: CUDA time per kernel of
 # linear, window, hybrid and FAVOR+ f+b at 128k, ~2 min), zdot (scripts/gpu_la_breakdown.py with MMM_LA_ZDOT=0,
 # then 1: CUDA time per linear-attention kernel, ~3 min), segsweep (linear attention's segment length at
-# 2k / 8k / 128k, CUDA-graph times, ~1 min), hhfit (scripts/gpu_hedgehog_fit.py: Hedgehog's held-out
-# error at 8k / 32k for longer fits than the bench's, beside elu+1, ~3 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
+# 2k / 8k / 128k, CUDA-graph times, ~1 min), bksweep (the same with dq/dk's K tile forced to 32, then 64,
+# ~2 min), hhfit (scripts/gpu_hedgehog_fit.py: Hedgehog's held-out error at 8k / 32k for longer fits than
+# the bench's, beside elu+1, ~3 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
 # the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and
 # stall reasons of the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64,
 # under compute-sanitizer beside a retired config of the 2026-11-28 fault as the positive control,
@@ -25,8 +26,8 @@
 # off, on in chunk_state and dqdk, on everywhere, ~3 min), zdotsan (fwd_kernel's ZDOT fault under
 # compute-sanitizer memcheck, ~2 min), capsweep (the register-capped configs of gpu_linear_attention_configs.py's
 # candidates, each forced against the baseline, ~4 min), laab (scripts/gpu_la_ab.py on a carried ../snap_old
-# checkout, then on this one: the linear-attention op side by side, ~2 min), opdiag (scripts/gpu_opcheck_diag.py
-# on both checkouts, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
+# checkout, then on this one: the linear-attention op side by side, ~2 min), opdiag (scripts/gpu_opcheck_diag.py,
+# ~1 min; opdiag_old: on ../snap_old). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -89,11 +90,13 @@ for phase in "$@"; do
         src=src; [ $side = old ] && src=../snap_old/src
         step laab_$side 95 env PYTHONPATH=$src python scripts/gpu_la_ab.py --label $side
       done ;;
-    opdiag) for side in old new; do  # opcheck's eager-vs-AOT forward: determinism and tile configs, ~1 min each
-        src=src; [ $side = old ] && src=../snap_old/src
-        step opdiag_$side 90 env PYTHONPATH=$src python scripts/gpu_opcheck_diag.py
-      done ;;
+    opdiag) step opdiag 90 python scripts/gpu_opcheck_diag.py ;;  # opcheck's eager-vs-AOT forward, ~1 min
+    opdiag_old) step opdiag_old 90 env PYTHONPATH=../snap_old/src python scripts/gpu_opcheck_diag.py ;;
     segsweep) step segsweep 120 python scripts/gpu_linear_attention.py --sweep-only ;;
+    bksweep) for bk in 32 64; do  # the segment sweep with dq/dk forced to wider K tiles (fewer programs
+        # recompute g v^T; more segments give back the parallelism), beside segsweep's autotuned one
+        step "bksweep$bk" 120 env MMM_LA_CONFIG="bwd_dqdk_kernel=64,$bk,4,2" python scripts/gpu_linear_attention.py --sweep-only
+      done ;;
     hhfit) step hhfit 240 python scripts/gpu_hedgehog_fit.py ;;
     favor) step favor 150 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_attention_gpu.py \
         -k favor_through_the_kernel \
