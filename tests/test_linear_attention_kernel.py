@@ -642,18 +642,37 @@ def _assert_within_twice_pytorch_bf16(q, k, v, feature_map, normalize, causal=Tr
         assert math.isfinite(e) and e <= 2 * e_ref, (name, e, e_ref)
 
 
+def _pin_tile_configs(monkeypatch):
+    """Each autotuned kernel keeps one tile config: the one of its last launch. opcheck compares the op's
+    eager and traced outputs to ~1e-5, and a traced launch tunes again: torch's wrap_triton re-wraps the
+    pruned configs in a new Autotuner with its own cache, whose timings may pick another chunk length,
+    which rounds bf16 differently (session 17, H200: the forward's outputs a few bf16 ulps apart on 3% of
+    elements; identical with one config). FastLaunch forgets its compiled kernels, so eager launches take
+    the pinned config too."""
+    from mmm.ops import _eager
+
+    for name in ("chunk_state_kernel", "fwd_kernel", "bwd_dqdk_kernel", "bwd_dv_kernel"):
+        tuner = getattr(op.kernels, name)
+        monkeypatch.setattr(tuner, "configs", [tuner.best_config])
+        fast = _eager._FAST_LAUNCHERS.get(tuner)
+        if fast is not None:
+            monkeypatch.setattr(fast, "entries", {})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("normalize,causal", [(True, True), (False, False)])
-def test_gpu_opcheck(normalize, causal):
+def test_gpu_opcheck(normalize, causal, monkeypatch):
     q, k, v = (torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     lag = 5 if causal else 0
     args = (q, k, v, 1, normalize, causal, 1e-6, 128, 0.5, lag)
-    torch.library.opcheck(torch.ops.mmm.linear_attention_fwd.default, args)
     o, rden, states = torch.ops.mmm.linear_attention_fwd(*args)
     do = torch.randn_like(o)
     # rden is a differentiable output: detach it and the states, or opcheck differentiates the backward op
     bwd_args = (do, q.detach(), k.detach(), v.detach(), o.detach(), rden.detach(), states.detach(), 1, normalize, causal,
                 128, 0.5, lag)
+    torch.ops.mmm.linear_attention_bwd(*bwd_args)  # every kernel launched (and tuned) once before pinning
+    _pin_tile_configs(monkeypatch)
+    torch.library.opcheck(torch.ops.mmm.linear_attention_fwd.default, args)
     torch.library.opcheck(torch.ops.mmm.linear_attention_bwd.default, bwd_args)
 
 
