@@ -263,7 +263,8 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
         options = kernels.CONFIGS[name] + RETIRED.get(name, []) + CANDIDATES.get(name, [])
         for bt, t, w, st, *cap in options:
             for var in variants:
-                consts = dict(DK=D, DV=DV, FEATURE=1, NORMALIZE=True, DOT_MODE=0, BT=bt, **{tile: t}, **var)
+                # whole chunks (T and segments multiples of MAX_BT, as at the bench's lengths): no row masks
+                consts = dict(DK=D, DV=DV, FEATURE=1, NORMALIZE=True, DOT_MODE=0, FULL_CHUNKS=True, BT=bt, **{tile: t}, **var)
                 if "HAS_LAG" in fn.arg_names:  # lag-free: the plain linear attention path
                     consts["HAS_LAG"] = False
                 sig = {a: "constexpr" if a in consts else ("*fp32" if a in fp32_ptrs else "*bf16") if a.endswith("_ptr")

@@ -47,19 +47,21 @@ KERNELS = {
     "kron_bwd_one_pass_kernel": ("kronecker", "*bf16", {"pa_ptr": "*fp32", "pb_ptr": "*fp32"},
                                  dict(BO1=32, BI1=32, BO2=32, BC=32, PRECISION="ieee")),
     # linear attention, bf16, DK = DV = 128, elu features, normalised, causal; fp32 states and row factors;
-    # the default path (ZDOT in chunk_state and dqdk: kernels.ZDOT_DEFAULT; gpu_linear_attention_configs.py --ir
+    # whole chunks (FULL_CHUNKS) in three of them, masked in dq/dk; the default path (ZDOT in chunk_state and dqdk: kernels.ZDOT_DEFAULT; gpu_linear_attention_configs.py --ir
     # compiles it both ways)
     "chunk_state_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "drden_ptr": "*fp32", "st_ptr": "*fp32"},
                            dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, BWD=True, HAS_DRDEN=True, DOT_MODE=0,
-                                ZDOT=True, HAS_LAG=False)),
+                                ZDOT=True, HAS_LAG=False, FULL_CHUNKS=True)),
     "scan_kernel": ("linear_attention", "*fp32", {}, dict(REVERSE=True, BLOCK="SCAN_BLOCK")),
     "fwd_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "st_ptr": "*fp32"},
-                   dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, ZDOT=False, HAS_LAG=False)),
+                   dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, ZDOT=False, HAS_LAG=False,
+                        FULL_CHUNKS=True)),
     "bwd_dqdk_kernel": ("linear_attention", "*bf16", {"r_ptr": "*fp32", "st_ptr": "*fp32", "dst_ptr": "*fp32"},
                         dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, PART=1, ZDOT=True,
-                             HAS_LAG=True)),
+                             HAS_LAG=True, FULL_CHUNKS=False)),
     "bwd_dv_kernel": ("linear_attention", "*bf16", {"dst_ptr": "*fp32"},
-                      dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, HAS_LAG=True)),
+                      dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, HAS_LAG=True,
+                           FULL_CHUNKS=True)),
     # FFT as DFT GEMMs ("fft.dft_kernels": a module name with a dot is taken as is), 128 x 128 tiles, two
     # Toeplitz branches, bf16 rows, fp16 tables and scratch, fp32 spectrum, partial sums and stash
     "dft_conv_kernel": ("fft.dft_kernels", "*fp16",

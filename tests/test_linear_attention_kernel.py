@@ -131,6 +131,19 @@ def test_sequence_lengths(T, poisoned_empty):
 
 
 @needs_kernel
+@pytest.mark.parametrize("feature_map,normalize,causal,lag", [
+    ("elu", True, True, 0), ("relu", False, False, 0), (None, False, True, 0), ("elu", True, True, 40)])
+def test_whole_chunks_drop_the_row_masks(feature_map, normalize, causal, lag, poisoned_empty):
+    """T and the segment length multiples of MAX_BT: the kernels run without row masks (FULL_CHUNKS; the
+    key lag keeps its own mask). Output and every gradient against fp64, as with masked chunks."""
+    T, seg = 2 * op.kernels.MAX_BT, op.kernels.MAX_BT
+    assert op.full_chunks(T, seg) and not op.full_chunks(T - 1, seg) and not op.full_chunks(T, seg + 16)
+    q, k, v = make_inputs(1, T, 2, 16, feature_map, normalize)
+    check_against_fp64(q, k, v, feature_map, normalize, causal, seg_len=seg, tol=2e-5, lag=lag,
+                       grad_floor=1.0 if lag else 0.0)
+
+
+@needs_kernel
 def test_several_state_tiles_and_batches(poisoned_empty):
     # D=32 with 16-wide tiles: two K-tiles and two V-tiles per segment; B=2 checks the batch offsets
     q, k, v = make_inputs(2, 40, 2, 32, "elu", True)

@@ -68,6 +68,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (speed only: a segment of any length is swept correctly, with its last chunk masked).
 SEGMENT_MULTIPLE = 16 if INTERPRET else 128
 SCAN_BLOCK = 1024
+# Every chunk length BT divides MAX_BT (`_configs` checks, forced configs included): with T and the segment
+# length multiples of it, every chunk is whole and the kernels drop their row masks (FULL_CHUNKS).
+MAX_BT = 128
 FEATURE_CODES = {None: 0, "identity": 0, "elu": 1, "relu": 2}
 LOG2E = tl.constexpr(1.4426950408889634)
 LIBDEVICE = tl.constexpr(not INTERPRET)  # the interpreter has no libdevice functions
@@ -152,6 +155,9 @@ def _configs(kernel: str, tile: str):
     else:
         options = CONFIGS[kernel]
     # an option is (BT, tile, num_warps, num_stages) or the same with a register cap (maxnreg) last
+    for bt, *_ in options:
+        if MAX_BT % bt:
+            raise ValueError(f"{kernel}: chunk length BT={bt} must divide MAX_BT={MAX_BT}")
     return [triton.Config({"BT": bt, tile: t}, num_warps=w, num_stages=s, maxnreg=cap[0] if cap else None)
             for bt, t, w, s, *cap in options]
 
@@ -310,6 +316,17 @@ def _key_lag(i_s, L, LAG, H, DK: tl.constexpr, DV: tl.constexpr, HAS_LAG: tl.con
 
 
 @triton.jit
+def _chunk_rows(offs_t, n_left, BT: tl.constexpr, FULL: tl.constexpr):
+    """The rows of a chunk inside its segment, n_left rows remaining from the chunk's first. FULL: every
+    chunk is whole (the op's `full_chunks`), so the mask is a constant that the compiler drops from every
+    load, store and select: 7-10% fewer instructions in the fwd, dq/dk and dv loops (sm_90 SASS)."""
+    if FULL:
+        return tl.full([BT], 1, tl.int1)
+    else:
+        return offs_t < n_left
+
+
+@triton.jit
 def _key_rows(mt, offs_t, t0, first, HAS_LAG: tl.constexpr):
     """The rows of a chunk (mask mt, first row t0 of the segment) whose lagged key exists (`_key_lag`)."""
     if HAS_LAG:
@@ -333,7 +350,7 @@ def chunk_state_kernel(
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
     HAS_DRDEN: tl.constexpr, ZDOT: tl.constexpr,
-    HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """One segment's local sum of phi(x)^T y (a BK-row tile of the DK x DV state, full V) and of the
     normalizer vector. Forward: x = k, y = v, vector = sum b. Backward: x = q, y = do * rden,
@@ -360,7 +377,7 @@ def chunk_state_kernel(
     vec = tl.zeros([BK], dtype=tl.float32)
     vec_w = tl.zeros([BK, ZW], dtype=tl.float32)  # ZDOT: the vector in each of its ZW equal columns
     for t0 in range(0, t_len, BT):
-        mt = offs_t < t_len - t0
+        mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
         mx = _key_rows(mt, offs_t, t0, first, HAS_LAG)
         x = tl.load(x_base + tile_k, mask=mx[:, None], other=0.0)
         if NORMALIZE and not BWD and not ZDOT:  # only the plain sum of b needs its padding rows zeroed
@@ -438,7 +455,8 @@ def fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rden_ptr, st_ptr,
     T, H, L, NS, eps, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, BT: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
     chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps).
@@ -467,7 +485,7 @@ def fwd_kernel(
     v_base = v_ptr + rowv0 - lag_v
     o_base = o_ptr + rowv0
     for t0 in range(0, t_len, BT):
-        mt = offs_t < t_len - t0
+        mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
         a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if NORMALIZE:  # a row reduction (within a warp's threads): no dot needed
@@ -508,8 +526,8 @@ def bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, PART: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr,
+    ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, PART: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
 ):
     """dq and dk for one K-tile of one segment:
       da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
@@ -565,7 +583,7 @@ def bwd_dqdk_kernel(
             t0 = (n_blk - 1 - j) * BT
         off_k = rowk0 + t0.to(tl.int64) * (H * DK)
         off_v = rowv0 + t0.to(tl.int64) * (H * DV)
-        mt = offs_t < t_len - t0
+        mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
         mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
         k_c = tl.load(k_ptr + off_k - lag_k + tile_k, mask=mk[:, None], other=0.0)
         if HAS_LAG or (NORMALIZE and not ZDOT):  # lagged keys' missing rows meet dA in da; the plain z sums
@@ -640,7 +658,7 @@ def bwd_dv_kernel(
     q_ptr, k_ptr, g_ptr, dst_ptr, dv_ptr,
     T, H, L, NS, scale, LAG,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """dv for one V-tile of one segment, chunks in reverse: dv = b dS_next + tril(a b^T)^T g
     (contracts over K: full K here); dS_next (DK x BV) accumulates a^T g. LAG: k read and dv stored LAG
@@ -668,7 +686,7 @@ def bwd_dv_kernel(
     dv_base = dv_ptr + rowv0 - lag_v + last_v
     for j in range(0, n_blk):
         t0 = (n_blk - 1 - j) * BT
-        mt = offs_t < t_len - t0
+        mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
         mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
         # unmasked: rows without a key only reach dv rows that are not stored
         b_c = _features(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
