@@ -58,8 +58,8 @@ tests() {  # eight pytest processes side by side (-v: a timeout still leaves eac
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
 
-retests() {  # session 16: compiled glue with one code copy per kind of call (attention._compiled); the
-  # linear-attention kernels' fewer instructions per element (exp2, unmasked query features, g written once)
+retests() {  # session 17: whole chunks without row masks (FULL_CHUNKS, the bench lengths take it), the
+  # opcheck test with one tile config per kernel; the session-16 kernels' tests as before
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
   $t tests/test_attention_gpu.py -k "key_slices or favor_through_the_kernel" > "$OUT/t_attn.log" 2>&1 &
   $t tests/test_attention_flex.py -k "flex_paths or compile" > "$OUT/t_flex.log" 2>&1 &
