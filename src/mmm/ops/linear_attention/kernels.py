@@ -238,7 +238,7 @@ def _features(x, mt, like_ptr, scale, FEATURE: tl.constexpr, DOT_MODE: tl.conste
     of x s log2(e), with no min(x, 0) first: on x > 0 the select discards it, inf or not, and ptxas
     predicates the MUFU off there.) Every later use (dots, normalizer sums, phi') reads this one copy,
     so forward and backward see the same features, and no fp32 tile stays live (register pressure is what
-    limits these kernels).
+    limits these kernels); except fwd_kernel's plain normalizer sums (see there).
     Instruction count is what limits them next (ncu: issue-bound at 2 programs per SM): per element
     this is an unpack, a compare, a multiply, a multiply-add and one predicated MUFU (libdevice's exp2 is
     flush-to-zero: tl.exp's denormal guard cost 3 more instructions; results below 2^-126 become 0, far
@@ -246,16 +246,22 @@ def _features(x, mt, like_ptr, scale, FEATURE: tl.constexpr, DOT_MODE: tl.conste
     fwd and dv loops. mt None: no mask, where the rows outside it only ever meet zeros or feed
     rows that are not stored (each call says why): query rows (their do, rden and r load as 0), and key
     rows wherever their value rows (loaded as 0) and zero weights in the normalizer's dots cover them."""
-    x = x.to(tl.float32)
-    if FEATURE == 1:
-        x = tl.where(x > 0, x * scale + 1.0, _exp2(x * (scale * LOG2E)))
-    elif FEATURE == 2:
-        x = tl.maximum(x, 0.0) * scale
-    else:
-        x = x * scale
+    x = _phi(x, scale, FEATURE)
     if mt is not None:
         x = tl.where(mt[:, None], x, 0.0)
     return _cast(x, like_ptr, DOT_MODE)
+
+
+@triton.jit
+def _phi(x, scale, FEATURE: tl.constexpr):
+    """phi(scale * x) in fp32 (`_features` masks it and rounds it for the dots)."""
+    x = x.to(tl.float32)
+    if FEATURE == 1:
+        return tl.where(x > 0, x * scale + 1.0, _exp2(x * (scale * LOG2E)))
+    elif FEATURE == 2:
+        return tl.maximum(x, 0.0) * scale
+    else:
+        return x * scale
 
 
 @triton.jit
@@ -463,6 +469,10 @@ def fwd_kernel(
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
     chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps).
     ZDOT: z's column sums as a tensor-core dot (see ZDOT above); a . z stays a row reduction.
+    a . z and (without ZDOT) z's sums take the fp32 features, before their rounding to the dot dtype:
+    summing the rounded copy unpacked it to fp32 again and kept ptxas from packing the features in pairs
+    (static SASS per loop 1943 -> 1691). The normalizer then differs from one of rounded features by
+    ~2^-9 / sqrt(DK) relative, far inside the bf16 rounding of o.
     LAG: keys and values read LAG rows back (`_key_lag`; causal only)."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
@@ -488,13 +498,15 @@ def fwd_kernel(
     o_base = o_ptr + rowv0
     for t0 in range(0, t_len, BT):
         mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
-        a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
-        num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
+        a32 = _phi(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), scale, FEATURE)
         if NORMALIZE:  # a row reduction (within a warp's threads): no dot needed
-            den = tl.sum(a_c.to(tl.float32) * z[None, :], axis=1)
+            den = tl.sum(a32 * z[None, :], axis=1)
+        a_c = _cast(a32, q_ptr, DOT_MODE)
+        num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
             mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
-            b_c = _features(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), mk, q_ptr, scale, FEATURE, DOT_MODE)
+            b32 = tl.where(mk[:, None], _phi(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), scale, FEATURE), 0.0)
+            b_c = _cast(b32, q_ptr, DOT_MODE)
             v_c = _cast(tl.load(v_base + tile_v, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
             A = tl.where(causal, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
             num += _dot(_cast(A, q_ptr, DOT_MODE), v_c, DOT_MODE)
@@ -505,7 +517,7 @@ def fwd_kernel(
                     zsum = _row_sums(b_c, ones, tl.zeros([DK, ZW], dtype=tl.float32), q_ptr, DOT_MODE, True)
                     z += tl.sum(zsum, axis=1) * (1.0 / ZW)
                 else:
-                    z += tl.sum(b_c.to(tl.float32), axis=0)
+                    z += tl.sum(b32, axis=0)
         if NORMALIZE:
             rd = 1.0 / (den + eps)
             num = num * rd[:, None]
