@@ -144,6 +144,24 @@ def test_whole_chunks_drop_the_row_masks(feature_map, normalize, causal, lag, po
 
 
 @needs_kernel
+def test_autotuning_keys_on_a_shape_bucket(monkeypatch):
+    """Each kernel tunes once per bucket of (sequence, segment) pairs and segment length, so the first
+    call's length does not choose the tiles for every length; every launch passes its bucket."""
+    kern = op.kernels
+    for name in ("chunk_state_kernel", "fwd_kernel", "bwd_dqdk_kernel", "bwd_dv_kernel"):
+        assert "TUNE_BUCKET" in getattr(kern, name).keys, name
+    # 16 heads on the GPU: T = 1k / 2k, 8k / 32k and 128k (segments 256, 1024 / 4096, 16384)
+    assert [kern.tune_bucket(p, L) for p, L in ((64, 256), (128, 256), (128, 1024), (128, 4096), (128, 16384))] == [3, 3, 4, 4, 5]
+    assert kern.tune_bucket(8, 256) == 0 and kern.tune_bucket(8, 8192) == 2
+    seen = []
+    run = kern.fwd_kernel.run
+    monkeypatch.setattr(kern.fwd_kernel, "run", lambda *a, **kw: (seen.append(kw["TUNE_BUCKET"]), run(*a, **kw))[1])
+    q, k, v = make_inputs(1, 48, 2, 16, "elu", True)
+    op._kernel_forward(q, k, v, "elu", True, True, 1e-6, seg_len=16)
+    assert seen == [kern.tune_bucket(3 * 2, 16)]
+
+
+@needs_kernel
 def test_several_state_tiles_and_batches(poisoned_empty):
     # D=32 with 16-wide tiles: two K-tiles and two V-tiles per segment; B=2 checks the batch offsets
     q, k, v = make_inputs(2, 40, 2, 32, "elu", True)

@@ -121,6 +121,16 @@ else:
                          f"by commas (default {ZDOT_DEFAULT!r}), got {_ZDOT!r}")
 
 
+def tune_bucket(n_pairs: int, seg_len: int) -> int:
+    """The shape bucket in every autotuning key (the kernels' TUNE_BUCKET argument, otherwise unused): the
+    best tiles depend on how many (sequence, segment) pairs share the GPU and how many chunks each one
+    sweeps, so each kernel tunes once per bucket, not once per process (before, the first call's length
+    chose the tiles for every length) nor per token count. Buckets: fewer than 64 pairs or not, times
+    segments of <= 512, <= 4096 or more tokens; at 16 heads T <= 2k, 8k-32k and 128k are three buckets."""
+    size = 0 if seg_len <= 512 else 1 if seg_len <= 4096 else 2
+    return size + (3 if n_pairs >= 64 else 0)
+
+
 def zdot(kernel: str) -> bool:
     """Whether `kernel` (one of ZDOT_KERNELS) runs its normalizer sums as dots (ZDOT: a bool or a set of names)."""
     return kernel in ZDOT if isinstance(ZDOT, frozenset) else bool(ZDOT)
@@ -347,7 +357,7 @@ def _key_rows(mt, offs_t, t0, first, HAS_LAG: tl.constexpr):
 # into them): the autotuner launches every config many times on the same buffers.
 @triton.autotune(
     configs=_configs("chunk_state_kernel", "BK"),
-    key=["DK", "DV", "BWD"],  # the backward variant holds 3 more row tiles: tune it separately
+    key=["DK", "DV", "BWD", "TUNE_BUCKET"],  # the backward variant holds 3 more row tiles: tune it separately
     # with ZDOT its second dot (the normalizer sums) has BK rows
     prune_configs_by={"early_config_prune": _pruner("BK", 1, 128,
                                                     state_rows=lambda kw: "BK" if kw.get("ZDOT") else None)},
@@ -355,7 +365,7 @@ def _key_rows(mt, offs_t, t0, first, HAS_LAG: tl.constexpr):
 @triton.jit
 def chunk_state_kernel(
     x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, g_ptr, st_ptr,
-    T, H, L, NS, scale, LAG,
+    T, H, L, NS, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
     HAS_DRDEN: tl.constexpr, ZDOT: tl.constexpr,
     HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -455,13 +465,13 @@ def scan_kernel(st_ptr, NS, M, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.autotune(
     configs=_configs("fwd_kernel", "BV"),
-    key=["DK", "DV"],
+    key=["DK", "DV", "TUNE_BUCKET"],
     prune_configs_by={"early_config_prune": _pruner("BV", 1, 128, state_rows="full")},
 )
 @triton.jit
 def fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rden_ptr, st_ptr,
-    T, H, L, NS, eps, scale, LAG,
+    T, H, L, NS, eps, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, BT: tl.constexpr,
     BV: tl.constexpr,
@@ -532,13 +542,13 @@ def fwd_kernel(
 
 @triton.autotune(
     configs=_configs("bwd_dqdk_kernel", "BK"),
-    key=["DK", "DV", "PART"],
+    key=["DK", "DV", "PART", "TUNE_BUCKET"],
     prune_configs_by={"early_config_prune": _pruner("BK", lambda kw: 2 if kw.get("PART", 0) == 0 else 1, 128, state_rows="BK")},
 )
 @triton.jit
 def bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
-    T, H, L, NS, scale, LAG,
+    T, H, L, NS, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, PART: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
@@ -664,13 +674,13 @@ def bwd_dqdk_kernel(
 
 @triton.autotune(
     configs=_configs("bwd_dv_kernel", "BV"),
-    key=["DK", "DV"],
+    key=["DK", "DV", "TUNE_BUCKET"],
     prune_configs_by={"early_config_prune": _pruner("BV", 1, 128, state_rows="full")},
 )
 @triton.jit
 def bwd_dv_kernel(
     q_ptr, k_ptr, g_ptr, dst_ptr, dv_ptr,
-    T, H, L, NS, scale, LAG,
+    T, H, L, NS, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):

@@ -103,7 +103,8 @@ if HAVE_TRITON:
         rden = alloc((B, H, T), dtype=torch.float32, device=q.device)
         states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=q.device)
         common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
-                      DOT_MODE=_dot_mode(q.dtype), FULL_CHUNKS=full_chunks(T, seg_len))
+                      DOT_MODE=_dot_mode(q.dtype), FULL_CHUNKS=full_chunks(T, seg_len),
+                      TUNE_BUCKET=kernels.tune_bucket(NS * B * H, seg_len))
         lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             k, v, v, rden, rden, rden, v, states, BWD=False, HAS_DRDEN=False, ZDOT=kernels.zdot("chunk_state"),
@@ -133,7 +134,8 @@ if HAVE_TRITON:
         dstates = torch.empty_like(states)
         dot_mode = _dot_mode(q.dtype)
         common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
-                      DOT_MODE=dot_mode, FULL_CHUNKS=full_chunks(T, seg_len))
+                      DOT_MODE=dot_mode, FULL_CHUNKS=full_chunks(T, seg_len),
+                      TUNE_BUCKET=kernels.tune_bucket(NS * B * H, seg_len))
         lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys (not chunk_state's: q, do)
         # normalizing: g = do * rden in the dots' dtype, written once by chunk_state for the later kernels
         g = torch.empty(do.shape, dtype=do.dtype if dot_mode == 0 else torch.float32, device=do.device) if normalize else do
