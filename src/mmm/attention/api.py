@@ -24,11 +24,13 @@ from .window import window_attention, window_path
 METHODS = ("exact", "window", "linear", "hybrid", "auto")
 APPROXIMATIONS = ("window", "linear", "hybrid")
 # method="auto" runs exact attention below this sequence length and the approximation at or above it.
-# Measured on an H200 (bf16, 16 heads x 128, causal, fwd+bwd, results/h200/2026-11-28-attention-crossover-
-# kernel.md and -linear-attention-kernel.log): cuDNN SDPA was faster at every T <= 4096 (0.57 vs 1.33 ms at
-# 4096) and the fused linear kernel at 8192 (1.21 vs 2.01 ms). Other GPUs and shapes move it: pass
-# `crossover=` or measure with `mmm bench --cases attn.crossover`.
-AUTO_CROSSOVER = 8192
+# Measured for eager calls (bf16, 16 heads x 128, causal, fwd+bwd, `mmm bench --cases attn.crossover`):
+# linear elu+1 is faster than cuDNN SDPA from ~4.5k tokens on an H100 (results/h100/2026-12-07-s16-
+# crossover.md) and ~5.5k on an H200 (results/h200/2026-12-07-s17-crossover.md; 0.99 vs 0.58 ms at 4096,
+# 0.89 vs 1.86 at 8192). Below that the host's time to issue linear's launches (~0.9 ms per f+b there)
+# decides; replayed from CUDA graphs the crossover is ~1.6-2.1k. Other GPUs, hosts and shapes move it:
+# pass `crossover=` or measure.
+AUTO_CROSSOVER = 6144
 DEFAULT_WINDOW = 512
 DEFAULT_EPS = 1e-6
 ERROR_ROW_BLOCK = 2**25  # elements of exact-attention scores alive at once in attention_error
