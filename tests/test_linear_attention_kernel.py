@@ -465,17 +465,17 @@ def guarded_input(B, T, H, D, values):
     return view
 
 
-def run_bounds_checked(check_guards, feature_map, normalize, causal, dk=128, dv=128):
+def run_bounds_checked(check_guards, feature_map, normalize, causal, dk=128, dv=128, T=200, seg_len=144):
     """fwd + bwd at D=128 (room for every GPU tile), T=200 in segments of 144: two segments, each swept in
-    chunks of 16..128 rows with a ragged last chunk (segments need not be multiples of BT). Inputs and the
-    upstream gradient sit in NaN-guarded buffers, outputs in sentinel-guarded ones. dk, dv: the key and
-    value widths (q, k and v, do)."""
-    B, T, H = 1, 200, 2
+    chunks of 16..128 rows with a ragged last chunk (segments need not be multiples of BT); T=256 in
+    segments of 128 takes the unmasked whole-chunk path. Inputs and the upstream gradient sit in
+    NaN-guarded buffers, outputs in sentinel-guarded ones. dk, dv: the key and value widths (q, k and v, do)."""
+    B, H = 1, 2
     vals = make_inputs(B, T, H, dk, feature_map, normalize, device="cpu", dv=dv) + (torch.randn(B, T, H, dv),)
     q, k, v, go = (guarded_input(B, T, H, x.shape[-1], x) for x in vals)
     originals = [x.clone() for x in (q, k, v, go)]
     qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
-    o = op._kernel_forward(qs, ks, vs, feature_map, normalize, causal, 1e-6, seg_len=144)
+    o = op._kernel_forward(qs, ks, vs, feature_map, normalize, causal, 1e-6, seg_len=seg_len)
     o.backward(go)
     check_guards()
     for before, after in zip(originals, (q, k, v, go)):
@@ -490,9 +490,10 @@ def run_bounds_checked(check_guards, feature_map, normalize, causal, dk=128, dv=
 
 @needs_kernel
 @pytest.mark.skipif(not op.kernels.INTERPRET, reason="the interpreter runs any tile config on CPU")
-def test_largest_gpu_tiles_stay_in_bounds(monkeypatch, guarded_empty):
+@pytest.mark.parametrize("T,seg_len", [(200, 144), (256, 128)], ids=["ragged", "whole-chunks"])
+def test_largest_gpu_tiles_stay_in_bounds(T, seg_len, monkeypatch, guarded_empty):
     force_configs(monkeypatch, largest_tiles())
-    run_bounds_checked(guarded_empty, "elu", True, True)
+    run_bounds_checked(guarded_empty, "elu", True, True, T=T, seg_len=seg_len)
 
 
 @needs_kernel
@@ -507,12 +508,14 @@ def test_different_key_and_value_widths_stay_in_bounds(dk, dv, guarded_empty):
 @pytest.mark.skipif(not op.kernels.INTERPRET, reason="the interpreter runs any tile config on CPU")
 @pytest.mark.parametrize("feature_map,normalize,causal", [("elu", True, True), (None, False, True), ("relu", True, False)])
 @pytest.mark.parametrize("config_set", range(max(len(v) for v in op.kernels.CONFIGS.values())) if op.HAVE_TRITON else [])
-def test_every_gpu_tile_config_stays_in_bounds(config_set, feature_map, normalize, causal, monkeypatch, guarded_empty, request):
-    """~1.5 min on 2 cores, so only when asked for: pytest tests/test_linear_attention_kernel.py -m slow"""
+@pytest.mark.parametrize("T,seg_len", [(200, 144), (256, 128)], ids=["ragged", "whole-chunks"])
+def test_every_gpu_tile_config_stays_in_bounds(T, seg_len, config_set, feature_map, normalize, causal, monkeypatch,
+                                               guarded_empty, request):
+    """~3 min on 2 cores, so only when asked for: pytest tests/test_linear_attention_kernel.py -m slow"""
     if "slow" not in request.config.getoption("markexpr", "") or "not slow" in request.config.getoption("markexpr", ""):
-        pytest.skip("sweeps every GPU tile config under the interpreter (~1.5 min): run with -m slow")
+        pytest.skip("sweeps every GPU tile config under the interpreter (~3 min): run with -m slow")
     force_configs(monkeypatch, gpu_config_sets()[config_set])
-    run_bounds_checked(guarded_empty, feature_map, normalize, causal)
+    run_bounds_checked(guarded_empty, feature_map, normalize, causal, T=T, seg_len=seg_len)
 
 
 @needs_kernel
