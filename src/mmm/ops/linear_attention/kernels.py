@@ -515,7 +515,8 @@ def fwd_kernel(
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
             mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
-            b32 = tl.where(mk[:, None], _phi(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), scale, FEATURE), 0.0)
+            b32 = _phi(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), scale, FEATURE)
+            b32 = tl.where(mk[:, None], b32, 0.0)
             b_c = _cast(b32, q_ptr, DOT_MODE)
             v_c = _cast(tl.load(v_base + tile_v, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
             A = tl.where(causal, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
