@@ -232,6 +232,19 @@ def note(r: dict) -> str:
 # ------------------------------------------------------------------ --ir: sm_90 compile report, no GPU
 
 
+def loop_instructions(sass: str) -> int:
+    """SASS instructions in the kernel's longest loop (from a backward branch's target to the branch): the
+    chunk loop, what runs once per chunk."""
+    ins = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)
+    addrs = [int(a, 16) for a, _, _ in ins]
+    spans = [0]
+    for a, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target[1], 16) < int(a, 16):
+            spans.append(sum(1 for x in addrs if int(target[1], 16) <= x <= int(a, 16)))
+    return max(spans)
+
+
 def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None:
     """Compiles each config (bf16, elu, normalized, causal; chunk_state in both directions) for sm_90 and
     prints shared memory, registers and spill bytes (cuobjdump -res-usage), the static SASS instruction
@@ -296,7 +309,8 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
                     r"convert_layout .* : tensor<([0-9x]+)x\w+, (#mma\d*)> -> tensor<[0-9x]+x\w+, (#ttg.dot_op<\{opIdx = \d, parent = )?(#mma\d*)", ttgir)
                     if src_ in replicated and full[src_] != full[dst]})
                 print(f"{label}: {c.metadata.shared} B, {m[1] if m else '?'} regs, {m[2] if m else '?'} B spilled, "
-                      f"{sorted(set(full.values()))}, {len(opcodes)} SASS instructions ({top})"
+                      f"{sorted(set(full.values()))}, {len(opcodes)} SASS instructions, {loop_instructions(sass)} in the "
+                      f"chunk loop ({top})"
                       f"{'  RISKY: replicated rows converted ' + ', '.join(flags) if flags else ''}", flush=True)
 
 
