@@ -126,7 +126,7 @@ def tune_bucket(n_pairs: int, seg_len: int) -> int:
     best tiles depend on how many (sequence, segment) pairs share the GPU and how many chunks each one
     sweeps, so each kernel tunes once per bucket, not once per process (before, the first call's length
     chose the tiles for every length) nor per token count. Buckets: fewer than 64 pairs or not, times
-    segments of <= 512, <= 4096 or more tokens; at 16 heads T <= 2k, 8k-32k and 128k are three buckets."""
+    segments of <= 512, <= 4096 or more tokens; at 16 heads T <= 4k, 8k-32k and 128k are three buckets."""
     size = 0 if seg_len <= 512 else 1 if seg_len <= 4096 else 2
     return size + (3 if n_pairs >= 64 else 0)
 
