@@ -16,7 +16,7 @@ import torch
 
 from mmm.ops.linear_attention import kernels
 
-TUNED = ("chunk_state_kernel", "fwd_kernel", "bwd_dqdk_kernel", "bwd_dv_kernel")
+TUNED = tuple(kernels.CONFIGS)  # the autotuned kernels
 
 
 def caches() -> dict:
@@ -44,12 +44,10 @@ def main() -> None:
         new = {key: c for key, c in after[name].items() if before[name].get(key) != c}
         if new:
             print(f"  {name}: entries added or changed by opcheck: {new}", flush=True)
-    used = {name: getattr(kernels, name).cache for name in TUNED}
-    for name in TUNED:  # pin: the config of the eager call's key (bf16, forward)
+    for name in TUNED:  # pin each kernel the forward launched to the config of its last launch
         tuner = getattr(kernels, name)
-        fwd_keys = [key for key in before[name] if "torch.bfloat16" in key and (name != "chunk_state_kernel" or False in key)]
-        if fwd_keys:
-            tuner.configs = [used[name][fwd_keys[0]]]
+        if getattr(tuner, "best_config", None) is not None:
+            tuner.configs = [tuner.best_config]
     try:
         torch.library.opcheck(op, args)
         print("opcheck with pinned configs: passed", flush=True)

@@ -148,7 +148,7 @@ def test_autotuning_keys_on_a_shape_bucket(monkeypatch):
     """Each kernel tunes once per bucket of (sequence, segment) pairs and segment length, so the first
     call's length does not choose the tiles for every length; every launch passes its bucket."""
     kern = op.kernels
-    for name in ("chunk_state_kernel", "fwd_kernel", "bwd_dqdk_kernel", "bwd_dv_kernel"):
+    for name in kern.CONFIGS:  # the autotuned kernels
         assert "TUNE_BUCKET" in getattr(kern, name).keys, name
     # 16 heads on the GPU: T = 1k / 2k, 8k / 32k and 128k (segments 256, 1024 / 4096, 16384)
     assert [kern.tune_bucket(p, L) for p, L in ((64, 256), (128, 256), (128, 1024), (128, 4096), (128, 16384))] == [3, 3, 4, 4, 5]
@@ -685,7 +685,7 @@ def _pin_tile_configs(monkeypatch):
     the pinned config too."""
     from mmm.ops import _eager
 
-    for name in ("chunk_state_kernel", "fwd_kernel", "bwd_dqdk_kernel", "bwd_dv_kernel"):
+    for name in op.kernels.CONFIGS:  # the autotuned kernels
         tuner = getattr(op.kernels, name)
         monkeypatch.setattr(tuner, "configs", [tuner.best_config])
         fast = _eager._FAST_LAUNCHERS.get(tuner)

@@ -83,6 +83,15 @@ if HAVE_TRITON:
 
         return grid
 
+    def _shared_args(q: torch.Tensor, v: torch.Tensor, seg_len: int, scale: float, feature: int,
+                     normalize: bool) -> dict:
+        """The arguments every chunk_state / fwd / dq-dk / dv launch takes, forward and backward alike."""
+        B, T, H, DK = q.shape
+        NS = cdiv(T, seg_len)
+        return dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=v.shape[-1], FEATURE=feature,
+                    NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype), FULL_CHUNKS=full_chunks(T, seg_len),
+                    TUNE_BUCKET=kernels.tune_bucket(NS * B * H, seg_len))
+
     def _forward_launches(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         feature: int, normalize: bool, causal: bool, eps: float, seg_len: int, scale: float, lag: int,
@@ -102,9 +111,7 @@ if HAVE_TRITON:
         alloc = torch.empty if normalize else torch.zeros
         rden = alloc((B, H, T), dtype=torch.float32, device=q.device)
         states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=q.device)
-        common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
-                      DOT_MODE=_dot_mode(q.dtype), FULL_CHUNKS=full_chunks(T, seg_len),
-                      TUNE_BUCKET=kernels.tune_bucket(NS * B * H, seg_len))
+        common = _shared_args(q, v, seg_len, scale, feature, normalize)
         lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             k, v, v, rden, rden, rden, v, states, BWD=False, HAS_DRDEN=False, ZDOT=kernels.zdot("chunk_state"),
@@ -132,10 +139,8 @@ if HAVE_TRITON:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         r = (torch.empty if normalize else torch.zeros)((B, H, T), dtype=torch.float32, device=q.device)
         dstates = torch.empty_like(states)
-        dot_mode = _dot_mode(q.dtype)
-        common = dict(T=T, H=H, L=seg_len, NS=NS, scale=scale, DK=DK, DV=DV, FEATURE=feature, NORMALIZE=normalize,
-                      DOT_MODE=dot_mode, FULL_CHUNKS=full_chunks(T, seg_len),
-                      TUNE_BUCKET=kernels.tune_bucket(NS * B * H, seg_len))
+        common = _shared_args(q, v, seg_len, scale, feature, normalize)
+        dot_mode = common["DOT_MODE"]
         lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys (not chunk_state's: q, do)
         # normalizing: g = do * rden in the dots' dtype, written once by chunk_state for the later kernels
         g = torch.empty(do.shape, dtype=do.dtype if dot_mode == 0 else torch.float32, device=do.device) if normalize else do
