@@ -163,10 +163,11 @@ def attention_path(
     long_method: str = "hybrid",
     crossover: int | None = None,
     normalize: bool = True,
+    window: int = DEFAULT_WINDOW,
 ) -> str:
     """Which implementation `attention(q, k, v, method, ...)` runs on these inputs, for reports:
     'sdpa:<backend>' for exact; 'flex' or 'blockwise' for window; 'triton' or 'pytorch' for linear;
-    'flex+triton', 'flex+chunked' or 'blockwise' for hybrid (see window.py / hybrid.py)."""
+    'fused', 'flex+triton', 'flex+chunked' or 'blockwise' for hybrid (see window.py / hybrid.py)."""
     check_qkv(q, k, v)
     check_method(method, long_method)
     if method == "auto":
@@ -178,7 +179,7 @@ def attention_path(
     fmap = resolve_feature_map(feature_map, q.shape[-1], q.device)
     if method == "linear":
         return "triton" if triton_applies(q, v, fmap, query_scale=True, normalize=normalize) else "pytorch"
-    return hybrid_path(q, v, fmap)
+    return hybrid_path(q, v, fmap, window, causal)
 
 
 def full_precision(t: torch.Tensor):

@@ -83,9 +83,12 @@ def far_log_scale(fmap: FeatureMap, log_scale, kv_heads: int, groups: int, dtype
     return c if log_scale is None else log_scale + c
 
 
-def hybrid_path(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap) -> str:
-    """The implementation `hybrid_attention` runs for inputs like these: 'blockwise', or 'flex+triton'
-    / 'flex+chunked' (flex for the near keys, the Triton op or chunked PyTorch sums for the far ones)."""
+def hybrid_path(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap, window: int = 0, causal: bool = False) -> str:
+    """The implementation `hybrid_attention` runs for inputs like these: 'fused' (one Triton kernel for
+    both parts, `fused_hybrid`), 'blockwise', or 'flex+triton' / 'flex+chunked' (flex for the near keys,
+    the Triton op or chunked PyTorch sums for the far ones)."""
+    if fused_applies(q, v, fmap, window, causal):
+        return "fused"
     if not flex.flex_applies_to(q, v):
         return "blockwise"
     return "flex+triton" if linear_mod.triton_applies(q, v, fmap) else "flex+chunked"
@@ -93,9 +96,36 @@ def hybrid_path(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap) -> str:
 
 def hybrid_attention(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: float, chunk_size: int = linear_mod.DEFAULT_CHUNK) -> torch.Tensor:
     """[B, T, H, D] in and out (inputs already checked by `mmm.attention`)."""
-    if hybrid_path(q, v, fmap) != "blockwise":
+    path = hybrid_path(q, v, fmap, window, causal)
+    if path == "fused":
+        return fused_hybrid(q, k, v, fmap, window, eps)
+    if path != "blockwise":
         return flex_hybrid(q, k, v, fmap, window, causal, eps, chunk_size)
     return blockwise_hybrid(q, k, v, fmap, window, causal, eps)
+
+
+def fused_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap, window: int, causal: bool) -> bool:
+    """Whether the fused kernel (mmm.ops.linear_attention.hybrid_op) takes these inputs: causal, a window
+    it takes (16, 32 or 64: its chunk length), elu or relu (maps the kernel applies itself), on the linear
+    kernel's path, and a calibration c_h without a gradient (the kernel returns none for it)."""
+    if not (isinstance(fmap, linear_mod._NATIVE_MAPS) and linear_mod.triton_applies(q, v, fmap)
+            and not fmap.hybrid_log_scale.requires_grad):
+        return False
+    from mmm.ops.linear_attention import hybrid_op
+
+    return hybrid_op.fused_applies(q, v, window, causal)
+
+
+def fused_hybrid(q, k, v, fmap: FeatureMap, window: int, eps: float) -> torch.Tensor:
+    """The causal hybrid in one fused kernel (`fused_applies`): the Triton op with the map's c_h per
+    query head (GQA keys and values repeated to q's heads). [B, T, H, D] in and out."""
+    from mmm.ops.linear_attention.hybrid_op import hybrid_attention_fused
+
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    c = fmap.hybrid_log_scale_for(q.shape[2]).detach().float()
+    return hybrid_attention_fused(q, k, v, c, fmap.name, window, eps)
 
 
 def combine_lse(o_w, lse, far_num, far_den, log_scale, eps: float) -> torch.Tensor:

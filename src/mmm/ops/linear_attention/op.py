@@ -103,24 +103,30 @@ if HAVE_TRITON:
         Every element of o, rden and states is written: states 0..NS-1 by
         chunk_state_kernel (all DK/BK row tiles of every segment), entry NS by the scan, rden by fwd_kernel
         when normalizing."""
-        B, T, H, DK = q.shape
-        DV = v.shape[-1]
-        NS = cdiv(T, seg_len)
-        M = DK * DV + DK
+        B, T, H, _ = q.shape
         o = torch.empty_like(v)
         alloc = torch.empty if normalize else torch.zeros
         rden = alloc((B, H, T), dtype=torch.float32, device=q.device)
-        states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=q.device)
         common = _shared_args(q, v, seg_len, scale, feature, normalize)
         lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys
-        launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            k, v, v, rden, rden, rden, v, states, BWD=False, HAS_DRDEN=False, ZDOT=kernels.zdot("chunk_state"),
-            **lagged, **common)
-        launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
-            states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
-        launcher(kernels.fwd_kernel)[_grid(DV, NS * B * H, "BV")](
+        states = prefix_states(k, v, common, lagged)
+        launcher(kernels.fwd_kernel)[_grid(v.shape[-1], common["NS"] * B * H, "BV")](
             q, k, v, o, rden, states, eps=eps, CAUSAL=causal, ZDOT=kernels.zdot("fwd"), **lagged, **common)
         return o, rden, states
+
+    def prefix_states(k: torch.Tensor, v: torch.Tensor, common: dict, lagged: dict) -> torch.Tensor:
+        """The exclusive per-segment prefix states [B*H, NS+1, DK*DV+DK] fp32 (entry NS = the total) of the
+        (lagged) keys and values: chunk_state_kernel writes every segment's local sums, the scan turns
+        them into prefixes. common: `_shared_args`; lagged: the LAG / HAS_LAG launch arguments."""
+        B, _, H, DK = k.shape
+        NS, M = common["NS"], DK * v.shape[-1] + DK
+        states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=k.device)
+        launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
+            k, v, v, states, states, states, v, states, BWD=False, HAS_DRDEN=False,
+            ZDOT=kernels.zdot("chunk_state"), **lagged, **common)
+        launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
+            states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
+        return states
 
     def _backward_launches(
         do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,

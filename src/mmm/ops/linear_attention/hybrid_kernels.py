@@ -1,0 +1,226 @@
+"""Triton kernels of fused hybrid attention (causal): exact softmax weights for the nearest W keys, the
+linear-attention kernel for the keys further back, one shared normaliser (semantics: mmm.attention.hybrid).
+
+Why fused: through FlexAttention for the near keys, the lagged linear kernel for the far ones and a
+compiled combine, the hybrid took 2.5x linear attention alone at 128k (H200, window 256): three passes
+over the sequence forward and more backward. Here the chunk length of the linear kernels is the window W
+(16, 32 or 64), so with the key lag W the chunk the lagged kernel reads for the queries of chunk c is the
+previous chunk c-1, and query i's near keys (i - W < j <= i) are exactly
+  - the keys of chunk c-1 above the diagonal of that block (j - i > 0 in chunk coordinates; the block's
+    causal part, on and below the diagonal, is i - j >= W back: far keys, as the lagged kernel has them);
+  - the keys of chunk c on and below the diagonal;
+and every key of chunks <= c-2 is far, in the lagged state. The forward (hybrid_fwd_kernel) is the
+lagged linear forward plus the two [W, W] score blocks, in one pass.
+
+Forward, per query row i (r_i = max(near scores, l), l = c_h the head's calibration; every exponent <= 0):
+  num_i = f_i (a_i S + sum_far-in-block kappa_ij v_j) + sum_near exp(s_ij - r_i) v_j,  f_i = exp(l - r_i)
+  den_i = f_i (a_i . z + sum_far-in-block kappa_ij) + sum_near exp(s_ij - r_i) + eps exp(-r_i)
+  o_i = num_i / den_i.  Saved: rfar_i = f_i / den_i and lse2_i = (r_i + ln den_i) log2(e) (base 2).
+
+Backward, with r the max treated as the constant it is (it cancels):
+  - far weights f kappa: exactly the lagged linear backward with o the hybrid's output and rden := rfar
+    (g = do rfar, r_row = -(do . o) rfar), so the existing kernels run unchanged (op.py);
+  - near weights: flash attention's backward on the band with P_ij = exp2(s_ij log2(e) - lse2_i),
+    dS = P (do v^T - delta), delta_i = do_i . o_i: band_dq_kernel (query chunks) then band_dkdv_kernel
+    (key chunks), each adding into the gradients the linear backward wrote (read-modify-write; each program
+    owns its rows). s_ij = sm_scale q_i . k_j on the raw inputs, sm_scale = 1 / sqrt(DK).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .kernels import INTERPRET, LOG2E, _cast, _chunk_rows, _dot, _exp2, _key_lag, _phi, _program
+
+WINDOWS = (16, 32, 64)  # the chunk lengths W the fused kernels take (== the window)
+
+
+def _fwd_configs():
+    """(BV, num_warps, num_stages); BT is the window, not tuned. 4 warps: kernels.py's docstring says why."""
+    options = [(16, 1, 1)] if INTERPRET else [(64, 4, 2), (32, 4, 2), (128, 4, 2)]
+    return [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv, w, s in options]
+
+
+def _prune_bv(configs, named_args, **kwargs):
+    dv = kwargs["DV"] if "DV" in kwargs else named_args["DV"]
+    keep = [c for c in configs if c.kwargs["BV"] <= dv]
+    return keep or [triton.Config({"BV": dv}, num_warps=4, num_stages=2)]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["DK", "DV", "BT", "TUNE_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune_bv})
+@triton.jit
+def hybrid_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, rfar_ptr, lse_ptr, st_ptr, c_ptr,
+    T, H, L, NS, eps, scale, sm_scale, TUNE_BUCKET,
+    DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, DOT_MODE: tl.constexpr,
+    FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+):
+    """o, rfar and lse2 of the module docstring for one V-tile of one segment, chunk by chunk; S, z (the
+    lagged prefix state: keys of chunks <= c-2) carried in registers as fwd_kernel carries them."""
+    i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
+    lag_k, lag_v, first = _key_lag(i_s, L, BT, H, DK, DV, True)
+    offs_t = tl.arange(0, BT)
+    offs_dk = tl.arange(0, DK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    tile_dk = offs_t[:, None] * (H * DK) + offs_dk[None, :]
+    tile_v = offs_t[:, None] * (H * DV) + offs_v[None, :]
+    on_or_below = offs_t[:, None] >= offs_t[None, :]  # chunk c-1: far keys; chunk c: near keys
+    base = st_ptr + (i_bh * (NS + 1) + i_s) * (DK * DV + DK)
+    S = tl.load(base + offs_dk[:, None] * DV + offs_v[None, :])
+    z = tl.load(base + DK * DV + offs_dk)
+    l2 = tl.load(c_ptr + i_bh % H).to(tl.float32) * LOG2E
+    qk_scale = sm_scale * LOG2E
+    q_base = q_ptr + rowk0
+    kc_base = k_ptr + rowk0
+    kp_base = k_ptr + rowk0 - lag_k
+    vc_base = v_ptr + rowv0
+    vp_base = v_ptr + rowv0 - lag_v
+    o_base = o_ptr + rowv0
+    for t0 in range(0, t_len, BT):
+        mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
+        # the previous chunk's rows that exist (all of them past the sequence's first chunk: that chunk is
+        # whole even when this one is not, and its keys above the diagonal are near for every query row)
+        mp = offs_t + t0 >= first
+        q = tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0)
+        a32 = _phi(q, scale, FEATURE)
+        den_far = tl.sum(a32 * z[None, :], axis=1)
+        a_c = _cast(a32, q_ptr, DOT_MODE)
+        num_far = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
+        kp = tl.load(kp_base + tile_dk, mask=mp[:, None], other=0.0)
+        b32 = tl.where(mp[:, None], _phi(kp, scale, FEATURE), 0.0)
+        b_c = _cast(b32, q_ptr, DOT_MODE)
+        vp = _cast(tl.load(vp_base + tile_v, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
+        kc = tl.load(kc_base + tile_dk, mask=mt[:, None], other=0.0)
+        vc = _cast(tl.load(vc_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+        q_c = _cast(q, q_ptr, DOT_MODE)
+        sp = _dot(q_c, tl.trans(_cast(kp, q_ptr, DOT_MODE)), DOT_MODE) * qk_scale
+        sp = tl.where((~on_or_below) & mp[None, :], sp, float("-inf"))
+        sc = _dot(q_c, tl.trans(_cast(kc, q_ptr, DOT_MODE)), DOT_MODE) * qk_scale
+        sc = tl.where(on_or_below, sc, float("-inf"))
+        r2 = tl.maximum(tl.maximum(tl.max(sp, axis=1), tl.max(sc, axis=1)), l2)
+        f = _exp2(l2 - r2)
+        kappa = tl.where(on_or_below, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
+        wp = _exp2(sp - r2[:, None]) + f[:, None] * kappa
+        pc = _exp2(sc - r2[:, None])
+        num = f[:, None] * num_far + _dot(_cast(wp, q_ptr, DOT_MODE), vp, DOT_MODE)
+        num += _dot(_cast(pc, q_ptr, DOT_MODE), vc, DOT_MODE)
+        den = f * den_far + tl.sum(wp, axis=1) + tl.sum(pc, axis=1) + eps * _exp2(-r2)
+        rd = 1.0 / den
+        tl.store(o_base + tile_v, (num * rd[:, None]).to(o_ptr.dtype.element_ty), mask=mt[:, None])
+        if i_v == 0:
+            tl.store(rfar_ptr + trow0 + t0 + offs_t, f * rd, mask=mt)
+            tl.store(lse_ptr + trow0 + t0 + offs_t, r2 + tl.log2(den), mask=mt)
+        S += _dot(tl.trans(b_c), vp, DOT_MODE)
+        z += tl.sum(b32, axis=0)
+        q_base += BT * H * DK
+        kc_base += BT * H * DK
+        kp_base += BT * H * DK
+        vc_base += BT * H * DV
+        vp_base += BT * H * DV
+        o_base += BT * H * DV
+
+
+@triton.jit
+def _band_program(T, H, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr):
+    """One chunk of one sequence: its first row, the int64 element offsets of that row in the key
+    [B, T, H, DK] and value [B, T, H, DV] tensors and in [B, H, T], and the row offsets in a chunk."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_chunks = tl.cdiv(T, BT)
+    i_bh = pid // n_chunks
+    t0 = (pid % n_chunks) * BT
+    row = (i_bh // H) * T + t0
+    return t0, row * (H * DK) + (i_bh % H) * DK, row * (H * DV) + (i_bh % H) * DV, i_bh * T + t0
+
+
+@triton.jit
+def _band_block(x_c, y_c, u_c, w_c, lse2, delta, near, qk_scale, DOT_MODE: tl.constexpr):
+    """P and dS = P (dP - delta) of one block of the band, zero off `near`: s = x y^T and dP = u w^T, lse2
+    and delta shaped to broadcast over the block. [queries, keys]: x, y, u, w = q, k, do, v with lse2,
+    delta as [BT, 1]; transposed ([keys, queries]): k, q, v, do with [1, BT]."""
+    s = _dot(x_c, tl.trans(y_c), DOT_MODE) * qk_scale
+    p = tl.where(near, _exp2(s - lse2), 0.0)
+    dp = _dot(u_c, tl.trans(w_c), DOT_MODE)
+    return p, p * (dp - delta)
+
+
+@triton.jit
+def band_dq_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    T, H, sm_scale,
+    DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr,
+):
+    """The near keys' part of dq for one query chunk c (keys of chunks c-1 and c), added to dq; also
+    writes delta = do . o for its rows (band_dkdv_kernel, launched after, reads it)."""
+    t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
+    offs_t = tl.arange(0, BT)
+    tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
+    tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
+    mq = t0 + offs_t < T
+    mp = t0 - BT + offs_t >= 0  # chunk c-1 exists
+    do = tl.load(do_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0)
+    o = tl.load(o_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(delta_ptr + trow0 + offs_t, delta, mask=mq)
+    lse2 = tl.load(lse_ptr + trow0 + offs_t, mask=mq, other=0.0)
+    q_c = _cast(tl.load(q_ptr + rowk0 + tile_dk, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
+    do_c = _cast(do, q_ptr, DOT_MODE)
+    qk_scale = sm_scale * LOG2E
+    below = offs_t[:, None] >= offs_t[None, :]
+    k_c = _cast(tl.load(k_ptr + rowk0 + tile_dk, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
+    v_c = _cast(tl.load(v_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
+    _, ds = _band_block(q_c, k_c, do_c, v_c, lse2[:, None], delta[:, None], below & mq[:, None], qk_scale, DOT_MODE)
+    dq = _dot(_cast(ds, q_ptr, DOT_MODE), k_c, DOT_MODE)
+    k_p = _cast(tl.load(k_ptr + rowk0 - BT * H * DK + tile_dk, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
+    v_p = _cast(tl.load(v_ptr + rowv0 - BT * H * DV + tile_dv, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
+    near_p = (~below) & mq[:, None] & mp[None, :]
+    _, ds = _band_block(q_c, k_p, do_c, v_p, lse2[:, None], delta[:, None], near_p, qk_scale, DOT_MODE)
+    dq += _dot(_cast(ds, q_ptr, DOT_MODE), k_p, DOT_MODE)
+    dq_at = dq_ptr + rowk0 + tile_dk
+    dq = dq * sm_scale + tl.load(dq_at, mask=mq[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_at, dq.to(dq_ptr.dtype.element_ty), mask=mq[:, None])
+
+
+@triton.jit
+def band_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    T, H, sm_scale,
+    DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr,
+):
+    """The near queries' part of dk and dv for one key chunk c (queries of chunks c and c+1), added to dk
+    and dv. Blocks are computed transposed ([keys, queries]) so the sums over queries are row sums."""
+    t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
+    offs_t = tl.arange(0, BT)
+    tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
+    tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
+    mk = t0 + offs_t < T
+    qk_scale = sm_scale * LOG2E
+    k_c = _cast(tl.load(k_ptr + rowk0 + tile_dk, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
+    v_c = _cast(tl.load(v_ptr + rowv0 + tile_dv, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
+    key_at_or_before = offs_t[:, None] <= offs_t[None, :]  # [key j, query i]: j <= i
+    dk = tl.zeros([BT, DK], dtype=tl.float32)
+    dv = tl.zeros([BT, DV], dtype=tl.float32)
+    for step in tl.static_range(2):  # the queries of chunk c (keys j <= i near), then of chunk c+1 (keys j > i)
+        qrow = t0 + step * BT
+        mq = qrow + offs_t < T
+        q_c = _cast(tl.load(q_ptr + rowk0 + step * BT * H * DK + tile_dk, mask=mq[:, None], other=0.0),
+                    q_ptr, DOT_MODE)
+        do_c = _cast(tl.load(do_ptr + rowv0 + step * BT * H * DV + tile_dv, mask=mq[:, None], other=0.0),
+                     q_ptr, DOT_MODE)
+        lse2 = tl.load(lse_ptr + trow0 + step * BT + offs_t, mask=mq, other=0.0)
+        delta = tl.load(delta_ptr + trow0 + step * BT + offs_t, mask=mq, other=0.0)
+        if step == 0:
+            near = key_at_or_before
+        else:
+            near = ~key_at_or_before
+        pt, dst = _band_block(k_c, q_c, v_c, do_c, lse2[None, :], delta[None, :], near & mq[None, :], qk_scale,
+                              DOT_MODE)
+        dv += _dot(_cast(pt, q_ptr, DOT_MODE), do_c, DOT_MODE)
+        dk += _dot(_cast(dst, q_ptr, DOT_MODE), q_c, DOT_MODE)
+    dk_at = dk_ptr + rowk0 + tile_dk
+    dv_at = dv_ptr + rowv0 + tile_dv
+    dk = dk * sm_scale + tl.load(dk_at, mask=mk[:, None], other=0.0).to(tl.float32)
+    dv += tl.load(dv_at, mask=mk[:, None], other=0.0).to(tl.float32)
+    tl.store(dk_at, dk.to(dk_ptr.dtype.element_ty), mask=mk[:, None])
+    tl.store(dv_at, dv.to(dv_ptr.dtype.element_ty), mask=mk[:, None])

@@ -1,0 +1,115 @@
+"""Fused causal hybrid attention as torch.library ops (mmm::hybrid_attention_fwd / _bwd) over the kernels
+of hybrid_kernels.py (their docstring has the formulas), with autograd, and `hybrid_attention_fused`, the
+entry point mmm.attention's hybrid path calls (it checks the inputs; this checks what only the kernels
+need). The window is the kernels' chunk length: one of WINDOWS."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._eager import cdiv, eager_twin, plain_eager
+from . import op
+
+if op.HAVE_TRITON:
+    from torch.library import triton_op
+
+    from .._eager import launcher
+    from . import hybrid_kernels, kernels
+
+    WINDOWS = hybrid_kernels.WINDOWS
+
+    def _segment_len(T: int, batch_heads: int, window: int) -> int:
+        """op.segment_len, rounded up to a multiple of the window (the kernels' chunk length)."""
+        return cdiv(op.segment_len(T, batch_heads), window) * window
+
+    def _forward_launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_scale: torch.Tensor,
+                          feature: int, window: int, eps: float, scale: float,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k [B,T,H,DK], v [B,T,H,DV], log_scale [H] fp32 (c_h). Returns o [B,T,H,DV], rfar and lse2
+        [B,H,T] fp32 and the lagged prefix states (kept for the backward)."""
+        B, T, H, DK = q.shape
+        seg_len = _segment_len(T, B * H, window)
+        o = torch.empty_like(v)
+        rfar = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+        lse2 = torch.empty_like(rfar)
+        common = op._shared_args(q, v, seg_len, scale, feature, True)
+        states = op.prefix_states(k, v, common, dict(LAG=window, HAS_LAG=True))
+        del common["NORMALIZE"]
+        launcher(hybrid_kernels.hybrid_fwd_kernel)[op._grid(v.shape[-1], common["NS"] * B * H, "BV")](
+            q, k, v, o, rfar, lse2, states, log_scale, eps=eps, sm_scale=DK ** -0.5, BT=window, **common)
+        return o, rfar, lse2, states
+
+    def _backward_launches(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           o: torch.Tensor, rfar: torch.Tensor, lse2: torch.Tensor, states: torch.Tensor,
+                           feature: int, window: int, scale: float,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dq, dk, dv: the far weights' part from the lagged linear backward (rden := rfar, o the hybrid's
+        output), then the near keys' part added by the band kernels."""
+        B, T, H, DK = q.shape
+        seg_len = _segment_len(T, B * H, window)
+        dq, dk, dv = op._backward_launches(do, q, k, v, o, rfar, states, feature, True, True, seg_len, scale,
+                                           window)
+        delta = torch.empty_like(rfar)
+        band = dict(T=T, H=H, sm_scale=DK ** -0.5, DK=DK, DV=v.shape[-1], DOT_MODE=op._dot_mode(q.dtype),
+                    BT=window, num_warps=1 if kernels.INTERPRET else 4)
+        grid = (cdiv(T, window) * B * H,)
+        launcher(hybrid_kernels.band_dq_kernel)[grid](q, k, v, o, do, lse2, delta, dq, **band)
+        launcher(hybrid_kernels.band_dkdv_kernel)[grid](q, k, v, do, lse2, delta, dk, dv, **band)
+        return dq, dk, dv
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, log_scale, feature, window, eps, scale = inputs
+        o, rfar, lse2, states = output
+        ctx.save_for_backward(q, k, v, o, rfar, lse2, states)
+        ctx.config = (feature, window, scale)
+        ctx.mark_non_differentiable(rfar, lse2, states)
+        ctx.set_materialize_grads(False)
+
+    def _gradients(backward_launches):
+        def backward(ctx, do, *_):
+            q, k, v, o, rfar, lse2, states = ctx.saved_tensors
+            do = torch.zeros_like(o) if do is None else do.contiguous()
+            dq, dk, dv = backward_launches(do, q, k, v, o, rfar, lse2, states, *ctx.config)
+            return dq, dk, dv, None, None, None, None, None
+
+        return backward
+
+    hybrid_attention_fwd = triton_op("mmm::hybrid_attention_fwd", mutates_args=())(_forward_launches)
+    hybrid_attention_bwd = triton_op("mmm::hybrid_attention_bwd", mutates_args=())(_backward_launches)
+    hybrid_attention_fwd.register_autograd(_gradients(hybrid_attention_bwd), setup_context=_setup_context)
+    _EagerHybridAttention = eager_twin(
+        "_EagerHybridAttention", _forward_launches, _setup_context, _gradients(_backward_launches))
+else:
+    WINDOWS = ()
+
+
+def fused_applies(q: torch.Tensor, v: torch.Tensor, window: int, causal: bool) -> bool:
+    """Whether `hybrid_attention_fused` takes these inputs: causal, window one of WINDOWS, the kernel's
+    head widths and dtypes, on CUDA (or CPU under TRITON_INTERPRET=1)."""
+    return (causal and window in WINDOWS and op._uses_kernel(q) and q.shape[-1] in op.SUPPORTED_HEAD_DIMS
+            and v.shape[-1] in op.SUPPORTED_HEAD_DIMS)
+
+
+def hybrid_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_scale: torch.Tensor,
+                           feature_map: str, window: int, eps: float = 1e-6) -> torch.Tensor:
+    """Causal hybrid attention of mmm.attention.hybrid in one fused forward pass: q, k [B, T, H, D] (GQA
+    heads already repeated), v [B, T, H, Dv]; log_scale [H] (c_h, no gradient); feature_map 'elu' or
+    'relu', applied to d^-1/4 q and k as mmm's maps do; window in WINDOWS. Output like v, differentiable
+    in q, k and v."""
+    if not fused_applies(q, v, window, True):
+        raise ValueError(f"hybrid_attention_fused takes causal inputs the Triton kernel takes (CUDA, or CPU under "
+                         f"TRITON_INTERPRET=1; head dims in {op.SUPPORTED_HEAD_DIMS}) and a window in {WINDOWS}, "
+                         f"got window={window}, head dims {q.shape[-1]}/{v.shape[-1]} on {q.device}")
+    if feature_map not in ("elu", "relu"):
+        raise ValueError(f"feature_map must be 'elu' or 'relu' for the fused hybrid kernel, got {feature_map!r}")
+    if log_scale.shape != (q.shape[2],) or log_scale.requires_grad:
+        raise ValueError(f"log_scale must be [heads] = [{q.shape[2]}] without a gradient, got "
+                         f"{tuple(log_scale.shape)} (requires_grad={log_scale.requires_grad})")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    args = (q, k, v, log_scale.to(device=q.device, dtype=torch.float32).contiguous(),
+            kernels.FEATURE_CODES[feature_map], int(window), float(eps), q.shape[-1] ** -0.25)
+    return (_EagerHybridAttention.apply if plain_eager(q, k, v) else hybrid_attention_fwd)(*args)[0]
