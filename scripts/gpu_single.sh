@@ -27,7 +27,8 @@
 # compute-sanitizer memcheck, ~2 min), capsweep (the register-capped configs of gpu_linear_attention_configs.py's
 # candidates, each forced against the baseline, ~4 min), laab (scripts/gpu_la_ab.py on a carried ../snap_old
 # checkout, then on this one: the linear-attention op side by side, ~2 min), opdiag (scripts/gpu_opcheck_diag.py,
-# ~1 min; opdiag_old: on ../snap_old). Bench files land as bench_<phase>.{md,json,png}.
+# ~1 min; opdiag_old: on ../snap_old), hybrid (the fused hybrid's GPU tests, then scripts/gpu_hybrid_fused.py:
+# it beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~4 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -86,6 +87,8 @@ for phase in "$@"; do
     la_host) step la_host 90 python scripts/la_host_overhead.py --gpu ;;
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     hybridprof) step hybridprof 180 python scripts/gpu_hybrid_profile.py ;;
+    hybrid) step hybrid_tests 200 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_hybrid_kernel.py
+      step hybrid_fused 200 python scripts/gpu_hybrid_fused.py ;;
     laab) for side in old new; do  # A/B of the linear-attention op: ../snap_old (carried) vs this tree
         src=src; [ $side = old ] && src=../snap_old/src
         step laab_$side 95 env PYTHONPATH=$src python scripts/gpu_la_ab.py --label $side

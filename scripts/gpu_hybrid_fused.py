@@ -1,0 +1,107 @@
+"""The fused causal hybrid (one Triton pass: window softmax + lagged linear attention, shared normaliser)
+beside the paths it replaces, side by side on one GPU.
+
+Times forward and forward+backward from CUDA graphs (the GPU's time alone) at 8k / 32k / 128k tokens
+(B=1, H=16, D=128, bf16, causal): the fused hybrid at windows 16 / 32 / 64, linear elu+1 alone (the
+target: hybrid within 1.3x of it), the flex+triton hybrid at the same window 64 and at 256 (the path
+before), window softmax 64 (flex), and cuDNN SDPA up to 32k. Then the CUDA time per kernel of the fused
+hybrid at 128k. Rows land in $OUT/hybrid_fused.jsonl, a table on stdout.
+
+    PYTHONPATH=src python scripts/gpu_hybrid_fused.py [--lengths 8192 32768 131072]   (about 2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+import mmm
+from mmm.attention import hybrid as hybrid_mod
+from mmm.attention.api import attention_path, resolve_feature_map
+from mmm.bench.graphs import capture
+
+
+def kernel_ms(fn, reps: int = 5) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if e.device_type != torch.autograd.DeviceType.CPU and getattr(e, "device_time_total", 0) > 0:
+            out[e.key[:40]] = round(e.device_time_total / 1e3 / reps, 3)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:10])
+
+
+def paths(q, k, v, t: int) -> dict:
+    """label -> (forward callable, the path attention_path reports)."""
+    elu = resolve_feature_map("elu", q.shape[-1], q.device)
+    out = {}
+    for w in (16, 32, 64):
+        out[f"fused hybrid w={w}"] = (lambda w=w: mmm.attention(q, k, v, "hybrid", window=w, feature_map="elu"),
+                                      attention_path(q, k, v, "hybrid", window=w))
+    out["linear elu"] = (lambda: mmm.attention(q, k, v, "linear", feature_map="elu"), attention_path(q, k, v, "linear"))
+    for w in (64, 256):
+        out[f"flex hybrid w={w}"] = (lambda w=w: hybrid_mod.flex_hybrid(q, k, v, elu, w, True, 1e-6, 64),
+                                     "flex+triton")
+    out["window 64"] = (lambda: mmm.attention(q, k, v, "window", window=64), attention_path(q, k, v, "window"))
+    if t <= 32768:
+        def sdpa():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      is_causal=True).transpose(1, 2)
+        out["cudnn exact"] = (sdpa, "sdpa:cudnn")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    args = ap.parse_args()
+    start = time.time()
+    rows = []
+    for t in args.lengths:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, t, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        for label, (fwd, path) in paths(q, k, v, t).items():
+            def both(fwd=fwd):
+                fwd().backward(do)
+            try:
+                with torch.no_grad():
+                    f_ms = do_bench(capture(fwd, ()).replay, warmup=25, rep=100)
+                fb_ms = do_bench(capture(both, (q, k, v)).replay, warmup=25, rep=100)
+            except Exception as e:  # noqa: BLE001 - report and go on to the other rows
+                print(f"T={t} {label}: {type(e).__name__}: {e}", flush=True)
+                continue
+            row = {"T": t, "label": label, "path": path, "fwd_ms": round(f_ms, 4), "fwd_bwd_ms": round(fb_ms, 4),
+                   "bwd_over_fwd": round((fb_ms - f_ms) / f_ms, 2)}
+            if t == max(args.lengths) and label == "fused hybrid w=64":
+                row["kernels_ms"] = kernel_ms(both)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), "hybrid_fused.jsonl"), "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print("\n| T | path | fwd ms | f+b ms | bwd/fwd | f+b / linear elu |\n|---|---|---|---|---|---|")
+    for row in rows:
+        lin = [r["fwd_bwd_ms"] for r in rows if r["T"] == row["T"] and r["label"] == "linear elu"]
+        ratio = f"{row['fwd_bwd_ms'] / lin[0]:.2f}" if lin else "-"
+        print(f"| {row['T']} | {row['label']} ({row['path']}) | {row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} | "
+              f"{row['bwd_over_fwd']:.2f} | {ratio} |")
+    print(f"{time.time() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

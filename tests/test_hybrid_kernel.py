@@ -1,0 +1,214 @@
+"""The fused causal hybrid kernels (mmm.ops.linear_attention.hybrid_op) against the naive hybrid in fp64,
+forward and every gradient. On CPU they run under TRITON_INTERPRET=1 (conftest) in fp32 on tiny shapes;
+the `gpu` tests check bf16 accuracy, opcheck and torch.compile on CUDA."""
+
+import math
+
+import pytest
+import torch
+
+import mmm
+from conftest import rel_err
+from mmm.attention import api, naive
+from mmm.attention import hybrid as hybrid_mod
+from mmm.attention import linear as linear_mod
+from mmm.attention.feature_maps import make_feature_map
+from mmm.ops.linear_attention import hybrid_op, op
+
+needs_kernel = pytest.mark.skipif(
+    not (op.HAVE_TRITON and (torch.cuda.is_available() or op.kernels.INTERPRET)),
+    reason="needs triton with CUDA or TRITON_INTERPRET=1",
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def calibrated_map(name, d, log_scales):
+    """An elu / relu map with a per-head calibration c_h (hybrid.py's docstring)."""
+    fmap = make_feature_map(name, d)
+    fmap.hybrid_log_scale = torch.tensor(log_scales, dtype=torch.float32)
+    return fmap
+
+
+def inputs(B, T, H, D, DV=None, dtype=torch.float32, device=DEV, hk=None):
+    """q [B, T, H, D], k [B, T, hk, D], v [B, T, hk, DV]; scaled so that near and far weights both count."""
+    hk = hk or H
+    q, k = (torch.randn(B, T, n, D, dtype=dtype, device=device) for n in (H, hk))
+    return q, k, torch.randn(B, T, hk, DV or D, dtype=dtype, device=device)
+
+
+def fp64_reference(q, k, v, fmap, window, go, eps=1e-6):
+    """naive_hybrid's output and dq, dk, dv in fp64."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o = naive.naive_hybrid(q64, k64, v64, fmap, window, True, eps)
+    return [o.detach(), *torch.autograd.grad(o, (q64, k64, v64), go.double())]
+
+
+def fused(q, k, v, fmap, window, go, eps=1e-6):
+    """hybrid_attention_fused's output and dq, dk, dv (fresh leaves)."""
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    c = fmap.hybrid_log_scale_for(q.shape[2]).float()
+    o = hybrid_op.hybrid_attention_fused(qs, ks, vs, c, fmap.name, window, eps)
+    return [o, *torch.autograd.grad(o, (qs, ks, vs), go)]
+
+
+def assert_close(got, want, tol):
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape and torch.isfinite(g).all(), name
+        assert rel_err(g, w) < tol, (name, rel_err(g, w))
+
+
+@needs_kernel
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+@pytest.mark.parametrize("window,T", [(16, 40), (16, 64), (32, 75), (32, 128)])
+def test_forward_and_gradients_match_fp64(feature_map, window, T):
+    """Partial last chunks (40, 75) and whole ones (64; 128, where the kernels drop their row masks),
+    several segments (the interpreter's are 16-32 rows), two batches, per-head calibrations."""
+    q, k, v = inputs(2, T, 2, 16, DV=32)
+    fmap = calibrated_map(feature_map, 16, [-1.0, 0.5])
+    go = torch.randn(2, T, 2, 32, device=DEV)
+    assert_close(fused(q, k, v, fmap, window, go), fp64_reference(q, k, v, fmap, window, go), 1e-5)
+
+
+@needs_kernel
+def test_far_weights_dominate_and_vanish():
+    """c_h = +6 makes the far keys outweigh the near ones, c_h = -30 leaves the window alone (the far
+    share then underflows, the output is window softmax): the shared max r keeps both finite and exact."""
+    q, k, v = inputs(1, 96, 2, 32)
+    go = torch.randn_like(v)
+    fmap = calibrated_map("elu", 32, [6.0, -30.0])
+    assert_close(fused(q, k, v, fmap, 32, go), fp64_reference(q, k, v, fmap, 32, go), 1e-5)
+
+
+@needs_kernel
+def test_shorter_than_the_window_is_window_softmax():
+    """T < W: every visible key is near; the hybrid is exact softmax attention there."""
+    q, k, v = inputs(1, 10, 2, 16)
+    fmap = calibrated_map("elu", 16, [0.0, 0.0])
+    go = torch.randn_like(v)
+    got = fused(q, k, v, fmap, 16, go)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q64.transpose(1, 2), k64.transpose(1, 2), v64.transpose(1, 2), is_causal=True).transpose(1, 2)
+    want = [exact.detach(), *torch.autograd.grad(exact, (q64, k64, v64), go.double())]
+    assert_close(got, want, 1e-5)
+
+
+@needs_kernel
+def test_through_mmm_attention_with_grouped_query_heads(monkeypatch):
+    """mmm.attention(method='hybrid', window=16) takes the fused path for elu maps (GQA keys repeated to
+    the query heads inside) and matches the fp64 reference."""
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
+    q, k, v = inputs(1, 48, 4, 16, hk=2)
+    fmap = calibrated_map("elu", 16, [-1.0, 0.0, 0.5, -2.0])
+    assert api.attention_path(q, k, v, "hybrid", feature_map=fmap, window=16) == "fused"
+    go = torch.randn_like(q)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    o = mmm.attention(qs, ks, vs, "hybrid", window=16, feature_map=fmap)
+    got = [o, *torch.autograd.grad(o, (qs, ks, vs), go)]
+    assert_close(got, fp64_reference(q, k, v, fmap, 16, go), 1e-5)
+
+
+@needs_kernel
+def test_other_windows_maps_and_trained_calibrations_take_another_path(monkeypatch):
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
+    q, k, v = inputs(1, 48, 2, 16)
+    path = lambda **kw: api.attention_path(q, k, v, "hybrid", **{"window": 16, "feature_map": "elu", **kw})
+    assert path() == "fused"
+    assert path(window=48) != "fused"  # not one of the kernel's chunk lengths
+    assert path(causal=False) != "fused"
+    assert path(feature_map="favor") != "fused"
+    trained = make_feature_map("elu", 16)
+    trained.hybrid_log_scale.requires_grad_()  # fit_hybrid trains c_h: the kernel returns no gradient for it
+    assert path(feature_map=trained) != "fused"
+    assert not hybrid_mod.fused_applies(q.double(), v.double(), make_feature_map("elu", 16), 16, True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(window=48), "window in"),
+    (dict(feature_map="favor"), "feature_map must be 'elu' or 'relu'"),
+    (dict(log_scale=torch.zeros(3)), r"log_scale must be \[heads\] = \[2\]"),
+    (dict(log_scale=torch.zeros(2, requires_grad=True)), "without a gradient"),
+    (dict(eps=-1.0), "eps must be a finite number"),
+    (dict(eps=math.nan), "eps must be a finite number"),
+])
+def test_bad_arguments_name_what_is_expected(kwargs, match):
+    q, k, v = inputs(1, 32, 2, 16)
+    args = dict(log_scale=torch.zeros(2), feature_map="elu", window=16, eps=1e-6) | kwargs
+    with pytest.raises(ValueError, match=match):
+        hybrid_op.hybrid_attention_fused(q, k, v, **args)
+
+
+@needs_kernel
+def test_unsupported_head_dim_names_the_supported_ones():
+    q, k, v = inputs(1, 32, 2, 24)
+    with pytest.raises(ValueError, match=r"head dims in \(16, 32"):
+        hybrid_op.hybrid_attention_fused(q, k, v, torch.zeros(2), "elu", 16)
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+def _assert_within_twice_pytorch_bf16(q, k, v, fmap, window):
+    """Kernel error (bf16 in and out) at most 2x the error of the naive hybrid run in bf16 end to end,
+    both against fp64, for the output and every gradient."""
+    go = torch.randn_like(v)
+    ref = fp64_reference(q, k, v, fmap, window, go)
+    ours = fused(q, k, v, fmap, window, go)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    o = naive.naive_hybrid(qs, ks, vs, fmap, window, True, 1e-6)
+    torch_bf16 = [o, *torch.autograd.grad(o, (qs, ks, vs), go)]
+    for name, g, t, w in zip(("o", "dq", "dk", "dv"), ours, torch_bf16, ref):
+        e, e_ref = rel_err(g, w), rel_err(t, w)
+        assert math.isfinite(e) and e <= 2 * e_ref, (name, e, e_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [16, 32, 64])
+@pytest.mark.parametrize("T,D,DV", [(1000, 128, 128), (4096, 64, 128), (2048, 128, 64)])
+def test_gpu_bf16_within_twice_pytorch_bf16_error(window, T, D, DV):
+    q, k, v = inputs(1, T, 4, D, DV=DV, dtype=torch.bfloat16)
+    fmap = calibrated_map("elu", D, [-2.0, -1.0, 0.0, 1.0]).cuda()
+    _assert_within_twice_pytorch_bf16(q, k, v, fmap, window)
+
+
+@pytest.mark.gpu
+def test_gpu_relu_bf16_within_twice_pytorch_bf16_error():
+    q, k, v = inputs(2, 3000, 2, 128, dtype=torch.bfloat16)
+    _assert_within_twice_pytorch_bf16(q, k, v, calibrated_map("relu", 128, [-1.0, 0.0]).cuda(), 64)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck(monkeypatch):
+    from test_linear_attention_kernel import _pin_tile_configs
+
+    q, k, v = (torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    args = (q, k, v, torch.tensor([-1.0, 0.5], device="cuda"), 1, 32, 1e-6, 64 ** -0.25)
+    o, rfar, lse2, states = torch.ops.mmm.hybrid_attention_fwd(*args)
+    bwd_args = (torch.randn_like(o), q, k, v, o, rfar, lse2, states, 1, 32, 64 ** -0.25)
+    torch.ops.mmm.hybrid_attention_bwd(*bwd_args)  # every kernel launched (and tuned) once before pinning
+    _pin_tile_configs(monkeypatch)
+    tuner = hybrid_op.hybrid_kernels.hybrid_fwd_kernel
+    monkeypatch.setattr(tuner, "configs", [tuner.best_config])
+    torch.library.opcheck(torch.ops.mmm.hybrid_attention_fwd.default, args)
+    torch.library.opcheck(torch.ops.mmm.hybrid_attention_bwd.default, bwd_args)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    q, k, v = inputs(2, 777, 4, 128, dtype=torch.bfloat16)
+    fmap = calibrated_map("elu", 128, [-1.0, 0.0, 0.5, -2.0]).cuda()
+    go = torch.randn_like(v)
+
+    def f(a, b, c):
+        return mmm.attention(a, b, c, "hybrid", window=64, feature_map=fmap) * 2.0
+
+    assert api.attention_path(q, k, v, "hybrid", feature_map=fmap, window=64) == "fused"
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+        o = fn(qs, ks, vs)
+        results.append([o, *torch.autograd.grad(o, (qs, ks, vs), go)])
+    # the traced op may sum in another order (fp32 sums, one bf16 rounding): a bf16 ulp apart at most
+    for e, c in zip(*results):
+        assert rel_err(c, e) < 2**-8
