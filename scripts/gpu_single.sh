@@ -42,7 +42,7 @@ bench() {  # bench PHASE MAX_S CASES [VARIANT GLOBS...]
   step "$phase" "$max_s" python -m mmm bench --no-progress --cases "$cases" --json "$OUT/bench_$phase.json" \
     --markdown "$OUT/bench_$phase.md" --plot "$OUT/bench_$phase.png" ${1:+--variants "$@"}
 }
-LA_ROWS=("linear elu*" "linear relu*" "linear favor*" "window 256" "hybrid w=256 elu*")
+LA_ROWS=("linear elu*" "linear relu*" "linear favor*" "window 256" "hybrid w=256 elu*" "hybrid w=64 elu*")
 
 tests() {  # eight pytest processes side by side (-v: a timeout still leaves each test's verdict)
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"

@@ -223,8 +223,10 @@ def test_banded_memory_estimate_follows_the_path(monkeypatch):
     q = torch.randn(1, 64, 2, 8)
     for kind in ("window", "hybrid"):
         assert cases.banded_bytes(kind, q, 16) == cases.peak_bytes(kind, 1, 2, 64, 16) > 0  # CPU: blockwise
-    monkeypatch.setattr(cases, "attention_path", lambda q, k, v, method: "flex" if method == "window" else "flex+triton")
-    assert cases.banded_bytes("window", q, 16) == 0 and cases.banded_bytes("hybrid", q, 16) == 0
+    for hybrid_path in ("flex+triton", "fused"):
+        paths = {"window": "flex", "hybrid": hybrid_path}
+        monkeypatch.setattr(cases, "attention_path", lambda q, k, v, method, window: paths[method])
+        assert cases.banded_bytes("window", q, 16) == 0 and cases.banded_bytes("hybrid", q, 16) == 0
 
 
 def _tiny_inputs(t=16):
@@ -270,7 +272,7 @@ def test_attention_case_on_gpu():
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["sdpa cudnn"]["error"] is None and rows["sdpa cudnn"]["baseline"]
     for label in ("linear elu (normalized)", "linear relu (normalized)", "linear favor+", "linear hedgehog (trained)",
-                  "window 256", "window 1024", "hybrid w=256 elu (calibrated)"):
+                  "window 256", "window 1024", "hybrid w=256 elu (calibrated)", "hybrid w=64 elu (calibrated)"):
         r = rows[label]
         assert r["error"] is None, (label, r["error"])
         assert r["fwd_bwd_ms"] > 0 and math.isfinite(r["quality"][QUALITY_KEY])
@@ -282,3 +284,4 @@ def test_attention_case_on_gpu():
     hybrid = rows["hybrid w=256 elu (calibrated)"]
     assert hybrid["quality"][QUALITY_KEY] <= 1.01 * hybrid["info"]["quality_uncalibrated"], hybrid
     assert rows["hybrid w=256 hedgehog (trained in the hybrid)"]["error"] is None
+    assert rows["hybrid w=64 elu (calibrated)"]["info"]["path"] == "fused"

@@ -18,6 +18,8 @@ row's info (not in its time). The Hedgehog row runs the fused kernel on features
 The hybrid rows' far keys weigh exp(c_h) kappa, c_h fitted per head by `fit_hybrid` on the same training
 slices (`fitted_hybrid_map`): elu+1 with only c_h fitted (its info also holds the error with c_h = 0,
 "quality_uncalibrated"), and a Hedgehog map trained inside the hybrid together with c_h (LoLCATs' recipe).
+Both at window 256 (the flex path on CUDA), and elu+1 again at window 64 (16 quick), a window the fused
+causal hybrid kernel takes (one Triton pass for both parts): faster, and less accurate than 256.
 
 `attn.crossover`: exact (`mmm.attention(method="exact")`, SDPA's own backend choice) and linear (elu,
 normalized) at T in 512..4096 (quick: 64, 128). The setup first times forward+backward of both at every
@@ -69,12 +71,13 @@ class Sizes:
     lengths: tuple[int, ...]
     windows: tuple[int, ...]
     hybrid_window: int
+    fused_hybrid_window: int  # one the fused causal hybrid kernel takes (hybrid_kernels.WINDOWS): elu rows only
     crossover: tuple[int, ...]
 
 
-FULL_SIZES = Sizes(16, 128, (2048, 8192, 32768, 131072), (256, 1024), 256, (1024, 2048, 4096, 8192, 16384))
+FULL_SIZES = Sizes(16, 128, (2048, 8192, 32768, 131072), (256, 1024), 256, 64, (1024, 2048, 4096, 8192, 16384))
 # quick windows shrink with T so that they still leave keys outside the window (w >= T would be exact)
-QUICK_SIZES = Sizes(2, 32, (256, 512), (32, 128), 32, (64, 128))
+QUICK_SIZES = Sizes(2, 32, (256, 512), (32, 128), 32, 16, (64, 128))
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def peak_bytes(kind: str, b: int, h: int, t: int, window: int = 0) -> int:
 def banded_bytes(kind: str, q: torch.Tensor, window: int) -> int:
     """`peak_bytes` of the window or hybrid method on inputs like q, 0 where it runs on flex (CUDA): a
     window of 1024 at 128k tokens would otherwise be skipped as needing ~96 GiB."""
-    if attention_path(q, q, q, kind) != "blockwise":
+    if attention_path(q, q, q, kind, window=window) != "blockwise":
         return 0
     b, t, h, _ = q.shape
     return peak_bytes(kind, b, h, t, window)
@@ -323,7 +326,9 @@ def hybrid_variant(name: str, inputs, grad, flops: int, bwd_factor: float, windo
         work = attention_variant(label, mmm_path("hybrid", window=window, feature_map=fmap), inputs, grad, flops,
                                  bwd_factor, need_bytes=need_bytes, error_fn=error, real=real,
                                  info={"call": f"mmm.attention(method='hybrid', window={window}, feature_map=<"
-                                               f"{type(fmap).__name__} fitted by fit_hybrid>)", **fit_info}).build()
+                                               f"{type(fmap).__name__} fitted by fit_hybrid>)",
+                                       "path": attention_path(*inputs, "hybrid", window=window, feature_map=fmap),
+                                       **fit_info}).build()
         work.info.update(extra)
         return work
 
@@ -375,11 +380,15 @@ def _causal_setup(t: int, sizes: Sizes):
         for name, far in (("elu", lin), ("hedgehog", linear_flops(b, h, t, d, 2 * d))):
             variants.append(hybrid_variant(name, inputs, grad, near + far, (near * SOFTMAX_BWD + far * LINEAR_BWD) / (near + far),
                                            w, banded_bytes("hybrid", q, w), quick, real))
+        fw = sizes.fused_hybrid_window  # the fused kernel's path on CUDA: a narrower window, one pass
+        near = softmax_flops(b, h, t, d, fw)
+        variants.append(hybrid_variant("elu", inputs, grad, near + lin, (near * SOFTMAX_BWD + lin * LINEAR_BWD) / (near + lin),
+                                       fw, banded_bytes("hybrid", q, fw), quick, real))
         if cuda:  # without host overhead (the fixed cost that dominates at short T)
             by_label = {v.label: v for v in variants}
             elu = by_label["linear elu (normalized)"]
             graph_rows = [by_label["sdpa cudnn"], elu, by_label[f"window {sizes.windows[0]}"],
-                          by_label[f"hybrid w={w} {HYBRID_MAPS['elu']}"]]
+                          by_label[f"hybrid w={w} {HYBRID_MAPS['elu']}"], by_label[f"hybrid w={fw} {HYBRID_MAPS['elu']}"]]
             variants += [graphed(v) for v in graph_rows] + [triton_launched(elu)]
         # fla is GPU-only: listed on CUDA always (a missing install shows as an error), on CPU if installed
         if cuda or importlib.util.find_spec("fla") is not None:
