@@ -27,21 +27,7 @@ from mmm.attention import hybrid as hybrid_mod
 from mmm.attention.api import attention_path, resolve_feature_map
 from mmm.bench.graphs import capture
 
-
-def kernel_ms(fn, reps: int = 5) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        if e.device_type != torch.autograd.DeviceType.CPU and getattr(e, "device_time_total", 0) > 0:
-            out[e.key[:40]] = round(e.device_time_total / 1e3 / reps, 3)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:10])
+from gpu_la_ab import kernel_ms  # scripts/ is on the path when this runs as a script
 
 
 def paths(q, k, v, t: int) -> dict:
