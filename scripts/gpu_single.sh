@@ -27,8 +27,8 @@
 # compute-sanitizer memcheck, ~2 min), capsweep (the register-capped configs of gpu_linear_attention_configs.py's
 # candidates, each forced against the baseline, ~4 min), laab (scripts/gpu_la_ab.py on a carried ../snap_old
 # checkout, then on this one: the linear-attention op side by side, ~2 min), opdiag (scripts/gpu_opcheck_diag.py,
-# ~1 min; opdiag_old: on ../snap_old), hybrid (the fused hybrid's GPU tests, then scripts/gpu_hybrid_fused.py:
-# it beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~4 min). Bench files land as bench_<phase>.{md,json,png}.
+# ~1 min; opdiag_old: on ../snap_old), hybrid (scripts/gpu_hybrid_fused.py: the fused hybrid
+# beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~3 min; its tests are in retests). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -65,6 +65,7 @@ retests() {  # session 17: whole chunks without row masks (FULL_CHUNKS, the benc
   $t tests/test_attention_gpu.py -k "key_slices or favor_through_the_kernel" > "$OUT/t_attn.log" 2>&1 &
   $t tests/test_attention_flex.py -k "flex_paths or compile" > "$OUT/t_flex.log" 2>&1 &
   $t tests/test_linear_attention_kernel.py -k "bf16 or opcheck or compile" > "$OUT/t_la.log" 2>&1 &
+  $t tests/test_hybrid_kernel.py > "$OUT/t_hybrid.log" 2>&1 &  # session 18: the fused hybrid
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
@@ -87,8 +88,7 @@ for phase in "$@"; do
     la_host) step la_host 90 python scripts/la_host_overhead.py --gpu ;;
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     hybridprof) step hybridprof 180 python scripts/gpu_hybrid_profile.py ;;
-    hybrid) step hybrid_tests 200 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_hybrid_kernel.py
-      step hybrid_fused 200 python scripts/gpu_hybrid_fused.py ;;
+    hybrid) step hybrid_fused 200 python scripts/gpu_hybrid_fused.py ;;
     laab) for side in old new; do  # A/B of the linear-attention op: ../snap_old (carried) vs this tree
         src=src; [ $side = old ] && src=../snap_old/src
         step laab_$side 95 env PYTHONPATH=$src python scripts/gpu_la_ab.py --label $side
