@@ -62,6 +62,14 @@ KERNELS = {
     "bwd_dv_kernel": ("linear_attention", "*bf16", {"dst_ptr": "*fp32"},
                       dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, HAS_LAG=True,
                            FULL_CHUNKS=True)),
+    # fused causal hybrid, bf16, DK = DV = 128, elu, window (chunk) 64, whole chunks; fp32 lse / row factors
+    "hybrid_fwd_kernel": ("linear_attention.hybrid_kernels", "*bf16",
+                          {"rfar_ptr": "*fp32", "lse_ptr": "*fp32", "st_ptr": "*fp32", "c_ptr": "*fp32"},
+                          dict(DK=128, DV=128, FEATURE=1, DOT_MODE=0, FULL_CHUNKS=True, BT=64)),
+    "band_dq_kernel": ("linear_attention.hybrid_kernels", "*bf16", {"lse_ptr": "*fp32", "delta_ptr": "*fp32"},
+                       dict(DK=128, DV=128, DOT_MODE=0, BT=64)),
+    "band_dkdv_kernel": ("linear_attention.hybrid_kernels", "*bf16", {"lse_ptr": "*fp32", "delta_ptr": "*fp32"},
+                         dict(DK=128, DV=128, DOT_MODE=0, BT=64)),
     # FFT as DFT GEMMs ("fft.dft_kernels": a module name with a dot is taken as is), 128 x 128 tiles, two
     # Toeplitz branches, bf16 rows, fp16 tables and scratch, fp32 spectrum, partial sums and stash
     "dft_conv_kernel": ("fft.dft_kernels", "*fp16",
@@ -73,7 +81,7 @@ KERNELS = {
                         {"x_ptr": "*bf16", "dy_ptr": "*bf16", "part_ptr": "*fp32", "stash_ptr": "*fp32"},
                         dict(N1=128, N2=128, BK=32, KC=32, BOUND=2.0**14, PREC="tf32", num_warps=8)),
 }
-FLOAT_SCALARS = {"bound", "eps", "scale"}  # every other non-constexpr argument is an int (i32)
+FLOAT_SCALARS = {"bound", "eps", "scale", "sm_scale"}  # every other non-constexpr argument is an int (i32)
 
 
 def compile_for_sm90(name: str) -> None:
