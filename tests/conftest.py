@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -74,3 +75,19 @@ class OpNames:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every buffer the op allocates with torch.empty / empty_like starts as NaN, so an element a kernel
+    fails to write shows up as NaN instead of passing by luck."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(math.nan)
+
+    def empty_like(*args, **kwargs):
+        return real_empty_like(*args, **kwargs).fill_(math.nan)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)

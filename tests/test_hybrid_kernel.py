@@ -60,7 +60,7 @@ def assert_close(got, want, tol):
 @needs_kernel
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
 @pytest.mark.parametrize("window,T", [(16, 40), (16, 64), (32, 75), (32, 128)])
-def test_forward_and_gradients_match_fp64(feature_map, window, T):
+def test_forward_and_gradients_match_fp64(feature_map, window, T, poisoned_empty):
     """Partial last chunks (40, 75) and whole ones (64; 128, where the kernels drop their row masks),
     several segments (the interpreter's are 16-32 rows), two batches, per-head calibrations."""
     q, k, v = inputs(2, T, 2, 16, DV=32)
@@ -70,7 +70,7 @@ def test_forward_and_gradients_match_fp64(feature_map, window, T):
 
 
 @needs_kernel
-def test_far_weights_dominate_and_vanish():
+def test_far_weights_dominate_and_vanish(poisoned_empty):
     """c_h = +6 makes the far keys outweigh the near ones, c_h = -30 leaves the window alone (the far
     share then underflows, the output is window softmax): the shared max r keeps both finite and exact."""
     q, k, v = inputs(1, 96, 2, 32)
@@ -80,8 +80,9 @@ def test_far_weights_dominate_and_vanish():
 
 
 @needs_kernel
-def test_shorter_than_the_window_is_window_softmax():
-    """T < W: every visible key is near; the hybrid is exact softmax attention there."""
+def test_shorter_than_the_window_is_window_softmax(poisoned_empty):
+    """T < W: every visible key is near; the hybrid is exact softmax attention there (and the lagged
+    linear backward, whose lag then exceeds T, must still zero every key's far gradient)."""
     q, k, v = inputs(1, 10, 2, 16)
     fmap = calibrated_map("elu", 16, [0.0, 0.0])
     go = torch.randn_like(v)

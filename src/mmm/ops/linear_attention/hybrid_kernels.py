@@ -83,37 +83,44 @@ def hybrid_fwd_kernel(
         # the previous chunk's rows that exist (all of them past the sequence's first chunk: that chunk is
         # whole even when this one is not, and its keys above the diagonal are near for every query row)
         mp = offs_t + t0 >= first
+        # In the order that keeps the fewest [BT, *] tiles alive (at W = 64 the first order, every block
+        # before the max, spilled ~1.5 KB per thread on sm_90): the far part and the previous chunk's block
+        # first, with their own row max; then the current chunk's block, rescaling what was summed by
+        # alpha = exp2(m_p - r) as flash attention does. r = max(m_p, scores of chunk c) in the end.
         q = tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0)
         a32 = _phi(q, scale, FEATURE)
-        den_far = tl.sum(a32 * z[None, :], axis=1)
+        den = tl.sum(a32 * z[None, :], axis=1)
         a_c = _cast(a32, q_ptr, DOT_MODE)
-        num_far = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
+        num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         kp = tl.load(kp_base + tile_dk, mask=mp[:, None], other=0.0)
         b32 = tl.where(mp[:, None], _phi(kp, scale, FEATURE), 0.0)
         b_c = _cast(b32, q_ptr, DOT_MODE)
         vp = _cast(tl.load(vp_base + tile_v, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
-        kc = tl.load(kc_base + tile_dk, mask=mt[:, None], other=0.0)
-        vc = _cast(tl.load(vc_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+        kappa = tl.where(on_or_below, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
+        S += _dot(tl.trans(b_c), vp, DOT_MODE)  # S was read above: the state for the next chunk
+        z += tl.sum(b32, axis=0)
         q_c = _cast(q, q_ptr, DOT_MODE)
         sp = _dot(q_c, tl.trans(_cast(kp, q_ptr, DOT_MODE)), DOT_MODE) * qk_scale
         sp = tl.where((~on_or_below) & mp[None, :], sp, float("-inf"))
+        m_p = tl.maximum(tl.max(sp, axis=1), l2)
+        f = _exp2(l2 - m_p)
+        wp = _exp2(sp - m_p[:, None]) + f[:, None] * kappa
+        num = f[:, None] * num + _dot(_cast(wp, q_ptr, DOT_MODE), vp, DOT_MODE)
+        den = f * den + tl.sum(wp, axis=1)
+        kc = tl.load(kc_base + tile_dk, mask=mt[:, None], other=0.0)
         sc = _dot(q_c, tl.trans(_cast(kc, q_ptr, DOT_MODE)), DOT_MODE) * qk_scale
         sc = tl.where(on_or_below, sc, float("-inf"))
-        r2 = tl.maximum(tl.maximum(tl.max(sp, axis=1), tl.max(sc, axis=1)), l2)
-        f = _exp2(l2 - r2)
-        kappa = tl.where(on_or_below, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
-        wp = _exp2(sp - r2[:, None]) + f[:, None] * kappa
+        r2 = tl.maximum(m_p, tl.max(sc, axis=1))
+        alpha = _exp2(m_p - r2)
         pc = _exp2(sc - r2[:, None])
-        num = f[:, None] * num_far + _dot(_cast(wp, q_ptr, DOT_MODE), vp, DOT_MODE)
-        num += _dot(_cast(pc, q_ptr, DOT_MODE), vc, DOT_MODE)
-        den = f * den_far + tl.sum(wp, axis=1) + tl.sum(pc, axis=1) + eps * _exp2(-r2)
+        vc = _cast(tl.load(vc_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+        num = alpha[:, None] * num + _dot(_cast(pc, q_ptr, DOT_MODE), vc, DOT_MODE)
+        den = alpha * den + tl.sum(pc, axis=1) + eps * _exp2(-r2)
         rd = 1.0 / den
         tl.store(o_base + tile_v, (num * rd[:, None]).to(o_ptr.dtype.element_ty), mask=mt[:, None])
         if i_v == 0:
-            tl.store(rfar_ptr + trow0 + t0 + offs_t, f * rd, mask=mt)
+            tl.store(rfar_ptr + trow0 + t0 + offs_t, f * alpha * rd, mask=mt)
             tl.store(lse_ptr + trow0 + t0 + offs_t, r2 + tl.log2(den), mask=mt)
-        S += _dot(tl.trans(b_c), vp, DOT_MODE)
-        z += tl.sum(b32, axis=0)
         q_base += BT * H * DK
         kc_base += BT * H * DK
         kp_base += BT * H * DK

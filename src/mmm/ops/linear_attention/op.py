@@ -161,9 +161,9 @@ if HAVE_TRITON:
                 **lagged, **common)
         launcher(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
             q, k, g, dstates, dv, CAUSAL=causal, **lagged, **common)
-        if lag:
-            dk[:, T - lag:].zero_()
-            dv[:, T - lag:].zero_()
+        if lag:  # (every row when lag >= T: no query sees a key)
+            dk[:, max(T - lag, 0):].zero_()
+            dv[:, max(T - lag, 0):].zero_()
         return dq, dk, dv
 
     def _setup_context(ctx, inputs, output):
