@@ -82,6 +82,12 @@ KERNELS = {
                         dict(N1=128, N2=128, BK=32, KC=32, BOUND=2.0**14, PREC="tf32", num_warps=8)),
 }
 FLOAT_SCALARS = {"bound", "eps", "scale", "sm_scale"}  # every other non-constexpr argument is an int (i32)
+# Kernels launched through torch.library ops: traced by torch.compile, inductor passes their float
+# arguments as fp64 (an H100 run failed to compile fwd_kernel so: z, carried in the loop as fp32, became
+# fp64). Compiled a second time with fp64 floats.
+TRACED_WITH_FP64 = ["chunk_state_kernel", "fwd_kernel", "bwd_dqdk_kernel", "bwd_dv_kernel", "hybrid_fwd_kernel",
+                    "band_dq_kernel", "band_dkdv_kernel"]
+FP64_SUFFIX = ":fp64"
 
 
 def compile_for_sm90(name: str) -> None:
@@ -92,6 +98,7 @@ def compile_for_sm90(name: str) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    name, fp64 = name.removesuffix(FP64_SUFFIX), name.endswith(FP64_SUFFIX)
     module_name, ptr, ptr_overrides, consts = KERNELS[name]
     consts = dict(consts)  # "num_warps" there is a launch option, not a constexpr
     module = importlib.import_module(f"mmm.ops.{module_name}" if "." in module_name else f"mmm.ops.{module_name}.kernels")
@@ -112,7 +119,7 @@ def compile_for_sm90(name: str) -> None:
         elif a.endswith("_ptr"):
             sig[a] = ptr_overrides.get(a, ptr)
         else:
-            sig[a] = "fp32" if a in FLOAT_SCALARS else "i32"
+            sig[a] = ("fp64" if fp64 else "fp32") if a in FLOAT_SCALARS else "i32"
     missing = sorted(a for a, t in sig.items() if t == "constexpr" and a not in consts)
     assert not missing, f"{name}: no value for constexpr(s) {missing} in KERNELS"
     src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(a),): v for a, v in consts.items()},
@@ -149,7 +156,7 @@ def compiled(tmp_path_factory) -> dict[str, str | None]:
     # without the interpreter, and without the switch that would let non-constexpr globals through
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # a real compile every run
-    names = list(KERNELS)
+    names = list(KERNELS) + [n + FP64_SUFFIX for n in TRACED_WITH_FP64]
     workers = [subprocess.Popen([sys.executable, __file__, *names[i::2]], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
     results = {}
@@ -160,7 +167,7 @@ def compiled(tmp_path_factory) -> dict[str, str | None]:
     return results
 
 
-@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("name", list(KERNELS) + [n + FP64_SUFFIX for n in TRACED_WITH_FP64])
 def test_kernel_compiles_for_sm90(compiled, name):
     assert compiled[name] is None, f"{name} does not compile for sm_90:\n{compiled[name]}"
 

@@ -71,7 +71,7 @@ def hybrid_fwd_kernel(
     S = tl.load(base + offs_dk[:, None] * DV + offs_v[None, :])
     z = tl.load(base + DK * DV + offs_dk)
     l2 = tl.load(c_ptr + i_bh % H).to(tl.float32) * LOG2E
-    qk_scale = sm_scale * LOG2E
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # fp64 when traced (kernels._phi)
     q_base = q_ptr + rowk0
     kc_base = k_ptr + rowk0
     kp_base = k_ptr + rowk0 - lag_k
@@ -115,7 +115,7 @@ def hybrid_fwd_kernel(
         pc = _exp2(sc - r2[:, None])
         vc = _cast(tl.load(vc_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
         num = alpha[:, None] * num + _dot(_cast(pc, q_ptr, DOT_MODE), vc, DOT_MODE)
-        den = alpha * den + tl.sum(pc, axis=1) + eps * _exp2(-r2)
+        den = alpha * den + tl.sum(pc, axis=1) + tl.cast(eps, tl.float32) * _exp2(-r2)
         rd = 1.0 / den
         tl.store(o_base + tile_v, (num * rd[:, None]).to(o_ptr.dtype.element_ty), mask=mt[:, None])
         if i_v == 0:
@@ -173,7 +173,7 @@ def band_dq_kernel(
     lse2 = tl.load(lse_ptr + trow0 + offs_t, mask=mq, other=0.0)
     q_c = _cast(tl.load(q_ptr + rowk0 + tile_dk, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
     do_c = _cast(do, q_ptr, DOT_MODE)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # fp64 when traced (kernels._phi)
     below = offs_t[:, None] >= offs_t[None, :]
     k_c = _cast(tl.load(k_ptr + rowk0 + tile_dk, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
     v_c = _cast(tl.load(v_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
@@ -185,7 +185,7 @@ def band_dq_kernel(
     _, ds = _band_block(q_c, k_p, do_c, v_p, lse2[:, None], delta[:, None], near_p, qk_scale, DOT_MODE)
     dq += _dot(_cast(ds, q_ptr, DOT_MODE), k_p, DOT_MODE)
     dq_at = dq_ptr + rowk0 + tile_dk
-    dq = dq * sm_scale + tl.load(dq_at, mask=mq[:, None], other=0.0).to(tl.float32)
+    dq = dq * tl.cast(sm_scale, tl.float32) + tl.load(dq_at, mask=mq[:, None], other=0.0).to(tl.float32)
     tl.store(dq_at, dq.to(dq_ptr.dtype.element_ty), mask=mq[:, None])
 
 
@@ -202,7 +202,7 @@ def band_dkdv_kernel(
     tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
     tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
     mk = t0 + offs_t < T
-    qk_scale = sm_scale * LOG2E
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # fp64 when traced (kernels._phi)
     k_c = _cast(tl.load(k_ptr + rowk0 + tile_dk, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
     v_c = _cast(tl.load(v_ptr + rowv0 + tile_dv, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
     key_at_or_before = offs_t[:, None] <= offs_t[None, :]  # [key j, query i]: j <= i
@@ -227,7 +227,7 @@ def band_dkdv_kernel(
         dk += _dot(_cast(dst, q_ptr, DOT_MODE), q_c, DOT_MODE)
     dk_at = dk_ptr + rowk0 + tile_dk
     dv_at = dv_ptr + rowv0 + tile_dv
-    dk = dk * sm_scale + tl.load(dk_at, mask=mk[:, None], other=0.0).to(tl.float32)
+    dk = dk * tl.cast(sm_scale, tl.float32) + tl.load(dk_at, mask=mk[:, None], other=0.0).to(tl.float32)
     dv += tl.load(dv_at, mask=mk[:, None], other=0.0).to(tl.float32)
     tl.store(dk_at, dk.to(dk_ptr.dtype.element_ty), mask=mk[:, None])
     tl.store(dv_at, dv.to(dv_ptr.dtype.element_ty), mask=mk[:, None])

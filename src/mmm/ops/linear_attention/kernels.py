@@ -264,8 +264,11 @@ def _features(x, mt, like_ptr, scale, FEATURE: tl.constexpr, DOT_MODE: tl.conste
 
 @triton.jit
 def _phi(x, scale, FEATURE: tl.constexpr):
-    """phi(scale * x) in fp32 (`_features` masks it and rounds it for the dots)."""
+    """phi(scale * x) in fp32 (`_features` masks it and rounds it for the dots). scale is cast: traced by
+    torch.compile, float arguments arrive as fp64 and would make the features (and z, carried in the
+    loop as fp32) fp64, which Triton refuses to compile."""
     x = x.to(tl.float32)
+    scale = tl.cast(scale, tl.float32)
     if FEATURE == 1:
         return tl.where(x > 0, x * scale + 1.0, _exp2(x * (scale * LOG2E)))
     elif FEATURE == 2:
@@ -530,7 +533,7 @@ def fwd_kernel(
                 else:
                     z += tl.sum(b32, axis=0)
         if NORMALIZE:
-            rd = 1.0 / (den + eps)
+            rd = 1.0 / (den + tl.cast(eps, tl.float32))  # (fp64 when traced: see _phi)
             num = num * rd[:, None]
             if i_v == 0:
                 tl.store(rden_ptr + trow0 + t0 + offs_t, rd, mask=mt)
@@ -645,7 +648,7 @@ def bwd_dqdk_kernel(
                 da += _dot(dA_c, b_c, DOT_MODE)
             if FEATURE != 0:
                 da = da * _dphi(a_c, FEATURE)
-            tl.store(dq_ptr + off_k + tile_k, (da * scale).to(dq_ptr.dtype.element_ty), mask=mt[:, None])
+            tl.store(dq_ptr + off_k + tile_k, (da * tl.cast(scale, tl.float32)).to(dq_ptr.dtype.element_ty), mask=mt[:, None])
         if CAUSAL and PART == 1:
             S += _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
@@ -663,7 +666,7 @@ def bwd_dqdk_kernel(
                 db += _dot(tl.trans(dA_c), a_c, DOT_MODE)
             if FEATURE != 0:
                 db = db * _dphi(b_c, FEATURE)
-            tl.store(dk_ptr + off_k - lag_k + tile_k, (db * scale).to(dk_ptr.dtype.element_ty), mask=mk[:, None])
+            tl.store(dk_ptr + off_k - lag_k + tile_k, (db * tl.cast(scale, tl.float32)).to(dk_ptr.dtype.element_ty), mask=mk[:, None])
         if CAUSAL and PART != 1:
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
             if NORMALIZE:
