@@ -141,10 +141,13 @@ def test_bad_arguments_name_what_is_expected(kwargs, match):
 
 
 @needs_kernel
-def test_unsupported_head_dim_names_the_supported_ones():
-    q, k, v = inputs(1, 32, 2, 24)
-    with pytest.raises(ValueError, match=r"head dims in \(16, 32"):
+@pytest.mark.parametrize("d", [24, 256])
+def test_unsupported_head_dim_names_the_supported_ones(d, monkeypatch):
+    q, k, v = inputs(1, 32, 2, d)
+    with pytest.raises(ValueError, match=r"head dims in \(16, 32, 64, 128\)"):
         hybrid_op.hybrid_attention_fused(q, k, v, torch.zeros(2), "elu", 16)
+    monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
+    assert api.attention_path(q, k, v, "hybrid", window=16) != "fused"  # 256: the flex / blockwise path
 
 
 # ----------------------------------------------------------------------------------------------- GPU

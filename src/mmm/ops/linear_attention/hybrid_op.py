@@ -85,11 +85,17 @@ else:
     WINDOWS = ()
 
 
+# Head widths the fused kernels take: at 256 their [W, 256] tiles of q, k and the features would not fit
+# in registers (the forward already spills at W = 64, D = 128 with 128-wide value tiles) nor, at W = 64,
+# in shared memory; such heads keep the flex path, whose far part splits keys into 128-wide slices.
+HEAD_DIMS = tuple(d for d in op.SUPPORTED_HEAD_DIMS if d <= 128)
+
+
 def fused_applies(q: torch.Tensor, v: torch.Tensor, window: int, causal: bool) -> bool:
-    """Whether `hybrid_attention_fused` takes these inputs: causal, window one of WINDOWS, the kernel's
-    head widths and dtypes, on CUDA (or CPU under TRITON_INTERPRET=1)."""
-    return (causal and window in WINDOWS and op._uses_kernel(q) and q.shape[-1] in op.SUPPORTED_HEAD_DIMS
-            and v.shape[-1] in op.SUPPORTED_HEAD_DIMS)
+    """Whether `hybrid_attention_fused` takes these inputs: causal, window one of WINDOWS, head widths
+    in HEAD_DIMS, the kernel's dtypes, on CUDA (or CPU under TRITON_INTERPRET=1)."""
+    return (causal and window in WINDOWS and op._uses_kernel(q) and q.shape[-1] in HEAD_DIMS
+            and v.shape[-1] in HEAD_DIMS)
 
 
 def hybrid_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_scale: torch.Tensor,
@@ -100,7 +106,7 @@ def hybrid_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     in q, k and v."""
     if not fused_applies(q, v, window, True):
         raise ValueError(f"hybrid_attention_fused takes causal inputs the Triton kernel takes (CUDA, or CPU under "
-                         f"TRITON_INTERPRET=1; head dims in {op.SUPPORTED_HEAD_DIMS}) and a window in {WINDOWS}, "
+                         f"TRITON_INTERPRET=1; head dims in {HEAD_DIMS}) and a window in {WINDOWS}, "
                          f"got window={window}, head dims {q.shape[-1]}/{v.shape[-1]} on {q.device}")
     if feature_map not in ("elu", "relu"):
         raise ValueError(f"feature_map must be 'elu' or 'relu' for the fused hybrid kernel, got {feature_map!r}")
