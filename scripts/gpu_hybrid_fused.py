@@ -20,14 +20,12 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
 import mmm
 from mmm.attention import hybrid as hybrid_mod
 from mmm.attention.api import attention_path, resolve_feature_map
-from mmm.bench.graphs import capture
 
-from gpu_la_ab import kernel_ms  # scripts/ is on the path when this runs as a script
+from gpu_la_ab import graph_ms, kernel_ms  # scripts/ is on the path when this runs as a script
 
 
 def paths(q, k, v, t: int) -> dict:
@@ -65,9 +63,7 @@ def main() -> None:
             def both(fwd=fwd):
                 fwd().backward(do)
             try:
-                with torch.no_grad():
-                    f_ms = do_bench(capture(fwd, ()).replay, warmup=25, rep=100)
-                fb_ms = do_bench(capture(both, (q, k, v)).replay, warmup=25, rep=100)
+                f_ms, fb_ms = graph_ms(fwd, both, (q, k, v))
             except Exception as e:  # noqa: BLE001 - report and go on to the other rows
                 print(f"T={t} {label}: {type(e).__name__}: {e}", flush=True)
                 continue

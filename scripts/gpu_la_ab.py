@@ -40,12 +40,20 @@ def kernel_ms(fn, reps: int = 5) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
 
 
+def graph_ms(fwd, both, grads) -> tuple[float, float]:
+    """Forward (under no_grad) and forward+backward ms, each replayed from a captured CUDA graph."""
+    from mmm.bench.graphs import capture  # (checkouts from 7758096 on)
+
+    with torch.no_grad():
+        f_ms = do_bench(capture(fwd, ()).replay, warmup=25, rep=100)
+    return f_ms, do_bench(capture(both, grads).replay, warmup=25, rep=100)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--label", required=True)
     args = ap.parse_args()
     import mmm
-    from mmm.bench.graphs import capture  # (checkouts from 7758096 on)
     from mmm.ops.linear_attention import linear_attention
 
     start = time.time()
@@ -63,9 +71,7 @@ def main() -> None:
         for name, fwd in paths.items():
             def both(fwd=fwd):
                 fwd().backward(do if name != "cudnn" else do.transpose(1, 2))
-            with torch.no_grad():
-                f_ms = do_bench(capture(fwd, ()).replay, warmup=25, rep=100)
-            fb_ms = do_bench(capture(both, (q, k, v)).replay, warmup=25, rep=100)
+            f_ms, fb_ms = graph_ms(fwd, both, (q, k, v))
             row = {"label": args.label, "T": t, "path": name, "fwd_ms": round(f_ms, 4), "fwd_bwd_ms": round(fb_ms, 4),
                    "bwd_over_fwd": round((fb_ms - f_ms) / f_ms, 2)}
             if t == LENGTHS[-1] and name == "elu":

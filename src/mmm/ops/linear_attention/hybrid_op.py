@@ -36,7 +36,7 @@ if op.HAVE_TRITON:
         lse2 = torch.empty_like(rfar)
         common = op._shared_args(q, v, seg_len, scale, feature, True)
         states = op.prefix_states(k, v, common, dict(LAG=window, HAS_LAG=True))
-        del common["NORMALIZE"]
+        del common["NORMALIZE"]  # the hybrid kernel always normalises: it takes no such argument
         launcher(hybrid_kernels.hybrid_fwd_kernel)[op._grid(v.shape[-1], common["NS"] * B * H, "BV")](
             q, k, v, o, rfar, lse2, states, log_scale, eps=eps, sm_scale=DK ** -0.5, BT=window, **common)
         return o, rfar, lse2, states
