@@ -7,7 +7,8 @@ target: hybrid within 1.3x of it), the flex+triton hybrid at the same window 64 
 before), window softmax 64 (flex), and cuDNN SDPA up to 32k. Then the CUDA time per kernel of the fused
 hybrid at 128k. Rows land in $OUT/hybrid_fused.jsonl, a table on stdout.
 
-    PYTHONPATH=src python scripts/gpu_hybrid_fused.py [--lengths 8192 32768 131072]   (about 2 min)
+    PYTHONPATH=src python scripts/gpu_hybrid_fused.py [--lengths 8192 32768 131072] [--labels fused linear]
+        [--tag new]   (about 2 min; 1 with --labels fused linear)
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def paths(q, k, v, t: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--labels", nargs="+", default=None,
+                    help="time only the rows whose label starts with one of these (e.g. 'fused' 'linear')")
+    ap.add_argument("--tag", default="", help="a label for this run's rows (an A/B of two checkouts)")
     args = ap.parse_args()
     start = time.time()
     rows = []
@@ -60,6 +64,8 @@ def main() -> None:
         q, k, v = (torch.randn(1, t, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         do = torch.randn_like(q)
         for label, (fwd, path) in paths(q, k, v, t).items():
+            if args.labels and not label.startswith(tuple(args.labels)):
+                continue
             def both(fwd=fwd):
                 fwd().backward(do)
             try:
@@ -67,7 +73,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - report and go on to the other rows
                 print(f"T={t} {label}: {type(e).__name__}: {e}", flush=True)
                 continue
-            row = {"T": t, "label": label, "path": path, "fwd_ms": round(f_ms, 4), "fwd_bwd_ms": round(fb_ms, 4),
+            row = {"tag": args.tag, "T": t, "label": label, "path": path, "fwd_ms": round(f_ms, 4), "fwd_bwd_ms": round(fb_ms, 4),
                    "bwd_over_fwd": round((fb_ms - f_ms) / f_ms, 2)}
             if t == max(args.lengths) and label == "fused hybrid w=64":
                 row["kernels_ms"] = kernel_ms(both)

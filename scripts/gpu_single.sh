@@ -28,7 +28,8 @@
 # candidates, each forced against the baseline, ~4 min), laab (scripts/gpu_la_ab.py on a carried ../snap_old
 # checkout, then on this one: the linear-attention op side by side, ~2 min), opdiag (scripts/gpu_opcheck_diag.py,
 # ~1 min; opdiag_old: on ../snap_old), hybrid (scripts/gpu_hybrid_fused.py: the fused hybrid
-# beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~3 min; its tests are in retests). Bench files land as bench_<phase>.{md,json,png}.
+# beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~3 min; its tests are in retests), hybridab
+# (the same, fused and linear rows only, on a carried ../snap_old checkout, then on this one, ~3 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -89,6 +90,10 @@ for phase in "$@"; do
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     hybridprof) step hybridprof 180 python scripts/gpu_hybrid_profile.py ;;
     hybrid) step hybrid_fused 200 python scripts/gpu_hybrid_fused.py ;;
+    hybridab) for side in old new; do  # the fused hybrid and linear alone: ../snap_old (carried) vs this tree
+        src=src; [ $side = old ] && src=../snap_old/src
+        step hybridab_$side 100 env PYTHONPATH=$src python scripts/gpu_hybrid_fused.py --labels fused linear --tag $side
+      done ;;
     laab) for side in old new; do  # A/B of the linear-attention op: ../snap_old (carried) vs this tree
         src=src; [ $side = old ] && src=../snap_old/src
         step laab_$side 95 env PYTHONPATH=$src python scripts/gpu_la_ab.py --label $side

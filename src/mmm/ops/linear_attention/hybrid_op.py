@@ -19,6 +19,7 @@ if op.HAVE_TRITON:
     from . import hybrid_kernels, kernels
 
     WINDOWS = hybrid_kernels.WINDOWS
+    _BAND_PROGRAMS = 2048  # band_bwd_kernel's target program count
 
     def _segment_len(T: int, batch_heads: int, window: int) -> int:
         """op.segment_len, rounded up to a multiple of the window (the kernels' chunk length)."""
@@ -46,17 +47,18 @@ if op.HAVE_TRITON:
                            feature: int, window: int, scale: float,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv: the far weights' part from the lagged linear backward (rden := rfar, o the hybrid's
-        output), then the near keys' part added by the band kernels."""
+        output), then the near keys' part added by band_bwd_kernel."""
         B, T, H, DK = q.shape
         seg_len = _segment_len(T, B * H, window)
         dq, dk, dv = op._backward_launches(do, q, k, v, o, rfar, states, feature, True, True, seg_len, scale,
                                            window)
-        delta = torch.empty_like(rfar)
-        band = dict(T=T, H=H, sm_scale=DK ** -0.5, DK=DK, DV=v.shape[-1], DOT_MODE=op._dot_mode(q.dtype),
-                    BT=window, num_warps=1 if kernels.INTERPRET else 4)
-        grid = (cdiv(T, window) * B * H,)
-        launcher(hybrid_kernels.band_dq_kernel)[grid](q, k, v, o, do, lse2, delta, dq, **band)
-        launcher(hybrid_kernels.band_dkdv_kernel)[grid](q, k, v, do, lse2, delta, dk, dv, **band)
+        n_chunks = cdiv(T, window)
+        # chunks per program: enough programs to fill the GPU, few enough that the extra block each
+        # program's first chunk computes stays small (untimed choice)
+        per_program = max(1, n_chunks * B * H // _BAND_PROGRAMS)
+        launcher(hybrid_kernels.band_bwd_kernel)[(cdiv(n_chunks, per_program) * B * H,)](
+            q, k, v, o, do, lse2, dq, dk, dv, T, H, per_program, DK ** -0.5, DK=DK, DV=v.shape[-1],
+            DOT_MODE=op._dot_mode(q.dtype), BT=window, num_warps=1 if kernels.INTERPRET else 4)
         return dq, dk, dv
 
     def _setup_context(ctx, inputs, output):
