@@ -168,11 +168,11 @@ def band_bwd_kernel(
 ):
     """The near keys' part of dq, dk and dv, added into what the linear backward wrote, for NC chunks of
     one sequence in order. Chunk c's keys are near for the queries of chunk c (key j <= query i: the
-    diagonal block) and of chunk c+1 (j > i: the upper block), so one pass over the chunks computes each
-    block once: the upper block's dq goes to chunk c+1, carried in registers to the next iteration (the
-    first chunk of a program computes its share from chunk c0-1's keys itself). Each of q, k, v, o, do is
-    read once, and dq, dk, dv read and written once (the two kernels this replaced read q, k, v, do twice
-    and computed every block twice)."""
+    diagonal block) and of chunk c+1 (j > i: the upper block). A program computes both for each of its
+    chunks, and the upper block of the chunk before its first (that block's dS, for dq). So dq, dk, dv are
+    each read and written once, and the blocks are computed (NC + 1) / NC times, where the two kernels this
+    replaced computed each twice and read q, k, v, do twice. NC = 1 compiles without a loop and spills
+    least on sm_90 (hybrid_op.BAND_CHUNKS); the repeated reads of a neighbouring chunk hit L2."""
     pid = tl.program_id(0).to(tl.int64)
     n_chunks = tl.cdiv(T, BT)
     n_prog = tl.cdiv(n_chunks, NC)
@@ -187,10 +187,10 @@ def band_bwd_kernel(
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # fp64 when traced (kernels._phi)
     below = offs_t[:, None] >= offs_t[None, :]  # [query i, key j]: j <= i
     sm_scale32 = tl.cast(sm_scale, tl.float32)
-    # dS of the upper block of the chunk before (with the queries of the chunk this iteration starts at):
-    # carried to the next iteration, which multiplies it by that block's keys again, and the queries are
-    # read again there too (both L2 hits): carrying an fp32 [BT, DK] dq and the query tiles instead
-    # spilled 2.4 KB per thread at W = 64 on sm_90.
+    # dS of the upper block of the chunk before (with the queries of the chunk this iteration starts at),
+    # carried to the next iteration, which multiplies it by that block's keys again and reads the queries
+    # again (L2 hits): carrying an fp32 [BT, DK] dq and the query tiles instead spilled 2.4 KB per thread
+    # at W = 64 on sm_90.
     ds_n = tl.zeros([BT, BT], dtype=tl.float32)
     if c0 > 0:  # chunk c0's share of the upper block of chunk c0-1 (whole: chunk c0 exists)
         q_c, do_c, lse2, delta, mq = _band_queries(q_ptr, o_ptr, do_ptr, lse_row, row0, tile_dk, tile_dv, offs_t,

@@ -6,6 +6,7 @@ need). The window is the kernels' chunk length: one of WINDOWS."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -19,7 +20,10 @@ if op.HAVE_TRITON:
     from . import hybrid_kernels, kernels
 
     WINDOWS = hybrid_kernels.WINDOWS
-    _BAND_PROGRAMS = 2048  # band_bwd_kernel's target program count
+    # Chunks per program of band_bwd_kernel. One: no loop, so the sm_90 compile spills 308 B per thread
+    # at W = 64 instead of ~1 KB with a loop (which computes 2 blocks per chunk instead of 3). Untimed.
+    # MMM_HYBRID_BAND_CHUNKS: diagnosis (an A/B of the two on a GPU).
+    BAND_CHUNKS = int(os.environ.get("MMM_HYBRID_BAND_CHUNKS") or 1)
 
     def _segment_len(T: int, batch_heads: int, window: int) -> int:
         """op.segment_len, rounded up to a multiple of the window (the kernels' chunk length)."""
@@ -53,9 +57,7 @@ if op.HAVE_TRITON:
         dq, dk, dv = op._backward_launches(do, q, k, v, o, rfar, states, feature, True, True, seg_len, scale,
                                            window)
         n_chunks = cdiv(T, window)
-        # chunks per program: enough programs to fill the GPU, few enough that the extra block each
-        # program's first chunk computes stays small (untimed choice)
-        per_program = max(1, n_chunks * B * H // _BAND_PROGRAMS)
+        per_program = min(BAND_CHUNKS, n_chunks)
         launcher(hybrid_kernels.band_bwd_kernel)[(cdiv(n_chunks, per_program) * B * H,)](
             q, k, v, o, do, lse2, dq, dk, dv, T, H, per_program, DK ** -0.5, DK=DK, DV=v.shape[-1],
             DOT_MODE=op._dot_mode(q.dtype), BT=window, num_warps=1 if kernels.INTERPRET else 4)
