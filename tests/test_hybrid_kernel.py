@@ -60,13 +60,9 @@ def assert_close(got, want, tol):
 @needs_kernel
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
 @pytest.mark.parametrize("window,T", [(16, 40), (16, 64), (32, 75), (32, 128)])
-@pytest.mark.parametrize("band_chunks", [1, 2, 1000])
-def test_forward_and_gradients_match_fp64(feature_map, window, T, band_chunks, poisoned_empty, monkeypatch):
+def test_forward_and_gradients_match_fp64(feature_map, window, T, poisoned_empty):
     """Partial last chunks (40, 75) and whole ones (64; 128, where the kernels drop their row masks),
-    several segments (the interpreter's are 16-32 rows), two batches, per-head calibrations. The band
-    backward with one chunk per program, two (a program also starts past chunk 0 and carries dS across
-    its chunks) and a whole sequence per program."""
-    monkeypatch.setattr(hybrid_op, "BAND_CHUNKS", band_chunks)
+    several segments (the interpreter's are 16-32 rows), two batches, per-head calibrations."""
     q, k, v = inputs(2, T, 2, 16, DV=32)
     fmap = calibrated_map(feature_map, 16, [-1.0, 0.5])
     go = torch.randn(2, T, 2, 32, device=DEV)

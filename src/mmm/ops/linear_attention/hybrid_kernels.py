@@ -21,9 +21,9 @@ Backward, with r the max treated as the constant it is (it cancels):
   - far weights f kappa: exactly the lagged linear backward with o the hybrid's output and rden := rfar
     (g = do rfar, r_row = -(do . o) rfar), so the existing kernels run unchanged (op.py);
   - near weights: flash attention's backward on the band with P_ij = exp2(s_ij log2(e) - lse2_i),
-    dS = P (do v^T - delta), delta_i = do_i . o_i: band_bwd_kernel, one pass over the chunks adding into
-    the gradients the linear backward wrote (read-modify-write; each program owns its rows).
-    s_ij = sm_scale q_i . k_j on the raw inputs, sm_scale = 1 / sqrt(DK).
+    dS = P (do v^T - delta), delta_i = do_i . o_i: band_dq_kernel (query chunks) then band_dkdv_kernel
+    (key chunks), each adding into the gradients the linear backward wrote (read-modify-write; each program
+    owns its rows). s_ij = sm_scale q_i . k_j on the raw inputs, sm_scale = 1 / sqrt(DK).
 """
 
 from __future__ import annotations
@@ -130,97 +130,104 @@ def hybrid_fwd_kernel(
 
 
 @triton.jit
-def _band_block(q_c, k_c, do_c, v_c, lse2, delta, near, qk_scale, DOT_MODE: tl.constexpr):
-    """P and dS = P (do v^T - delta) of one [queries, keys] block of the band, zero off `near`."""
-    s = _dot(q_c, tl.trans(k_c), DOT_MODE) * qk_scale
-    p = tl.where(near, _exp2(s - lse2[:, None]), 0.0)
-    dp = _dot(do_c, tl.trans(v_c), DOT_MODE)
-    return p, p * (dp - delta[:, None])
-
-
-@triton.jit
-def _band_queries(q_ptr, o_ptr, do_ptr, lse_ptr, row0, tile_dk, tile_dv, offs_t, t0, T, H,
-                  DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr):
-    """The queries of the chunk starting at row t0 (rows past T masked): q and do as the dots take them,
-    lse2, delta = do . o, and the row mask. row0: the sequence's first row; lse_ptr points at its [T] row."""
-    mq = t0 + offs_t < T
-    row = row0 + t0
-    do = tl.load(do_ptr + row * (H * DV) + tile_dv, mask=mq[:, None], other=0.0)
-    o = tl.load(o_ptr + row * (H * DV) + tile_dv, mask=mq[:, None], other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    lse2 = tl.load(lse_ptr + t0 + offs_t, mask=mq, other=0.0)
-    q_c = _cast(tl.load(q_ptr + row * (H * DK) + tile_dk, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
-    return q_c, _cast(do, q_ptr, DOT_MODE), lse2, delta, mq
-
-
-@triton.jit
-def _add_into(ptr, tile, x, mask):
-    """ptr[tile] += x (read-modify-write in fp32, stored in ptr's dtype): the linear backward wrote it."""
-    x += tl.load(ptr + tile, mask=mask[:, None], other=0.0).to(tl.float32)
-    tl.store(ptr + tile, x.to(ptr.dtype.element_ty), mask=mask[:, None])
-
-
-@triton.jit
-def band_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
-    T, H, NC, sm_scale,
-    DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr,
-):
-    """The near keys' part of dq, dk and dv, added into what the linear backward wrote, for NC chunks of
-    one sequence in order. Chunk c's keys are near for the queries of chunk c (key j <= query i: the
-    diagonal block) and of chunk c+1 (j > i: the upper block). A program computes both for each of its
-    chunks, and the upper block of the chunk before its first (that block's dS, for dq). So dq, dk, dv are
-    each read and written once, and the blocks are computed (NC + 1) / NC times, where the two kernels this
-    replaced computed each twice and read q, k, v, do twice. NC = 1 compiles without a loop and spills
-    least on sm_90 (hybrid_op.BAND_CHUNKS); the repeated reads of a neighbouring chunk hit L2."""
+def _band_program(T, H, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr):
+    """One chunk of one sequence: its first row, the int64 element offsets of that row in the key
+    [B, T, H, DK] and value [B, T, H, DV] tensors and in [B, H, T], and the row offsets in a chunk."""
     pid = tl.program_id(0).to(tl.int64)
     n_chunks = tl.cdiv(T, BT)
-    n_prog = tl.cdiv(n_chunks, NC)
-    i_bh = pid // n_prog
-    c0 = (pid % n_prog) * NC
-    c1 = tl.minimum(c0 + NC, n_chunks)
-    row0 = (i_bh // H) * T  # the sequence's first row in [B*T]
+    i_bh = pid // n_chunks
+    t0 = (pid % n_chunks) * BT
+    row = (i_bh // H) * T + t0
+    return t0, row * (H * DK) + (i_bh % H) * DK, row * (H * DV) + (i_bh % H) * DV, i_bh * T + t0
+
+
+@triton.jit
+def _band_block(x_c, y_c, u_c, w_c, lse2, delta, near, qk_scale, DOT_MODE: tl.constexpr):
+    """P and dS = P (dP - delta) of one block of the band, zero off `near`: s = x y^T and dP = u w^T, lse2
+    and delta shaped to broadcast over the block. [queries, keys]: x, y, u, w = q, k, do, v with lse2,
+    delta as [BT, 1]; transposed ([keys, queries]): k, q, v, do with [1, BT]."""
+    s = _dot(x_c, tl.trans(y_c), DOT_MODE) * qk_scale
+    p = tl.where(near, _exp2(s - lse2), 0.0)
+    dp = _dot(u_c, tl.trans(w_c), DOT_MODE)
+    return p, p * (dp - delta)
+
+
+@triton.jit
+def band_dq_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    T, H, sm_scale,
+    DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr,
+):
+    """The near keys' part of dq for one query chunk c (keys of chunks c-1 and c), added to dq; also
+    writes delta = do . o for its rows (band_dkdv_kernel, launched after, reads it)."""
+    t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
     offs_t = tl.arange(0, BT)
-    tile_dk = offs_t[:, None] * (H * DK) + (i_bh % H) * DK + tl.arange(0, DK)[None, :]
-    tile_dv = offs_t[:, None] * (H * DV) + (i_bh % H) * DV + tl.arange(0, DV)[None, :]
-    lse_row = lse_ptr + i_bh * T
+    tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
+    tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
+    mq = t0 + offs_t < T
+    mp = t0 - BT + offs_t >= 0  # chunk c-1 exists
+    do = tl.load(do_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0)
+    o = tl.load(o_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(delta_ptr + trow0 + offs_t, delta, mask=mq)
+    lse2 = tl.load(lse_ptr + trow0 + offs_t, mask=mq, other=0.0)
+    q_c = _cast(tl.load(q_ptr + rowk0 + tile_dk, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
+    do_c = _cast(do, q_ptr, DOT_MODE)
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # fp64 when traced (kernels._phi)
-    below = offs_t[:, None] >= offs_t[None, :]  # [query i, key j]: j <= i
-    sm_scale32 = tl.cast(sm_scale, tl.float32)
-    # dS of the upper block of the chunk before (with the queries of the chunk this iteration starts at),
-    # carried to the next iteration, which multiplies it by that block's keys again and reads the queries
-    # again (L2 hits): carrying an fp32 [BT, DK] dq and the query tiles instead spilled 2.4 KB per thread
-    # at W = 64 on sm_90.
-    ds_n = tl.zeros([BT, BT], dtype=tl.float32)
-    if c0 > 0:  # chunk c0's share of the upper block of chunk c0-1 (whole: chunk c0 exists)
-        q_c, do_c, lse2, delta, mq = _band_queries(q_ptr, o_ptr, do_ptr, lse_row, row0, tile_dk, tile_dv, offs_t,
-                                                   c0 * BT, T, H, DK, DV, DOT_MODE)
-        t0 = (c0 - 1) * BT
-        k_p = _cast(tl.load(k_ptr + (row0 + t0) * (H * DK) + tile_dk), q_ptr, DOT_MODE)
-        v_p = _cast(tl.load(v_ptr + (row0 + t0) * (H * DV) + tile_dv), q_ptr, DOT_MODE)
-        _, ds_n = _band_block(q_c, k_p, do_c, v_p, lse2, delta, (~below) & mq[:, None], qk_scale, DOT_MODE)
-    for c in range(c0, c1):
-        t0 = c * BT
-        at_k = (row0 + t0) * (H * DK) + tile_dk
-        at_v = (row0 + t0) * (H * DV) + tile_dv
-        q_c, do_c, lse2, delta, mq = _band_queries(q_ptr, o_ptr, do_ptr, lse_row, row0, tile_dk, tile_dv, offs_t,
-                                                   t0, T, H, DK, DV, DOT_MODE)
-        k_c = _cast(tl.load(k_ptr + at_k, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
-        v_c = _cast(tl.load(v_ptr + at_v, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
-        # the diagonal block: queries and keys of chunk c
-        p, ds = _band_block(q_c, k_c, do_c, v_c, lse2, delta, below & mq[:, None], qk_scale, DOT_MODE)
-        ds_c = _cast(ds, q_ptr, DOT_MODE)
-        dq = _dot(ds_c, k_c, DOT_MODE)
-        k_p = _cast(tl.load(k_ptr + at_k - BT * H * DK, mask=(t0 > 0) & (offs_t >= 0)[:, None], other=0.0), q_ptr,
-                    DOT_MODE)
-        _add_into(dq_ptr, at_k, (dq + _dot(_cast(ds_n, q_ptr, DOT_MODE), k_p, DOT_MODE)) * sm_scale32, mq)
-        dv = _dot(tl.trans(_cast(p, q_ptr, DOT_MODE)), do_c, DOT_MODE)
-        dk = _dot(tl.trans(ds_c), q_c, DOT_MODE)
-        # the upper block: queries of chunk c+1 (none past the sequence's end), keys of chunk c
-        q_c, do_c, lse2, delta, mq_n = _band_queries(q_ptr, o_ptr, do_ptr, lse_row, row0, tile_dk, tile_dv, offs_t,
-                                                     t0 + BT, T, H, DK, DV, DOT_MODE)
-        p, ds_n = _band_block(q_c, k_c, do_c, v_c, lse2, delta, (~below) & mq_n[:, None], qk_scale, DOT_MODE)
-        dv += _dot(tl.trans(_cast(p, q_ptr, DOT_MODE)), do_c, DOT_MODE)
-        _add_into(dv_ptr, at_v, dv, mq)
-        dk += _dot(tl.trans(_cast(ds_n, q_ptr, DOT_MODE)), q_c, DOT_MODE)
-        _add_into(dk_ptr, at_k, dk * sm_scale32, mq)
+    below = offs_t[:, None] >= offs_t[None, :]
+    k_c = _cast(tl.load(k_ptr + rowk0 + tile_dk, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
+    v_c = _cast(tl.load(v_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
+    _, ds = _band_block(q_c, k_c, do_c, v_c, lse2[:, None], delta[:, None], below & mq[:, None], qk_scale, DOT_MODE)
+    dq = _dot(_cast(ds, q_ptr, DOT_MODE), k_c, DOT_MODE)
+    k_p = _cast(tl.load(k_ptr + rowk0 - BT * H * DK + tile_dk, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
+    v_p = _cast(tl.load(v_ptr + rowv0 - BT * H * DV + tile_dv, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
+    near_p = (~below) & mq[:, None] & mp[None, :]
+    _, ds = _band_block(q_c, k_p, do_c, v_p, lse2[:, None], delta[:, None], near_p, qk_scale, DOT_MODE)
+    dq += _dot(_cast(ds, q_ptr, DOT_MODE), k_p, DOT_MODE)
+    dq_at = dq_ptr + rowk0 + tile_dk
+    dq = dq * tl.cast(sm_scale, tl.float32) + tl.load(dq_at, mask=mq[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_at, dq.to(dq_ptr.dtype.element_ty), mask=mq[:, None])
+
+
+@triton.jit
+def band_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    T, H, sm_scale,
+    DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr,
+):
+    """The near queries' part of dk and dv for one key chunk c (queries of chunks c and c+1), added to dk
+    and dv. Blocks are computed transposed ([keys, queries]) so the sums over queries are row sums."""
+    t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
+    offs_t = tl.arange(0, BT)
+    tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
+    tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
+    mk = t0 + offs_t < T
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # fp64 when traced (kernels._phi)
+    k_c = _cast(tl.load(k_ptr + rowk0 + tile_dk, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
+    v_c = _cast(tl.load(v_ptr + rowv0 + tile_dv, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
+    key_at_or_before = offs_t[:, None] <= offs_t[None, :]  # [key j, query i]: j <= i
+    dk = tl.zeros([BT, DK], dtype=tl.float32)
+    dv = tl.zeros([BT, DV], dtype=tl.float32)
+    for step in tl.static_range(2):  # the queries of chunk c (keys j <= i near), then of chunk c+1 (keys j > i)
+        qrow = t0 + step * BT
+        mq = qrow + offs_t < T
+        q_c = _cast(tl.load(q_ptr + rowk0 + step * BT * H * DK + tile_dk, mask=mq[:, None], other=0.0),
+                    q_ptr, DOT_MODE)
+        do_c = _cast(tl.load(do_ptr + rowv0 + step * BT * H * DV + tile_dv, mask=mq[:, None], other=0.0),
+                     q_ptr, DOT_MODE)
+        lse2 = tl.load(lse_ptr + trow0 + step * BT + offs_t, mask=mq, other=0.0)
+        delta = tl.load(delta_ptr + trow0 + step * BT + offs_t, mask=mq, other=0.0)
+        if step == 0:
+            near = key_at_or_before
+        else:
+            near = ~key_at_or_before
+        pt, dst = _band_block(k_c, q_c, v_c, do_c, lse2[None, :], delta[None, :], near & mq[None, :], qk_scale,
+                              DOT_MODE)
+        dv += _dot(_cast(pt, q_ptr, DOT_MODE), do_c, DOT_MODE)
+        dk += _dot(_cast(dst, q_ptr, DOT_MODE), q_c, DOT_MODE)
+    dk_at = dk_ptr + rowk0 + tile_dk
+    dv_at = dv_ptr + rowv0 + tile_dv
+    dk = dk * tl.cast(sm_scale, tl.float32) + tl.load(dk_at, mask=mk[:, None], other=0.0).to(tl.float32)
+    dv += tl.load(dv_at, mask=mk[:, None], other=0.0).to(tl.float32)
+    tl.store(dk_at, dk.to(dk_ptr.dtype.element_ty), mask=mk[:, None])
+    tl.store(dv_at, dv.to(dv_ptr.dtype.element_ty), mask=mk[:, None])

@@ -6,7 +6,6 @@ need). The window is the kernels' chunk length: one of WINDOWS."""
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -20,10 +19,6 @@ if op.HAVE_TRITON:
     from . import hybrid_kernels, kernels
 
     WINDOWS = hybrid_kernels.WINDOWS
-    # Chunks per program of band_bwd_kernel. One: no loop, so the sm_90 compile spills 308 B per thread
-    # at W = 64 instead of ~1 KB with a loop (which computes 2 blocks per chunk instead of 3). Untimed.
-    # MMM_HYBRID_BAND_CHUNKS: diagnosis (an A/B of the two on a GPU).
-    BAND_CHUNKS = int(os.environ.get("MMM_HYBRID_BAND_CHUNKS") or 1)
 
     def _segment_len(T: int, batch_heads: int, window: int) -> int:
         """op.segment_len, rounded up to a multiple of the window (the kernels' chunk length)."""
@@ -51,16 +46,17 @@ if op.HAVE_TRITON:
                            feature: int, window: int, scale: float,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv: the far weights' part from the lagged linear backward (rden := rfar, o the hybrid's
-        output), then the near keys' part added by band_bwd_kernel."""
+        output), then the near keys' part added by the band kernels."""
         B, T, H, DK = q.shape
         seg_len = _segment_len(T, B * H, window)
         dq, dk, dv = op._backward_launches(do, q, k, v, o, rfar, states, feature, True, True, seg_len, scale,
                                            window)
-        n_chunks = cdiv(T, window)
-        per_program = min(BAND_CHUNKS, n_chunks)
-        launcher(hybrid_kernels.band_bwd_kernel)[(cdiv(n_chunks, per_program) * B * H,)](
-            q, k, v, o, do, lse2, dq, dk, dv, T, H, per_program, DK ** -0.5, DK=DK, DV=v.shape[-1],
-            DOT_MODE=op._dot_mode(q.dtype), BT=window, num_warps=1 if kernels.INTERPRET else 4)
+        delta = torch.empty_like(rfar)
+        band = dict(T=T, H=H, sm_scale=DK ** -0.5, DK=DK, DV=v.shape[-1], DOT_MODE=op._dot_mode(q.dtype),
+                    BT=window, num_warps=1 if kernels.INTERPRET else 4)
+        grid = (cdiv(T, window) * B * H,)
+        launcher(hybrid_kernels.band_dq_kernel)[grid](q, k, v, o, do, lse2, delta, dq, **band)
+        launcher(hybrid_kernels.band_dkdv_kernel)[grid](q, k, v, do, lse2, delta, dk, dv, **band)
         return dq, dk, dv
 
     def _setup_context(ctx, inputs, output):
