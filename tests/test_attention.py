@@ -169,6 +169,18 @@ def test_hybrid_with_calibrated_map_is_close_to_exact():
     assert hybrid < 1e-3 < linear_elu
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", ["elu", "relu", "hedgehog"])
+def test_hybrid_with_a_large_calibration_keeps_rows_without_far_keys(name, causal):
+    """fit_hybrid gives c_h ~ 75-135 on the bench's trained layer. The first `window` rows (causal) have
+    no far key, and their near weights exp(s - c_h) underflow fp32 if c_h enters the shared max alone
+    (they were 0 / 0 there); the max must take the far part's log mass, l + log(far_den), instead.
+    fp32 blockwise path against the fp64 reference, c_h = +120 and -120, output and gradients."""
+    fmap = fmap_for(name)
+    fmap.hybrid_log_scale = torch.tensor([120.0, -120.0, 120.0, -120.0][:H], dtype=torch.float64)
+    check_against_reference("hybrid", causal, fmap.float(), dtype=torch.float32, tol=2e-5)
+
+
 def test_auto_switches_at_crossover():
     q, k, v = qkv(requires_grad=False)
     exact = mmm.attention(q, k, v, "exact")

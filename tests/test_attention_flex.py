@@ -8,6 +8,8 @@ the real flex here. On the GPU, scripts/gpu_attention_paths.py checks the compil
 
 import warnings
 
+import copy
+
 import pytest
 import torch
 
@@ -154,11 +156,13 @@ def test_dense_flex_stand_in_matches_flex():
 # --- gradients (flex swapped for dense_flex) ----------------------------------------------------------
 
 
-def check_gradients(run, ref, params, tol=1e-9):
+def check_gradients(run, ref, params, tol=1e-9, ref_params=None):
+    """ref_params: the reference's own leaves, when it does not take `params` (an fp64 copy)."""
     out, want = run(), ref()
     assert rel_err(out, want) < tol
     g = torch.randn_like(want)
-    for i, (a, b) in enumerate(zip(torch.autograd.grad(out, params, g), torch.autograd.grad(want, params, g))):
+    got = torch.autograd.grad(out, params, g.to(out.dtype))
+    for i, (a, b) in enumerate(zip(got, torch.autograd.grad(want, ref_params or params, g))):
         assert torch.isfinite(a).all() and rel_err(a, b) < 10 * tol, f"gradient {i}: {rel_err(a, b)}"
 
 
@@ -171,27 +175,44 @@ def test_flex_window_gradients(causal, monkeypatch):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
-def test_flex_hybrid_gradients(name, causal, monkeypatch):
+@pytest.mark.parametrize("large", [False, True])
+def test_flex_hybrid_gradients(name, causal, large, monkeypatch):
+    """large: in fp32 with c_h = +-120, as large as fit_hybrid's on the bench's trained layer (where
+    exp(s - c_h) underflows: hybrid.shared_max), against the fp64 reference."""
     monkeypatch.setattr(flex, "_call_flex", dense_flex)
     q, k, v = qkv(requires_grad=True)
     fmap = fmap_for(name)
     params = [q, k, v] + list(fmap.parameters())
+    tol = 1e-9
+    if large:
+        fmap.hybrid_log_scale = torch.tensor([120.0, -120.0] * (H // 2), dtype=torch.float64)
+        ref_map, fmap = fmap, copy.deepcopy(fmap).float()
+        q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
+        params, ref_params, tol = [q, k, v], params, 2e-5
     for window in (5, T - 1):
-        check_gradients(lambda: hybrid.flex_hybrid(q, k, v, fmap, window, causal, 1e-6, CHUNK),
-                        lambda: naive.naive_hybrid(q, k, v, fmap, window, causal), params)
+        if large:
+            check_gradients(lambda: hybrid.flex_hybrid(q, k, v, fmap, window, causal, 1e-6, CHUNK),
+                            lambda: naive.naive_hybrid(*ref_params[:3], ref_map, window, causal), params, tol,
+                            ref_params[:3])
+        else:
+            check_gradients(lambda: hybrid.flex_hybrid(q, k, v, fmap, window, causal, 1e-6, CHUNK),
+                            lambda: naive.naive_hybrid(q, k, v, fmap, window, causal), params)
 
 
 # --- far part through the Triton linear-attention op (interpreter) -----------------------------------
 
 
+@pytest.mark.parametrize("large", [False, True])
 @pytest.mark.parametrize("name,causal", [("elu", True), ("relu", False), ("hedgehog", True)])
-def test_flex_hybrid_with_triton_far_part(name, causal, monkeypatch):
+def test_flex_hybrid_with_triton_far_part(name, causal, large, monkeypatch):
+    """large: c_h = +-120, as large as fit_hybrid's on the bench's trained layer (hybrid.shared_max)."""
     pytest.importorskip("triton")
     monkeypatch.setattr(flex, "_call_flex", dense_flex)
     monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)  # the Triton op under the interpreter
     q, k, v = (x.float().detach().requires_grad_() for x in qkv(t=45, d=16, dv=16))
     fmap = make_feature_map(name, 16)
-    fmap.hybrid_log_scale = torch.randn(H)  # a calibration per head, as fit_hybrid leaves it
+    # a calibration per head, as fit_hybrid leaves it
+    fmap.hybrid_log_scale = torch.tensor([120.0, -120.0] * (H // 2)) if large else torch.randn(H)
     rows_first_glue(monkeypatch, hybrid, "_combine", lambda o_w, lse, parts, *rest: [lse, *(r for _, r, _ in parts)], t=45)
     # the far part is the op with a key lag of `window` (44: one far key, for one map)
     for window in (WINDOW, 44) if name == "elu" else (WINDOW,):

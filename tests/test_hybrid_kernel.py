@@ -70,12 +70,16 @@ def test_forward_and_gradients_match_fp64(feature_map, window, T, poisoned_empty
 
 
 @needs_kernel
-def test_far_weights_dominate_and_vanish(poisoned_empty):
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+@pytest.mark.parametrize("log_scales", [(6.0, -30.0), (120.0, -120.0)])
+def test_far_weights_dominate_and_vanish(feature_map, log_scales, poisoned_empty):
     """c_h = +6 makes the far keys outweigh the near ones, c_h = -30 leaves the window alone (the far
-    share then underflows, the output is window softmax): the shared max r keeps both finite and exact."""
+    share then underflows, the output is window softmax): the shared max r keeps both finite and exact.
+    +-120: as large as fit_hybrid's on the bench's trained layer, where a max of the near scores and c_h
+    alone made the rows without far mass (the first window, all-zero relu features) 0 / 0."""
     q, k, v = inputs(1, 96, 2, 32)
     go = torch.randn_like(v)
-    fmap = calibrated_map("elu", 32, [6.0, -30.0])
+    fmap = calibrated_map(feature_map, 32, list(log_scales))
     assert_close(fused(q, k, v, fmap, 32, go), fp64_reference(q, k, v, fmap, 32, go), 1e-5)
 
 

@@ -18,21 +18,21 @@ exp(c_h) kappa_ij. `fit_hybrid` (fit.py) fits c_h to a layer's q/k/v: on a CPU r
 of the trained layer behind the bench's quality column it takes elu+1's hybrid error from 0.58 to 0.23
 at 2k tokens (window 256 alone: 0.37); the fitted c_h were -2.4 and -4.6 there.
 
-Computation. Numerator and denominator are multiplied by exp(-r_i), r_i = max(m_i, l_i), m_i =
-max_{N(i)} s_ij, l_i = c_h + the log of the feature map's per-query factor (phi(q) = phi_s(q) exp(l), 0
-for maps without one):
+Computation. Numerator and denominator are multiplied by exp(-r_i), r_i = max(m_i, l_i + log far_i)
+(`shared_max`), m_i = max_{N(i)} s_ij, l_i = c_h + the log of the feature map's per-query factor
+(phi(q) = phi_s(q) exp(l), 0 for maps without one), far_i = phi_s(q_i) . z_i^far:
 
     num_i = sum_N exp(s_ij - r_i) v_j + exp(l_i - r_i) (phi_s(q_i) S_i^far)
     den_i = sum_N exp(s_ij - r_i)     + exp(l_i - r_i) (phi_s(q_i) . z_i^far) + eps exp(-r_i)
     o_i   = num_i / den_i                     (identical to the formula above; r_i cancels exactly)
 
-Every exponent is <= 0, so nothing overflows. S^far, z^far are the linear-attention sums over far keys:
+Every weight is <= 1 and the largest is 1, so nothing overflows and den_i >= 1. S^far, z^far are the linear-attention sums over far keys:
 keys in chunks <= c-2 through the running fp32 state, far keys of chunk c-1 (and c+1) through the masked
 block (chunks of size C = min(w, T)). Costs O(T w d) for the window plus O(T F Dv) for the far part.
 
 On CUDA, where FlexAttention takes the inputs (`flex.flex_applies`), the near part comes from flex
 instead, as its normalised output o^w_i and log-sum-exp lse_i (so sum_N exp(s_ij) v_j = exp(lse_i) o^w_i),
-and the two parts meet in the same shared normaliser with r_i = max(lse_i, l_i) (`combine_lse`). The far
+and the two parts meet in the same shared normaliser with r_i = max(lse_i, l_i + log far_i) (`combine_lse`). The far
 sums are a causal linear attention whose state at row i holds the keys j <= i - w: queries from row w on
 against the keys and values up to row T - 1 - w, i.e. the sequence shifted by w (`prefix_far_sums`;
 two-sided adds the same on the reversed sequence for the keys j >= i + w). For elu / relu maps that is
@@ -51,6 +51,8 @@ combine) took 2.5x linear attention alone at 128k (H200, window 256).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import flex
@@ -62,14 +64,35 @@ from .linear import causal_sums, exclusive_cumsum, linear_features
 from .window import band_blocks, band_masks, band_scores
 
 
+# log(far_den) enters the shared max clamped to at least this: the far scale exp(l - r) <= 1 / max(far_den,
+# e^FAR_LOG_FLOOR) stays far from fp32's overflow (e^88), and far sums that small weigh nothing beside it.
+FAR_LOG_FLOOR = -60.0
+
+
+def shared_max(m, log_scale, far_den):
+    """The shift r of the shared normaliser and the far part's scale exp(l - r), 0 where there is no far
+    mass. r = max(m, l + log far_den), the larger of the near part's largest log weight and the far
+    part's log mass: every scaled weight is <= 1 and the denominator >= 1 (with far_den >=
+    e^FAR_LOG_FLOOR), so nothing overflows or leaves 0 / 0. m: the near
+    part's max score or log-sum-exp, l = log_scale, far_den >= 0 (rounding may leave it slightly below).
+    Why not r = max(m, l): a large calibration (fit_hybrid gives c_h ~ 75-135 on the bench's trained
+    layer) then made every near weight exp(s - l) underflow fp32 in rows whose far mass is 0 (the first
+    `window` rows, or relu features that are all 0): 0 / 0. r is detached: it cancels exactly."""
+    has_far = far_den > 0
+    far_log = torch.where(has_far, far_den.detach().clamp_min(math.exp(FAR_LOG_FLOOR)).log(), -torch.inf)
+    r = torch.maximum(m, log_scale + far_log).detach()
+    # exp of -inf where there is no far mass (not exp(l - r) masked afterwards: that can overflow to inf
+    # and give 0 * inf = nan in the backward)
+    return r, torch.exp(torch.where(has_far, log_scale - r, -torch.inf))
+
+
 def combine(logits, near, v_near, far_num, far_den, log_scale, eps: float) -> torch.Tensor:
     """The shared normaliser. For rows of queries: logits [.., R, K] and near mask [R, K] over near-key
     candidates with values v_near [.., K, Dv]; far_num [.., R, Dv] = phi_s(q).sum_far phi(k) v^T and
     far_den [.., R] = phi_s(q).sum_far phi(k); log_scale [.., R] (zeros for maps without one)."""
     m = logits.detach().masked_fill(~near, torch.finfo(logits.dtype).min).amax(-1)
-    r = torch.maximum(m, log_scale)  # exp(s - r) <= 1 and exp(l - r) <= 1: nothing overflows
+    r, far_scale = shared_max(m, log_scale, far_den)
     p = torch.exp((logits - r.unsqueeze(-1)).masked_fill(~near, -torch.inf))
-    far_scale = torch.exp(log_scale - r)
     num = p @ v_near + far_scale.unsqueeze(-1) * far_num
     den = p.sum(-1) + far_scale * far_den + eps * torch.exp(-r)
     return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
@@ -137,10 +160,9 @@ def fused_hybrid(q, k, v, fmap: FeatureMap, window: int, eps: float) -> torch.Te
 def combine_lse(o_w, lse, far_num, far_den, log_scale, eps: float) -> torch.Tensor:
     """The shared normaliser of the module docstring, for a near part given as flex gives it: o_w
     [.., T, Dv] normalised over the near keys with log-sum-exp lse [.., T]; far_num [.., T, Dv], far_den
-    [.., T] as in `combine`, log_scale (l, broadcastable to [.., T]). r = max(lse, l) keeps every exponent
-    <= 0; it cancels exactly, so no gradient flows through it."""
-    r = torch.maximum(lse, log_scale).detach()
-    near_scale, far_scale = torch.exp(lse - r), torch.exp(log_scale - r)
+    [.., T] as in `combine`, log_scale (l, broadcastable to [.., T]); r from `shared_max`."""
+    r, far_scale = shared_max(lse, log_scale, far_den)
+    near_scale = torch.exp(lse - r)
     num = near_scale.unsqueeze(-1) * o_w + far_scale.unsqueeze(-1) * far_num
     den = near_scale + far_scale * far_den + eps * torch.exp(-r)
     return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
@@ -180,16 +202,18 @@ def combine_kernel_far(o_w, lse, parts, log_scale, eps: float, out_dtype: torch.
     cast compile into one pass (`_combine`), and so does their backward. Every input should be stored in
     [B, T, H, .] order (flex keeps q's layout for o_w; lse and rden are copied into it, see
     `linear._rows_first`), so that the pass reads and writes memory in order."""
-    r = torch.maximum(lse, log_scale).detach()
-    near_scale, far_scale = torch.exp(lse - r), torch.exp(log_scale - r)
-    num = near_scale.unsqueeze(-1) * o_w.float()
-    den = near_scale + eps * torch.exp(-r)
+    far = []
     for o, rden, reverse in parts:
-        o = o.float()
         if reverse:
             o, rden = o.flip(1), rden.flip(1)
+        far.append((o.float(), rden))
+    far_den = sum(1.0 / rden - eps for _, rden in far) if far else torch.zeros_like(lse)
+    r, far_scale = shared_max(lse, log_scale, far_den)
+    near_scale = torch.exp(lse - r)
+    num = near_scale.unsqueeze(-1) * o_w.float()
+    den = near_scale + far_scale * far_den + eps * torch.exp(-r)
+    for o, rden in far:
         num = num + (far_scale / rden).unsqueeze(-1) * o
-        den = den + far_scale * (1.0 / rden - eps)
     out = num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
     return out.to(out_dtype)
 

@@ -12,7 +12,8 @@ previous chunk c-1, and query i's near keys (i - W < j <= i) are exactly
 and every key of chunks <= c-2 is far, in the lagged state. The forward (hybrid_fwd_kernel) is the
 lagged linear forward plus the two [W, W] score blocks, in one pass.
 
-Forward, per query row i (r_i = max(near scores, l), l = c_h the head's calibration; every exponent <= 0):
+Forward, per query row i (r_i = max(near scores, l + log far_i), l = c_h the head's calibration, far_i the
+row's far mass a_i . z_i + sum_far-in-block kappa_ij, as hybrid.shared_max; every weight <= 1):
   num_i = f_i (a_i S + sum_far-in-block kappa_ij v_j) + sum_near exp(s_ij - r_i) v_j,  f_i = exp(l - r_i)
   den_i = f_i (a_i . z + sum_far-in-block kappa_ij) + sum_near exp(s_ij - r_i) + eps exp(-r_i)
   o_i = num_i / den_i.  Saved: rfar_i = f_i / den_i and lse2_i = (r_i + ln den_i) log2(e) (base 2).
@@ -34,6 +35,8 @@ import triton.language as tl
 from .kernels import INTERPRET, LOG2E, _cast, _chunk_rows, _dot, _exp2, _key_lag, _phi, _program
 
 WINDOWS = (16, 32, 64)  # the chunk lengths W the fused kernels take (== the window)
+FAR_LOG2_FLOOR = tl.constexpr(-60.0 * 1.4426950408889634)  # hybrid.FAR_LOG_FLOOR in base 2
+NO_MASS = tl.constexpr(-1e30)  # the shared max's floor (log2 units): rows without any weight
 
 
 def _fwd_configs():
@@ -102,8 +105,12 @@ def hybrid_fwd_kernel(
         q_c = _cast(q, q_ptr, DOT_MODE)
         sp = _dot(q_c, tl.trans(_cast(kp, q_ptr, DOT_MODE)), DOT_MODE) * qk_scale
         sp = tl.where((~on_or_below) & mp[None, :], sp, float("-inf"))
-        m_p = tl.maximum(tl.max(sp, axis=1), l2)
-        f = _exp2(l2 - m_p)
+        # the far part's log2 mass l2 + log2(far) in the max, not l2 alone (hybrid.shared_max says why);
+        # -inf without far mass, and m_p >= NO_MASS, a finite floor, so no exponent below is -inf - -inf
+        far = den + tl.sum(kappa, axis=1)
+        far_l2 = tl.where(far > 0, l2 + tl.maximum(tl.log2(far), FAR_LOG2_FLOOR), float("-inf"))
+        m_p = tl.maximum(tl.maximum(tl.max(sp, axis=1), far_l2), NO_MASS)
+        f = _exp2(tl.where(far > 0, l2 - m_p, float("-inf")))
         wp = _exp2(sp - m_p[:, None]) + f[:, None] * kappa
         num = f[:, None] * num + _dot(_cast(wp, q_ptr, DOT_MODE), vp, DOT_MODE)
         den = f * den + tl.sum(wp, axis=1)
