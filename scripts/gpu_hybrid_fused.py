@@ -2,7 +2,8 @@
 beside the paths it replaces, side by side on one GPU.
 
 Times forward and forward+backward from CUDA graphs (the GPU's time alone) at 8k / 32k / 128k tokens
-(B=1, H=16, D=128, bf16, causal): the fused hybrid at windows 16 / 32 / 64, linear elu+1 alone (the
+(B=1, H=16, D=128, bf16, causal): the fused hybrid at windows 16 / 32 / 64 (what mmm.attention sends it)
+and 128 / 256 (called directly: hybrid_op.DISPATCH_MAX_WINDOW waits for this comparison), linear elu+1 alone (the
 target: hybrid within 1.3x of it), the flex+triton hybrid at the same window 64 and at 256 (the path
 before), window softmax 64 (flex), and cuDNN SDPA up to 32k. Then the CUDA time per kernel of the fused
 hybrid at 128k. Rows land in $OUT/hybrid_fused.jsonl, a table on stdout.
@@ -36,6 +37,8 @@ def paths(q, k, v, t: int) -> dict:
     for w in (16, 32, 64):
         out[f"fused hybrid w={w}"] = (lambda w=w: mmm.attention(q, k, v, "hybrid", window=w, feature_map="elu"),
                                       attention_path(q, k, v, "hybrid", window=w))
+    for w in (128, 256):  # windows the kernels take but mmm.attention does not yet send them (untimed)
+        out[f"fused hybrid w={w}"] = (lambda w=w: hybrid_mod.fused_hybrid(q, k, v, elu, w, 1e-6), "fused (called directly)")
     out["linear elu"] = (lambda: mmm.attention(q, k, v, "linear", feature_map="elu"), attention_path(q, k, v, "linear"))
     for w in (64, 256):
         out[f"flex hybrid w={w}"] = (lambda w=w: hybrid_mod.flex_hybrid(q, k, v, elu, w, True, 1e-6, 64),

@@ -29,8 +29,8 @@
 # checkout, then on this one: the linear-attention op side by side, ~2 min), opdiag (scripts/gpu_opcheck_diag.py,
 # ~1 min; opdiag_old: on ../snap_old), hybrid (scripts/gpu_hybrid_fused.py: the fused hybrid
 # beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~3 min; its tests are in retests), hybridab
-# (the same, fused and linear rows at 8k and 128k, on a carried ../snap_old checkout, then on this one
-# with 1 and 8 band chunks per program, ~4 min). Bench files land as bench_<phase>.{md,json,png}.
+# (the same, fused and linear rows at 8k and 128k, on a carried ../snap_old checkout, then on this one,
+# ~3 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -91,11 +91,10 @@ for phase in "$@"; do
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     hybridprof) step hybridprof 180 python scripts/gpu_hybrid_profile.py ;;
     hybrid) step hybrid_fused 200 python scripts/gpu_hybrid_fused.py ;;
-    hybridab) for side in old new new8; do  # the fused hybrid and linear alone: ../snap_old (carried) vs this
-        # tree, then this tree with 8 chunks per band_bwd_kernel program (hybrid_op.BAND_CHUNKS)
+    hybridab) for side in old new; do  # the fused hybrid and linear alone: ../snap_old (carried) vs this tree
         src=src; [ $side = old ] && src=../snap_old/src
-        step hybridab_$side 90 env PYTHONPATH=$src MMM_HYBRID_BAND_CHUNKS=${side#new} python scripts/gpu_hybrid_fused.py \
-          --labels fused linear --lengths 8192 131072 --tag $side
+        step hybridab_$side 100 env PYTHONPATH=$src python scripts/gpu_hybrid_fused.py --labels fused linear \
+          --lengths 8192 131072 --tag $side
       done ;;
     laab) for side in old new; do  # A/B of the linear-attention op: ../snap_old (carried) vs this tree
         src=src; [ $side = old ] && src=../snap_old/src

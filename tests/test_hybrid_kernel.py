@@ -70,6 +70,29 @@ def test_forward_and_gradients_match_fp64(feature_map, window, T, poisoned_empty
 
 
 @needs_kernel
+@pytest.mark.parametrize("window,T", [(32, 40), (32, 75), (48, 96), (64, 130)])
+def test_windows_over_one_chunk_match_fp64(window, T, poisoned_empty, monkeypatch):
+    """Windows of several chunks (chunk 16 here: 2, 3 and 4 of them; on a GPU 64, e.g. window 256 = 4):
+    the forward's loop over the wholly-near chunks between, the band kernels' over the same blocks.
+    Partial and whole last chunks, T shorter than the window plus a chunk, two batches, elu and relu."""
+    monkeypatch.setattr(hybrid_op, "MAX_CHUNK", 16)
+    q, k, v = inputs(2, T, 2, 16, DV=32)
+    for name, scales in (("elu", [-1.0, 0.5]), ("relu", [120.0, -3.0])):
+        fmap = calibrated_map(name, 16, scales)
+        go = torch.randn(2, T, 2, 32, device=DEV)
+        assert_close(fused(q, k, v, fmap, window, go), fp64_reference(q, k, v, fmap, window, go), 1e-5)
+
+
+@needs_kernel
+def test_a_window_of_two_gpu_chunks_matches_fp64(poisoned_empty):
+    """Window 128 with the kernels' own chunk of 64 (no patched constant), as on a GPU."""
+    q, k, v = inputs(1, 200, 1, 16)
+    fmap = calibrated_map("elu", 16, [0.5])
+    go = torch.randn_like(v)
+    assert_close(fused(q, k, v, fmap, 128, go), fp64_reference(q, k, v, fmap, 128, go), 1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
 @pytest.mark.parametrize("log_scales", [(6.0, -30.0), (120.0, -120.0)])
 def test_far_weights_dominate_and_vanish(feature_map, log_scales, poisoned_empty):
@@ -119,7 +142,8 @@ def test_other_windows_maps_and_trained_calibrations_take_another_path(monkeypat
     q, k, v = inputs(1, 48, 2, 16)
     path = lambda **kw: api.attention_path(q, k, v, "hybrid", **{"window": 16, "feature_map": "elu", **kw})
     assert path() == "fused"
-    assert path(window=48) != "fused"  # not one of the kernel's chunk lengths
+    assert path(window=48) != "fused"  # not a window the kernels take
+    assert path(window=128) != "fused"  # one they take, untimed against flex (DISPATCH_MAX_WINDOW)
     assert path(causal=False) != "fused"
     assert path(feature_map="favor") != "fused"
     trained = make_feature_map("elu", 16)
@@ -130,7 +154,8 @@ def test_other_windows_maps_and_trained_calibrations_take_another_path(monkeypat
 
 @needs_kernel
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(window=48), "window in"),
+    (dict(window=48), "a window of 16, 32, 64 or a multiple of 64 up to 512"),
+    (dict(window=576), "a window of 16, 32, 64"),
     (dict(feature_map="favor"), "feature_map must be 'elu' or 'relu'"),
     (dict(log_scale=torch.zeros(3)), r"log_scale must be \[heads\] = \[2\]"),
     (dict(log_scale=torch.zeros(2, requires_grad=True)), "without a gradient"),
@@ -202,7 +227,7 @@ def test_bf16_inputs_within_twice_pytorch_bf16_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("window", [16, 32, 64])
+@pytest.mark.parametrize("window", [16, 32, 64, 256])  # 256: four chunks of 64 (called directly)
 @pytest.mark.parametrize("T,D,DV", [(1000, 128, 128), (4096, 64, 128), (2048, 128, 64)])
 def test_gpu_bf16_within_twice_pytorch_bf16_error(window, T, D, DV):
     q, k, v = inputs(1, T, 4, D, DV=DV, dtype=torch.bfloat16)

@@ -65,11 +65,11 @@ KERNELS = {
     # fused causal hybrid, bf16, DK = DV = 128, elu, window (chunk) 64, whole chunks; fp32 lse / row factors
     "hybrid_fwd_kernel": ("linear_attention.hybrid_kernels", "*bf16",
                           {"rfar_ptr": "*fp32", "lse_ptr": "*fp32", "st_ptr": "*fp32", "c_ptr": "*fp32"},
-                          dict(DK=128, DV=128, FEATURE=1, DOT_MODE=0, FULL_CHUNKS=True, BT=64)),
+                          dict(DK=128, DV=128, FEATURE=1, DOT_MODE=0, FULL_CHUNKS=True, BT=64, W=64)),
     "band_dq_kernel": ("linear_attention.hybrid_kernels", "*bf16", {"lse_ptr": "*fp32", "delta_ptr": "*fp32"},
-                       dict(DK=128, DV=128, DOT_MODE=0, BT=64)),
+                       dict(DK=128, DV=128, DOT_MODE=0, BT=64, W=64)),
     "band_dkdv_kernel": ("linear_attention.hybrid_kernels", "*bf16", {"lse_ptr": "*fp32", "delta_ptr": "*fp32"},
-                         dict(DK=128, DV=128, DOT_MODE=0, BT=64)),
+                         dict(DK=128, DV=128, DOT_MODE=0, BT=64, W=64)),
     # FFT as DFT GEMMs ("fft.dft_kernels": a module name with a dot is taken as is), 128 x 128 tiles, two
     # Toeplitz branches, bf16 rows, fp16 tables and scratch, fp32 spectrum, partial sums and stash
     "dft_conv_kernel": ("fft.dft_kernels", "*fp16",

@@ -46,7 +46,9 @@ Causal, elu / relu, window 16, 32 or 64 and c_h without a gradient: one fused Tr
 instead ('fused': mmm.ops.linear_attention.hybrid_op; its kernels' docstring has the formulas), the
 linear kernel with chunk length = window and key lag = window, so the near keys of a chunk's queries are
 two [w, w] blocks it already reads. The flex path's three passes (flex, the lagged linear op, the
-combine) took 2.5x linear attention alone at 128k (H200, window 256).
+combine) took 2.5x linear attention alone at 128k (H200, window 256); the fused pass 1.7-1.8x at window
+64 (H100). The kernels also take windows that are multiples of 64 up to 512 (chunks of 64), but
+mmm.attention sends them only up to hybrid_op.DISPATCH_MAX_WINDOW until they are timed against flex.
 """
 
 from __future__ import annotations
@@ -134,9 +136,10 @@ def hybrid_attention(q, k, v, fmap: FeatureMap, window: int, causal: bool, eps: 
 
 
 def fused_applies(q: torch.Tensor, v: torch.Tensor, fmap: FeatureMap, window: int, causal: bool) -> bool:
-    """Whether the fused kernel (mmm.ops.linear_attention.hybrid_op) takes these inputs: causal, a window
-    it takes (16, 32 or 64: its chunk length), elu or relu (maps the kernel applies itself), on the linear
-    kernel's path, and a calibration c_h without a gradient (the kernel returns none for it)."""
+    """Whether the fused kernel (mmm.ops.linear_attention.hybrid_op) runs these inputs: causal, a window
+    it is sent (hybrid_op.fused_applies: 16, 32 or 64 today), elu or relu (maps the kernel applies
+    itself), on the linear kernel's path, and a calibration c_h without a gradient (the kernel returns
+    none for it)."""
     if not (isinstance(fmap, linear_mod._NATIVE_MAPS) and linear_mod.triton_applies(q, v, fmap)
             and not fmap.hybrid_log_scale.requires_grad):
         return False

@@ -71,7 +71,7 @@ class Sizes:
     lengths: tuple[int, ...]
     windows: tuple[int, ...]
     hybrid_window: int
-    fused_hybrid_window: int  # one the fused causal hybrid kernel takes (hybrid_kernels.WINDOWS): elu rows only
+    fused_hybrid_window: int  # one mmm.attention sends to the fused causal hybrid kernel (hybrid_op.fused_applies): elu rows only
     crossover: tuple[int, ...]
 
 

@@ -3,14 +3,17 @@ linear-attention kernel for the keys further back, one shared normaliser (semant
 
 Why fused: through FlexAttention for the near keys, the lagged linear kernel for the far ones and a
 compiled combine, the hybrid took 2.5x linear attention alone at 128k (H200, window 256): three passes
-over the sequence forward and more backward. Here the chunk length of the linear kernels is the window W
-(16, 32 or 64), so with the key lag W the chunk the lagged kernel reads for the queries of chunk c is the
-previous chunk c-1, and query i's near keys (i - W < j <= i) are exactly
-  - the keys of chunk c-1 above the diagonal of that block (j - i > 0 in chunk coordinates; the block's
-    causal part, on and below the diagonal, is i - j >= W back: far keys, as the lagged kernel has them);
+over the sequence forward and more backward. Here the chunk length BT of the linear kernels is the
+window W (16, 32 or 64; a longer window, a multiple of 64, takes chunks of 64), so with the key lag W the
+chunk the lagged kernel reads for the queries of chunk c is chunk c - W/BT, and query i's near keys
+(i - W < j <= i) are exactly
+  - the keys of chunk c - W/BT above the diagonal of that block (j - i > 0 in chunk coordinates; the
+    block's causal part, on and below the diagonal, is i - j >= W back: far keys, as the lagged kernel
+    has them);
+  - every key of the chunks between (none when W = BT);
   - the keys of chunk c on and below the diagonal;
-and every key of chunks <= c-2 is far, in the lagged state. The forward (hybrid_fwd_kernel) is the
-lagged linear forward plus the two [W, W] score blocks, in one pass.
+and every key of the chunks before c - W/BT is far, in the lagged state. The forward (hybrid_fwd_kernel)
+is the lagged linear forward plus the W/BT + 1 [BT, BT] score blocks, in one pass.
 
 Forward, per query row i (r_i = max(near scores, l + log far_i), l = c_h the head's calibration, far_i the
 row's far mass a_i . z_i + sum_far-in-block kappa_ij, as hybrid.shared_max; every weight <= 1):
@@ -24,7 +27,8 @@ Backward, with r the max treated as the constant it is (it cancels):
   - near weights: flash attention's backward on the band with P_ij = exp2(s_ij log2(e) - lse2_i),
     dS = P (do v^T - delta), delta_i = do_i . o_i: band_dq_kernel (query chunks) then band_dkdv_kernel
     (key chunks), each adding into the gradients the linear backward wrote (read-modify-write; each program
-    owns its rows). s_ij = sm_scale q_i . k_j on the raw inputs, sm_scale = 1 / sqrt(DK).
+    owns its rows). A merged kernel that swept the chunks and computed each block once was slower (H100,
+    session 20: 15.95 vs 15.16 ms f+b at 128k, W = 16) and ran out of shared memory at W = 64. s_ij = sm_scale q_i . k_j on the raw inputs, sm_scale = 1 / sqrt(DK).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import triton.language as tl
 
 from .kernels import INTERPRET, LOG2E, _cast, _chunk_rows, _dot, _exp2, _key_lag, _phi, _program
 
-WINDOWS = (16, 32, 64)  # the chunk lengths W the fused kernels take (== the window)
 FAR_LOG2_FLOOR = tl.constexpr(-60.0 * 1.4426950408889634)  # hybrid.FAR_LOG_FLOOR in base 2
 NO_MASS = tl.constexpr(-1e30)  # the shared max's floor (log2 units): rows without any weight
 
@@ -58,18 +61,18 @@ def hybrid_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rfar_ptr, lse_ptr, st_ptr, c_ptr,
     T, H, L, NS, eps, scale, sm_scale, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, DOT_MODE: tl.constexpr,
-    FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, W: tl.constexpr, BV: tl.constexpr,
 ):
     """o, rfar and lse2 of the module docstring for one V-tile of one segment, chunk by chunk; S, z (the
-    lagged prefix state: keys of chunks <= c-2) carried in registers as fwd_kernel carries them."""
+    lagged prefix state: keys of chunks <= c-1-W/BT) carried in registers as fwd_kernel carries them."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
-    lag_k, lag_v, first = _key_lag(i_s, L, BT, H, DK, DV, True)
+    lag_k, lag_v, first = _key_lag(i_s, L, W, H, DK, DV, True)
     offs_t = tl.arange(0, BT)
     offs_dk = tl.arange(0, DK)
     offs_v = i_v * BV + tl.arange(0, BV)
     tile_dk = offs_t[:, None] * (H * DK) + offs_dk[None, :]
     tile_v = offs_t[:, None] * (H * DV) + offs_v[None, :]
-    on_or_below = offs_t[:, None] >= offs_t[None, :]  # chunk c-1: far keys; chunk c: near keys
+    on_or_below = offs_t[:, None] >= offs_t[None, :]  # chunk c-W/BT: far keys; chunk c: near keys
     base = st_ptr + (i_bh * (NS + 1) + i_s) * (DK * DV + DK)
     S = tl.load(base + offs_dk[:, None] * DV + offs_v[None, :])
     z = tl.load(base + DK * DV + offs_dk)
@@ -114,6 +117,18 @@ def hybrid_fwd_kernel(
         wp = _exp2(sp - m_p[:, None]) + f[:, None] * kappa
         num = f[:, None] * num + _dot(_cast(wp, q_ptr, DOT_MODE), vp, DOT_MODE)
         den = f * den + tl.sum(wp, axis=1)
+        if W > BT:  # (a constexpr test: W = BT compiles without the loop)
+            for j in range(1, W // BT):  # windows over one chunk: the chunks between, every key near
+                mj = offs_t + t0 >= first - j * BT  # keys at or after the sequence's start
+                kj = _cast(tl.load(kp_base + j * BT * H * DK + tile_dk, mask=mj[:, None], other=0.0), q_ptr, DOT_MODE)
+                sj = tl.where(mj[None, :], _dot(q_c, tl.trans(kj), DOT_MODE) * qk_scale, float("-inf"))
+                m_j = tl.maximum(m_p, tl.max(sj, axis=1))
+                alpha = _exp2(m_p - m_j)
+                pj = _exp2(sj - m_j[:, None])
+                vj = _cast(tl.load(vp_base + j * BT * H * DV + tile_v, mask=mj[:, None], other=0.0), q_ptr, DOT_MODE)
+                num = alpha[:, None] * num + _dot(_cast(pj, q_ptr, DOT_MODE), vj, DOT_MODE)
+                den = alpha * den + tl.sum(pj, axis=1)
+                m_p = m_j
         kc = tl.load(kc_base + tile_dk, mask=mt[:, None], other=0.0)
         sc = _dot(q_c, tl.trans(_cast(kc, q_ptr, DOT_MODE)), DOT_MODE) * qk_scale
         sc = tl.where(on_or_below, sc, float("-inf"))
@@ -125,8 +140,9 @@ def hybrid_fwd_kernel(
         den = alpha * den + tl.sum(pc, axis=1) + tl.cast(eps, tl.float32) * _exp2(-r2)
         rd = 1.0 / den
         tl.store(o_base + tile_v, (num * rd[:, None]).to(o_ptr.dtype.element_ty), mask=mt[:, None])
-        if i_v == 0:
-            tl.store(rfar_ptr + trow0 + t0 + offs_t, f * alpha * rd, mask=mt)
+        if i_v == 0:  # the far weights' factor exp(l - r) / den, 0 without far mass
+            rfar = _exp2(tl.where(far > 0, l2 - r2, float("-inf"))) * rd
+            tl.store(rfar_ptr + trow0 + t0 + offs_t, rfar, mask=mt)
             tl.store(lse_ptr + trow0 + t0 + offs_t, r2 + tl.log2(den), mask=mt)
         q_base += BT * H * DK
         kc_base += BT * H * DK
@@ -163,16 +179,15 @@ def _band_block(x_c, y_c, u_c, w_c, lse2, delta, near, qk_scale, DOT_MODE: tl.co
 def band_dq_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     T, H, sm_scale,
-    DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, W: tl.constexpr,
 ):
-    """The near keys' part of dq for one query chunk c (keys of chunks c-1 and c), added to dq; also
+    """The near keys' part of dq for one query chunk c (keys of chunks c-W/BT to c), added to dq; also
     writes delta = do . o for its rows (band_dkdv_kernel, launched after, reads it)."""
     t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
     offs_t = tl.arange(0, BT)
     tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
     tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
     mq = t0 + offs_t < T
-    mp = t0 - BT + offs_t >= 0  # chunk c-1 exists
     do = tl.load(do_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0)
     o = tl.load(o_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
@@ -186,11 +201,15 @@ def band_dq_kernel(
     v_c = _cast(tl.load(v_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
     _, ds = _band_block(q_c, k_c, do_c, v_c, lse2[:, None], delta[:, None], below & mq[:, None], qk_scale, DOT_MODE)
     dq = _dot(_cast(ds, q_ptr, DOT_MODE), k_c, DOT_MODE)
-    k_p = _cast(tl.load(k_ptr + rowk0 - BT * H * DK + tile_dk, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
-    v_p = _cast(tl.load(v_ptr + rowv0 - BT * H * DV + tile_dv, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
-    near_p = (~below) & mq[:, None] & mp[None, :]
-    _, ds = _band_block(q_c, k_p, do_c, v_p, lse2[:, None], delta[:, None], near_p, qk_scale, DOT_MODE)
-    dq += _dot(_cast(ds, q_ptr, DOT_MODE), k_p, DOT_MODE)
+    for j in tl.static_range(1, W // BT + 1):  # chunk c-j: every key near, but above the diagonal at c-W/BT
+        mp = t0 - j * BT + offs_t >= 0  # chunk c-j exists
+        k_p = _cast(tl.load(k_ptr + rowk0 - j * BT * H * DK + tile_dk, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
+        v_p = _cast(tl.load(v_ptr + rowv0 - j * BT * H * DV + tile_dv, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
+        near_p = mq[:, None] & mp[None, :]
+        if j == W // BT:
+            near_p = near_p & (~below)
+        _, ds = _band_block(q_c, k_p, do_c, v_p, lse2[:, None], delta[:, None], near_p, qk_scale, DOT_MODE)
+        dq += _dot(_cast(ds, q_ptr, DOT_MODE), k_p, DOT_MODE)
     dq_at = dq_ptr + rowk0 + tile_dk
     dq = dq * tl.cast(sm_scale, tl.float32) + tl.load(dq_at, mask=mq[:, None], other=0.0).to(tl.float32)
     tl.store(dq_at, dq.to(dq_ptr.dtype.element_ty), mask=mq[:, None])
@@ -200,10 +219,10 @@ def band_dq_kernel(
 def band_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     T, H, sm_scale,
-    DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, W: tl.constexpr,
 ):
-    """The near queries' part of dk and dv for one key chunk c (queries of chunks c and c+1), added to dk
-    and dv. Blocks are computed transposed ([keys, queries]) so the sums over queries are row sums."""
+    """The near queries' part of dk and dv for one key chunk c (queries of chunks c to c+W/BT), added to
+    dk and dv. Blocks are computed transposed ([keys, queries]) so the sums over queries are row sums."""
     t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
     offs_t = tl.arange(0, BT)
     tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
@@ -215,7 +234,9 @@ def band_dkdv_kernel(
     key_at_or_before = offs_t[:, None] <= offs_t[None, :]  # [key j, query i]: j <= i
     dk = tl.zeros([BT, DK], dtype=tl.float32)
     dv = tl.zeros([BT, DV], dtype=tl.float32)
-    for step in tl.static_range(2):  # the queries of chunk c (keys j <= i near), then of chunk c+1 (keys j > i)
+    # the queries of chunk c (keys j <= i near), of the chunks up to c+W/BT-1 (all near), then of chunk
+    # c+W/BT (keys j > i)
+    for step in tl.static_range(W // BT + 1):
         qrow = t0 + step * BT
         mq = qrow + offs_t < T
         q_c = _cast(tl.load(q_ptr + rowk0 + step * BT * H * DK + tile_dk, mask=mq[:, None], other=0.0),
@@ -226,8 +247,10 @@ def band_dkdv_kernel(
         delta = tl.load(delta_ptr + trow0 + step * BT + offs_t, mask=mq, other=0.0)
         if step == 0:
             near = key_at_or_before
-        else:
+        elif step == W // BT:
             near = ~key_at_or_before
+        else:
+            near = tl.full([BT, BT], 1, tl.int1)
         pt, dst = _band_block(k_c, q_c, v_c, do_c, lse2[None, :], delta[None, :], near & mq[None, :], qk_scale,
                               DOT_MODE)
         dv += _dot(_cast(pt, q_ptr, DOT_MODE), do_c, DOT_MODE)

@@ -1,7 +1,7 @@
 """Fused causal hybrid attention as torch.library ops (mmm::hybrid_attention_fwd / _bwd) over the kernels
 of hybrid_kernels.py (their docstring has the formulas), with autograd, and `hybrid_attention_fused`, the
 entry point mmm.attention's hybrid path calls (it checks the inputs; this checks what only the kernels
-need). The window is the kernels' chunk length: one of WINDOWS."""
+need). The window: `kernel_takes`; the kernels' chunk length: `chunk_len`."""
 
 from __future__ import annotations
 
@@ -18,11 +18,9 @@ if op.HAVE_TRITON:
     from .._eager import launcher
     from . import hybrid_kernels, kernels
 
-    WINDOWS = hybrid_kernels.WINDOWS
-
-    def _segment_len(T: int, batch_heads: int, window: int) -> int:
-        """op.segment_len, rounded up to a multiple of the window (the kernels' chunk length)."""
-        return cdiv(op.segment_len(T, batch_heads), window) * window
+    def _segment_len(T: int, batch_heads: int, chunk: int) -> int:
+        """op.segment_len, rounded up to a multiple of the kernels' chunk length."""
+        return cdiv(op.segment_len(T, batch_heads), chunk) * chunk
 
     def _forward_launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_scale: torch.Tensor,
                           feature: int, window: int, eps: float, scale: float,
@@ -30,7 +28,8 @@ if op.HAVE_TRITON:
         """q, k [B,T,H,DK], v [B,T,H,DV], log_scale [H] fp32 (c_h). Returns o [B,T,H,DV], rfar and lse2
         [B,H,T] fp32 and the lagged prefix states (kept for the backward)."""
         B, T, H, DK = q.shape
-        seg_len = _segment_len(T, B * H, window)
+        chunk = chunk_len(window)
+        seg_len = _segment_len(T, B * H, chunk)
         o = torch.empty_like(v)
         rfar = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
         lse2 = torch.empty_like(rfar)
@@ -38,7 +37,7 @@ if op.HAVE_TRITON:
         states = op.prefix_states(k, v, common, dict(LAG=window, HAS_LAG=True))
         del common["NORMALIZE"]  # the hybrid kernel always normalises: it takes no such argument
         launcher(hybrid_kernels.hybrid_fwd_kernel)[op._grid(v.shape[-1], common["NS"] * B * H, "BV")](
-            q, k, v, o, rfar, lse2, states, log_scale, eps=eps, sm_scale=DK ** -0.5, BT=window, **common)
+            q, k, v, o, rfar, lse2, states, log_scale, eps=eps, sm_scale=DK ** -0.5, BT=chunk, W=window, **common)
         return o, rfar, lse2, states
 
     def _backward_launches(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -48,13 +47,14 @@ if op.HAVE_TRITON:
         """dq, dk, dv: the far weights' part from the lagged linear backward (rden := rfar, o the hybrid's
         output), then the near keys' part added by the band kernels."""
         B, T, H, DK = q.shape
-        seg_len = _segment_len(T, B * H, window)
+        chunk = chunk_len(window)
+        seg_len = _segment_len(T, B * H, chunk)
         dq, dk, dv = op._backward_launches(do, q, k, v, o, rfar, states, feature, True, True, seg_len, scale,
                                            window)
         delta = torch.empty_like(rfar)
         band = dict(T=T, H=H, sm_scale=DK ** -0.5, DK=DK, DV=v.shape[-1], DOT_MODE=op._dot_mode(q.dtype),
-                    BT=window, num_warps=1 if kernels.INTERPRET else 4)
-        grid = (cdiv(T, window) * B * H,)
+                    BT=chunk, W=window, num_warps=1 if kernels.INTERPRET else 4)
+        grid = (cdiv(T, chunk) * B * H,)
         launcher(hybrid_kernels.band_dq_kernel)[grid](q, k, v, o, do, lse2, delta, dq, **band)
         launcher(hybrid_kernels.band_dkdv_kernel)[grid](q, k, v, do, lse2, delta, dk, dv, **band)
         return dq, dk, dv
@@ -81,8 +81,26 @@ if op.HAVE_TRITON:
     hybrid_attention_fwd.register_autograd(_gradients(hybrid_attention_bwd), setup_context=_setup_context)
     _EagerHybridAttention = eager_twin(
         "_EagerHybridAttention", _forward_launches, _setup_context, _gradients(_backward_launches))
-else:
-    WINDOWS = ()
+
+# The kernels' chunk length is the window up to MAX_CHUNK; a longer window takes chunks of MAX_CHUNK (it
+# must be a multiple), the near keys of a chunk's queries then spanning W / MAX_CHUNK + 1 chunks.
+MAX_CHUNK = 64
+MAX_WINDOW = 512  # the forward and band kernels unroll or loop over W / MAX_CHUNK blocks per chunk
+# Windows mmm.attention sends to the fused kernels. Over 64 they are correct (tests) but not yet timed
+# against the flex path on a GPU (scripts/gpu_hybrid_fused.py times both): until then flex keeps them.
+DISPATCH_MAX_WINDOW = 64
+
+
+def chunk_len(window: int) -> int:
+    return min(window, MAX_CHUNK)
+
+
+def kernel_takes(window: int) -> bool:
+    """Whether the fused kernels take this window: 16 or 32 (and any power of two from 16 up to
+    MAX_CHUNK: the chunk is the window), or a multiple of MAX_CHUNK up to MAX_WINDOW."""
+    if window <= MAX_CHUNK:
+        return window >= 16 and window & (window - 1) == 0
+    return window % MAX_CHUNK == 0 and window <= MAX_WINDOW
 
 
 # Head widths the fused kernels take: at 256 the forward spills 1.1 KB per thread at W = 16 and 3 KB at
@@ -92,9 +110,14 @@ HEAD_DIMS = tuple(d for d in op.SUPPORTED_HEAD_DIMS if d <= 128)
 
 
 def fused_applies(q: torch.Tensor, v: torch.Tensor, window: int, causal: bool) -> bool:
-    """Whether `hybrid_attention_fused` takes these inputs: causal, window one of WINDOWS, head widths
-    in HEAD_DIMS, the kernel's dtypes, on CUDA (or CPU under TRITON_INTERPRET=1)."""
-    return (causal and window in WINDOWS and op._uses_kernel(q) and q.shape[-1] in HEAD_DIMS
+    """Whether mmm.attention sends these inputs to `hybrid_attention_fused`: causal, a window the kernels
+    take up to DISPATCH_MAX_WINDOW, head widths in HEAD_DIMS, the kernel's dtypes, on CUDA (or CPU under
+    TRITON_INTERPRET=1)."""
+    return causal and window <= DISPATCH_MAX_WINDOW and _kernel_applies(q, v, window)
+
+
+def _kernel_applies(q: torch.Tensor, v: torch.Tensor, window: int) -> bool:
+    return (op.HAVE_TRITON and kernel_takes(window) and op._uses_kernel(q) and q.shape[-1] in HEAD_DIMS
             and v.shape[-1] in HEAD_DIMS)
 
 
@@ -102,12 +125,13 @@ def hybrid_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
                            feature_map: str, window: int, eps: float = 1e-6) -> torch.Tensor:
     """Causal hybrid attention of mmm.attention.hybrid in one fused forward pass: q, k [B, T, H, D] (GQA
     heads already repeated), v [B, T, H, Dv]; log_scale [H] (c_h, no gradient); feature_map 'elu' or
-    'relu', applied to d^-1/4 q and k as mmm's maps do; window in WINDOWS. Output like v, differentiable
-    in q, k and v."""
-    if not fused_applies(q, v, window, True):
-        raise ValueError(f"hybrid_attention_fused takes causal inputs the Triton kernel takes (CUDA, or CPU under "
-                         f"TRITON_INTERPRET=1; head dims in {HEAD_DIMS}) and a window in {WINDOWS}, "
-                         f"got window={window}, head dims {q.shape[-1]}/{v.shape[-1]} on {q.device}")
+    'relu', applied to d^-1/4 q and k as mmm's maps do; window: see `kernel_takes`. Output like v,
+    differentiable in q, k and v."""
+    if not _kernel_applies(q, v, window):
+        raise ValueError(f"hybrid_attention_fused takes inputs the Triton kernel takes (CUDA, or CPU under "
+                         f"TRITON_INTERPRET=1; head dims in {HEAD_DIMS}) and a window of 16, 32, 64 or a "
+                         f"multiple of {MAX_CHUNK} up to {MAX_WINDOW}, got window={window}, head dims "
+                         f"{q.shape[-1]}/{v.shape[-1]} on {q.device}")
     if feature_map not in ("elu", "relu"):
         raise ValueError(f"feature_map must be 'elu' or 'relu' for the fused hybrid kernel, got {feature_map!r}")
     if log_scale.shape != (q.shape[2],) or log_scale.requires_grad:
