@@ -30,7 +30,7 @@
 # ~1 min; opdiag_old: on ../snap_old), hybrid (scripts/gpu_hybrid_fused.py: the fused hybrid
 # beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~3 min; its tests are in retests), hybridab
 # (the same, fused and linear rows at 8k and 128k, on a carried ../snap_old checkout, then on this one,
-# ~3 min). Bench files land as bench_<phase>.{md,json,png}.
+# ~3 min), hylong (the fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -91,6 +91,9 @@ for phase in "$@"; do
     fftk) step fftk 90 python scripts/gpu_fft_kernels.py ;;
     hybridprof) step hybridprof 180 python scripts/gpu_hybrid_profile.py ;;
     hybrid) step hybrid_fused 200 python scripts/gpu_hybrid_fused.py ;;
+    hylong) step hylong 200 env MMM_HYBRID_LONG_WINDOWS=1 CUDA_LAUNCH_BLOCKING=1 compute-sanitizer --tool memcheck \
+        --print-limit 5 python -m pytest -x -q --tb=line -m gpu -p no:cacheprovider tests/test_hybrid_kernel.py \
+        -k "1000-128-128-256" ;;  # where hybrid_fwd_kernel faults at W = 256 (H100, session 20)
     hybridab) for side in old new; do  # the fused hybrid and linear alone: ../snap_old (carried) vs this tree
         src=src; [ $side = old ] && src=../snap_old/src
         step hybridab_$side 100 env PYTHONPATH=$src python scripts/gpu_hybrid_fused.py --labels fused linear \

@@ -6,6 +6,7 @@ need). The window: `kernel_takes`; the kernels' chunk length: `chunk_len`."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -91,6 +92,13 @@ MAX_WINDOW = 512  # the forward and band kernels unroll or loop over W / MAX_CHU
 DISPATCH_MAX_WINDOW = 64
 
 
+# Windows over MAX_CHUNK on CUDA: the forward (its loop over the chunks between, nested in the chunk
+# loop) faulted on an H100 at W = 256 (illegal address, session 20), while every interpreter test passes.
+# Off on CUDA until a GPU run finds why (unrolling that loop instead needs 250-280 KB of shared memory on
+# sm_90); MMM_HYBRID_LONG_WINDOWS=1 turns them on for that diagnosis (gpu_single.sh hylong).
+LONG_WINDOWS_ON_CUDA = os.environ.get("MMM_HYBRID_LONG_WINDOWS") == "1"
+
+
 def chunk_len(window: int) -> int:
     return min(window, MAX_CHUNK)
 
@@ -117,8 +125,9 @@ def fused_applies(q: torch.Tensor, v: torch.Tensor, window: int, causal: bool) -
 
 
 def _kernel_applies(q: torch.Tensor, v: torch.Tensor, window: int) -> bool:
-    return (op.HAVE_TRITON and kernel_takes(window) and op._uses_kernel(q) and q.shape[-1] in HEAD_DIMS
-            and v.shape[-1] in HEAD_DIMS)
+    long_ok = window <= MAX_CHUNK or LONG_WINDOWS_ON_CUDA or not q.is_cuda
+    return (op.HAVE_TRITON and kernel_takes(window) and long_ok and op._uses_kernel(q)
+            and q.shape[-1] in HEAD_DIMS and v.shape[-1] in HEAD_DIMS)
 
 
 def hybrid_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_scale: torch.Tensor,
@@ -130,7 +139,8 @@ def hybrid_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     if not _kernel_applies(q, v, window):
         raise ValueError(f"hybrid_attention_fused takes inputs the Triton kernel takes (CUDA, or CPU under "
                          f"TRITON_INTERPRET=1; head dims in {HEAD_DIMS}) and a window of 16, 32, 64 or a "
-                         f"multiple of {MAX_CHUNK} up to {MAX_WINDOW}, got window={window}, head dims "
+                         f"multiple of {MAX_CHUNK} up to {MAX_WINDOW} (on CUDA only up to {MAX_CHUNK} for now: "
+                         f"see LONG_WINDOWS_ON_CUDA), got window={window}, head dims "
                          f"{q.shape[-1]}/{v.shape[-1]} on {q.device}")
     if feature_map not in ("elu", "relu"):
         raise ValueError(f"feature_map must be 'elu' or 'relu' for the fused hybrid kernel, got {feature_map!r}")
