@@ -26,9 +26,9 @@ Computation. Numerator and denominator are multiplied by exp(-r_i), r_i = max(m_
     den_i = sum_N exp(s_ij - r_i)     + exp(l_i - r_i) (phi_s(q_i) . z_i^far) + eps exp(-r_i)
     o_i   = num_i / den_i                     (identical to the formula above; r_i cancels exactly)
 
-Every weight is <= 1 and the largest is 1, so nothing overflows and den_i >= 1. S^far, z^far are the linear-attention sums over far keys:
-keys in chunks <= c-2 through the running fp32 state, far keys of chunk c-1 (and c+1) through the masked
-block (chunks of size C = min(w, T)). Costs O(T w d) for the window plus O(T F Dv) for the far part.
+Every weight is <= 1 and the largest is 1, so nothing overflows and den_i >= 1. S^far, z^far are the
+linear-attention sums over far keys: keys in chunks <= c-2 through the running fp32 state, far keys of
+chunk c-1 (and c+1) through the masked block (chunks of size C = min(w, T)). Costs O(T w d) for the window plus O(T F Dv) for the far part.
 
 On CUDA, where FlexAttention takes the inputs (`flex.flex_applies`), the near part comes from flex
 instead, as its normalised output o^w_i and log-sum-exp lse_i (so sum_N exp(s_ij) v_j = exp(lse_i) o^w_i),

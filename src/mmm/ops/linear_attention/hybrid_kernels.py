@@ -28,7 +28,8 @@ Backward, with r the max treated as the constant it is (it cancels):
     dS = P (do v^T - delta), delta_i = do_i . o_i: band_dq_kernel (query chunks) then band_dkdv_kernel
     (key chunks), each adding into the gradients the linear backward wrote (read-modify-write; each program
     owns its rows). A merged kernel that swept the chunks and computed each block once was slower (H100,
-    session 20: 15.95 vs 15.16 ms f+b at 128k, W = 16) and ran out of shared memory at W = 64. s_ij = sm_scale q_i . k_j on the raw inputs, sm_scale = 1 / sqrt(DK).
+    session 20: 15.95 vs 15.16 ms f+b at 128k, W = 16) and ran out of shared memory at W = 64.
+    s_ij = sm_scale q_i . k_j on the raw inputs, sm_scale = 1 / sqrt(DK).
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def hybrid_fwd_kernel(
         num = f[:, None] * num + _dot(_cast(wp, q_ptr, DOT_MODE), vp, DOT_MODE)
         den = f * den + tl.sum(wp, axis=1)
         if W > BT:  # (a constexpr test: W = BT compiles without the loop)
-            for j in range(1, W // BT):  # windows over one chunk: the chunks between, every key near
+            # not software-pipelined: pipelined (the default), this loop nested in the chunk loop faulted on
+            # an H100 at W = 256 (hybrid_op.LONG_WINDOWS_ON_CUDA); untested there without it yet
+            for j in tl.range(1, W // BT, num_stages=1):  # windows over one chunk: the chunks between, every key near
                 mj = offs_t + t0 >= first - j * BT  # keys at or after the sequence's start
                 kj = _cast(tl.load(kp_base + j * BT * H * DK + tile_dk, mask=mj[:, None], other=0.0), q_ptr, DOT_MODE)
                 sj = tl.where(mj[None, :], _dot(q_c, tl.trans(kj), DOT_MODE) * qk_scale, float("-inf"))
