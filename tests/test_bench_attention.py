@@ -249,6 +249,13 @@ def test_memory_skip_and_quality_failure_are_recorded():
     assert row["error"] is None and row["fwd_ms"] > 0 and row["quality"] == {}
     assert "no real inputs here" in row["info"]["quality_error"]
 
+    # a NaN error (session 20: the fused hybrid's NaN rows) stays in the table and is said out loud
+    real = lambda: type("Real", (), dict(q=inputs[0], k=inputs[1], v=inputs[2], info={}))  # noqa: E731
+    with pytest.warns(UserWarning, match="non-finite error"):
+        row = measure_variant(attention_variant("approx", fn, inputs, grad, 1, 2.5, error_fn=lambda q, k, v: math.nan,
+                                                real=real), torch.device("cpu"), FAST)
+    assert math.isnan(row["quality"][QUALITY_KEY]) and "NaN or inf" in row["info"]["quality_error"]
+
 
 @pytest.mark.skipif(HAVE_FLA, reason="fla is installed: its missing-package path cannot be exercised")
 def test_fla_missing_is_recorded_not_fatal():

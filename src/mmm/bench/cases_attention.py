@@ -183,8 +183,8 @@ def attention_variant(label: str, fn: Callable, inputs: tuple, grad: torch.Tenso
                       baseline: bool = False, need_bytes: int = 0, info: dict | None = None,
                       error_fn: Callable | None = None, real: Callable | None = None) -> Variant:
     """A variant timing fn(q, k, v) -> o [B, T, H, D] and o.backward(grad). `error_fn(q, k, v) -> float`
-    fills the quality column, on the real q/k/v that `real()` returns; a failure there is noted in info
-    and warned about, not fatal to the timing. `need_bytes` > free memory skips the variant (recorded)."""
+    fills the quality column, on the real q/k/v that `real()` returns; a failure there, or a non-finite
+    error (NaN in the output), is noted in info and warned about, not fatal to the timing. `need_bytes` > free memory skips the variant (recorded)."""
     q, k, v = inputs
 
     def build() -> Workload:
@@ -203,8 +203,11 @@ def attention_variant(label: str, fn: Callable, inputs: tuple, grad: torch.Tenso
             try:
                 r = real()
                 rq, rk, rv = (x.to(q.dtype) for x in (r.q, r.k, r.v))
-                work.quality[QUALITY_KEY] = error_fn(rq, rk, rv)
+                err = work.quality[QUALITY_KEY] = error_fn(rq, rk, rv)
                 work.info["quality_inputs"] = r.info
+                if not math.isfinite(err):  # kept in the table as is, and said loudly
+                    work.info["quality_error"] = f"non-finite error ({err}): the output has NaN or inf on these inputs"
+                    warnings.warn(f"{label}: {work.info['quality_error']}", stacklevel=2)
             except Exception as exc:  # the timing still stands; the missing quality is said why
                 work.info["quality_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 warnings.warn(f"{label}: quality not measured: {work.info['quality_error']}", stacklevel=2)
