@@ -28,14 +28,16 @@ Computation. Numerator and denominator are multiplied by exp(-r_i), r_i = max(m_
 
 Every weight is <= 1 and the largest is 1, so nothing overflows and den_i >= 1. S^far, z^far are the
 linear-attention sums over far keys: keys in chunks <= c-2 through the running fp32 state, far keys of
-chunk c-1 (and c+1) through the masked block (chunks of size C = min(w, T)). Costs O(T w d) for the window plus O(T F Dv) for the far part.
+chunk c-1 (and c+1) through the masked block (chunks of size C = min(w, T)). Costs O(T w d) for the
+window plus O(T F Dv) for the far part.
 
 On CUDA, where FlexAttention takes the inputs (`flex.flex_applies`), the near part comes from flex
 instead, as its normalised output o^w_i and log-sum-exp lse_i (so sum_N exp(s_ij) v_j = exp(lse_i) o^w_i),
-and the two parts meet in the same shared normaliser with r_i = max(lse_i, l_i + log far_i) (`combine_lse`). The far
-sums are a causal linear attention whose state at row i holds the keys j <= i - w: queries from row w on
-against the keys and values up to row T - 1 - w, i.e. the sequence shifted by w (`prefix_far_sums`;
-two-sided adds the same on the reversed sequence for the keys j >= i + w). For elu / relu maps that is
+and the two parts meet in the same shared normaliser with r_i = max(lse_i, l_i + log far_i)
+(`combine_lse`). The far sums are a causal linear attention whose state at row i holds the keys
+j <= i - w: queries from row w on against the keys and values up to row T - 1 - w, i.e. the sequence
+shifted by w (`prefix_far_sums`; two-sided adds the same on the reversed sequence for the keys
+j >= i + w). For elu / relu maps that is
 the Triton op mmm.ops.linear_attention with a key lag of w (it reads the shifted rows in place), which
 returns its normalised output and its fp32 rden = 1 / (den + eps), both differentiable, so num = o / rden
 and den = 1 / rden - eps come back without another pass over the features; the combination is one compiled elementwise pass (`kernel_far_part`, `_combine`). For

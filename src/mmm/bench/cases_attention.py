@@ -71,7 +71,7 @@ class Sizes:
     lengths: tuple[int, ...]
     windows: tuple[int, ...]
     hybrid_window: int
-    fused_hybrid_window: int  # one mmm.attention sends to the fused causal hybrid kernel (hybrid_op.fused_applies): elu rows only
+    fused_hybrid_window: int  # one mmm.attention sends to the fused hybrid kernel (hybrid_op.fused_applies); elu
     crossover: tuple[int, ...]
 
 
@@ -184,7 +184,8 @@ def attention_variant(label: str, fn: Callable, inputs: tuple, grad: torch.Tenso
                       error_fn: Callable | None = None, real: Callable | None = None) -> Variant:
     """A variant timing fn(q, k, v) -> o [B, T, H, D] and o.backward(grad). `error_fn(q, k, v) -> float`
     fills the quality column, on the real q/k/v that `real()` returns; a failure there, or a non-finite
-    error (NaN in the output), is noted in info and warned about, not fatal to the timing. `need_bytes` > free memory skips the variant (recorded)."""
+    error (NaN in the output), is noted in info and warned about, not fatal to the timing. `need_bytes` >
+    free memory skips the variant (recorded)."""
     q, k, v = inputs
 
     def build() -> Workload:
