@@ -181,6 +181,22 @@ def test_hybrid_with_a_large_calibration_keeps_rows_without_far_keys(name, causa
     check_against_reference("hybrid", causal, fmap.float(), dtype=torch.float32, tol=2e-5)
 
 
+def test_shared_max_keeps_both_parts_finite_and_its_gradient_clean():
+    """hybrid.shared_max: the largest scaled weight is 1 (near max or far mass), rows without far mass
+    get far_scale 0, and a calibration far above the scores leaves no inf / nan in the gradient."""
+    from mmm.attention.hybrid import shared_max
+
+    m = torch.tensor([0.0, 5.0, -3.0, 2.0])
+    far_den = torch.tensor([0.0, 1e-3, 50.0, -1e-9])  # none, small, large, rounding below 0
+    log_scale = torch.tensor([120.0, 120.0, 0.0, 120.0], requires_grad=True)
+    r, far_scale = shared_max(m, log_scale, far_den)
+    assert torch.equal(far_scale[[0, 3]], torch.zeros(2)) and torch.equal(r[[0, 3]], m[[0, 3]])
+    top = torch.maximum(torch.exp(m - r), far_scale * far_den.clamp_min(0))
+    assert torch.allclose(top, torch.ones(4))
+    far_scale.sum().backward()
+    assert torch.isfinite(log_scale.grad).all() and log_scale.grad[0] == 0 and log_scale.grad[3] == 0
+
+
 def test_auto_switches_at_crossover():
     q, k, v = qkv(requires_grad=False)
     exact = mmm.attention(q, k, v, "exact")
