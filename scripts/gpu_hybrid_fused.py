@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -27,7 +26,7 @@ import mmm
 from mmm.attention import hybrid as hybrid_mod
 from mmm.attention.api import attention_path, resolve_feature_map
 
-from gpu_la_ab import graph_ms, kernel_ms  # scripts/ is on the path when this runs as a script
+from gpu_la_ab import append_jsonl, kernel_ms, timed_row  # scripts/ is on the path when this runs as a script
 
 
 def paths(q, k, v, t: int) -> dict:
@@ -72,19 +71,15 @@ def main() -> None:
             def both(fwd=fwd):
                 fwd().backward(do)
             try:
-                f_ms, fb_ms = graph_ms(fwd, both, (q, k, v))
+                row = timed_row(fwd, both, (q, k, v), tag=args.tag, T=t, label=label, path=path)
             except Exception as e:  # noqa: BLE001 - report and go on to the other rows
                 print(f"T={t} {label}: {type(e).__name__}: {e}", flush=True)
                 continue
-            row = {"tag": args.tag, "T": t, "label": label, "path": path, "fwd_ms": round(f_ms, 4), "fwd_bwd_ms": round(fb_ms, 4),
-                   "bwd_over_fwd": round((fb_ms - f_ms) / f_ms, 2)}
             if t == max(args.lengths) and label == "fused hybrid w=64":
                 row["kernels_ms"] = kernel_ms(both)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), "hybrid_fused.jsonl"), "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    append_jsonl(rows, "hybrid_fused.jsonl")
     print("\n| T | path | fwd ms | f+b ms | bwd/fwd | f+b / linear elu |\n|---|---|---|---|---|---|")
     for row in rows:
         lin = [r["fwd_bwd_ms"] for r in rows if r["T"] == row["T"] and r["label"] == "linear elu"]

@@ -49,6 +49,19 @@ def graph_ms(fwd, both, grads) -> tuple[float, float]:
     return f_ms, do_bench(capture(both, grads).replay, warmup=25, rep=100)
 
 
+def timed_row(fwd, both, grads, **labels) -> dict:
+    """`labels` plus forward and forward+backward ms from CUDA graphs (`graph_ms`) and their ratio."""
+    f_ms, fb_ms = graph_ms(fwd, both, grads)
+    return {**labels, "fwd_ms": round(f_ms, 4), "fwd_bwd_ms": round(fb_ms, 4), "bwd_over_fwd": round((fb_ms - f_ms) / f_ms, 2)}
+
+
+def append_jsonl(rows: list[dict], name: str) -> None:
+    """Appends rows to $OUT/name (the current folder without $OUT), one JSON object per line."""
+    with open(os.path.join(os.environ.get("OUT", "."), name), "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--label", required=True)
@@ -71,16 +84,12 @@ def main() -> None:
         for name, fwd in paths.items():
             def both(fwd=fwd):
                 fwd().backward(do if name != "cudnn" else do.transpose(1, 2))
-            f_ms, fb_ms = graph_ms(fwd, both, (q, k, v))
-            row = {"label": args.label, "T": t, "path": name, "fwd_ms": round(f_ms, 4), "fwd_bwd_ms": round(fb_ms, 4),
-                   "bwd_over_fwd": round((fb_ms - f_ms) / f_ms, 2)}
+            row = timed_row(fwd, both, (q, k, v), label=args.label, T=t, path=name)
             if t == LENGTHS[-1] and name == "elu":
                 row["kernels_ms"] = kernel_ms(both)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), "la_ab.jsonl"), "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    append_jsonl(rows, "la_ab.jsonl")
     print(f"[{args.label}] {mmm.__file__} {time.time() - start:.0f} s", flush=True)
 
 
