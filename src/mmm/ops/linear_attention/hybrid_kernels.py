@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import INTERPRET, LOG2E, _cast, _chunk_rows, _dot, _exp2, _key_lag, _key_rows, _phi, _program
+from .kernels import INTERPRET, LOG2E, _cast, _chunk_rows, _dot, _exp2, _key_lag, _phi, _program
 
 FAR_LOG2_FLOOR = tl.constexpr(-60.0 * 1.4426950408889634)  # hybrid.FAR_LOG_FLOOR in base 2
 NO_MASS = tl.constexpr(-1e30)  # the shared max's floor (log2 units): rows without any weight
@@ -55,15 +55,17 @@ def _prune_bv(configs, named_args, **kwargs):
     return keep or [triton.Config({"BV": dv}, num_warps=4, num_stages=2)]
 
 
+@triton.autotune(configs=_fwd_configs(), key=["DK", "DV", "BT", "TUNE_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune_bv})
 @triton.jit
-def _hybrid_fwd_segment(
+def hybrid_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rfar_ptr, lse_ptr, st_ptr, c_ptr,
-    T, H, L, NS, eps, scale, sm_scale,
+    T, H, L, NS, eps, scale, sm_scale, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, DOT_MODE: tl.constexpr,
-    FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, W: tl.constexpr, BV: tl.constexpr, KEY_MASK: tl.constexpr,
+    FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, W: tl.constexpr, BV: tl.constexpr,
 ):
-    """hybrid_fwd_kernel's work for its segment. KEY_MASK: some lagged key rows of the segment come before
-    the sequence's start: mask them."""
+    """o, rfar and lse2 of the module docstring for one V-tile of one segment, chunk by chunk; S, z (the
+    lagged prefix state: keys of chunks <= c-1-W/BT) carried in registers as fwd_kernel carries them."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, W, H, DK, DV, True)
     offs_t = tl.arange(0, BT)
@@ -87,7 +89,7 @@ def _hybrid_fwd_segment(
         mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
         # the previous chunk's rows that exist (all of them past the sequence's first chunk: that chunk is
         # whole even when this one is not, and its keys above the diagonal are near for every query row)
-        mp = _key_rows(tl.full([BT], 1, tl.int1), offs_t, t0, first, KEY_MASK)
+        mp = offs_t + t0 >= first
         # In the order that keeps the fewest [BT, *] tiles alive (at W = 64 the first order, every block
         # before the max, spilled ~1.5 KB per thread on sm_90): the far part and the previous chunk's block
         # first, with their own row max; then the current chunk's block, rescaling what was summed by
@@ -120,7 +122,7 @@ def _hybrid_fwd_segment(
             # not software-pipelined: pipelined (the default), this loop nested in the chunk loop faulted on
             # an H100 at W = 256 (hybrid_op.LONG_WINDOWS_ON_CUDA); untested there without it yet
             for j in tl.range(1, W // BT, num_stages=1):  # windows over one chunk: the chunks between, every key near
-                mj = _key_rows(tl.full([BT], 1, tl.int1), offs_t, t0 + j * BT, first, KEY_MASK)  # keys from row 0 on
+                mj = offs_t + t0 >= first - j * BT  # keys at or after the sequence's start
                 kj = _cast(tl.load(kp_base + j * BT * H * DK + tile_dk, mask=mj[:, None], other=0.0), q_ptr, DOT_MODE)
                 sj = tl.where(mj[None, :], _dot(q_c, tl.trans(kj), DOT_MODE) * qk_scale, float("-inf"))
                 m_j = tl.maximum(m_p, tl.max(sj, axis=1))
@@ -151,28 +153,6 @@ def _hybrid_fwd_segment(
         vc_base += BT * H * DV
         vp_base += BT * H * DV
         o_base += BT * H * DV
-
-
-@triton.autotune(configs=_fwd_configs(), key=["DK", "DV", "BT", "TUNE_BUCKET"],
-                 prune_configs_by={"early_config_prune": _prune_bv})
-@triton.jit
-def hybrid_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, rfar_ptr, lse_ptr, st_ptr, c_ptr,
-    T, H, L, NS, eps, scale, sm_scale, TUNE_BUCKET,
-    DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, DOT_MODE: tl.constexpr,
-    FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, W: tl.constexpr, BV: tl.constexpr,
-):
-    """o, rfar and lse2 of the module docstring for one V-tile of one segment, chunk by chunk; S, z (the
-    lagged prefix state: keys of chunks <= c-1-W/BT) carried in registers as fwd_kernel carries them."""
-    # Only the segments that start within W rows of the sequence's start have key rows to mask (their
-    # masks cost the chunk loop ~250-300 of ~2700-2900 sm_90 instructions): a uniform branch per program,
-    # each side compiled with or without them.
-    if W - ((tl.program_id(0) // (DV // BV)) % NS) * L > 0:
-        _hybrid_fwd_segment(q_ptr, k_ptr, v_ptr, o_ptr, rfar_ptr, lse_ptr, st_ptr, c_ptr, T, H, L, NS, eps, scale,
-                            sm_scale, DK, DV, FEATURE, DOT_MODE, FULL_CHUNKS, BT, W, BV, True)
-    else:
-        _hybrid_fwd_segment(q_ptr, k_ptr, v_ptr, o_ptr, rfar_ptr, lse_ptr, st_ptr, c_ptr, T, H, L, NS, eps, scale,
-                            sm_scale, DK, DV, FEATURE, DOT_MODE, FULL_CHUNKS, BT, W, BV, False)
 
 
 @triton.jit

@@ -544,16 +544,33 @@ def fwd_kernel(
         o_base += BT * H * DV
 
 
+@triton.autotune(
+    configs=_configs("bwd_dqdk_kernel", "BK"),
+    key=["DK", "DV", "PART", "TUNE_BUCKET"],
+    prune_configs_by={"early_config_prune": _pruner("BK", lambda kw: 2 if kw.get("PART", 0) == 0 else 1, 128, state_rows="BK")},
+)
 @triton.jit
-def _dqdk_segment(
+def bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
-    T, H, L, NS, scale, LAG,
+    T, H, L, NS, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, PART: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, KEY_MASK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
 ):
-    """bwd_dqdk_kernel's work for its segment. KEY_MASK: some key rows of the segment come before the
-    sequence's start (lagged keys): mask them."""
+    """dq and dk for one K-tile of one segment:
+      da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
+      db = v dS_next^T + dz_next + tril(g v^T + r)^T a
+    PART: 0 both, 1 dq only, 2 dk only. Apart, each launch holds one state instead of two, so it can take
+    wider K tiles: fewer programs recompute the [BT, BT] scores g v^T, which contract over all of V.
+    dS_next accumulates a^T g over the chunks in reverse order from the suffix of the later segments.
+    S_prev: PART 1 sweeps the chunks forward from the segment's prefix (S += b^T v after each chunk, as the
+    forward does). PART 0 must go in reverse for dS, so it walks S backwards from the prefix of the next
+    segment (S -= b^T v): each subtraction leaves rounding of the size of the larger state, so the first
+    rows' dq lose precision in proportion to the segment length (in fp32: ~7x PyTorch's error at 640
+    tokens; hidden by bf16's own error). ZDOT: the sums into z and dz as tensor-core dots (carried as
+    [BK, ZW] equal columns, read back as their mean where used; see ZDOT above). LAG: k and v read, dk
+    stored, LAG rows back (`_key_lag`; causal only). g_ptr: g as the dots take it (do * rden written by the
+    backward chunk_state_kernel when normalizing, do otherwise)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
@@ -595,9 +612,9 @@ def _dqdk_segment(
         off_k = rowk0 + t0.to(tl.int64) * (H * DK)
         off_v = rowv0 + t0.to(tl.int64) * (H * DV)
         mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
-        mk = _key_rows(mt, offs_t, t0, first, KEY_MASK)
+        mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
         k_c = tl.load(k_ptr + off_k - lag_k + tile_k, mask=mk[:, None], other=0.0)
-        if KEY_MASK or (NORMALIZE and not ZDOT):  # lagged keys' missing rows meet dA in da; the plain z sums
+        if HAS_LAG or (NORMALIZE and not ZDOT):  # lagged keys' missing rows meet dA in da; the plain z sums
             b_c = _features(k_c, mk, q_ptr, scale, FEATURE, DOT_MODE)
         else:  # padding rows meet v = 0, dA = 0 (do, r = 0 on those rows) and ZDOT's zero weights
             b_c = _features(k_c, None, q_ptr, scale, FEATURE, DOT_MODE)
@@ -657,48 +674,6 @@ def _dqdk_segment(
                     dZw = _row_sums(a_c, tl.broadcast_to(rr[:, None], [BT, ZW]), dZw, q_ptr, DOT_MODE, False)
                 else:
                     dz += tl.sum(a_c.to(tl.float32) * rr[:, None], axis=0)
-
-
-@triton.autotune(
-    configs=_configs("bwd_dqdk_kernel", "BK"),
-    key=["DK", "DV", "PART", "TUNE_BUCKET"],
-    prune_configs_by={"early_config_prune": _pruner("BK", lambda kw: 2 if kw.get("PART", 0) == 0 else 1, 128, state_rows="BK")},
-)
-@triton.jit
-def bwd_dqdk_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
-    T, H, L, NS, scale, LAG, TUNE_BUCKET,
-    DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, PART: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr,
-):
-    """dq and dk for one K-tile of one segment:
-      da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
-      db = v dS_next^T + dz_next + tril(g v^T + r)^T a
-    PART: 0 both, 1 dq only, 2 dk only. Apart, each launch holds one state instead of two, so it can take
-    wider K tiles: fewer programs recompute the [BT, BT] scores g v^T, which contract over all of V.
-    dS_next accumulates a^T g over the chunks in reverse order from the suffix of the later segments.
-    S_prev: PART 1 sweeps the chunks forward from the segment's prefix (S += b^T v after each chunk, as the
-    forward does). PART 0 must go in reverse for dS, so it walks S backwards from the prefix of the next
-    segment (S -= b^T v): each subtraction leaves rounding of the size of the larger state, so the first
-    rows' dq lose precision in proportion to the segment length (in fp32: ~7x PyTorch's error at 640
-    tokens; hidden by bf16's own error). ZDOT: the sums into z and dz as tensor-core dots (carried as
-    [BK, ZW] equal columns, read back as their mean where used; see ZDOT above). LAG: k and v read, dk
-    stored, LAG rows back (`_key_lag`; causal only). g_ptr: g as the dots take it (do * rden written by the
-    backward chunk_state_kernel when normalizing, do otherwise)."""
-    # Only the segments that start within LAG rows of the sequence's start have key rows to mask (the
-    # lag's masks cost the dq / dk chunk loops 138 / 96 of ~900-1000 sm_90 instructions): a uniform branch
-    # per program, each side compiled with or without them.
-    if HAS_LAG:
-        if LAG - ((tl.program_id(0) // (DK // BK)) % NS) * L > 0:
-            _dqdk_segment(q_ptr, k_ptr, v_ptr, g_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr, T, H, L, NS, scale, LAG,
-                          DK, DV, FEATURE, NORMALIZE, CAUSAL, ZDOT, HAS_LAG, DOT_MODE, FULL_CHUNKS, PART, BT, BK, True)
-        else:
-            _dqdk_segment(q_ptr, k_ptr, v_ptr, g_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr, T, H, L, NS, scale, LAG,
-                          DK, DV, FEATURE, NORMALIZE, CAUSAL, ZDOT, HAS_LAG, DOT_MODE, FULL_CHUNKS, PART, BT, BK, False)
-    else:
-        _dqdk_segment(q_ptr, k_ptr, v_ptr, g_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr, T, H, L, NS, scale, LAG,
-                      DK, DV, FEATURE, NORMALIZE, CAUSAL, ZDOT, HAS_LAG, DOT_MODE, FULL_CHUNKS, PART, BT, BK, False)
 
 
 @triton.autotune(
