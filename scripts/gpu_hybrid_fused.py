@@ -76,7 +76,7 @@ def main() -> None:
                 print(f"T={t} {label}: {type(e).__name__}: {e}", flush=True)
                 continue
             if t == max(args.lengths) and label == "fused hybrid w=64":
-                row["kernels_ms"] = kernel_ms(both)
+                row["kernels_ms"] = kernel_ms(both, (q, k, v))
             rows.append(row)
             print(json.dumps(row), flush=True)
     append_jsonl(rows, "hybrid_fused.jsonl")
