@@ -58,14 +58,14 @@ KERNELS = {
                         FULL_CHUNKS=True)),
     "bwd_dqdk_kernel": ("linear_attention", "*bf16", {"r_ptr": "*fp32", "st_ptr": "*fp32", "dst_ptr": "*fp32"},
                         dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, PART=1, ZDOT=True,
-                             HAS_LAG=True, FULL_CHUNKS=False)),
+                             HAS_LAG=True, FULL_CHUNKS=False, INTRA=True)),
     "bwd_dv_kernel": ("linear_attention", "*bf16", {"dst_ptr": "*fp32"},
                       dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, HAS_LAG=True,
-                           FULL_CHUNKS=True)),
+                           FULL_CHUNKS=True, INTRA=True)),
     # fused causal hybrid, bf16, DK = DV = 128, elu, window (chunk) 64, whole chunks; fp32 lse / row factors
     "hybrid_fwd_kernel": ("linear_attention.hybrid_kernels", "*bf16",
                           {"rfar_ptr": "*fp32", "lse_ptr": "*fp32", "st_ptr": "*fp32", "c_ptr": "*fp32"},
-                          dict(DK=128, DV=128, FEATURE=1, DOT_MODE=0, FULL_CHUNKS=True, BT=64, W=64)),
+                          dict(DK=128, DV=128, FEATURE=1, DOT_MODE=0, FULL_CHUNKS=True, BLOCK=False, BT=64, W=64)),
     "band_dq_kernel": ("linear_attention.hybrid_kernels", "*bf16", {"lse_ptr": "*fp32", "delta_ptr": "*fp32"},
                        dict(DK=128, DV=128, DOT_MODE=0, BT=64, W=64)),
     "band_dkdv_kernel": ("linear_attention.hybrid_kernels", "*bf16", {"lse_ptr": "*fp32", "delta_ptr": "*fp32"},
@@ -80,6 +80,14 @@ KERNELS = {
     "dft_corr_kernel": ("fft.dft_kernels", "*fp16",
                         {"x_ptr": "*bf16", "dy_ptr": "*bf16", "part_ptr": "*fp32", "stash_ptr": "*fp32"},
                         dict(N1=128, N2=128, BK=32, KC=32, BOUND=2.0**14, PREC="tf32", num_warps=8)),
+}
+# Variants compiled as well: "kernel:variant" -> constexprs that replace the kernel's entry in KERNELS.
+# block: the block hybrid (hybrid_op, window_shape='block'): its forward, and the unlagged far-part
+# backward without the within-chunk terms, at its chunk of 64.
+VARIANTS = {
+    "hybrid_fwd_kernel:block": dict(BLOCK=True),
+    "bwd_dqdk_kernel:block": dict(HAS_LAG=False, INTRA=False),
+    "bwd_dv_kernel:block": dict(HAS_LAG=False, INTRA=False),
 }
 FLOAT_SCALARS = {"bound", "eps", "scale", "sm_scale"}  # every other non-constexpr argument is an int (i32)
 # Kernels launched through torch.library ops: traced by torch.compile, inductor passes their float
@@ -99,8 +107,10 @@ def compile_for_sm90(name: str) -> None:
     from triton.compiler import ASTSource
 
     name, fp64 = name.removesuffix(FP64_SUFFIX), name.endswith(FP64_SUFFIX)
+    variant = VARIANTS.get(name, {})
+    name = name.split(":")[0]
     module_name, ptr, ptr_overrides, consts = KERNELS[name]
-    consts = dict(consts)  # "num_warps" there is a launch option, not a constexpr
+    consts = {**consts, **variant}  # "num_warps" there is a launch option, not a constexpr
     module = importlib.import_module(f"mmm.ops.{module_name}" if "." in module_name else f"mmm.ops.{module_name}.kernels")
     kernel = getattr(module, name)
     options = dict(num_warps=consts.pop("num_warps", 4), num_stages=3)  # a plain launch's defaults
@@ -156,7 +166,7 @@ def compiled(tmp_path_factory) -> dict[str, str | None]:
     # without the interpreter, and without the switch that would let non-constexpr globals through
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # a real compile every run
-    names = list(KERNELS) + [n + FP64_SUFFIX for n in TRACED_WITH_FP64]
+    names = list(KERNELS) + list(VARIANTS) + [n + FP64_SUFFIX for n in TRACED_WITH_FP64]
     workers = [subprocess.Popen([sys.executable, __file__, *names[i::2]], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
     results = {}
@@ -167,7 +177,7 @@ def compiled(tmp_path_factory) -> dict[str, str | None]:
     return results
 
 
-@pytest.mark.parametrize("name", list(KERNELS) + [n + FP64_SUFFIX for n in TRACED_WITH_FP64])
+@pytest.mark.parametrize("name", list(KERNELS) + list(VARIANTS) + [n + FP64_SUFFIX for n in TRACED_WITH_FP64])
 def test_kernel_compiles_for_sm90(compiled, name):
     assert compiled[name] is None, f"{name} does not compile for sm_90:\n{compiled[name]}"
 

@@ -19,7 +19,7 @@ from .exact import exact_attention, exact_backend
 from .feature_maps import FEATURE_MAPS, FeatureMap, HedgehogFeatureMap, make_feature_map
 from .hybrid import hybrid_attention, hybrid_path
 from .linear import DEFAULT_CHUNK, linear_attention, triton_applies
-from .window import window_attention, window_path
+from .window import WINDOW_SHAPES, window_attention, window_path
 
 METHODS = ("exact", "window", "linear", "hybrid", "auto")
 APPROXIMATIONS = ("window", "linear", "hybrid")
@@ -68,6 +68,14 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_window_shape(window_shape: object, method: str) -> None:
+    """'sliding' for every windowed method; 'block' (hybrid.py's block-local near keys) for the hybrid."""
+    if window_shape not in WINDOW_SHAPES:
+        raise ValueError(f"window_shape must be one of {list(WINDOW_SHAPES)}, got {window_shape!r}")
+    if window_shape == "block" and method != "hybrid":
+        raise ValueError(f"window_shape='block' is for method='hybrid' only, got method={method!r}")
+
+
 def check_method(method: object, long_method: object = "hybrid") -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
@@ -104,6 +112,7 @@ def attention(
     *,
     causal: bool = True,
     window: int = DEFAULT_WINDOW,
+    window_shape: str = "sliding",
     feature_map: str | FeatureMap = "elu",
     normalize: bool = True,
     eps: float = DEFAULT_EPS,
@@ -121,7 +130,9 @@ def attention(
                module), `normalize`d or not: a different operator, an approximation of softmax
                attention, never lossless. O(T F Dv).
       'hybrid' softmax for the nearest `window` keys, the feature-map kernel for the rest, one shared
-               normaliser: an approximation of softmax attention, never lossless.
+               normaliser: an approximation of softmax attention, never lossless. window_shape='block'
+               makes the near keys the query's own block of `window` positions (i // window ==
+               j // window) instead of the last `window` keys: cheaper, less accurate (hybrid.py).
       'auto'   'exact' when T < crossover (default AUTO_CROSSOVER), else `long_method`.
     Measure any approximation on your own inputs with `attention_error`. The formulas are in the
     docstrings of mmm.attention.window / linear / hybrid.
@@ -138,6 +149,7 @@ def attention(
     if method == "exact":
         return exact_attention(q, k, v, causal)
     _check_positive_int("window", window)
+    check_window_shape(window_shape, method)
     _check_positive_int("chunk_size", chunk_size)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
@@ -149,7 +161,7 @@ def attention(
             return window_attention(q, k, v, window, causal)
         if method == "linear":
             return linear_attention(q, k, v, fmap, causal, normalize, float(eps), chunk_size)
-        return hybrid_attention(q, k, v, fmap, window, causal, float(eps), chunk_size)
+        return hybrid_attention(q, k, v, fmap, window, causal, float(eps), chunk_size, window_shape)
 
 
 def attention_path(
@@ -164,6 +176,7 @@ def attention_path(
     crossover: int | None = None,
     normalize: bool = True,
     window: int = DEFAULT_WINDOW,
+    window_shape: str = "sliding",
 ) -> str:
     """Which implementation `attention(q, k, v, method, ...)` runs on these inputs, for reports:
     'sdpa:<backend>' for exact; 'flex' or 'blockwise' for window; 'triton' or 'pytorch' for linear;
@@ -174,12 +187,13 @@ def attention_path(
         method = "exact" if q.shape[1] < (AUTO_CROSSOVER if crossover is None else crossover) else long_method
     if method == "exact":
         return f"sdpa:{exact_backend(q, k, v, causal)}"
+    check_window_shape(window_shape, method)
     if method == "window":
         return window_path(q, v)
     fmap = resolve_feature_map(feature_map, q.shape[-1], q.device)
     if method == "linear":
         return "triton" if triton_applies(q, v, fmap, query_scale=True, normalize=normalize) else "pytorch"
-    return hybrid_path(q, v, fmap, window, causal)
+    return hybrid_path(q, v, fmap, window, causal, window_shape)
 
 
 def full_precision(t: torch.Tensor):

@@ -24,8 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._layout import group_kv, group_q
-from .api import _check_positive_int, check_qkv, full_precision
+from .api import _check_positive_int, check_qkv, check_window_shape, full_precision
 from .feature_maps import FeatureMap, HedgehogFeatureMap, make_feature_map
+from .window import near_mask
 
 
 def _logits_and_kernel(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor):
@@ -63,17 +64,18 @@ def hedgehog_loss(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, rows: torc
 
 
 def hybrid_output_loss(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-                       causal: bool, window: int, log_scale: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+                       causal: bool, window: int, log_scale: torch.Tensor, per_head: bool = False,
+                       window_shape: str = "sliding") -> torch.Tensor:
     """||O - O_exact||^2 / ||O_exact||^2 over query rows `rows` (the square of `attention_error`'s
     measure) for hybrid attention with `window`, far keys weighed by exp(log_scale) ([H]); fp32 q
     [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv]. per_head: the ratio per query head, [H]."""
     logits, kappa, lq = _logits_and_kernel(fmap, q, k, rows)
     log_kappa = kappa.clamp_min(torch.finfo(kappa.dtype).tiny).log()
     keys = torch.arange(k.shape[1], device=q.device)
-    dist = rows[:, None] - keys if causal else (rows[:, None] - keys).abs()
     far = log_scale.reshape(k.shape[2], -1, 1, 1) + (0.0 if lq is None else lq.unsqueeze(-1)) + log_kappa
-    hidden = dist < 0 if causal else torch.zeros_like(dist, dtype=torch.bool)
-    log_w = torch.where(dist < window, logits, far).masked_fill(hidden, -torch.inf)
+    hidden = keys > rows[:, None] if causal else torch.zeros(len(rows), len(keys), dtype=torch.bool, device=q.device)
+    near = near_mask(rows[:, None], keys, window, window_shape)
+    log_w = torch.where(near, logits, far).masked_fill(hidden, -torch.inf)
     vg = group_kv(v)
     approx = torch.softmax(log_w, -1) @ vg
     exact = torch.softmax(logits.masked_fill(hidden, -torch.inf), -1) @ vg
@@ -162,6 +164,7 @@ def fit_hybrid(
     feature_map: str | FeatureMap = "elu",
     window: int = 256,
     *,
+    window_shape: str = "sliding",
     train_map: bool = False,
     steps: int = 100,
     lr: float = 0.1,
@@ -178,10 +181,13 @@ def fit_hybrid(
     `train_map`, the map's own parameters (Hedgehog's) train with it at `map_lr`, as LoLCATs trains its
     map inside the hybrid. Returns the map (`feature_map` itself when a module is given) with its
     `hybrid_log_scale` set, in eval mode, on q's device: pass it as
-    `mmm.attention(..., method="hybrid", window=window, feature_map=map)`. O(sample_rows T (F + Dv)) a step."""
+    `mmm.attention(..., method="hybrid", window=window, window_shape=window_shape, feature_map=map)`: the
+    calibration fits the window it was fitted for ('sliding' or 'block', see mmm.attention.hybrid).
+    O(sample_rows T (F + Dv)) a step."""
     _check_fit_args(q, k, v, steps, sample_rows, lr)
     qf, kf, vf = (x.detach().float() for x in (q, k, v))
     _check_positive_int("window", window)
+    check_window_shape(window_shape, "hybrid")
     fmap = make_feature_map(feature_map, q.shape[3]).to(q.device)
     c = nn.Parameter(fmap.hybrid_log_scale_for(q.shape[2]).detach().float().clone())
     groups = [{"params": [c], "lr": lr}]
@@ -194,9 +200,10 @@ def fit_hybrid(
     first_rows = torch.randperm(qf.shape[1], generator=torch.Generator().manual_seed(seed))[:sample_rows].to(q.device)
     with full_precision(qf):
         c.data = _calibration_start(
-            lambda rows, start: hybrid_output_loss(fmap, qf, kf, vf, rows, causal, window, start, per_head=True),
+            lambda rows, start: hybrid_output_loss(fmap, qf, kf, vf, rows, causal, window, start, per_head=True,
+                                                   window_shape=window_shape),
             c.detach(), first_rows)
-    _fit(lambda rows: hybrid_output_loss(fmap, qf, kf, vf, rows, causal, window, c), groups, qf, steps, lr,
-         sample_rows, seed, progress, "hybrid calibration")
+    _fit(lambda rows: hybrid_output_loss(fmap, qf, kf, vf, rows, causal, window, c, window_shape=window_shape),
+         groups, qf, steps, lr, sample_rows, seed, progress, "hybrid calibration")
     fmap.hybrid_log_scale = c.detach().to(fmap.hybrid_log_scale)
     return fmap.eval()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .feature_maps import FeatureMap
+from .window import near_mask
 
 
 def _scores(q, k):
@@ -23,9 +24,9 @@ def _visible(t, causal, device):
     return (j <= i) if causal else torch.ones(t, t, dtype=torch.bool, device=device)
 
 
-def _near(t, window, device):
+def _near(t, window, device, shape="sliding"):
     i, j = torch.arange(t, device=device)[:, None], torch.arange(t, device=device)[None, :]
-    return (i - j).abs() < window
+    return near_mask(i, j, window, shape)
 
 
 def _apply(weights, v, heads, eps=None):
@@ -59,9 +60,9 @@ def naive_linear(q, k, v, fmap: FeatureMap, causal=True, normalize=True, eps=1e-
     return _apply(kappa, v, q.shape[2], eps if normalize else None)
 
 
-def naive_hybrid(q, k, v, fmap: FeatureMap, window, causal=True, eps=1e-6):
+def naive_hybrid(q, k, v, fmap: FeatureMap, window, causal=True, eps=1e-6, window_shape="sliding"):
     t = q.shape[1]
-    visible, near = _visible(t, causal, q.device), _near(t, window, q.device)
+    visible, near = _visible(t, causal, q.device), _near(t, window, q.device, window_shape)
     far = naive_kernel(q, k, fmap) * fmap.hybrid_log_scale_for(q.shape[2]).double().exp()[:, None, None]
     w = torch.where(near, _scores(q, k).exp(), far).masked_fill(~visible, 0.0)
     return _apply(w, v, q.shape[2], eps)

@@ -24,6 +24,17 @@ import torch
 from . import flex
 from ._layout import chunk, chunk_groups, compute_dtype, group_kv, group_q, ungroup, unchunk
 
+# The near keys of hybrid attention (hybrid.py): a band around each query ('sliding', |i - j| < w) or the
+# query's own block of w positions ('block', i // w == j // w; causal: its keys up to the query).
+WINDOW_SHAPES = ("sliding", "block")
+
+
+def near_mask(i: torch.Tensor, j: torch.Tensor, window: int, shape: str = "sliding") -> torch.Tensor:
+    """Whether key position j is near query position i (broadcasting index tensors), before causality."""
+    if shape == "block":
+        return i // window == j // window
+    return (i - j).abs() < window
+
 
 def band_blocks(x: torch.Tensor, size: int, causal: bool) -> torch.Tensor:
     """[..., T, X] -> [..., N, K, X]: for each chunk of `size` rows, the rows of chunks c-1, c (and c+1
@@ -33,16 +44,17 @@ def band_blocks(x: torch.Tensor, size: int, causal: bool) -> torch.Tensor:
     return torch.cat([padded[..., i : i + n, :, :] for i in range(padded.shape[-3] - n + 1)], dim=-2)
 
 
-def band_masks(t: int, size: int, window: int, causal: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean [N, C, K] masks over the keys of `band_blocks`: `near` = in the window, `far` = in the
-    sequence, visible (j <= i when causal) and outside the window."""
+def band_masks(t: int, size: int, window: int, causal: bool, device, shape: str = "sliding") -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean [N, C, K] masks over the keys of `band_blocks`: `near` = in the window (`near_mask`; for
+    'block' the chunks must be the blocks: size = window, or one chunk when T <= window), `far` = in the
+    sequence, visible (j <= i when causal) and not near."""
     n = -(-t // size)
     idx = torch.arange(n, device=device)
     q_pos = idx[:, None] * size + torch.arange(size, device=device)  # [N, C]
     key_pos = (idx[:, None] - 1) * size + torch.arange((2 if causal else 3) * size, device=device)  # [N, K]
     rel = q_pos[:, :, None] - key_pos[:, None, :]  # i - j
     visible = ((key_pos >= 0) & (key_pos < t))[:, None, :] & (rel >= 0 if causal else True)
-    near = rel.abs() < window
+    near = near_mask(q_pos[:, :, None], key_pos[:, None, :], window, shape)
     return visible & near, visible & ~near
 
 

@@ -62,12 +62,13 @@ def hybrid_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rfar_ptr, lse_ptr, st_ptr, c_ptr,
     T, H, L, NS, eps, scale, sm_scale, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, DOT_MODE: tl.constexpr,
-    FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, W: tl.constexpr, BV: tl.constexpr,
+    FULL_CHUNKS: tl.constexpr, BLOCK: tl.constexpr, BT: tl.constexpr, W: tl.constexpr, BV: tl.constexpr,
 ):
     """o, rfar and lse2 of the module docstring for one V-tile of one segment, chunk by chunk; S, z (the
-    lagged prefix state: keys of chunks <= c-1-W/BT) carried in registers as fwd_kernel carries them."""
+    lagged prefix state: keys of chunks <= c-1-W/BT) carried in registers as fwd_kernel carries them.
+    BLOCK (a block window, W = BT): the unlagged state (keys of chunks <= c-1) and the block's own keys."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
-    lag_k, lag_v, first = _key_lag(i_s, L, W, H, DK, DV, True)
+    lag_k, lag_v, first = _key_lag(i_s, L, W, H, DK, DV, not BLOCK)
     offs_t = tl.arange(0, BT)
     offs_dk = tl.arange(0, DK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -87,9 +88,6 @@ def hybrid_fwd_kernel(
     o_base = o_ptr + rowv0
     for t0 in range(0, t_len, BT):
         mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
-        # the previous chunk's rows that exist (all of them past the sequence's first chunk: that chunk is
-        # whole even when this one is not, and its keys above the diagonal are near for every query row)
-        mp = offs_t + t0 >= first
         # In the order that keeps the fewest [BT, *] tiles alive (at W = 64 the first order, every block
         # before the max, spilled ~1.5 KB per thread on sm_90): the far part and the previous chunk's block
         # first, with their own row max; then the current chunk's block, rescaling what was summed by
@@ -99,25 +97,37 @@ def hybrid_fwd_kernel(
         den = tl.sum(a32 * z[None, :], axis=1)
         a_c = _cast(a32, q_ptr, DOT_MODE)
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
-        kp = tl.load(kp_base + tile_dk, mask=mp[:, None], other=0.0)
-        b32 = tl.where(mp[:, None], _phi(kp, scale, FEATURE), 0.0)
-        b_c = _cast(b32, q_ptr, DOT_MODE)
-        vp = _cast(tl.load(vp_base + tile_v, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
-        kappa = tl.where(on_or_below, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
-        S += _dot(tl.trans(b_c), vp, DOT_MODE)  # S was read above: the state for the next chunk
-        z += tl.sum(b32, axis=0)
         q_c = _cast(q, q_ptr, DOT_MODE)
-        sp = _dot(q_c, tl.trans(_cast(kp, q_ptr, DOT_MODE)), DOT_MODE) * qk_scale
-        sp = tl.where((~on_or_below) & mp[None, :], sp, float("-inf"))
+        if BLOCK:  # the far part is the state alone, its log mass the max so far
+            far = den
+        else:
+            # the previous chunk's rows that exist (all of them past the sequence's first chunk: that chunk
+            # is whole even when this one is not, and its keys above the diagonal are near for every row)
+            mp = offs_t + t0 >= first
+            kp = tl.load(kp_base + tile_dk, mask=mp[:, None], other=0.0)
+            b32 = tl.where(mp[:, None], _phi(kp, scale, FEATURE), 0.0)
+            b_c = _cast(b32, q_ptr, DOT_MODE)
+            vp = _cast(tl.load(vp_base + tile_v, mask=mp[:, None], other=0.0), q_ptr, DOT_MODE)
+            kappa = tl.where(on_or_below, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
+            S += _dot(tl.trans(b_c), vp, DOT_MODE)  # S was read above: the state for the next chunk
+            z += tl.sum(b32, axis=0)
+            sp = _dot(q_c, tl.trans(_cast(kp, q_ptr, DOT_MODE)), DOT_MODE) * qk_scale
+            sp = tl.where((~on_or_below) & mp[None, :], sp, float("-inf"))
+            far = den + tl.sum(kappa, axis=1)
         # the far part's log2 mass l2 + log2(far) in the max, not l2 alone (hybrid.shared_max says why);
         # -inf without far mass, and m_p >= NO_MASS, a finite floor, so no exponent below is -inf - -inf
-        far = den + tl.sum(kappa, axis=1)
         far_l2 = tl.where(far > 0, l2 + tl.maximum(tl.log2(far), FAR_LOG2_FLOOR), float("-inf"))
-        m_p = tl.maximum(tl.maximum(tl.max(sp, axis=1), far_l2), NO_MASS)
-        f = _exp2(tl.where(far > 0, l2 - m_p, float("-inf")))
-        wp = _exp2(sp - m_p[:, None]) + f[:, None] * kappa
-        num = f[:, None] * num + _dot(_cast(wp, q_ptr, DOT_MODE), vp, DOT_MODE)
-        den = f * den + tl.sum(wp, axis=1)
+        if BLOCK:
+            m_p = tl.maximum(far_l2, NO_MASS)
+            f = _exp2(tl.where(far > 0, l2 - m_p, float("-inf")))
+            num = f[:, None] * num
+            den = f * den
+        else:
+            m_p = tl.maximum(tl.maximum(tl.max(sp, axis=1), far_l2), NO_MASS)
+            f = _exp2(tl.where(far > 0, l2 - m_p, float("-inf")))
+            wp = _exp2(sp - m_p[:, None]) + f[:, None] * kappa
+            num = f[:, None] * num + _dot(_cast(wp, q_ptr, DOT_MODE), vp, DOT_MODE)
+            den = f * den + tl.sum(wp, axis=1)
         if W > BT:  # (a constexpr test: W = BT compiles without the loop)
             # not software-pipelined: pipelined (the default), this loop nested in the chunk loop faulted on
             # an H100 at W = 256 (hybrid_op.LONG_WINDOWS_ON_CUDA); untested there without it yet
@@ -147,6 +157,10 @@ def hybrid_fwd_kernel(
             rfar = _exp2(tl.where(far > 0, l2 - r2, float("-inf"))) * rd
             tl.store(rfar_ptr + trow0 + t0 + offs_t, rfar, mask=mt)
             tl.store(lse_ptr + trow0 + t0 + offs_t, r2 + tl.log2(den), mask=mt)
+        if BLOCK:  # this block's keys join the state for the next
+            b32 = tl.where(mt[:, None], _phi(kc, scale, FEATURE), 0.0)
+            S += _dot(tl.trans(_cast(b32, q_ptr, DOT_MODE)), vc, DOT_MODE)
+            z += tl.sum(b32, axis=0)
         q_base += BT * H * DK
         kc_base += BT * H * DK
         kp_base += BT * H * DK

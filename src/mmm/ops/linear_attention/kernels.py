@@ -172,6 +172,27 @@ def _configs(kernel: str, tile: str):
             for bt, t, w, s, *cap in options]
 
 
+_WITH_CHUNK: dict = {}
+
+
+def with_chunk(kernel, bt: int):
+    """The autotuned `kernel` (bwd_dqdk_kernel or bwd_dv_kernel) with every config's chunk length BT set
+    to bt (duplicates dropped), built once per (kernel, bt). For launches with INTRA off (the block
+    hybrid's far part: hybrid_op), where the chunks must be the blocks."""
+    key = (kernel, bt)
+    if key not in _WITH_CHUNK:
+        if MAX_BT % bt:
+            raise ValueError(f"chunk length {bt} must divide MAX_BT={MAX_BT}")
+        configs = {}
+        for c in kernel.configs:
+            kw = {**c.kwargs, "BT": bt}
+            configs.setdefault((tuple(sorted(kw.items())), c.num_warps, c.num_stages, c.maxnreg),
+                               triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg))
+        _WITH_CHUNK[key] = triton.autotune(configs=list(configs.values()), key=kernel.keys,
+                                           prune_configs_by={"early_config_prune": kernel.early_config_prune})(kernel.fn)
+    return _WITH_CHUNK[key]
+
+
 def _pruner(tile: str, n_states, max_tile_rows: int, state_rows: str | None = None):
     """Keep configs whose tile fits its width, whose fp32 state(s) (n_states of them: a number, or a
     function of the kernel's arguments) need <= 64 registers a thread and whose
@@ -555,7 +576,7 @@ def bwd_dqdk_kernel(
     T, H, L, NS, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, PART: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr,
+    INTRA: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """dq and dk for one K-tile of one segment:
       da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
@@ -570,7 +591,8 @@ def bwd_dqdk_kernel(
     tokens; hidden by bf16's own error). ZDOT: the sums into z and dz as tensor-core dots (carried as
     [BK, ZW] equal columns, read back as their mean where used; see ZDOT above). LAG: k and v read, dk
     stored, LAG rows back (`_key_lag`; causal only). g_ptr: g as the dots take it (do * rden written by the
-    backward chunk_state_kernel when normalizing, do otherwise)."""
+    backward chunk_state_kernel when normalizing, do otherwise). INTRA off (causal): no tril(...) terms,
+    i.e. query t sees the keys of earlier chunks only (`with_chunk` sets the chunks)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
@@ -631,7 +653,7 @@ def bwd_dqdk_kernel(
         g_c = _cast(tl.load(g_ptr + off_v + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
         if NORMALIZE:
             rr = tl.load(r_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
-        if CAUSAL:
+        if CAUSAL and INTRA:
             dA = _dot(g_c, tl.trans(v_c), DOT_MODE)
             if NORMALIZE:
                 dA += rr[:, None]
@@ -644,7 +666,7 @@ def bwd_dqdk_kernel(
                 if ZDOT:
                     z = tl.sum(Zw, axis=1) * (1.0 / ZW)
                 da += rr[:, None] * z[None, :]
-            if CAUSAL:
+            if CAUSAL and INTRA:
                 da += _dot(dA_c, b_c, DOT_MODE)
             if FEATURE != 0:
                 da = da * _dphi(a_c, FEATURE)
@@ -662,7 +684,7 @@ def bwd_dqdk_kernel(
                 if ZDOT:
                     dz = tl.sum(dZw, axis=1) * (1.0 / ZW)
                 db += dz[None, :]
-            if CAUSAL:
+            if CAUSAL and INTRA:
                 db += _dot(tl.trans(dA_c), a_c, DOT_MODE)
             if FEATURE != 0:
                 db = db * _dphi(b_c, FEATURE)
@@ -686,12 +708,13 @@ def bwd_dv_kernel(
     q_ptr, k_ptr, g_ptr, dst_ptr, dv_ptr,
     T, H, L, NS, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, INTRA: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr,
 ):
     """dv for one V-tile of one segment, chunks in reverse: dv = b dS_next + tril(a b^T)^T g
     (contracts over K: full K here); dS_next (DK x BV) accumulates a^T g. LAG: k read and dv stored LAG
     rows back (`_key_lag`; causal only). g_ptr: g as in bwd_dqdk_kernel. (NORMALIZE is unused here: g
-    carries the normalizer.)"""
+    carries the normalizer.) INTRA off: no tril term, as in bwd_dqdk_kernel."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
@@ -722,8 +745,9 @@ def bwd_dv_kernel(
         if CAUSAL:
             a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
             g_c = _cast(tl.load(g_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
-            At = tl.where(causal_t, _dot(b_c, tl.trans(a_c), DOT_MODE), 0.0)
-            dv += _dot(_cast(At, q_ptr, DOT_MODE), g_c, DOT_MODE)
+            if INTRA:
+                At = tl.where(causal_t, _dot(b_c, tl.trans(a_c), DOT_MODE), 0.0)
+                dv += _dot(_cast(At, q_ptr, DOT_MODE), g_c, DOT_MODE)
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
         tl.store(dv_base + tile_v, dv.to(dv_ptr.dtype.element_ty), mask=mk[:, None])
         q_base -= BT * H * DK

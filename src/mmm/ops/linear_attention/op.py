@@ -132,12 +132,15 @@ if HAVE_TRITON:
         do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
         rden: torch.Tensor, states: torch.Tensor,
         feature: int, normalize: bool, causal: bool, seg_len: int, scale: float, lag: int,
-        drden: torch.Tensor | None = None,
+        drden: torch.Tensor | None = None, block: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv from the forward's saved o, rden and prefix states. r (the normalizer's gradient) is
         written by chunk_state_kernel and read only when normalizing; zeros otherwise. drden: the gradient
         of the rden output, when something used it (None otherwise). With a lag, the kernels store dk and
-        dv for the key rows some query sees (s <= T - 1 - lag); the last `lag` rows are zeroed here."""
+        dv for the key rows some query sees (s <= T - 1 - lag); the last `lag` rows are zeroed here.
+        block > 0 (causal, lag 0; hybrid_op's, not the op's): query t saw only the keys of the blocks of
+        `block` rows before its own (the kernels' chunks set to the blocks, without their within-chunk
+        terms)."""
         B, T, H, DK = q.shape
         DV = v.shape[-1]
         NS = cdiv(T, seg_len)
@@ -155,12 +158,15 @@ if HAVE_TRITON:
             HAS_DRDEN=normalize and drden is not None, ZDOT=kernels.zdot("chunk_state"), **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
+        dqdk_kernel, dv_kernel = kernels.bwd_dqdk_kernel, kernels.bwd_dv_kernel
+        if block:
+            dqdk_kernel, dv_kernel = kernels.with_chunk(dqdk_kernel, block), kernels.with_chunk(dv_kernel, block)
         for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
-            launcher(kernels.bwd_dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
+            launcher(dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
                 q, k, v, g, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.zdot("dqdk"),
-                **lagged, **common)
-        launcher(kernels.bwd_dv_kernel)[_grid(DV, NS * B * H, "BV")](
-            q, k, g, dstates, dv, CAUSAL=causal, **lagged, **common)
+                INTRA=not block, **lagged, **common)
+        launcher(dv_kernel)[_grid(DV, NS * B * H, "BV")](
+            q, k, g, dstates, dv, CAUSAL=causal, INTRA=not block, **lagged, **common)
         if lag:  # (every row when lag >= T: no query sees a key)
             dk[:, max(T - lag, 0):].zero_()
             dv[:, max(T - lag, 0):].zero_()
