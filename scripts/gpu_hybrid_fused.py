@@ -2,11 +2,11 @@
 beside the paths it replaces, side by side on one GPU.
 
 Times forward and forward+backward from CUDA graphs (the GPU's time alone) at 8k / 32k / 128k tokens
-(B=1, H=16, D=128, bf16, causal): the fused hybrid at windows 16 / 32 / 64 (what mmm.attention sends it)
-and 128 / 256 (called directly: hybrid_op.DISPATCH_MAX_WINDOW waits for this comparison), linear elu+1 alone (the
-target: hybrid within 1.3x of it), the flex+triton hybrid at the same window 64 and at 256 (the path
+(B=1, H=16, D=128, bf16, causal): the fused hybrid at sliding windows 16 / 32 / 64 and block windows
+16 / 32 / 64 (window_shape='block'), linear elu+1 alone (the target: hybrid within 1.3x of it), the flex+triton hybrid at the same window 64 and at 256 (the path
 before), window softmax 64 (flex), and cuDNN SDPA up to 32k. Then the CUDA time per kernel of the fused
-hybrid at 128k. Rows land in $OUT/hybrid_fused.jsonl, a table on stdout.
+hybrid (w=64 and block=64) at the longest length. (Sliding windows over 64 are left out: their forward
+faults on the H100, hybrid_op.LONG_WINDOWS_ON_CUDA.) Rows land in $OUT/hybrid_fused.jsonl, a table on stdout.
 
     PYTHONPATH=src python scripts/gpu_hybrid_fused.py [--lengths 8192 32768 131072] [--labels fused linear]
         [--tag new]   (about 2 min; 1 with --labels fused linear)
@@ -36,8 +36,10 @@ def paths(q, k, v, t: int) -> dict:
     for w in (16, 32, 64):
         out[f"fused hybrid w={w}"] = (lambda w=w: mmm.attention(q, k, v, "hybrid", window=w, feature_map="elu"),
                                       attention_path(q, k, v, "hybrid", window=w))
-    for w in (128, 256):  # windows the kernels take but mmm.attention does not yet send them (untimed)
-        out[f"fused hybrid w={w}"] = (lambda w=w: hybrid_mod.fused_hybrid(q, k, v, elu, w, 1e-6), "fused (called directly)")
+    for w in (16, 32, 64):
+        out[f"fused hybrid block={w}"] = (
+            lambda w=w: mmm.attention(q, k, v, "hybrid", window=w, window_shape="block", feature_map="elu"),
+            attention_path(q, k, v, "hybrid", window=w, window_shape="block"))
     out["linear elu"] = (lambda: mmm.attention(q, k, v, "linear", feature_map="elu"), attention_path(q, k, v, "linear"))
     for w in (64, 256):
         out[f"flex hybrid w={w}"] = (lambda w=w: hybrid_mod.flex_hybrid(q, k, v, elu, w, True, 1e-6, 64),
@@ -75,7 +77,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - report and go on to the other rows
                 print(f"T={t} {label}: {type(e).__name__}: {e}", flush=True)
                 continue
-            if t == max(args.lengths) and label == "fused hybrid w=64":
+            if t == max(args.lengths) and label in ("fused hybrid w=64", "fused hybrid block=64"):
                 row["kernels_ms"] = kernel_ms(both, (q, k, v))
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -44,7 +44,7 @@ bench() {  # bench PHASE MAX_S CASES [VARIANT GLOBS...]
   step "$phase" "$max_s" python -m mmm bench --no-progress --cases "$cases" --json "$OUT/bench_$phase.json" \
     --markdown "$OUT/bench_$phase.md" --plot "$OUT/bench_$phase.png" ${1:+--variants "$@"}
 }
-LA_ROWS=("linear elu*" "linear relu*" "linear favor*" "window 256" "hybrid w=256 elu*" "hybrid w=64 elu*")
+LA_ROWS=("linear elu*" "linear relu*" "window 256" "hybrid w=256 elu*" "hybrid w=64 elu*" "hybrid block=64 elu*")
 
 tests() {  # eight pytest processes side by side (-v: a timeout still leaves each test's verdict)
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
@@ -117,6 +117,7 @@ for phase in "$@"; do
       grep -H "^RESCALED_NORMALIZED_ON_KERNEL" src/mmm/attention/linear.py | tee -a "$OUT/steps.txt" ;;
     la128k) bench la128k 200 attn.causal.T131072 "${LA_ROWS[@]}" ;;
     la32k) bench la32k 120 attn.causal.T32768 "${LA_ROWS[@]}" ;;
+    la8k) bench la8k 150 attn.causal.T8192 "${LA_ROWS[@]}" ;;
     zdotab) for z in 0 chunk_state,dqdk 1; do  # the normaliser sums as dots: off, in the two kernels that
         # passed (session 14), in all three (fwd reworked since; run zdotbisect first)
         MMM_LA_ZDOT=$z bench "zdot_${z%%,*}" 120 attn.causal.T131072 "linear elu*" "linear relu*"; done ;;

@@ -40,24 +40,27 @@ def fmap_for(name, d=D):
     return fmap
 
 
-def reference(method, q, k, v, causal, fmap=None, normalize=True, window=WINDOW, eps=1e-6):
+def reference(method, q, k, v, causal, fmap=None, normalize=True, window=WINDOW, eps=1e-6, window_shape="sliding"):
     if method == "exact":
         return naive.naive_exact(q, k, v, causal)
     if method == "window":
         return naive.naive_window(q, k, v, window, causal)
     if method == "linear":
         return naive.naive_linear(q, k, v, fmap, causal, normalize, eps)
-    return naive.naive_hybrid(q, k, v, fmap, window, causal, eps)
+    return naive.naive_hybrid(q, k, v, fmap, window, causal, eps, window_shape)
 
 
-def check_against_reference(method, causal, fmap=None, normalize=True, window=WINDOW, dtype=torch.float64, tol=1e-9, **inputs):
+def check_against_reference(method, causal, fmap=None, normalize=True, window=WINDOW, dtype=torch.float64, tol=1e-9,
+                            window_shape="sliding", **inputs):
     q, k, v = qkv(**inputs)
     kwargs = dict(causal=causal, window=window, chunk_size=CHUNK, normalize=normalize)
+    if window_shape != "sliding":
+        kwargs["window_shape"] = window_shape
     if fmap is not None:
         kwargs["feature_map"] = fmap
     params = [q, k, v] + (list(fmap.parameters()) if fmap is not None else [])
     out = mmm.attention(q.to(dtype), k.to(dtype), v.to(dtype), method, **kwargs)
-    ref = reference(method, q, k, v, causal, fmap, normalize, window)
+    ref = reference(method, q, k, v, causal, fmap, normalize, window, window_shape=window_shape)
     assert out.dtype == dtype and out.shape == ref.shape
     assert rel_err(out, ref) < tol, f"forward error {rel_err(out, ref)}"
     grad_out = torch.randn_like(ref)
@@ -85,6 +88,31 @@ def test_linear_matches_reference(name, causal, normalize):
 @pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
 def test_hybrid_matches_reference(name, causal):
     check_against_reference("hybrid", causal, fmap_for(name))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
+def test_block_hybrid_matches_reference(name, causal):
+    """window_shape='block': the blockwise path (its chunks are the blocks) against naive_hybrid."""
+    check_against_reference("hybrid", causal, fmap_for(name), window_shape="block")
+
+
+@pytest.mark.parametrize("window", [1, 5, 36, 37, 100])
+def test_block_window_edge_sizes(window):
+    """Blocks of one token (every earlier key far), blocks that do not divide T, one block over all of T."""
+    for causal in (True, False):
+        check_against_reference("hybrid", causal, fmap_for("taylor"), window=window, window_shape="block")
+
+
+def test_block_and_sliding_windows_differ_and_blocks_need_the_hybrid():
+    q, k, v = qkv(requires_grad=False)
+    fmap = fmap_for("elu")
+    block = mmm.attention(q, k, v, "hybrid", window=WINDOW, window_shape="block", feature_map=fmap)
+    assert rel_err(block, mmm.attention(q, k, v, "hybrid", window=WINDOW, feature_map=fmap)) > 1e-2
+    with pytest.raises(ValueError, match="window_shape must be one of"):
+        mmm.attention(q, k, v, "hybrid", window_shape="blocks")
+    with pytest.raises(ValueError, match="window_shape='block' is for method='hybrid' only"):
+        mmm.attention(q, k, v, "window", window_shape="block")
 
 
 @pytest.mark.parametrize("method", ["window", "linear", "hybrid"])

@@ -58,6 +58,24 @@ def test_steps_match_parallel(method, name):
     assert rel_err(end2.s, end.s) < 1e-12 and rel_err(end2.z, end.z) < 1e-12
 
 
+@pytest.mark.parametrize("name", ["elu", "hedgehog"])
+@pytest.mark.parametrize("window,prompt", [(W, 9), (W, 10), (3, 3), (1, 4)])
+def test_block_window_steps_match_parallel(name, window, prompt):
+    """window_shape='block': a block joins the far sums when the next one starts, also when the prompt
+    ends on a block's last token (10 = 2 blocks of 5; 3 = 1 block of 3) or blocks are single tokens."""
+    q, k, v = qkv()
+    fmap = fmap_for(name)
+    opts = dict(method="hybrid", feature_map=fmap, window=window, window_shape="block")
+    parallel = mmm.attention(q, k, v, "hybrid", window=window, window_shape="block", feature_map=fmap)
+    stepped, end = run_steps(q, k, v, decode.init_state(B, HK, D, DV, dtype=torch.float64, **opts))
+    assert rel_err(stepped, parallel) < 1e-12
+    out, state = decode.prefill(q[:, :prompt], k[:, :prompt], v[:, :prompt], **opts)
+    assert rel_err(out, parallel[:, :prompt]) < 1e-12
+    stepped, end2 = run_steps(q, k, v, state, start=prompt)
+    assert rel_err(stepped, parallel[:, prompt:]) < 1e-12
+    assert rel_err(end2.s, end.s) < 1e-12 and rel_err(end2.z, end.z) < 1e-12
+
+
 def test_unnormalized_linear_and_fp32():
     q, k, v = qkv()
     parallel = mmm.attention(q, k, v, "linear", feature_map="taylor", normalize=False)
@@ -76,6 +94,8 @@ def test_decode_bad_arguments():
         decode.init_state(B, HK, D, method="window")
     with pytest.raises(ValueError, match="window must be a positive int"):
         decode.init_state(B, HK, D, method="hybrid", window=0)
+    with pytest.raises(ValueError, match="window_shape='block' is for method='hybrid' only"):
+        decode.init_state(B, HK, D, method="linear", window_shape="block")
     state = decode.init_state(B, HK, D, DV, method="hybrid", window=W)
     q, k, v = qkv(torch.float32)
     with pytest.raises(ValueError, match="k_t must have shape"):

@@ -112,15 +112,17 @@ def test_bench_fit_slices_training_text():
 # --- fit_hybrid ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shape", ["sliding", "block"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_fit_hybrid_finds_a_known_calibration(causal):
+def test_fit_hybrid_finds_a_known_calibration(causal, shape):
     """Taylor features on small logits give kappa = 1 + s + s^2/2 ~ exp(s), so the calibration that makes
-    hybrid attention exact is c_h = 0 for every head: the fit gets there from c = (-2, 1.5)."""
+    hybrid attention exact is c_h = 0 for every head: the fit gets there from c = (-2, 1.5), for sliding
+    and block windows (the fit's loss must use the window's shape for that)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, generator=gen) * s for s in (0.1, 0.1, 1.0))
     fmap = mmm.attention.TaylorFeatureMap(D)
     fmap.hybrid_log_scale = torch.tensor([-2.0, 1.5])
-    kw = dict(window=8, causal=causal)
+    kw = dict(window=8, causal=causal, window_shape=shape)
     before = mmm.attention_error(q, k, v, "hybrid", feature_map=fmap, sample_rows=None, **kw)
     fitted = fit_hybrid(q, k, v, fmap, steps=150, sample_rows=64, progress=False, **kw)
     assert fitted is fmap and not fmap.training
@@ -135,6 +137,24 @@ class _FaintTaylor(mmm.attention.TaylorFeatureMap):
     def features(self, x, is_query):
         phi, log_scale = super().features(x, is_query)
         return phi * torch.exp(torch.tensor(-30.0)), log_scale
+
+
+@pytest.mark.parametrize("shape", ["sliding", "block"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_hybrid_output_loss_is_attention_errors_square(causal, shape):
+    """fit_hybrid's loss on all rows is the square of attention_error's measure (eps = 0) of the hybrid
+    with that window's shape, so the calibration fits the hybrid that runs."""
+    from mmm.attention.fit import hybrid_output_loss
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    fmap = mmm.attention.make_feature_map("elu", D).double()
+    c = torch.tensor([-1.0, 0.5], dtype=torch.float64)
+    fmap.hybrid_log_scale = c
+    kw = dict(window=8, causal=causal, window_shape=shape)
+    loss = hybrid_output_loss(fmap, q, k, v, torch.arange(T), causal, 8, c, window_shape=shape)
+    err = mmm.attention_error(q, k, v, "hybrid", feature_map=fmap, sample_rows=None, eps=0.0, **kw)
+    assert abs(float(loss) - err**2) < 1e-9 * err**2, (float(loss), err**2)
 
 
 def test_fit_hybrid_reaches_a_calibration_where_the_gradient_at_zero_vanishes():
@@ -156,6 +176,8 @@ def test_fit_hybrid_bad_arguments():
     q, k, v = clustered_qkv(1)
     with pytest.raises(ValueError, match="window must be a positive int"):
         fit_hybrid(q, k, v, "elu", window=0, progress=False)
+    with pytest.raises(ValueError, match="window_shape must be one of"):
+        fit_hybrid(q, k, v, "elu", window=8, window_shape="ring", progress=False)
     with pytest.raises(ValueError, match="train_map=True but feature_map EluFeatureMap has no trainable parameters"):
         fit_hybrid(q, k, v, "elu", window=8, train_map=True, steps=1, progress=False)
     with pytest.raises(ValueError, match="v must be 4-D"):

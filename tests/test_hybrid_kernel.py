@@ -13,6 +13,7 @@ from mmm.attention import api, naive
 from mmm.attention import hybrid as hybrid_mod
 from mmm.attention import linear as linear_mod
 from mmm.attention.feature_maps import make_feature_map
+from mmm.attention.window import near_mask
 from mmm.ops.linear_attention import hybrid_op, op
 
 needs_kernel = pytest.mark.skipif(
@@ -36,18 +37,18 @@ def inputs(B, T, H, D, DV=None, dtype=torch.float32, device=DEV, hk=None):
     return q, k, torch.randn(B, T, hk, DV or D, dtype=dtype, device=device)
 
 
-def fp64_reference(q, k, v, fmap, window, go, eps=1e-6):
+def fp64_reference(q, k, v, fmap, window, go, eps=1e-6, shape="sliding"):
     """naive_hybrid's output and dq, dk, dv in fp64."""
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    o = naive.naive_hybrid(q64, k64, v64, fmap, window, True, eps)
+    o = naive.naive_hybrid(q64, k64, v64, fmap, window, True, eps, window_shape=shape)
     return [o.detach(), *torch.autograd.grad(o, (q64, k64, v64), go.double())]
 
 
-def fused(q, k, v, fmap, window, go, eps=1e-6):
+def fused(q, k, v, fmap, window, go, eps=1e-6, shape="sliding"):
     """hybrid_attention_fused's output and dq, dk, dv (fresh leaves)."""
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
     c = fmap.hybrid_log_scale_for(q.shape[2]).float()
-    o = hybrid_op.hybrid_attention_fused(qs, ks, vs, c, fmap.name, window, eps)
+    o = hybrid_op.hybrid_attention_fused(qs, ks, vs, c, fmap.name, window, eps, shape)
     return [o, *torch.autograd.grad(o, (qs, ks, vs), go)]
 
 
@@ -67,6 +68,22 @@ def test_forward_and_gradients_match_fp64(feature_map, window, T, poisoned_empty
     fmap = calibrated_map(feature_map, 16, [-1.0, 0.5])
     go = torch.randn(2, T, 2, 32, device=DEV)
     assert_close(fused(q, k, v, fmap, window, go), fp64_reference(q, k, v, fmap, window, go), 1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("feature_map,log_scales", [("elu", [-1.0, 0.5]), ("relu", [120.0, -3.0])])
+@pytest.mark.parametrize("window,T", [(16, 40), (16, 75), (32, 128), (64, 130)])
+def test_block_windows_match_fp64(feature_map, log_scales, window, T, poisoned_empty):
+    """Block windows (window_shape='block'): the forward's unlagged state and diagonal block, the linear
+    backward without its within-chunk terms at chunks set to the blocks (32, 64: not the interpreter's
+    own 16), the band kernels' diagonal block. Partial and whole last blocks, two batches, c_h up to 120."""
+    q, k, v = inputs(2, T, 2, 16, DV=32)
+    fmap = calibrated_map(feature_map, 16, log_scales)
+    go = torch.randn(2, T, 2, 32, device=DEV)
+    got = fused(q, k, v, fmap, window, go, shape="block")
+    assert_close(got, fp64_reference(q, k, v, fmap, window, go, shape="block"), 1e-5)
+    # and it is not the sliding window's hybrid
+    assert rel_err(got[0], fp64_reference(q, k, v, fmap, window, go)[0]) > 1e-2
 
 
 @needs_kernel
@@ -156,6 +173,9 @@ def test_other_windows_maps_and_trained_calibrations_take_another_path(monkeypat
     assert path(window=128) != "fused"  # one they take, untimed against flex (DISPATCH_MAX_WINDOW)
     assert path(causal=False) != "fused"
     assert path(feature_map="favor") != "fused"
+    assert path(window_shape="block") == "fused"
+    assert path(window_shape="block", window=128) == "blockwise"  # blocks are the kernels' chunks: <= 64
+    assert path(window_shape="block", causal=False) == "blockwise"
     trained = make_feature_map("elu", 16)
     trained.hybrid_log_scale.requires_grad_()  # fit_hybrid trains c_h: the kernel returns no gradient for it
     assert path(feature_map=trained) != "fused"
@@ -164,7 +184,9 @@ def test_other_windows_maps_and_trained_calibrations_take_another_path(monkeypat
 
 @needs_kernel
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(window=48), "a window of 16, 32, 64 or a multiple of 64 up to 512"),
+    (dict(window=48), r"a window of 16, 32, 64 or \(sliding\) a multiple of 64 up to 512"),
+    (dict(window=128, window_shape="block"), "got block window=128"),
+    (dict(window_shape="blocks"), "window_shape must be"),
     (dict(window=576), "a window of 16, 32, 64"),
     (dict(feature_map="favor"), "feature_map must be 'elu' or 'relu'"),
     (dict(log_scale=torch.zeros(3)), r"log_scale must be \[heads\] = \[2\]"),
@@ -192,7 +214,7 @@ def test_unsupported_head_dim_names_the_supported_ones(d, monkeypatch):
 # ----------------------------------------------------------------------------------------------- GPU
 
 
-def hybrid_in_input_dtype(q, k, v, fmap, window, eps=1e-6):
+def hybrid_in_input_dtype(q, k, v, fmap, window, eps=1e-6, shape="sliding"):
     """The causal hybrid written out in PyTorch in q's dtype (naive_hybrid computes in fp64): T x T scores
     and kernel weights, each row scaled by its largest near exponent as any low-precision implementation
     must. Its error against fp64 is PyTorch's own error in that dtype. Heads of q = heads of k."""
@@ -201,28 +223,32 @@ def hybrid_in_input_dtype(q, k, v, fmap, window, eps=1e-6):
     kappa = torch.einsum("bihf,bjhf->bhij", fmap(q, is_query=True), fmap(k, is_query=False))
     c = fmap.hybrid_log_scale_for(q.shape[2]).to(q.dtype)[:, None, None]
     i, j = torch.arange(t, device=q.device)[:, None], torch.arange(t, device=q.device)[None, :]
-    near, far = (j <= i) & (i - j < window), i - j >= window
+    visible = j <= i
+    near = visible & near_mask(i, j, window, shape)
+    far = visible & ~near
     m = torch.maximum(s.detach().masked_fill(~near, -torch.inf).amax(-1, keepdim=True), c)
     w = torch.where(near, torch.exp(s - m), 0.0) + torch.where(far, torch.exp(c - m) * kappa, 0.0)
     o = torch.einsum("bhij,bjhe->bihe", w, v)
     return o / (w.sum(-1) + eps * torch.exp(-m[..., 0])).transpose(1, 2).unsqueeze(-1)
 
 
-def test_hybrid_in_input_dtype_is_the_hybrid():
+@pytest.mark.parametrize("shape", ["sliding", "block"])
+def test_hybrid_in_input_dtype_is_the_hybrid(shape):
     """In fp64 the reference above is naive_hybrid (so its bf16 error is the formula's, nothing else)."""
     q, k, v = inputs(1, 40, 2, 16, dtype=torch.float64, device="cpu")
     fmap = calibrated_map("elu", 16, [-1.0, 2.0])
-    assert rel_err(hybrid_in_input_dtype(q, k, v, fmap, 16), naive.naive_hybrid(q, k, v, fmap, 16)) < 1e-12
+    want = naive.naive_hybrid(q, k, v, fmap, 16, window_shape=shape)
+    assert rel_err(hybrid_in_input_dtype(q, k, v, fmap, 16, shape=shape), want) < 1e-12
 
 
-def _assert_within_twice_pytorch_bf16(q, k, v, fmap, window):
+def _assert_within_twice_pytorch_bf16(q, k, v, fmap, window, shape="sliding"):
     """Kernel error (bf16 in and out) at most 2x the error of the hybrid written out in PyTorch in bf16,
     both against fp64, for the output and every gradient."""
     go = torch.randn_like(v)
-    ref = fp64_reference(q, k, v, fmap, window, go)
-    ours = fused(q, k, v, fmap, window, go)
+    ref = fp64_reference(q, k, v, fmap, window, go, shape=shape)
+    ours = fused(q, k, v, fmap, window, go, shape=shape)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    o = hybrid_in_input_dtype(qs, ks, vs, fmap, window)
+    o = hybrid_in_input_dtype(qs, ks, vs, fmap, window, shape=shape)
     torch_bf16 = [o, *torch.autograd.grad(o, (qs, ks, vs), go)]
     for name, g, t, w in zip(("o", "dq", "dk", "dv"), ours, torch_bf16, ref):
         e, e_ref = rel_err(g, w), rel_err(t, w)
@@ -230,10 +256,11 @@ def _assert_within_twice_pytorch_bf16(q, k, v, fmap, window):
 
 
 @needs_kernel
-def test_bf16_inputs_within_twice_pytorch_bf16_error():
+@pytest.mark.parametrize("shape", ["sliding", "block"])
+def test_bf16_inputs_within_twice_pytorch_bf16_error(shape):
     """bf16 in and out (under the interpreter the dots run in fp32; on GPU see the gpu tests)."""
     q, k, v = inputs(1, 100, 2, 32, dtype=torch.bfloat16)
-    _assert_within_twice_pytorch_bf16(q, k, v, calibrated_map("elu", 32, [-1.0, 0.5]).to(DEV), 32)
+    _assert_within_twice_pytorch_bf16(q, k, v, calibrated_map("elu", 32, [-1.0, 0.5]).to(DEV), 32, shape)
 
 
 @pytest.mark.gpu
@@ -248,35 +275,48 @@ def test_gpu_bf16_within_twice_pytorch_bf16_error(window, T, D, DV):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("window", [16, 32, 64])
+@pytest.mark.parametrize("T,D,DV", [(1000, 128, 128), (4096, 64, 128)])
+def test_gpu_block_bf16_within_twice_pytorch_bf16_error(window, T, D, DV):
+    q, k, v = inputs(1, T, 4, D, DV=DV, dtype=torch.bfloat16)
+    fmap = calibrated_map("elu", D, [-2.0, -1.0, 0.0, 1.0]).cuda()
+    _assert_within_twice_pytorch_bf16(q, k, v, fmap, window, "block")
+
+
+@pytest.mark.gpu
 def test_gpu_relu_bf16_within_twice_pytorch_bf16_error():
     q, k, v = inputs(2, 3000, 2, 128, dtype=torch.bfloat16)
     _assert_within_twice_pytorch_bf16(q, k, v, calibrated_map("relu", 128, [-1.0, 0.0]).cuda(), 64)
 
 
 @pytest.mark.gpu
-def test_gpu_opcheck(monkeypatch):
+@pytest.mark.parametrize("block", [False, True])
+def test_gpu_opcheck(block, monkeypatch):
     from test_linear_attention_kernel import _pin_tile_configs
 
     q, k, v = (torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    args = (q, k, v, torch.tensor([-1.0, 0.5], device="cuda"), 1, 32, 1e-6, 64 ** -0.25)
+    args = (q, k, v, torch.tensor([-1.0, 0.5], device="cuda"), 1, 32, block, 1e-6, 64 ** -0.25)
     o, rfar, lse2, states = (t.detach() for t in torch.ops.mmm.hybrid_attention_fwd(*args))
-    bwd_args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, rfar, lse2, states, 1, 32, 64 ** -0.25)
+    bwd_args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, rfar, lse2, states, 1, 32, block,
+                64 ** -0.25)
     torch.ops.mmm.hybrid_attention_bwd(*bwd_args)  # every kernel launched (and tuned) once before pinning
-    _pin_tile_configs(monkeypatch, [hybrid_op.hybrid_kernels.hybrid_fwd_kernel])
+    # (block: the backward's kernels at chunks set to the blocks, kernels.with_chunk's, too)
+    _pin_tile_configs(monkeypatch, [hybrid_op.hybrid_kernels.hybrid_fwd_kernel, *op.kernels._WITH_CHUNK.values()])
     torch.library.opcheck(torch.ops.mmm.hybrid_attention_fwd.default, args)
     torch.library.opcheck(torch.ops.mmm.hybrid_attention_bwd.default, bwd_args)
 
 
 @pytest.mark.gpu
-def test_gpu_torch_compile_fullgraph():
+@pytest.mark.parametrize("shape", ["sliding", "block"])
+def test_gpu_torch_compile_fullgraph(shape):
     q, k, v = inputs(2, 777, 4, 128, dtype=torch.bfloat16)
     fmap = calibrated_map("elu", 128, [-1.0, 0.0, 0.5, -2.0]).cuda()
     go = torch.randn_like(v)
 
     def f(a, b, c):  # (dynamo cannot call the module mmm.attention: its function)
-        return api.attention(a, b, c, "hybrid", window=64, feature_map=fmap) * 2.0
+        return api.attention(a, b, c, "hybrid", window=64, window_shape=shape, feature_map=fmap) * 2.0
 
-    assert api.attention_path(q, k, v, "hybrid", feature_map=fmap, window=64) == "fused"
+    assert api.attention_path(q, k, v, "hybrid", feature_map=fmap, window=64, window_shape=shape) == "fused"
     results = []
     for fn in (f, torch.compile(f, fullgraph=True)):
         qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))

@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .attention.api import DEFAULT_EPS, DEFAULT_WINDOW, _check_positive_int, attention, attention_error, check_method
+from .attention.api import (DEFAULT_EPS, DEFAULT_WINDOW, _check_positive_int, attention, attention_error, check_method,
+                            check_window_shape)
 from .attention.feature_maps import FeatureMap, HedgehogFeatureMap, make_feature_map
 from .attention.linear import DEFAULT_CHUNK
 from .configs import StructureConfig
@@ -38,6 +39,7 @@ class Attention(nn.Module):
         method: str = "exact",
         causal: bool = True,
         window: int = DEFAULT_WINDOW,
+        window_shape: str = "sliding",
         feature_map: str | FeatureMap = "elu",
         normalize: bool = True,
         eps: float = DEFAULT_EPS,
@@ -61,6 +63,7 @@ class Attention(nn.Module):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
         check_method(method, long_method)
+        check_window_shape(window_shape, long_method if method == "auto" else method)
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         kw = dict(bias=bias, device=device, dtype=dtype)
         self.q_proj = StructuredLinear(d_model, n_heads * head_dim, proj_config, **kw)
@@ -74,7 +77,8 @@ class Attention(nn.Module):
             self.feature_map = HedgehogFeatureMap(head_dim, num_heads=n_heads, num_kv_heads=n_kv_heads).to(device)
         else:
             self.feature_map = make_feature_map(feature_map, head_dim).to(device)
-        self.options = dict(method=method, causal=causal, window=window, normalize=normalize, eps=eps,
+        self.options = dict(method=method, causal=causal, window=window, window_shape=window_shape,
+                            normalize=normalize, eps=eps,
                             chunk_size=chunk_size, long_method=long_method, crossover=crossover)
 
     def qkv(self, x: torch.Tensor, rotary: Rotary | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,7 +19,9 @@ The hybrid rows' far keys weigh exp(c_h) kappa, c_h fitted per head by `fit_hybr
 slices (`fitted_hybrid_map`): elu+1 with only c_h fitted (its info also holds the error with c_h = 0,
 "quality_uncalibrated"), and a Hedgehog map trained inside the hybrid together with c_h (LoLCATs' recipe).
 Both at window 256 (the flex path on CUDA), and elu+1 again at window 64 (16 quick), a window the fused
-causal hybrid kernel takes (one Triton pass for both parts): faster, and less accurate than 256.
+causal hybrid kernel takes (one Triton pass for both parts): faster, and less accurate than 256; and
+elu+1 with a block window of that size ("hybrid block=64": each query's own block of 64 positions
+near, window_shape='block'), cheaper still and less accurate.
 
 `attn.crossover`: exact (`mmm.attention(method="exact")`, SDPA's own backend choice) and linear (elu,
 normalized) at T in 512..4096 (quick: 64, 128). The setup first times forward+backward of both at every
@@ -287,22 +289,23 @@ def trained_hedgehog(quick: bool, device: torch.device) -> tuple[FeatureMap, dic
     return _HEDGEHOG[key]
 
 
-_HYBRID: dict[tuple[str, bool, str, int], tuple[FeatureMap, dict]] = {}
+_HYBRID: dict[tuple[str, bool, str, int, str], tuple[FeatureMap, dict]] = {}
 HYBRID_MAPS = {"elu": "elu (calibrated)", "hedgehog": "hedgehog (trained in the hybrid)"}
 
 
-def fitted_hybrid_map(name: str, quick: bool, device: torch.device, window: int) -> tuple[FeatureMap, dict]:
+def fitted_hybrid_map(name: str, quick: bool, device: torch.device, window: int,
+                      shape: str = "sliding") -> tuple[FeatureMap, dict]:
     """A map for the hybrid rows, fitted by `fit_hybrid` to the real-input layer's q/k/v on the Hedgehog
     fit's training slices, with that fit's steps: "elu" fits only the calibration c_h; "hedgehog" trains a
-    new Hedgehog map inside the hybrid with it (LoLCATs' recipe). First call per (name, device, window);
-    cached. Returns the frozen map and info on the fit."""
-    key = (name, quick, str(device), window)
+    new Hedgehog map inside the hybrid with it (LoLCATs' recipe). First call per (name, device, window,
+    window shape); cached. Returns the frozen map and info on the fit."""
+    key = (name, quick, str(device), window, shape)
     if key not in _HYBRID:
         fit = QUICK_HEDGEHOG if quick else FULL_HEDGEHOG
         q, k, v, text = fit_slices(fit, quick, device)
         fmap = "elu" if name == "elu" else HedgehogFeatureMap(q.shape[-1], num_heads=q.shape[2], num_kv_heads=k.shape[2])
         start = time.perf_counter()
-        fmap = fit_hybrid(q, k, v, fmap, window, train_map=name == "hedgehog", steps=fit.steps, map_lr=fit.lr,
+        fmap = fit_hybrid(q, k, v, fmap, window, window_shape=shape, train_map=name == "hedgehog", steps=fit.steps, map_lr=fit.lr,
                           sample_rows=fit.sample_rows, progress=sys.stderr.isatty())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -312,26 +315,31 @@ def fitted_hybrid_map(name: str, quick: bool, device: torch.device, window: int)
     return _HYBRID[key]
 
 
+def hybrid_label(name: str, window: int, shape: str = "sliding") -> str:
+    return f"hybrid {'block' if shape == 'block' else 'w'}={window} {HYBRID_MAPS[name]}"
+
+
 def hybrid_variant(name: str, inputs, grad, flops: int, bwd_factor: float, window: int, need_bytes: int, quick: bool,
-                   real: Callable) -> Variant:
+                   real: Callable, shape: str = "sliding") -> Variant:
     """Hybrid attention with a map from `fitted_hybrid_map`; for elu the error without the calibration
-    (c_h = 0) goes in the info as well."""
-    label = f"hybrid w={window} {HYBRID_MAPS[name]}"
+    (c_h = 0) goes in the info as well. shape: the window's ('sliding' or 'block')."""
+    label = hybrid_label(name, window, shape)
+    options = dict(window=window, window_shape=shape)
 
     def build() -> Workload:
-        fmap, fit_info = fitted_hybrid_map(name, quick, inputs[0].device, window)
+        fmap, fit_info = fitted_hybrid_map(name, quick, inputs[0].device, window, shape)
         extra = {}
 
         def error(q, k, v):
             if name == "elu":
-                extra["quality_uncalibrated"] = mmm_error("hybrid", window=window, feature_map="elu")(q, k, v)
-            return mmm_error("hybrid", window=window, feature_map=fmap)(q, k, v)
+                extra["quality_uncalibrated"] = mmm_error("hybrid", **options, feature_map="elu")(q, k, v)
+            return mmm_error("hybrid", **options, feature_map=fmap)(q, k, v)
 
-        work = attention_variant(label, mmm_path("hybrid", window=window, feature_map=fmap), inputs, grad, flops,
+        work = attention_variant(label, mmm_path("hybrid", **options, feature_map=fmap), inputs, grad, flops,
                                  bwd_factor, need_bytes=need_bytes, error_fn=error, real=real,
-                                 info={"call": f"mmm.attention(method='hybrid', window={window}, feature_map=<"
-                                               f"{type(fmap).__name__} fitted by fit_hybrid>)",
-                                       "path": attention_path(*inputs, "hybrid", window=window, feature_map=fmap),
+                                 info={"call": f"mmm.attention(method='hybrid', window={window}, window_shape='{shape}', "
+                                               f"feature_map=<{type(fmap).__name__} fitted by fit_hybrid>)",
+                                       "path": attention_path(*inputs, "hybrid", **options, feature_map=fmap),
                                        **fit_info}).build()
         work.info.update(extra)
         return work
@@ -388,11 +396,14 @@ def _causal_setup(t: int, sizes: Sizes):
         near = softmax_flops(b, h, t, d, fw)
         variants.append(hybrid_variant("elu", inputs, grad, near + lin, (near * SOFTMAX_BWD + lin * LINEAR_BWD) / (near + lin),
                                        fw, banded_bytes("hybrid", q, fw), quick, real))
+        near = softmax_flops(b, h, t, d, fw // 2)  # a block window: (w + 1) / 2 near keys a query on average
+        variants.append(hybrid_variant("elu", inputs, grad, near + lin, (near * SOFTMAX_BWD + lin * LINEAR_BWD) / (near + lin),
+                                       fw, banded_bytes("hybrid", q, fw), quick, real, shape="block"))
         if cuda:  # without host overhead (the fixed cost that dominates at short T)
             by_label = {v.label: v for v in variants}
             elu = by_label["linear elu (normalized)"]
             graph_rows = [by_label["sdpa cudnn"], elu, by_label[f"window {sizes.windows[0]}"],
-                          by_label[f"hybrid w={w} {HYBRID_MAPS['elu']}"], by_label[f"hybrid w={fw} {HYBRID_MAPS['elu']}"]]
+                          *(by_label[hybrid_label("elu", *x)] for x in ((w,), (fw,), (fw, "block")))]
             variants += [graphed(v) for v in graph_rows] + [triton_launched(elu)]
         # fla is GPU-only: listed on CUDA always (a missing install shows as an error), on CPU if installed
         if cuda or importlib.util.find_spec("fla") is not None:
