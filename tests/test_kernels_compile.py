@@ -70,6 +70,8 @@ KERNELS = {
                        dict(DK=128, DV=128, DOT_MODE=0, BT=64, W=64)),
     "band_dkdv_kernel": ("linear_attention.hybrid_kernels", "*bf16", {"lse_ptr": "*fp32", "delta_ptr": "*fp32"},
                          dict(DK=128, DV=128, DOT_MODE=0, BT=64, W=64)),
+    "band_diag_kernel": ("linear_attention.hybrid_kernels", "*bf16", {"lse_ptr": "*fp32"},
+                         dict(DK=128, DV=128, DOT_MODE=0, BT=64)),
     # FFT as DFT GEMMs ("fft.dft_kernels": a module name with a dot is taken as is), 128 x 128 tiles, two
     # Toeplitz branches, bf16 rows, fp16 tables and scratch, fp32 spectrum, partial sums and stash
     "dft_conv_kernel": ("fft.dft_kernels", "*fp16",
@@ -94,7 +96,7 @@ FLOAT_SCALARS = {"bound", "eps", "scale", "sm_scale"}  # every other non-constex
 # arguments as fp64 (an H100 run failed to compile fwd_kernel so: z, carried in the loop as fp32, became
 # fp64). Compiled a second time with fp64 floats.
 TRACED_WITH_FP64 = ["chunk_state_kernel", "fwd_kernel", "bwd_dqdk_kernel", "bwd_dv_kernel", "hybrid_fwd_kernel",
-                    "band_dq_kernel", "band_dkdv_kernel"]
+                    "band_dq_kernel", "band_dkdv_kernel", "band_diag_kernel"]
 FP64_SUFFIX = ":fp64"
 
 

@@ -100,6 +100,13 @@ def hybrid_fwd_kernel(
         q_c = _cast(q, q_ptr, DOT_MODE)
         if BLOCK:  # the far part is the state alone, its log mass the max so far
             far = den
+            # this block's keys join the state for the next one, here (not after the output: S was read
+            # above, and the dot then overlaps the softmax work instead of stalling the next chunk's a S)
+            kc = tl.load(kc_base + tile_dk, mask=mt[:, None], other=0.0)
+            vc = _cast(tl.load(vc_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+            b32 = tl.where(mt[:, None], _phi(kc, scale, FEATURE), 0.0)
+            S += _dot(tl.trans(_cast(b32, q_ptr, DOT_MODE)), vc, DOT_MODE)
+            z += tl.sum(b32, axis=0)
         else:
             # the previous chunk's rows that exist (all of them past the sequence's first chunk: that chunk
             # is whole even when this one is not, and its keys above the diagonal are near for every row)
@@ -142,13 +149,15 @@ def hybrid_fwd_kernel(
                 num = alpha[:, None] * num + _dot(_cast(pj, q_ptr, DOT_MODE), vj, DOT_MODE)
                 den = alpha * den + tl.sum(pj, axis=1)
                 m_p = m_j
-        kc = tl.load(kc_base + tile_dk, mask=mt[:, None], other=0.0)
+        if not BLOCK:
+            kc = tl.load(kc_base + tile_dk, mask=mt[:, None], other=0.0)
         sc = _dot(q_c, tl.trans(_cast(kc, q_ptr, DOT_MODE)), DOT_MODE) * qk_scale
         sc = tl.where(on_or_below, sc, float("-inf"))
         r2 = tl.maximum(m_p, tl.max(sc, axis=1))
         alpha = _exp2(m_p - r2)
         pc = _exp2(sc - r2[:, None])
-        vc = _cast(tl.load(vc_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+        if not BLOCK:
+            vc = _cast(tl.load(vc_base + tile_v, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
         num = alpha[:, None] * num + _dot(_cast(pc, q_ptr, DOT_MODE), vc, DOT_MODE)
         den = alpha * den + tl.sum(pc, axis=1) + tl.cast(eps, tl.float32) * _exp2(-r2)
         rd = 1.0 / den
@@ -157,10 +166,6 @@ def hybrid_fwd_kernel(
             rfar = _exp2(tl.where(far > 0, l2 - r2, float("-inf"))) * rd
             tl.store(rfar_ptr + trow0 + t0 + offs_t, rfar, mask=mt)
             tl.store(lse_ptr + trow0 + t0 + offs_t, r2 + tl.log2(den), mask=mt)
-        if BLOCK:  # this block's keys join the state for the next
-            b32 = tl.where(mt[:, None], _phi(kc, scale, FEATURE), 0.0)
-            S += _dot(tl.trans(_cast(b32, q_ptr, DOT_MODE)), vc, DOT_MODE)
-            z += tl.sum(b32, axis=0)
         q_base += BT * H * DK
         kc_base += BT * H * DK
         kp_base += BT * H * DK
@@ -278,3 +283,42 @@ def band_dkdv_kernel(
     dv += tl.load(dv_at, mask=mk[:, None], other=0.0).to(tl.float32)
     tl.store(dk_at, dk.to(dk_ptr.dtype.element_ty), mask=mk[:, None])
     tl.store(dv_at, dv.to(dv_ptr.dtype.element_ty), mask=mk[:, None])
+
+
+@triton.jit
+def band_diag_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
+    T, H, sm_scale,
+    DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr,
+):
+    """Block windows (each chunk a block, its near keys the block's own): the near part of dq, dk and dv
+    from the chunk's diagonal block, added to the gradients the linear backward wrote. One program per
+    chunk computes the block once and reads q, k, v, o, do once, where band_dq_kernel and
+    band_dkdv_kernel at W = 0 would each compute it and read them (and keep delta between them)."""
+    t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
+    offs_t = tl.arange(0, BT)
+    tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
+    tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
+    mt = t0 + offs_t < T
+    do = tl.load(do_ptr + rowv0 + tile_dv, mask=mt[:, None], other=0.0)
+    o = tl.load(o_ptr + rowv0 + tile_dv, mask=mt[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    lse2 = tl.load(lse_ptr + trow0 + offs_t, mask=mt, other=0.0)
+    q_c = _cast(tl.load(q_ptr + rowk0 + tile_dk, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+    k_c = _cast(tl.load(k_ptr + rowk0 + tile_dk, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+    v_c = _cast(tl.load(v_ptr + rowv0 + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
+    do_c = _cast(do, q_ptr, DOT_MODE)
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # fp64 when traced (kernels._phi)
+    near = (offs_t[:, None] >= offs_t[None, :]) & mt[:, None]
+    p, ds = _band_block(q_c, k_c, do_c, v_c, lse2[:, None], delta[:, None], near, qk_scale, DOT_MODE)
+    ds_c = _cast(ds, q_ptr, DOT_MODE)
+    # one gradient at a time (each a [BT, D] fp32 tile: three alive would spill)
+    dq_at = dq_ptr + rowk0 + tile_dk
+    dq = _dot(ds_c, k_c, DOT_MODE) * tl.cast(sm_scale, tl.float32) + tl.load(dq_at, mask=mt[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_at, dq.to(dq_ptr.dtype.element_ty), mask=mt[:, None])
+    dk_at = dk_ptr + rowk0 + tile_dk
+    dk = _dot(tl.trans(ds_c), q_c, DOT_MODE) * tl.cast(sm_scale, tl.float32) + tl.load(dk_at, mask=mt[:, None], other=0.0).to(tl.float32)
+    tl.store(dk_at, dk.to(dk_ptr.dtype.element_ty), mask=mt[:, None])
+    dv_at = dv_ptr + rowv0 + tile_dv
+    dv = _dot(tl.trans(_cast(p, q_ptr, DOT_MODE)), do_c, DOT_MODE) + tl.load(dv_at, mask=mt[:, None], other=0.0).to(tl.float32)
+    tl.store(dv_at, dv.to(dv_ptr.dtype.element_ty), mask=mt[:, None])

@@ -50,18 +50,21 @@ if op.HAVE_TRITON:
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv: the far weights' part from the lagged linear backward (rden := rfar, o the hybrid's
         output; for a block window the unlagged one over earlier blocks), then the near keys' part added
-        by the band kernels (a block window: the diagonal block alone, their W = 0)."""
+        by the band kernels (a block window: band_diag_kernel, the diagonal block alone)."""
         B, T, H, DK = q.shape
         chunk = chunk_len(window)
         seg_len = _segment_len(T, B * H, chunk)
         dq, dk, dv = op._backward_launches(do, q, k, v, o, rfar, states, feature, True, True, seg_len, scale,
                                            0 if block else window, block=chunk if block else 0)
-        delta = torch.empty_like(rfar)
         band = dict(T=T, H=H, sm_scale=DK ** -0.5, DK=DK, DV=v.shape[-1], DOT_MODE=op._dot_mode(q.dtype),
-                    BT=chunk, W=0 if block else window, num_warps=1 if kernels.INTERPRET else 4)
+                    BT=chunk, num_warps=1 if kernels.INTERPRET else 4)
         grid = (cdiv(T, chunk) * B * H,)
-        launcher(hybrid_kernels.band_dq_kernel)[grid](q, k, v, o, do, lse2, delta, dq, **band)
-        launcher(hybrid_kernels.band_dkdv_kernel)[grid](q, k, v, do, lse2, delta, dk, dv, **band)
+        if block:
+            launcher(hybrid_kernels.band_diag_kernel)[grid](q, k, v, o, do, lse2, dq, dk, dv, **band)
+        else:
+            delta = torch.empty_like(rfar)
+            launcher(hybrid_kernels.band_dq_kernel)[grid](q, k, v, o, do, lse2, delta, dq, W=window, **band)
+            launcher(hybrid_kernels.band_dkdv_kernel)[grid](q, k, v, do, lse2, delta, dk, dv, W=window, **band)
         return dq, dk, dv
 
     def _setup_context(ctx, inputs, output):
