@@ -15,6 +15,12 @@ chunk the lagged kernel reads for the queries of chunk c is chunk c - W/BT, and 
 and every key of the chunks before c - W/BT is far, in the lagged state. The forward (hybrid_fwd_kernel)
 is the lagged linear forward plus the W/BT + 1 [BT, BT] score blocks, in one pass.
 
+Block windows (BLOCK, W = BT: mmm.attention.hybrid's window_shape='block'): a query's near keys are its
+own chunk's on and below the diagonal, every earlier chunk far. No lag and no masked far block: the
+forward is the unlagged linear forward with the diagonal block's kernel weights replaced by softmax
+weights; the backward is the linear backward without its within-chunk terms (kernels.py's INTRA off,
+its chunks set to the blocks by kernels.with_chunk) plus band_diag_kernel for the diagonal block.
+
 Forward, per query row i (r_i = max(near scores, l + log far_i), l = c_h the head's calibration, far_i the
 row's far mass a_i . z_i + sum_far-in-block kappa_ij, as hybrid.shared_max; every weight <= 1):
   num_i = f_i (a_i S + sum_far-in-block kappa_ij v_j) + sum_near exp(s_ij - r_i) v_j,  f_i = exp(l - r_i)
