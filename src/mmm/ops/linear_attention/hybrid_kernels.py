@@ -142,8 +142,8 @@ def hybrid_fwd_kernel(
             num = f[:, None] * num + _dot(_cast(wp, q_ptr, DOT_MODE), vp, DOT_MODE)
             den = f * den + tl.sum(wp, axis=1)
         if W > BT:  # (a constexpr test: W = BT compiles without the loop)
-            # not software-pipelined: pipelined (the default), this loop nested in the chunk loop faulted on
-            # an H100 at W = 256 (hybrid_op.LONG_WINDOWS_ON_CUDA); untested there without it yet
+            # not software-pipelined (a guess that did not stop the H100's fault at W = 256: see
+            # hybrid_op.LONG_WINDOWS_ON_CUDA)
             for j in tl.range(1, W // BT, num_stages=1):  # windows over one chunk: the chunks between, every key near
                 mj = offs_t + t0 >= first - j * BT  # keys at or after the sequence's start
                 kj = _cast(tl.load(kp_base + j * BT * H * DK + tile_dk, mask=mj[:, None], other=0.0), q_ptr, DOT_MODE)

@@ -101,8 +101,11 @@ DISPATCH_MAX_WINDOW = 64
 
 # Windows over MAX_CHUNK on CUDA: the forward (its loop over the chunks between, nested in the chunk
 # loop) faulted on an H100 at W = 256 (illegal address, session 20), while every interpreter test passes.
-# Off on CUDA until a GPU run finds why (unrolling that loop instead needs 250-280 KB of shared memory on
-# sm_90); MMM_HYBRID_LONG_WINDOWS=1 turns them on for that diagnosis (gpu_single.sh hylong).
+# Not software-pipelining that loop did not help (session 21, compute-sanitizer: "Out-of-range shared or
+# local address" in a tl.sum of hybrid_fwd_kernel, one program, the symptom of the 2026-11-28 8-warp
+# fault in kernels.py's docstring). Off on CUDA (unrolling that loop instead needs 250-280 KB of shared
+# memory on sm_90; it was also slower than flex at 32k); MMM_HYBRID_LONG_WINDOWS=1 turns them on for a
+# diagnosis (gpu_single.sh hylong).
 LONG_WINDOWS_ON_CUDA = os.environ.get("MMM_HYBRID_LONG_WINDOWS") == "1"
 
 
