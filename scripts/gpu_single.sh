@@ -29,8 +29,8 @@
 # checkout, then on this one: the linear-attention op side by side, ~2 min), opdiag (scripts/gpu_opcheck_diag.py,
 # ~1 min; opdiag_old: on ../snap_old), hybrid (scripts/gpu_hybrid_fused.py: the fused hybrid
 # beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~3 min; its tests are in retests), hybridab
-# (the same, fused and linear rows at 8k and 128k, on a carried ../snap_old checkout, then on this one,
-# ~3 min), hylong (the fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
+# (the same, fused (sliding and block) and linear rows at 8k and 128k, on a carried ../snap_old checkout,
+# then on this one, ~4 min), la8k (the 8k bench's linear, window and hybrid rows, ~2 min), hylong (the fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh
@@ -96,7 +96,7 @@ for phase in "$@"; do
         -k "1000-128-128-256" ;;  # where hybrid_fwd_kernel faults at W = 256 (H100, session 20)
     hybridab) for side in old new; do  # the fused hybrid and linear alone: ../snap_old (carried) vs this tree
         src=src; [ $side = old ] && src=../snap_old/src
-        step hybridab_$side 100 env PYTHONPATH=$src python scripts/gpu_hybrid_fused.py --labels fused linear \
+        step hybridab_$side 150 env PYTHONPATH=$src python scripts/gpu_hybrid_fused.py --labels fused linear \
           --lengths 8192 131072 --tag $side
       done ;;
     laab) for side in old new; do  # A/B of the linear-attention op: ../snap_old (carried) vs this tree
