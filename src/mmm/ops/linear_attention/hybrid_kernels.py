@@ -61,7 +61,7 @@ def _prune_bv(configs, named_args, **kwargs):
     return keep or [triton.Config({"BV": dv}, num_warps=4, num_stages=2)]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["DK", "DV", "BT", "TUNE_BUCKET"],
+@triton.autotune(configs=_fwd_configs(), key=["DK", "DV", "BT", "BLOCK", "TUNE_BUCKET"],  # (block: its own tiles)
                  prune_configs_by={"early_config_prune": _prune_bv})
 @triton.jit
 def hybrid_fwd_kernel(
