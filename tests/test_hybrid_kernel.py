@@ -149,18 +149,20 @@ def test_shorter_than_the_window_is_window_softmax(poisoned_empty):
 
 
 @needs_kernel
-def test_through_mmm_attention_with_grouped_query_heads(monkeypatch):
+@pytest.mark.parametrize("shape", ["sliding", "block"])
+def test_through_mmm_attention_with_grouped_query_heads(shape, monkeypatch):
     """mmm.attention(method='hybrid', window=16) takes the fused path for elu maps (GQA keys repeated to
-    the query heads inside) and matches the fp64 reference."""
+    the query heads inside) and matches the fp64 reference, for either window shape."""
     monkeypatch.setattr(linear_mod, "KERNEL_ON_CPU_INTERPRETER", True)
     q, k, v = inputs(1, 48, 4, 16, hk=2)
     fmap = calibrated_map("elu", 16, [-1.0, 0.0, 0.5, -2.0])
-    assert api.attention_path(q, k, v, "hybrid", feature_map=fmap, window=16) == "fused"
+    opts = dict(window=16, window_shape=shape, feature_map=fmap)
+    assert api.attention_path(q, k, v, "hybrid", **opts) == "fused"
     go = torch.randn_like(q)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    o = mmm.attention(qs, ks, vs, "hybrid", window=16, feature_map=fmap)
+    o = mmm.attention(qs, ks, vs, "hybrid", **opts)
     got = [o, *torch.autograd.grad(o, (qs, ks, vs), go)]
-    assert_close(got, fp64_reference(q, k, v, fmap, 16, go), 1e-5)
+    assert_close(got, fp64_reference(q, k, v, fmap, 16, go, shape=shape), 1e-5)
 
 
 @needs_kernel
