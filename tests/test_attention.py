@@ -111,8 +111,13 @@ def test_block_and_sliding_windows_differ_and_blocks_need_the_hybrid():
     assert rel_err(block, mmm.attention(q, k, v, "hybrid", window=WINDOW, feature_map=fmap)) > 1e-2
     with pytest.raises(ValueError, match="window_shape must be one of"):
         mmm.attention(q, k, v, "hybrid", window_shape="blocks")
-    with pytest.raises(ValueError, match="window_shape='block' is for method='hybrid' only"):
-        mmm.attention(q, k, v, "window", window_shape="block")
+    for method in ("window", "linear", "exact"):
+        with pytest.raises(ValueError, match="window_shape='block' is for method='hybrid' only"):
+            mmm.attention(q, k, v, method, window_shape="block")
+    with pytest.raises(ValueError, match="got method='linear'"):  # 'auto' checks its long method at any T
+        mmm.attention(q, k, v, "auto", long_method="linear", window_shape="block")
+    auto = mmm.attention(q, k, v, "auto", window=WINDOW, window_shape="block", feature_map=fmap, crossover=1)
+    assert rel_err(auto, block) < 1e-12
 
 
 @pytest.mark.parametrize("method", ["window", "linear", "hybrid"])

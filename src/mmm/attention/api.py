@@ -69,7 +69,8 @@ def _check_positive_int(name: str, value: object) -> None:
 
 
 def check_window_shape(window_shape: object, method: str) -> None:
-    """'sliding' for every windowed method; 'block' (hybrid.py's block-local near keys) for the hybrid."""
+    """'sliding' for any method (only the windowed ones read it); 'block' (hybrid.py's block-local near
+    keys) for the hybrid alone ('auto': its long_method)."""
     if window_shape not in WINDOW_SHAPES:
         raise ValueError(f"window_shape must be one of {list(WINDOW_SHAPES)}, got {window_shape!r}")
     if window_shape == "block" and method != "hybrid":
@@ -140,6 +141,7 @@ def attention(
     """
     check_qkv(q, k, v)
     check_method(method, long_method)
+    check_window_shape(window_shape, long_method if method == "auto" else method)
     if not isinstance(causal, bool) or not isinstance(normalize, bool):
         raise TypeError(f"causal and normalize must be bool, got {causal!r} and {normalize!r}")
     if method == "auto":
@@ -149,7 +151,6 @@ def attention(
     if method == "exact":
         return exact_attention(q, k, v, causal)
     _check_positive_int("window", window)
-    check_window_shape(window_shape, method)
     _check_positive_int("chunk_size", chunk_size)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
@@ -183,11 +184,11 @@ def attention_path(
     'fused', 'flex+triton', 'flex+chunked' or 'blockwise' for hybrid (see window.py / hybrid.py)."""
     check_qkv(q, k, v)
     check_method(method, long_method)
+    check_window_shape(window_shape, long_method if method == "auto" else method)
     if method == "auto":
         method = "exact" if q.shape[1] < (AUTO_CROSSOVER if crossover is None else crossover) else long_method
     if method == "exact":
         return f"sdpa:{exact_backend(q, k, v, causal)}"
-    check_window_shape(window_shape, method)
     if method == "window":
         return window_path(q, v)
     fmap = resolve_feature_map(feature_map, q.shape[-1], q.device)
