@@ -368,6 +368,21 @@ def test_attention_error_sampled_estimate_is_close(monkeypatch):
 def test_nn_attention_forward_backward(proj_config, method, feature_map):
     layer = mmm.nn.Attention(32, 4, n_kv_heads=2, method=method, window=8, feature_map=feature_map,
                              proj_config=proj_config, crossover=16)
+    _check_layer(layer, method)
+    if proj_config is not None:
+        assert layer.q_proj.config == proj_config
+
+
+def test_nn_attention_with_a_block_window_is_the_block_hybrid():
+    layer = mmm.nn.Attention(32, 4, n_kv_heads=2, method="hybrid", window=8, window_shape="block")
+    _check_layer(layer, "hybrid")
+    x = torch.randn(2, 37, 32)
+    q, k, v = layer.qkv(x)
+    o = mmm.attention(q, k, v, "hybrid", window=8, window_shape="block", feature_map=layer.feature_map)
+    assert rel_err(layer(x), layer.o_proj(o.reshape(2, 37, 32))) < 1e-6
+
+
+def _check_layer(layer, method):
     x = torch.randn(2, 37, 32, requires_grad=True)
     y = layer(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
@@ -376,8 +391,6 @@ def test_nn_attention_forward_backward(proj_config, method, feature_map):
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
-    if proj_config is not None:
-        assert layer.q_proj.config == proj_config
     err = layer.attention_error(x, sample_rows=16)
     assert (err < 1e-5) if method == "exact" else (err > 1e-4)
 
@@ -389,6 +402,8 @@ def test_nn_attention_bad_arguments():
         mmm.nn.Attention(32, 4, n_kv_heads=3)
     with pytest.raises(ValueError, match="unknown method"):
         mmm.nn.Attention(32, 4, method="sparse")
+    with pytest.raises(ValueError, match="window_shape='block' is for method='hybrid' only"):
+        mmm.nn.Attention(32, 4, method="window", window_shape="block")
     with pytest.raises(ValueError, match="3-D"):
         mmm.nn.Attention(32, 4)(torch.randn(2, 3, 4, 8))
 
