@@ -30,7 +30,9 @@
 # ~1 min; opdiag_old: on ../snap_old), hybrid (scripts/gpu_hybrid_fused.py: the fused hybrid
 # beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~3 min; its tests are in retests), hybridab
 # (the same, fused (sliding and block) and linear rows at 8k and 128k, on a carried ../snap_old checkout,
-# then on this one, ~4 min), la8k (the 8k bench's linear, window and hybrid rows, ~2 min), hylong (the fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min). Bench files land as bench_<phase>.{md,json,png}.
+# then on this one, ~4 min), la8k (the 8k bench's linear, window and hybrid rows, ~2 min), hylong (the
+# fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min). Bench files land
+# as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
 source scripts/gpu_steps.sh

@@ -5,8 +5,8 @@ The state after tokens 0..t-1 holds
 over every token so far (linear) or over tokens j <= t-1-window (hybrid), plus for hybrid a ring buffer
 of the last `window` keys and values (token j in slot j % window). With window_shape='block' the far
 sums hold the blocks before the current one, and the buffer the current block's tokens (j in slot
-j % window again); a block's keys join the far sums when the next block starts. `step` gives exactly the output of
-the parallel causal form of `mmm.attention` at position t (same formulas; see linear.py / hybrid.py),
+j % window again); a block's keys join the far sums when the next block starts. `step` gives exactly
+the output of the parallel causal form of `mmm.attention` at position t (same formulas; see linear.py / hybrid.py),
 so these are the same approximations of softmax attention; measure them with `mmm.attention_error`.
 
     state = init_state(batch, kv_heads, head_dim, method="hybrid", window=64)   # empty prompt, or
@@ -181,7 +181,7 @@ def _step(q_t, k_t, v_t, state: DecodeState):
         fk, _ = fmap.features(state.k_buf.transpose(1, 2), False)  # [B, w, Hk, F]
         s = s + torch.einsum("bwhf,bhwe->bhfe", fk, state.v_buf)
         z = z + fk.sum(1)
-    elif not block and t >= w:  # token t - w leaves the window (its slot is the one token t takes) and joins the far sums
+    elif not block and t >= w:  # token t - w leaves the window (its slot is token t's) and joins the far sums
         s, z = absorb(s, z, state.k_buf[:, :, slot], state.v_buf[:, :, slot])
     k_buf, v_buf = state.k_buf.clone(), state.v_buf.clone()
     k_buf[:, :, slot], v_buf[:, :, slot] = k_t, v_t

@@ -44,7 +44,8 @@ def band_blocks(x: torch.Tensor, size: int, causal: bool) -> torch.Tensor:
     return torch.cat([padded[..., i : i + n, :, :] for i in range(padded.shape[-3] - n + 1)], dim=-2)
 
 
-def band_masks(t: int, size: int, window: int, causal: bool, device, shape: str = "sliding") -> tuple[torch.Tensor, torch.Tensor]:
+def band_masks(t: int, size: int, window: int, causal: bool, device,
+               shape: str = "sliding") -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean [N, C, K] masks over the keys of `band_blocks`: `near` = in the window (`near_mask`; for
     'block' the chunks must be the blocks: size = window, or one chunk when T <= window), `far` = in the
     sequence, visible (j <= i when causal) and not near."""

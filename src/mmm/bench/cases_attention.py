@@ -305,8 +305,8 @@ def fitted_hybrid_map(name: str, quick: bool, device: torch.device, window: int,
         q, k, v, text = fit_slices(fit, quick, device)
         fmap = "elu" if name == "elu" else HedgehogFeatureMap(q.shape[-1], num_heads=q.shape[2], num_kv_heads=k.shape[2])
         start = time.perf_counter()
-        fmap = fit_hybrid(q, k, v, fmap, window, window_shape=shape, train_map=name == "hedgehog", steps=fit.steps, map_lr=fit.lr,
-                          sample_rows=fit.sample_rows, progress=sys.stderr.isatty())
+        fmap = fit_hybrid(q, k, v, fmap, window, window_shape=shape, train_map=name == "hedgehog", steps=fit.steps,
+                          map_lr=fit.lr, sample_rows=fit.sample_rows, progress=sys.stderr.isatty())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         info = {"calibration_log_scale": [round(c, 3) for c in fmap.hybrid_log_scale.tolist()],

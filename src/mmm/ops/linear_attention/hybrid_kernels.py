@@ -318,13 +318,15 @@ def band_diag_kernel(
     near = (offs_t[:, None] >= offs_t[None, :]) & mt[:, None]
     p, ds = _band_block(q_c, k_c, do_c, v_c, lse2[:, None], delta[:, None], near, qk_scale, DOT_MODE)
     ds_c = _cast(ds, q_ptr, DOT_MODE)
+    s_scale = tl.cast(sm_scale, tl.float32)
     # one gradient at a time (each a [BT, D] fp32 tile: three alive would spill)
-    dq_at = dq_ptr + rowk0 + tile_dk
-    dq = _dot(ds_c, k_c, DOT_MODE) * tl.cast(sm_scale, tl.float32) + tl.load(dq_at, mask=mt[:, None], other=0.0).to(tl.float32)
-    tl.store(dq_at, dq.to(dq_ptr.dtype.element_ty), mask=mt[:, None])
-    dk_at = dk_ptr + rowk0 + tile_dk
-    dk = _dot(tl.trans(ds_c), q_c, DOT_MODE) * tl.cast(sm_scale, tl.float32) + tl.load(dk_at, mask=mt[:, None], other=0.0).to(tl.float32)
-    tl.store(dk_at, dk.to(dk_ptr.dtype.element_ty), mask=mt[:, None])
-    dv_at = dv_ptr + rowv0 + tile_dv
-    dv = _dot(tl.trans(_cast(p, q_ptr, DOT_MODE)), do_c, DOT_MODE) + tl.load(dv_at, mask=mt[:, None], other=0.0).to(tl.float32)
-    tl.store(dv_at, dv.to(dv_ptr.dtype.element_ty), mask=mt[:, None])
+    _add_into(dq_ptr + rowk0 + tile_dk, _dot(ds_c, k_c, DOT_MODE) * s_scale, mt)
+    _add_into(dk_ptr + rowk0 + tile_dk, _dot(tl.trans(ds_c), q_c, DOT_MODE) * s_scale, mt)
+    _add_into(dv_ptr + rowv0 + tile_dv, _dot(tl.trans(_cast(p, q_ptr, DOT_MODE)), do_c, DOT_MODE), mt)
+
+
+@triton.jit
+def _add_into(at, x, rows):
+    """Adds the fp32 tile x to the gradient rows stored at `at` (those of mask `rows`)."""
+    x += tl.load(at, mask=rows[:, None], other=0.0).to(tl.float32)
+    tl.store(at, x.to(at.dtype.element_ty), mask=rows[:, None])
