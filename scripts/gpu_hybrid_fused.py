@@ -4,9 +4,10 @@ beside the paths it replaces, side by side on one GPU.
 Times forward and forward+backward from CUDA graphs (the GPU's time alone) at 8k / 32k / 128k tokens
 (B=1, H=16, D=128, bf16, causal): the fused hybrid at sliding windows 16 / 32 / 64 and block windows
 16 / 32 / 64 (window_shape='block'), linear elu+1 alone (the target: hybrid within 1.3x of it), the
-flex+triton hybrid at the same window 64 and at 256 (the path before), window softmax 64 (flex), and cuDNN SDPA up to 32k. Then the CUDA time per kernel of the fused
-hybrid (w=64 and block=64) at the longest length. (Sliding windows over 64 are left out: their forward
-faults on the H100, hybrid_op.LONG_WINDOWS_ON_CUDA.) Rows land in $OUT/hybrid_fused.jsonl, a table on stdout.
+flex+triton hybrid at the same window 64 and at 256 (the path before), window softmax 64 (flex), and
+cuDNN SDPA up to 32k. Then the CUDA time per kernel of the fused hybrid (w=64 and block=64) at the
+longest length. (Sliding windows over 64 are left out: their forward faults on the H100,
+hybrid_op.LONG_WINDOWS_ON_CUDA.) Rows land in $OUT/hybrid_fused.jsonl, a table on stdout.
 
     PYTHONPATH=src python scripts/gpu_hybrid_fused.py [--lengths 8192 32768 131072] [--labels fused linear]
         [--tag new]   (about 2 min; 1 with --labels fused linear)

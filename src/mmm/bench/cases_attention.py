@@ -337,8 +337,9 @@ def hybrid_variant(name: str, inputs, grad, flops: int, bwd_factor: float, windo
 
         work = attention_variant(label, mmm_path("hybrid", **options, feature_map=fmap), inputs, grad, flops,
                                  bwd_factor, need_bytes=need_bytes, error_fn=error, real=real,
-                                 info={"call": f"mmm.attention(method='hybrid', window={window}, window_shape='{shape}', "
-                                               f"feature_map=<{type(fmap).__name__} fitted by fit_hybrid>)",
+                                 info={"call": f"mmm.attention(method='hybrid', window={window}, "
+                                               f"window_shape='{shape}', feature_map=<{type(fmap).__name__} "
+                                               f"fitted by fit_hybrid>)",
                                        "path": attention_path(*inputs, "hybrid", **options, feature_map=fmap),
                                        **fit_info}).build()
         work.info.update(extra)
@@ -397,8 +398,9 @@ def _causal_setup(t: int, sizes: Sizes):
         variants.append(hybrid_variant("elu", inputs, grad, near + lin, (near * SOFTMAX_BWD + lin * LINEAR_BWD) / (near + lin),
                                        fw, banded_bytes("hybrid", q, fw), quick, real))
         near = softmax_flops(b, h, t, d, fw // 2)  # a block window: (w + 1) / 2 near keys a query on average
-        variants.append(hybrid_variant("elu", inputs, grad, near + lin, (near * SOFTMAX_BWD + lin * LINEAR_BWD) / (near + lin),
-                                       fw, banded_bytes("hybrid", q, fw), quick, real, shape="block"))
+        variants.append(hybrid_variant("elu", inputs, grad, near + lin,
+                                       (near * SOFTMAX_BWD + lin * LINEAR_BWD) / (near + lin), fw,
+                                       banded_bytes("hybrid", q, fw), quick, real, shape="block"))
         if cuda:  # without host overhead (the fixed cost that dominates at short T)
             by_label = {v.label: v for v in variants}
             elu = by_label["linear elu (normalized)"]
