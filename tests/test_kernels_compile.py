@@ -49,8 +49,9 @@ KERNELS = {
     # linear attention, bf16, DK = DV = 128, elu features, normalised, causal; fp32 states and row factors;
     # whole chunks (FULL_CHUNKS) in three of them, masked in dq/dk; the default path (ZDOT in chunk_state and dqdk: kernels.ZDOT_DEFAULT; gpu_linear_attention_configs.py --ir
     # compiles it both ways)
-    "chunk_state_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "drden_ptr": "*fp32", "st_ptr": "*fp32"},
-                           dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, BWD=True, HAS_DRDEN=True, DOT_MODE=0,
+    "chunk_state_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "drden_ptr": "*fp32",
+                                                     "delta_ptr": "*fp32", "st_ptr": "*fp32"},
+                           dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, BWD=True, HAS_DRDEN=True, HAS_DELTA=True, DOT_MODE=0,
                                 ZDOT=True, HAS_LAG=False, FULL_CHUNKS=True)),
     "scan_kernel": ("linear_attention", "*fp32", {}, dict(REVERSE=True, BLOCK="SCAN_BLOCK")),
     "fwd_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "st_ptr": "*fp32"},

@@ -31,7 +31,8 @@ Backward, with r the max treated as the constant it is (it cancels):
   - far weights f kappa: exactly the lagged linear backward with o the hybrid's output and rden := rfar
     (g = do rfar, r_row = -(do . o) rfar), so the existing kernels run unchanged (op.py);
   - near weights: flash attention's backward on the band with P_ij = exp2(s_ij log2(e) - lse2_i),
-    dS = P (do v^T - delta), delta_i = do_i . o_i: band_dq_kernel (query chunks) then band_dkdv_kernel
+    dS = P (do v^T - delta), delta_i = do_i . o_i (written by the linear backward's chunk_state pass, which
+    reads do and o anyway): band_dq_kernel (query chunks) then band_dkdv_kernel
     (key chunks), each adding into the gradients the linear backward wrote (read-modify-write; each program
     owns its rows). A merged kernel that swept the chunks and computed each block once was slower (H100,
     session 20: 15.95 vs 15.16 ms f+b at 128k, W = 16) and ran out of shared memory at W = 64.
@@ -205,24 +206,21 @@ def _band_block(x_c, y_c, u_c, w_c, lse2, delta, near, qk_scale, DOT_MODE: tl.co
 
 @triton.jit
 def band_dq_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     T, H, sm_scale,
     DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr, W: tl.constexpr,
 ):
-    """The near keys' part of dq for one query chunk c (keys of chunks c-W/BT to c), added to dq; also
-    writes delta = do . o for its rows (band_dkdv_kernel, launched after, reads it)."""
+    """The near keys' part of dq for one query chunk c (keys of chunks c-W/BT to c), added to dq. delta =
+    do . o per row comes from the linear backward's chunk_state pass (it reads do and o anyway)."""
     t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
     offs_t = tl.arange(0, BT)
     tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
     tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
     mq = t0 + offs_t < T
-    do = tl.load(do_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0)
-    o = tl.load(o_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    tl.store(delta_ptr + trow0 + offs_t, delta, mask=mq)
+    delta = tl.load(delta_ptr + trow0 + offs_t, mask=mq, other=0.0)
     lse2 = tl.load(lse_ptr + trow0 + offs_t, mask=mq, other=0.0)
     q_c = _cast(tl.load(q_ptr + rowk0 + tile_dk, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
-    do_c = _cast(do, q_ptr, DOT_MODE)
+    do_c = _cast(tl.load(do_ptr + rowv0 + tile_dv, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # fp64 when traced (kernels._phi)
     below = offs_t[:, None] >= offs_t[None, :]
     k_c = _cast(tl.load(k_ptr + rowk0 + tile_dk, mask=mq[:, None], other=0.0), q_ptr, DOT_MODE)
@@ -293,27 +291,25 @@ def band_dkdv_kernel(
 
 @triton.jit
 def band_diag_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
     T, H, sm_scale,
     DK: tl.constexpr, DV: tl.constexpr, DOT_MODE: tl.constexpr, BT: tl.constexpr,
 ):
     """Block windows (each chunk a block, its near keys the block's own): the near part of dq, dk and dv
     from the chunk's diagonal block, added to the gradients the linear backward wrote. One program per
-    chunk computes the block once and reads q, k, v, o, do once, where band_dq_kernel and
-    band_dkdv_kernel at W = 0 would each compute it and read them (and keep delta between them)."""
+    chunk computes the block once and reads q, k, v, do once, where band_dq_kernel and band_dkdv_kernel
+    at W = 0 would each compute it and read them. delta: as in band_dq_kernel."""
     t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
     offs_t = tl.arange(0, BT)
     tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
     tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
     mt = t0 + offs_t < T
-    do = tl.load(do_ptr + rowv0 + tile_dv, mask=mt[:, None], other=0.0)
-    o = tl.load(o_ptr + rowv0 + tile_dv, mask=mt[:, None], other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    delta = tl.load(delta_ptr + trow0 + offs_t, mask=mt, other=0.0)
     lse2 = tl.load(lse_ptr + trow0 + offs_t, mask=mt, other=0.0)
     q_c = _cast(tl.load(q_ptr + rowk0 + tile_dk, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
     k_c = _cast(tl.load(k_ptr + rowk0 + tile_dk, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
     v_c = _cast(tl.load(v_ptr + rowv0 + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
-    do_c = _cast(do, q_ptr, DOT_MODE)
+    do_c = _cast(tl.load(do_ptr + rowv0 + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # fp64 when traced (kernels._phi)
     near = (offs_t[:, None] >= offs_t[None, :]) & mt[:, None]
     p, ds = _band_block(q_c, k_c, do_c, v_c, lse2[:, None], delta[:, None], near, qk_scale, DOT_MODE)

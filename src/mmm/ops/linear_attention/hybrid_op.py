@@ -54,16 +54,16 @@ if op.HAVE_TRITON:
         B, T, H, DK = q.shape
         chunk = chunk_len(window)
         seg_len = _segment_len(T, B * H, chunk)
-        dq, dk, dv = op._backward_launches(do, q, k, v, o, rfar, states, feature, True, True, seg_len, scale,
-                                           0 if block else window, block=chunk if block else 0)
+        delta = torch.empty_like(rfar)  # do . o per row, from the linear backward's chunk_state pass
+        dq, dk, dv = op.backward_kernels(do, q, k, v, o, rfar, states, feature, True, True, seg_len, scale,
+                                         0 if block else window, block=chunk if block else 0, delta=delta)
         band = dict(T=T, H=H, sm_scale=DK ** -0.5, DK=DK, DV=v.shape[-1], DOT_MODE=op._dot_mode(q.dtype),
                     BT=chunk, num_warps=1 if kernels.INTERPRET else 4)
         grid = (cdiv(T, chunk) * B * H,)
         if block:
-            launcher(hybrid_kernels.band_diag_kernel)[grid](q, k, v, o, do, lse2, dq, dk, dv, **band)
+            launcher(hybrid_kernels.band_diag_kernel)[grid](q, k, v, do, lse2, delta, dq, dk, dv, **band)
         else:
-            delta = torch.empty_like(rfar)
-            launcher(hybrid_kernels.band_dq_kernel)[grid](q, k, v, o, do, lse2, delta, dq, W=window, **band)
+            launcher(hybrid_kernels.band_dq_kernel)[grid](q, k, v, do, lse2, delta, dq, W=window, **band)
             launcher(hybrid_kernels.band_dkdv_kernel)[grid](q, k, v, do, lse2, delta, dk, dv, W=window, **band)
         return dq, dk, dv
 

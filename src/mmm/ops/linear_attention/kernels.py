@@ -388,10 +388,10 @@ def _key_rows(mt, offs_t, t0, first, HAS_LAG: tl.constexpr):
 )
 @triton.jit
 def chunk_state_kernel(
-    x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, g_ptr, st_ptr,
+    x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, g_ptr, delta_ptr, st_ptr,
     T, H, L, NS, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
-    HAS_DRDEN: tl.constexpr, ZDOT: tl.constexpr,
+    HAS_DRDEN: tl.constexpr, HAS_DELTA: tl.constexpr, ZDOT: tl.constexpr,
     HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """One segment's local sum of phi(x)^T y (a BK-row tile of the DK x DV state, full V) and of the
@@ -401,6 +401,7 @@ def chunk_state_kernel(
     gradient drden adds d rden / d den * drden = -rden^2 drden to r. The backward, normalizing, also writes
     y as the dots take it, g = do * rden rounded to the dot dtype, to g_ptr for the dq/dk/dv kernels (which
     load it as is: no per-element scaling and conversion of a full-V tile in each of their programs).
+    HAS_DELTA (backward): also writes delta = do . o per row (the hybrid's band kernels need it).
     ZDOT: the vector's sums as dots
     (`_row_sums`, see ZDOT above). LAG (forward only; 0 in the backward, whose x and y are query rows):
     x and y are read LAG rows back (`_key_lag`)."""
@@ -431,7 +432,10 @@ def chunk_state_kernel(
             if BWD:
                 rd = tl.load(rden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0)
                 o = tl.load(o_base + tile_dv, mask=mt[:, None], other=0.0)
-                r = -tl.sum(y.to(tl.float32) * o.to(tl.float32), axis=1) * rd
+                do_o = tl.sum(y.to(tl.float32) * o.to(tl.float32), axis=1)
+                if HAS_DELTA and i_k == 0:
+                    tl.store(delta_ptr + trow0 + t0 + offs_t, do_o, mask=mt)
+                r = -do_o * rd
                 if HAS_DRDEN:
                     r -= tl.load(drden_ptr + trow0 + t0 + offs_t, mask=mt, other=0.0) * rd * rd
                 if i_k == 0:

@@ -122,7 +122,7 @@ if HAVE_TRITON:
         NS, M = common["NS"], DK * v.shape[-1] + DK
         states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=k.device)
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            k, v, v, states, states, states, v, states, BWD=False, HAS_DRDEN=False,
+            k, v, v, states, states, states, v, states, states, BWD=False, HAS_DRDEN=False, HAS_DELTA=False,
             ZDOT=kernels.zdot("chunk_state"), **lagged, **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
@@ -132,15 +132,25 @@ if HAVE_TRITON:
         do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
         rden: torch.Tensor, states: torch.Tensor,
         feature: int, normalize: bool, causal: bool, seg_len: int, scale: float, lag: int,
-        drden: torch.Tensor | None = None, block: int = 0,
+        drden: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dq, dk, dv from the forward's saved o, rden and prefix states (`backward_kernels`)."""
+        return backward_kernels(do, q, k, v, o, rden, states, feature, normalize, causal, seg_len, scale, lag, drden)
+
+    def backward_kernels(
+        do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+        rden: torch.Tensor, states: torch.Tensor,
+        feature: int, normalize: bool, causal: bool, seg_len: int, scale: float, lag: int,
+        drden: torch.Tensor | None = None, block: int = 0, delta: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv from the forward's saved o, rden and prefix states. r (the normalizer's gradient) is
         written by chunk_state_kernel and read only when normalizing; zeros otherwise. drden: the gradient
         of the rden output, when something used it (None otherwise). With a lag, the kernels store dk and
         dv for the key rows some query sees (s <= T - 1 - lag); the last `lag` rows are zeroed here.
-        block > 0 (causal, lag 0; hybrid_op's, not the op's): query t saw only the keys of the blocks of
-        `block` rows before its own (the kernels' chunks set to the blocks, without their within-chunk
-        terms)."""
+        For hybrid_op (not arguments of the registered op): block > 0 (causal, lag 0): query t saw only the
+        keys of the blocks of `block` rows before its own (the kernels' chunks set to the blocks, without
+        their within-chunk terms); delta ([B, H, T] fp32, normalizing): filled with do . o per row, which
+        chunk_state_kernel computes anyway."""
         B, T, H, DK = q.shape
         DV = v.shape[-1]
         NS = cdiv(T, seg_len)
@@ -154,8 +164,9 @@ if HAVE_TRITON:
         # normalizing: g = do * rden in the dots' dtype, written once by chunk_state for the later kernels
         g = torch.empty(do.shape, dtype=do.dtype if dot_mode == 0 else torch.float32, device=do.device) if normalize else do
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            q, do, o, rden, r, rden if drden is None else drden, g, dstates, LAG=0, HAS_LAG=False, BWD=True,
-            HAS_DRDEN=normalize and drden is not None, ZDOT=kernels.zdot("chunk_state"), **common)
+            q, do, o, rden, r, rden if drden is None else drden, g, r if delta is None else delta, dstates, LAG=0,
+            HAS_LAG=False, BWD=True, HAS_DRDEN=normalize and drden is not None, HAS_DELTA=delta is not None,
+            ZDOT=kernels.zdot("chunk_state"), **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         dqdk_kernel, dv_kernel = kernels.bwd_dqdk_kernel, kernels.bwd_dv_kernel
