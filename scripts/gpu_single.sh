@@ -79,8 +79,8 @@ for phase in "$@"; do
     tests) step tests 270 bash -c "$(declare -f tests); OUT=$OUT; tests" ;;
     retests) step retests 270 bash -c "$(declare -f retests); OUT=$OUT; retests" ;;
     attn128k) bench attn128k 540 attn.causal.T131072 ;;  # ~6.5 min, fla's autotuning 2.5 of them
-    attn32k) bench attn32k 260 attn.causal.T32768 ;;  # fresh machine: compiles and the layer's training ~2 min
-    attn8k) bench attn8k 240 attn.causal.T8192 ;;
+    attn32k) bench attn32k 330 attn.causal.T32768 ;;  # fresh machine: compiles and the layer's training ~2 min, fla tunes
+    attn8k) bench attn8k 300 attn.causal.T8192 ;;  # FAVOR+ compiles ~95 s and Hedgehog trains: 240 s ran out (session 21)
     crossover) bench crossover 200 attn.crossover ;;
     linear) bench linear 150 linear.square.d16384 ;;
     host) step host 90 python scripts/gpu_host_profile.py ;;
