@@ -70,6 +70,7 @@ retests() {  # session 17: whole chunks without row masks (FULL_CHUNKS, the benc
   $t tests/test_attention_flex.py -k "flex_paths or compile" > "$OUT/t_flex.log" 2>&1 &
   $t tests/test_linear_attention_kernel.py -k "bf16 or opcheck or compile" > "$OUT/t_la.log" 2>&1 &
   $t tests/test_hybrid_kernel.py > "$OUT/t_hybrid.log" 2>&1 &  # session 18: the fused hybrid
+  $t tests/test_fft_structures.py > "$OUT/t_fft.log" 2>&1 &  # session 22: the kernel gradient in the backward's mix
   wait
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }

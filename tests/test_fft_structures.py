@@ -445,6 +445,25 @@ def test_fft_conv_needs_only_the_gradients_asked_for():
             s.t.requires_grad_(True)
 
 
+@pytest.mark.parametrize("mode", ["packed", "packed16"])
+def test_kernel_gradient_fused_into_the_backward_pass_matches_its_own_kernel(mode, monkeypatch):
+    """One block of dy: the kernel's gradient comes out of the backward's spectral pass (spectral_mix's
+    CORR) when dx is wanted too, else from spectral_corr alone; both sums agree (small tiles: several
+    chunks, the last one partial; packed16: the rows' scales undone)."""
+    for name, value in zip(("BT_MIX", "BF_MIX", "MIX_ROWS", "WARPS_MIX"), (4, 8, 8, 1)):
+        monkeypatch.setattr(fft_kernels, name, value)
+    s = Circulant(32, 32, mmm.CirculantConfig())
+    x, g = torch.randn(37, 32) * 3, torch.randn(37, 32)
+    grads = []
+    with force_mode(mode):
+        for need_dx in (True, False):
+            s.zero_grad()
+            xin = x.clone().requires_grad_(need_dx)
+            (s(xin) * g).sum().backward()
+            grads.append(s.c.grad.clone())
+    assert torch.isfinite(grads[0]).all() and rel_err(grads[0], grads[1]) < 1e-6
+
+
 def test_fft_conv_opcheck():
     kernel = torch.fft.rfft(torch.randn(2, 3, 8), dim=-1).requires_grad_(True)
     x = torch.randn(5, 3 * 8, requires_grad=True)

@@ -26,7 +26,9 @@ import sys
 KERNELS = {
     # FFT path: bf16 x in, fp16 work rows (the scaled "packed16" mode), fp32 spectra, bf16 out
     "cast_in_kernel": ("fft", "*bf16", {"out_ptr": "*fp16", "scale_ptr": "*fp32"}, dict(SCALE=True, BLOCK="CAST_BLOCK")),
-    "spectral_mix_kernel": ("fft", "*fp32", {}, dict(CONJ=True, BT="BT_MIX", BF="BF_MIX")),
+    "spectral_mix_kernel": ("fft", "*fp16", {"k_ptr": "*fp32", "gain_ptr": "*fp32", "sx_ptr": "*fp32", "sdy_ptr": "*fp32",
+                                             "part_ptr": "*fp32"},
+                            dict(CONJ=True, CORR=True, HAS_SCALE=True, BT=16, BF="BF_MIX")),  # the fused backward (BT_MIX / 2)
     "spectral_corr_kernel": ("fft", "*fp16", {"sx_ptr": "*fp32", "sdy_ptr": "*fp32", "part_ptr": "*fp32"},
                              dict(HAS_SCALE=True, BT="BT_CORR", BF="BF_CORR")),
     "cast_out_kernel": ("fft", "*fp32", {"out_ptr": "*bf16"}, dict(ROWSCALE=True, BLOCK="CAST_BLOCK")),
@@ -91,6 +93,7 @@ VARIANTS = {
     "hybrid_fwd_kernel:block": dict(BLOCK=True),
     "bwd_dqdk_kernel:block": dict(HAS_LAG=False, INTRA=False),
     "bwd_dv_kernel:block": dict(HAS_LAG=False, INTRA=False),
+    "spectral_mix_kernel:forward": dict(CONJ=False, CORR=False, HAS_SCALE=False, BT="BT_MIX"),
 }
 FLOAT_SCALARS = {"bound", "eps", "scale", "sm_scale"}  # every other non-constexpr argument is an int (i32)
 # Kernels launched through torch.library ops: traced by torch.compile, inductor passes their float

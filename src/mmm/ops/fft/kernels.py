@@ -21,6 +21,7 @@ programs. Kernels:
   fp16 FFT also a per-row power-of-two scale that bounds the row's largest entry (see op.py).
 - `spectral_mix_kernel`: Zin_o = pack(gain * sum_u unpack(Z_u) * K[o, u]) (K conjugated and its block
   indices swapped through strides for the adjoint). Grid (frequency tiles x token chunks, out blocks).
+  In the backward with one block of dy (CORR) it also sums the kernel's gradient, as the next one does.
 - `spectral_corr_kernel`: partial sums over a chunk of tokens of conj(X_j) DY_i (the kernel's
   gradient), per frequency; the chunks' partials are added up afterwards (deterministic). Grid
   (frequency tiles x token chunks, block pairs).
@@ -139,9 +140,10 @@ def _kernel_at(kb, offs, kmask, CONJ: tl.constexpr):
 
 
 @triton.jit
-def spectral_mix_kernel(z_ptr, k_ptr, gain_ptr, out_ptr, N, H, U_BLOCKS, ROWS,
-                        z_st, z_sb, k_so, k_su, out_st, out_sb,  # strides in (re, im) pairs
-                        CONJ: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr):
+def spectral_mix_kernel(z_ptr, k_ptr, gain_ptr, out_ptr, zx_ptr, sx_ptr, sdy_ptr, part_ptr, N, H, U_BLOCKS, ROWS,
+                        z_st, z_sb, k_so, k_su, out_st, out_sb, zx_st, zx_sb, part_sc, part_sj,  # strides in (re, im) pairs
+                        CONJ: tl.constexpr, CORR: tl.constexpr, HAS_SCALE: tl.constexpr, BT: tl.constexpr,
+                        BF: tl.constexpr):
     # Frequency tiles vary fastest in the grid, so the last, nearly empty one (k = H/2 alone) is
     # spread over the whole launch instead of forming its tail.
     n_f = tl.cdiv(H // 2 + 1, BF)
@@ -152,6 +154,12 @@ def spectral_mix_kernel(z_ptr, k_ptr, gain_ptr, out_ptr, N, H, U_BLOCKS, ROWS,
     # The partner m: skipped for k = 0 (m = H is not an index of Zin) and k = H/2 (m = k).
     mstore = (kp > 0) & (2 * kp != H)
     gain = tl.load(gain_ptr)
+    # CORR (the adjoint with one block of dy, U_BLOCKS = 1): also the kernel's gradient, as
+    # spectral_corr_kernel does, while dy's spectrum is loaded anyway (x's spectrum: block o of zx)
+    pk_re = tl.zeros([BT, BF], dtype=tl.float32)
+    pk_im = tl.zeros([BT, BF], dtype=tl.float32)
+    pm_re = tl.zeros([BT, BF], dtype=tl.float32)
+    pm_im = tl.zeros([BT, BF], dtype=tl.float32)
     # several row tiles per program, so the twiddles are computed once for many rows
     for t0 in range(0, ROWS, BT):
         rows = (chunk * ROWS + t0 + tl.arange(0, BT)).to(tl.int64)
@@ -162,6 +170,14 @@ def spectral_mix_kernel(z_ptr, k_ptr, gain_ptr, out_ptr, N, H, U_BLOCKS, ROWS,
         ym_im = tl.zeros([BT, BF], dtype=tl.float32)
         for u in range(U_BLOCKS):
             xk_re, xk_im, xm_re, xm_im = _unpack(z_ptr + rows[:, None] * (2 * z_st) + u * (2 * z_sb), k, c, sn, kp, ko, mo, mask)
+            if CORR:
+                qk_re, qk_im, qm_re, qm_im = _corr_terms(zx_ptr + rows[:, None] * (2 * zx_st) + o * (2 * zx_sb), sx_ptr,
+                                                         sdy_ptr, rows, rows < N, xk_re, xk_im, xm_re, xm_im, k, c, sn, kp, ko,
+                                                         mo, mask, HAS_SCALE)
+                pk_re += qk_re
+                pk_im += qk_im
+                pm_re += qm_re
+                pm_im += qm_im
             kb = k_ptr + o * (2 * k_so) + u * (2 * k_su)
             kk_re, kk_im = _kernel_at(kb, ko, kmask, CONJ)
             km_re, km_im = _kernel_at(kb, mo, kmask, CONJ)
@@ -182,6 +198,8 @@ def spectral_mix_kernel(z_ptr, k_ptr, gain_ptr, out_ptr, N, H, U_BLOCKS, ROWS,
         out = out_ptr + rows[:, None] * (2 * out_st) + o * (2 * out_sb)
         _store_complex(out + ko[None, :], u_re - v_im, u_im + v_re, mask)
         _store_complex(out + mo[None, :], u_re + v_im, v_re - u_im, mask & mstore[None, :])
+    if CORR:
+        _store_partials(part_ptr + chunk * (2 * part_sc) + o * (2 * part_sj), pk_re, pk_im, pm_re, pm_im, kp, ko, mo, H)
 
 
 @triton.jit
@@ -204,23 +222,40 @@ def spectral_corr_kernel(zx_ptr, zdy_ptr, sx_ptr, sdy_ptr, part_ptr, N, H, Q, RO
         rows = (chunk * ROWS + t0 + tl.arange(0, BT)).to(tl.int64)
         rmask = rows < N
         mask = rmask[:, None] & kmask[None, :]
-        xk_re, xk_im, xm_re, xm_im = _unpack(zx_ptr + rows[:, None] * (2 * zx_st) + j * (2 * zx_sb), k, c, sn, kp, ko, mo, mask)
         dk_re, dk_im, dm_re, dm_im = _unpack(zdy_ptr + rows[:, None] * (2 * zdy_st) + i * (2 * zdy_sb), k, c, sn, kp, ko, mo, mask)
-        qk_re = xk_re * dk_re + xk_im * dk_im  # conj(X) DY
-        qk_im = xk_re * dk_im - xk_im * dk_re
-        qm_re = xm_re * dm_re + xm_im * dm_im
-        qm_im = xm_re * dm_im - xm_im * dm_re
-        if HAS_SCALE:  # undo the rows' scales of x and dy
-            r = (1.0 / (tl.load(sx_ptr + rows, mask=rmask, other=1.0) * tl.load(sdy_ptr + rows, mask=rmask, other=1.0)))[:, None]
-            qk_re *= r
-            qk_im *= r
-            qm_re *= r
-            qm_im *= r
+        qk_re, qk_im, qm_re, qm_im = _corr_terms(zx_ptr + rows[:, None] * (2 * zx_st) + j * (2 * zx_sb), sx_ptr, sdy_ptr,
+                                                 rows, rmask, dk_re, dk_im, dm_re, dm_im, k, c, sn, kp, ko, mo, mask, HAS_SCALE)
         pk_re += qk_re
         pk_im += qk_im
         pm_re += qm_re
         pm_im += qm_im
-    out = part_ptr + chunk * (2 * part_sc) + i * (2 * part_si) + j * (2 * part_sj)
+    _store_partials(part_ptr + chunk * (2 * part_sc) + i * (2 * part_si) + j * (2 * part_sj), pk_re, pk_im, pm_re, pm_im,
+                    kp, ko, mo, H)
+
+
+@triton.jit
+def _corr_terms(zx_row, sx_ptr, sdy_ptr, rows, rmask, dk_re, dk_im, dm_re, dm_im, k, c, sn, kp, ko, mo, mask,
+                HAS_SCALE: tl.constexpr):
+    """conj(2 X[k]) (2 DY[k]) and the same at m, per row, from 2 DY (unpacked) and X's packed spectrum
+    (row pointers `zx_row`), the rows' scales of x and dy undone (HAS_SCALE)."""
+    xk_re, xk_im, xm_re, xm_im = _unpack(zx_row, k, c, sn, kp, ko, mo, mask)
+    qk_re = xk_re * dk_re + xk_im * dk_im
+    qk_im = xk_re * dk_im - xk_im * dk_re
+    qm_re = xm_re * dm_re + xm_im * dm_im
+    qm_im = xm_re * dm_im - xm_im * dm_re
+    if HAS_SCALE:
+        r = (1.0 / (tl.load(sx_ptr + rows, mask=rmask, other=1.0) * tl.load(sdy_ptr + rows, mask=rmask, other=1.0)))[:, None]
+        qk_re *= r
+        qk_im *= r
+        qm_re *= r
+        qm_im *= r
+    return qk_re, qk_im, qm_re, qm_im
+
+
+@triton.jit
+def _store_partials(out, pk_re, pk_im, pm_re, pm_im, kp, ko, mo, H):
+    """The row sums of the partial tiles at frequencies k and m of a part row (pointer `out`)."""
+    kmask = kp <= H // 2
     _store_complex(out + ko[None, :], tl.sum(pk_re, axis=0)[None, :], tl.sum(pk_im, axis=0)[None, :], kmask[None, :])
     # Here m = H (Nyquist) is a frequency of its own; k = H/2 has m = k, stored once.
     _store_complex(out + mo[None, :], tl.sum(pm_re, axis=0)[None, :], tl.sum(pm_im, axis=0)[None, :], (kmask & (2 * kp != H))[None, :])
@@ -305,10 +340,13 @@ def _pairs_of(*strides):
     return [s // 2 for s in strides]
 
 
-def spectral_mix(z: torch.Tensor, kernel_ri: torch.Tensor, gain: torch.Tensor, transpose: bool) -> torch.Tensor:
+def spectral_mix(z: torch.Tensor, kernel_ri: torch.Tensor, gain: torch.Tensor, transpose: bool,
+                 corr_of: tuple | None = None):
     """z [N, u_blocks, H, 2] (FFT of the packed rows), kernel_ri [p, q, H+1, 2] fp32 ->
     Zin [N, o_blocks, H, 2] in z's dtype: pack(gain * sum_u unpack(z_u) K[o, u]); with `transpose`,
-    K is conjugated and indexed K[u, o] (the adjoint)."""
+    K is conjugated and indexed K[u, o] (the adjoint). corr_of = (zx, sx, sdy, L), for the adjoint with
+    one block of dy (z = dy's spectrum): also returns the kernel's gradient, spectral_corr(zx, z, sx,
+    sdy, L), from the same pass (dy's spectrum is read once for both)."""
     N, u_blocks, H, _ = z.shape
     so, su = kernel_ri.stride(0), kernel_ri.stride(1)
     o_blocks = kernel_ri.shape[1] if transpose else kernel_ri.shape[0]
@@ -316,11 +354,29 @@ def spectral_mix(z: torch.Tensor, kernel_ri: torch.Tensor, gain: torch.Tensor, t
         so, su = su, so
     out = torch.empty(N, o_blocks, H, 2, device=z.device, dtype=z.dtype)
     _check_tiles(BT_MIX, BF_MIX, MIX_ROWS)
-    grid = (cdiv(H // 2 + 1, BF_MIX) * cdiv(N, MIX_ROWS), o_blocks)
+    chunks = cdiv(N, MIX_ROWS)
+    grid = (cdiv(H // 2 + 1, BF_MIX) * chunks, o_blocks)
+    corr = corr_of is not None
+    if corr:
+        zx, sx, sdy, L = corr_of
+        if not transpose or u_blocks != 1:
+            raise ValueError(f"the fused kernel gradient needs the adjoint with one block of dy, got "
+                             f"transpose={transpose}, {u_blocks} blocks")
+        part = torch.empty(chunks, 1, o_blocks, H + 1, 2, device=z.device, dtype=torch.float32)
+        zx_strides = _pairs_of(zx.stride(0), zx.stride(1), part.stride(0), part.stride(2))
+    else:
+        zx, sx, sdy, part = out, None, None, out
+        zx_strides = [0, 0, 0, 0]
+    has_scale = sx is not None
     strides = _pairs_of(z.stride(0), z.stride(1), so, su, out.stride(0), out.stride(1))
-    fast_launch(spectral_mix_kernel)[grid](z, kernel_ri, gain, out, N, H, u_blocks, MIX_ROWS, *strides,
-                                           CONJ=transpose, BT=BT_MIX, BF=BF_MIX, num_warps=WARPS_MIX)
-    return out
+    # CORR holds twice the [BT, BF] tiles: half the rows per tile keep the registers where the plain
+    # product has them (sm_90, ptxas: 125 vs 220 registers at BT = 16 vs 32, no spills; the plain one 128)
+    bt = max(1, BT_MIX // 2) if corr else BT_MIX
+    fast_launch(spectral_mix_kernel)[grid](z, kernel_ri, gain, out, zx, sx if has_scale else gain,
+                                           sdy if has_scale else gain, part, N, H, u_blocks, MIX_ROWS,
+                                           *strides, *zx_strides, CONJ=transpose, CORR=corr, HAS_SCALE=has_scale,
+                                           BT=bt, BF=BF_MIX, num_warps=WARPS_MIX)
+    return (out, _finish_corr(part, L)) if corr else out
 
 
 def fp16_gains(kernel_ri: torch.Tensor, transpose: bool, c: float, L: int) -> torch.Tensor:
@@ -353,8 +409,14 @@ def spectral_corr(zx: torch.Tensor, zdy: torch.Tensor, sx: torch.Tensor | None, 
     fast_launch(spectral_corr_kernel)[grid](zx, zdy, sx if has_scale else part, sdy if has_scale else part, part,
                                             N, H, q, CORR_ROWS, *strides,
                                             HAS_SCALE=has_scale, BT=BT_CORR, BF=BF_CORR, num_warps=WARPS_CORR)
-    out = torch.empty(p, q, H + 1, 2, device=zx.device, dtype=torch.float32)
-    values = p * q * (H + 1) * 2
+    return _finish_corr(part, L)
+
+
+def _finish_corr(part: torch.Tensor, L: int) -> torch.Tensor:
+    """The kernel's gradient [p, q, H+1] complex64 from the chunks' partial sums [chunks, p, q, H+1, 2]."""
+    chunks, p, q, F, _ = part.shape
+    out = torch.empty(p, q, F, 2, device=part.device, dtype=torch.float32)
+    values = p * q * F * 2
     fast_launch(corr_finish_kernel)[(cdiv(values, CAST_BLOCK),)](part, out, chunks, values, part.stride(0), L,
                                                                  BLOCK=CAST_BLOCK)
     return torch.view_as_complex(out)

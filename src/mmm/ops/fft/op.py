@@ -153,9 +153,11 @@ def _c2c(z: torch.Tensor, inverse: bool) -> torch.Tensor:
     return torch.fft.ifft(z, dim=-1, norm="forward") if inverse else torch.fft.fft(z, dim=-1)
 
 
-def _packed_conv(x, q, n_in, kernel_ri, transpose, L, n_out, half, out_dtype):
+def _packed_conv(x, q, n_in, kernel_ri, transpose, L, n_out, half, out_dtype, corr_with=None):
     """y [N, o_blocks*n_out] = the operation of naive.py on the packed path (`transpose`: the adjoint,
-    kernel conj(K)^T), plus the packed input spectrum [N, q, H, 2] and the row scales (or None)."""
+    kernel conj(K)^T), plus the packed input spectrum [N, q, H, 2] and the row scales (or None).
+    corr_with = (the forward's saved spectrum, its row scales or None), for the adjoint with q = 1: the
+    kernel's gradient comes out of the same spectral pass, as a fourth result."""
     N, H = x.shape[0], L // 2
     o_blocks = kernel_ri.shape[1] if transpose else kernel_ri.shape[0]
     work = torch.float16 if half else torch.float32
@@ -171,11 +173,15 @@ def _packed_conv(x, q, n_in, kernel_ri, transpose, L, n_out, half, out_dtype):
     else:
         gain = torch.full((1,), 1.0 / (2 * L), device=x.device, dtype=torch.float32)
         gain_out = torch.ones(1, device=x.device, dtype=torch.float32)
-    zin = kernels.spectral_mix(z, kernel_ri, gain, transpose)
+    dK = None
+    if corr_with is None:
+        zin = kernels.spectral_mix(z, kernel_ri, gain, transpose)
+    else:
+        zin, dK = kernels.spectral_mix(z, kernel_ri, gain, transpose, corr_of=(*corr_with, scale, L))
     y = torch.view_as_real(_c2c(torch.view_as_complex(zin), inverse=True)).reshape(N, o_blocks * L)
     if half or n_out != L or out_dtype != torch.float32:
         y = kernels.cast_out(y, o_blocks, L, n_out, gain_out, scale, out_dtype)
-    return y, z, scale
+    return (y, z, scale) if corr_with is None else (y, z, scale, dK)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,6 +225,10 @@ def _fft_conv_backward(dy: torch.Tensor, saved: torch.Tensor, scale: torch.Tenso
     half = mode == "packed16"
     kernel_ri = torch.view_as_real(kernel.to(torch.complex64).contiguous())
     n_out = dy.shape[1] // p
+    if need_dx and need_dkernel and p == 1:  # one pass over dy's spectrum for both (spectral_mix's CORR)
+        dx, _, _, dK = _packed_conv(dy, p, n_out, kernel_ri, True, L, n_in, half, dy.dtype,
+                                    corr_with=(saved, scale if half else None))
+        return dx, dK.to(kernel.dtype)
     if need_dx:
         dx, zdy, sdy = _packed_conv(dy, p, n_out, kernel_ri, True, L, n_in, half, dy.dtype)
     else:  # only the spectrum of dy, for the kernel's gradient
