@@ -1,5 +1,5 @@
 """Registers, spills, shared memory and resident programs per SM of every fused-backward config, for sm_90,
-compiled on any machine (no GPU needed: Triton's own ptxas assembles the PTX).
+compiled on any machine (no GPU needed: scripts/sm90.py).
 
     PYTHONPATH=src python scripts/fused_bwd_ptxas.py          (~1 min on 2 CPU cores)
 
@@ -11,18 +11,7 @@ case where the v1 kernel ran at a third of the copy bandwidth on the H200. An SM
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import tempfile
-
-os.environ.pop("TRITON_INTERPRET", None)  # compile the GPU configs
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import sm90  # scripts/sm90.py: sets up the compile for sm_90 (no interpreter) and the path to src
 
 from mmm.ops.blockdiag import kernels as bk  # noqa: E402
 
@@ -42,39 +31,8 @@ CONSTANTS = dict(SPLIT_X=False, UPCAST=False, FP32_IEEE=False, BP=P, BQ=Q)
 
 
 def compile_and_assemble(kernel, values: dict, constants: dict, num_warps: int, num_stages: int) -> dict:
-    """Compile like the JIT would specialise these values (ints equal to 1 become constants, multiples of
-    16 are marked divisible) and run ptxas -v on the PTX."""
-    fn = kernel.fn
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name.endswith("_ptr"):
-            signature[name] = "*fp32" if name == "dw_ptr" else "*bf16"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in constants:
-            signature[name], constexprs[name] = "constexpr", constants[name]
-        elif values[name] == 1 and name not in fn.do_not_specialize:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32"
-            if values[name] % 16 == 0 and name not in fn.do_not_specialize:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True)
-    text = log.stdout + log.stderr
-    regs = int(re.search(r"Used (\d+) registers", text).group(1))
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    shared = compiled.metadata.shared
-    regs_per_warp = -(-regs * 32 // 256) * 256  # allocated per warp in units of 256
-    per_sm = min(65536 // (regs_per_warp * num_warps), (228 * 1024) // (shared + 1024), 2048 // (32 * num_warps))
-    return dict(regs=regs, spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else 0,
-                shared_kb=shared / 1024, per_sm=per_sm)
+    """sm90.compile_and_assemble with this script's pointer dtypes (dw's fp32 slots)."""
+    return sm90.compile_and_assemble(kernel, values, constants, num_warps, num_stages, {"dw_ptr"})
 
 
 def main() -> None:

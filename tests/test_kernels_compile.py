@@ -104,8 +104,9 @@ TRACED_WITH_FP64 = ["chunk_state_kernel", "fwd_kernel", "bwd_dqdk_kernel", "bwd_
 FP64_SUFFIX = ":fp64"
 
 
-def compile_for_sm90(name: str) -> None:
-    """Compiles one kernel of KERNELS (raises what the compiler raises). Needs TRITON_INTERPRET unset."""
+def compile_for_sm90(name: str):
+    """Compiles one kernel of KERNELS (raises what the compiler raises); returns the compiled kernel and
+    its warps (scripts/sm90.py reports its registers and spills). Needs TRITON_INTERPRET unset."""
     import importlib
 
     import triton
@@ -140,7 +141,7 @@ def compile_for_sm90(name: str) -> None:
     assert not missing, f"{name}: no value for constexpr(s) {missing} in KERNELS"
     src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(a),): v for a, v in consts.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a.endswith("_ptr")})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), options["num_warps"]
 
 
 def _compile_all(names: list[str]) -> dict[str, str | None]:
