@@ -31,7 +31,9 @@
 # beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~3 min; its tests are in retests), hybridab
 # (the same, fused (sliding and block) and linear rows at 8k and 128k, on a carried ../snap_old checkout,
 # then on this one, ~4 min), la8k (the 8k bench's linear, window and hybrid rows, ~2 min), hylong (the
-# fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min). Bench files land
+# fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min), fftab (the
+# circulant and Toeplitz rows of the linear bench with the FFT backward's kernel gradient in a pass of its
+# own, then in the mix's pass, ~3 min). Bench files land
 # as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
@@ -84,6 +86,8 @@ for phase in "$@"; do
     attn8k) bench attn8k 300 attn.causal.T8192 ;;  # FAVOR+ compiles ~95 s and Hedgehog trains: 240 s ran out (session 21)
     crossover) bench crossover 200 attn.crossover ;;
     linear) bench linear 150 linear.square.d16384 ;;
+    fftab) for f in 0 1; do  # the FFT backward's kernel gradient in its own pass (0), then in the mix's (1)
+        MMM_FFT_FUSED_GRAD=$f bench "fftab_$f" 100 linear.square.d16384 "circulant*" "toeplitz*"; done ;;
     host) step host 90 python scripts/gpu_host_profile.py ;;
     launch) step launch 40 python scripts/gpu_launch_paths.py
       step t_fast 120 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_fast_launch.py ;;

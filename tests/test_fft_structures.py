@@ -452,6 +452,7 @@ def test_kernel_gradient_fused_into_the_backward_pass_matches_its_own_kernel(mod
     chunks, the last one partial; packed16: the rows' scales undone)."""
     for name, value in zip(("BT_MIX", "BF_MIX", "MIX_ROWS", "WARPS_MIX"), (4, 8, 8, 1)):
         monkeypatch.setattr(fft_kernels, name, value)
+    monkeypatch.setattr(fft_op, "FUSED_KERNEL_GRADIENT", True)
     s = Circulant(32, 32, mmm.CirculantConfig())
     x, g = torch.randn(37, 32) * 3, torch.randn(37, 32)
     grads = []

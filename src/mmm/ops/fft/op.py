@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 
 import torch
@@ -55,6 +56,10 @@ except ImportError:  # CPU installs without triton use the reference
 
 MODES = ("torch", "packed", "packed16", "dft")
 DFT_PATH = False  # the "dft" path for bf16/fp16 on CUDA where it applies; off until timed on the GPU
+# The kernel's gradient summed in the backward's spectral pass when dy has one block (session 22; one read
+# of dy's spectrum and one launch fewer, untimed): MMM_FFT_FUSED_GRAD=0 takes spectral_corr's own pass
+# instead, for an A/B on the GPU (scripts/gpu_single.sh fftab).
+FUSED_KERNEL_GRADIENT = os.environ.get("MMM_FFT_FUSED_GRAD", "1") != "0"
 _precision = "fp16"
 _half_fft_works: dict[str, bool] = {}
 _forced_mode: str | None = None
@@ -225,7 +230,7 @@ def _fft_conv_backward(dy: torch.Tensor, saved: torch.Tensor, scale: torch.Tenso
     half = mode == "packed16"
     kernel_ri = torch.view_as_real(kernel.to(torch.complex64).contiguous())
     n_out = dy.shape[1] // p
-    if need_dx and need_dkernel and p == 1:  # one pass over dy's spectrum for both (spectral_mix's CORR)
+    if need_dx and need_dkernel and p == 1 and FUSED_KERNEL_GRADIENT:  # one pass over dy's spectrum for both
         dx, _, _, dK = _packed_conv(dy, p, n_out, kernel_ri, True, L, n_in, half, dy.dtype,
                                     corr_with=(saved, scale if half else None))
         return dx, dK.to(kernel.dtype)
