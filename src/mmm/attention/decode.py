@@ -51,8 +51,7 @@ def _check_options(method: object, window: object, normalize: object, window_sha
     if method not in DECODE_METHODS:
         raise ValueError(f"decoding supports method in {list(DECODE_METHODS)}, got {method!r}")
     _check_positive_int("window", window)
-    if window_shape != "sliding":
-        check_window_shape(window_shape, method)
+    check_window_shape(window_shape, method)
     if method == "hybrid" and normalize is not True:
         raise ValueError("method='hybrid' is always normalised (one shared normaliser); pass normalize=True")
 

@@ -184,13 +184,18 @@ def hybrid_fwd_kernel(
 @triton.jit
 def _band_program(T, H, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr):
     """One chunk of one sequence: its first row, the int64 element offsets of that row in the key
-    [B, T, H, DK] and value [B, T, H, DV] tensors and in [B, H, T], and the row offsets in a chunk."""
+    [B, T, H, DK] and value [B, T, H, DV] tensors and in [B, H, T], the row offsets in a chunk, and the
+    element offsets of a chunk's [BT, DK] key and [BT, DV] value tiles from its first row."""
     pid = tl.program_id(0).to(tl.int64)
     n_chunks = tl.cdiv(T, BT)
     i_bh = pid // n_chunks
     t0 = (pid % n_chunks) * BT
     row = (i_bh // H) * T + t0
-    return t0, row * (H * DK) + (i_bh % H) * DK, row * (H * DV) + (i_bh % H) * DV, i_bh * T + t0
+    offs_t = tl.arange(0, BT)
+    tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
+    tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
+    return (t0, row * (H * DK) + (i_bh % H) * DK, row * (H * DV) + (i_bh % H) * DV, i_bh * T + t0,
+            offs_t, tile_dk, tile_dv)
 
 
 @triton.jit
@@ -212,10 +217,7 @@ def band_dq_kernel(
 ):
     """The near keys' part of dq for one query chunk c (keys of chunks c-W/BT to c), added to dq. delta =
     do . o per row comes from the linear backward's chunk_state pass (it reads do and o anyway)."""
-    t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
-    offs_t = tl.arange(0, BT)
-    tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
-    tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
+    t0, rowk0, rowv0, trow0, offs_t, tile_dk, tile_dv = _band_program(T, H, DK, DV, BT)
     mq = t0 + offs_t < T
     delta = tl.load(delta_ptr + trow0 + offs_t, mask=mq, other=0.0)
     lse2 = tl.load(lse_ptr + trow0 + offs_t, mask=mq, other=0.0)
@@ -236,9 +238,7 @@ def band_dq_kernel(
             near_p = near_p & (~below)
         _, ds = _band_block(q_c, k_p, do_c, v_p, lse2[:, None], delta[:, None], near_p, qk_scale, DOT_MODE)
         dq += _dot(_cast(ds, q_ptr, DOT_MODE), k_p, DOT_MODE)
-    dq_at = dq_ptr + rowk0 + tile_dk
-    dq = dq * tl.cast(sm_scale, tl.float32) + tl.load(dq_at, mask=mq[:, None], other=0.0).to(tl.float32)
-    tl.store(dq_at, dq.to(dq_ptr.dtype.element_ty), mask=mq[:, None])
+    _add_into(dq_ptr + rowk0 + tile_dk, dq * tl.cast(sm_scale, tl.float32), mq)
 
 
 @triton.jit
@@ -249,10 +249,7 @@ def band_dkdv_kernel(
 ):
     """The near queries' part of dk and dv for one key chunk c (queries of chunks c to c+W/BT), added to
     dk and dv. Blocks are computed transposed ([keys, queries]) so the sums over queries are row sums."""
-    t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
-    offs_t = tl.arange(0, BT)
-    tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
-    tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
+    t0, rowk0, rowv0, trow0, offs_t, tile_dk, tile_dv = _band_program(T, H, DK, DV, BT)
     mk = t0 + offs_t < T
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # fp64 when traced (kernels._phi)
     k_c = _cast(tl.load(k_ptr + rowk0 + tile_dk, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
@@ -281,12 +278,8 @@ def band_dkdv_kernel(
                               DOT_MODE)
         dv += _dot(_cast(pt, q_ptr, DOT_MODE), do_c, DOT_MODE)
         dk += _dot(_cast(dst, q_ptr, DOT_MODE), q_c, DOT_MODE)
-    dk_at = dk_ptr + rowk0 + tile_dk
-    dv_at = dv_ptr + rowv0 + tile_dv
-    dk = dk * tl.cast(sm_scale, tl.float32) + tl.load(dk_at, mask=mk[:, None], other=0.0).to(tl.float32)
-    dv += tl.load(dv_at, mask=mk[:, None], other=0.0).to(tl.float32)
-    tl.store(dk_at, dk.to(dk_ptr.dtype.element_ty), mask=mk[:, None])
-    tl.store(dv_at, dv.to(dv_ptr.dtype.element_ty), mask=mk[:, None])
+    _add_into(dk_ptr + rowk0 + tile_dk, dk * tl.cast(sm_scale, tl.float32), mk)
+    _add_into(dv_ptr + rowv0 + tile_dv, dv, mk)
 
 
 @triton.jit
@@ -299,10 +292,7 @@ def band_diag_kernel(
     from the chunk's diagonal block, added to the gradients the linear backward wrote. One program per
     chunk computes the block once and reads q, k, v, do once, where band_dq_kernel and band_dkdv_kernel
     at W = 0 would each compute it and read them. delta: as in band_dq_kernel."""
-    t0, rowk0, rowv0, trow0 = _band_program(T, H, DK, DV, BT)
-    offs_t = tl.arange(0, BT)
-    tile_dk = offs_t[:, None] * (H * DK) + tl.arange(0, DK)[None, :]
-    tile_dv = offs_t[:, None] * (H * DV) + tl.arange(0, DV)[None, :]
+    t0, rowk0, rowv0, trow0, offs_t, tile_dk, tile_dv = _band_program(T, H, DK, DV, BT)
     mt = t0 + offs_t < T
     delta = tl.load(delta_ptr + trow0 + offs_t, mask=mt, other=0.0)
     lse2 = tl.load(lse_ptr + trow0 + offs_t, mask=mt, other=0.0)
