@@ -14,8 +14,8 @@
 # linear, window, hybrid and FAVOR+ f+b at 128k, ~2 min), zdot (scripts/gpu_la_breakdown.py with MMM_LA_ZDOT=0,
 # then 1: CUDA time per linear-attention kernel, ~3 min), segsweep (linear attention's segment length at
 # 2k / 8k / 128k, CUDA-graph times, ~1 min), bksweep (the same with dq/dk's K tile forced to 32, then 64,
-# ~2 min), hhfit (scripts/gpu_hedgehog_fit.py: Hedgehog's held-out error at 8k / 32k for longer fits than
-# the bench's, beside elu+1, ~3 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
+# ~2 min), hhfit (scripts/gpu_hedgehog_fit.py: on one layer, the bench row's Hedgehog map and fits by loss
+# and feature count, through the kernel and the PyTorch path, beside elu+1 and relu at 2k / 8k / 32k, ~3 min), window (scripts/gpu_window_tune.py: flex's block size and tiles for
 # the window / hybrid near part at 128k, ~4 min), ncu (scripts/gpu_ncu.py: Nsight Compute counters and
 # stall reasons of the slow kernels, ~3 min), sanitize (the fastest fwd/dv configs, 8 warps at BT=64,
 # under compute-sanitizer beside a retired config of the 2026-11-28 fault as the positive control,
