@@ -319,6 +319,20 @@ def test_bad_inputs_raise_clear_errors():
         mmm.attention(q, k, v, "linear", feature_map=mmm.attention.FavorFeatureMap(D).to("meta"))
 
 
+def test_finite_checks_name_the_bad_input_only_when_on():
+    q, k, v = qkv(requires_grad=False)
+    k = k.clone()
+    k[0, 3, 1, 2] = float("nan")
+    assert torch.isnan(mmm.attention(q, k, v, "linear")).any()  # off by default: no pass, no host sync
+    with mmm.finite_checks():
+        for method in ("exact", "window", "linear", "hybrid", "auto"):
+            with pytest.raises(ValueError, match="k contains 1 NaN/inf"):
+                mmm.attention(q, k, v, method)
+        with pytest.raises(ValueError, match="k contains"):
+            mmm.attention_error(q, k, v, "linear")
+        mmm.attention(q, k.nan_to_num(), v, "linear")  # finite inputs pass
+
+
 # --- attention_error --------------------------------------------------------------------------------
 
 

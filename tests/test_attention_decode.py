@@ -102,3 +102,7 @@ def test_decode_bad_arguments():
         decode.step(q[:, 0], q[:, 0], v[:, 0], state)
     with pytest.raises(ValueError, match="q_t must be"):
         decode.step(q[:, 0, :3], k[:, 0], v[:, 0], state)
+    bad = v[:, 0].clone()
+    bad[0, 0, 0] = float("inf")
+    with mmm.finite_checks(), pytest.raises(ValueError, match="v_t contains 1 NaN/inf"):
+        decode.step(q[:, 0], k[:, 0], bad, state)

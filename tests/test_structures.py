@@ -134,6 +134,29 @@ def test_bad_input(cfg, shape):
         mmm.project(w, cfg)
     with pytest.raises(ValueError, match="2-D"):
         mmm.project(torch.randn(3, *shape), cfg)
+    # another dtype or device than the parameters': one error for every structure (autocast excepted)
+    with pytest.raises(TypeError, match="x is torch.float64 but the layer's parameters are torch.float32"):
+        layer(torch.randn(3, shape[0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="x is on meta but the layer's parameters are on cpu"):
+        layer(torch.randn(3, shape[0], device="meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(layer(torch.randn(3, shape[0]).bfloat16())).all()
+
+
+@pytest.mark.parametrize("cfg,shape", PARAMS[::3])
+def test_finite_checks_name_the_bad_input_only_when_on(cfg, shape):
+    layer = mmm.StructuredLinear(shape[0], shape[1], cfg)
+    x = torch.randn(3, shape[0])
+    x[1, 0] = float("inf")
+    assert not torch.isfinite(layer(x)).all()  # off by default: no pass over x, no host sync
+    with mmm.finite_checks():
+        with pytest.raises(ValueError, match="x contains 1 NaN/inf"):
+            layer(x)
+        with mmm.finite_checks(False):  # nested: off inside, back on after
+            layer(x)
+        with pytest.raises(ValueError, match="x contains"):
+            layer(x)
+    layer(x)
 
 
 @pytest.mark.parametrize("cfg,shape", PARAMS[::2])

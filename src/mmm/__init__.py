@@ -16,6 +16,7 @@ from .configs import (
     config_from_dict,
 )
 from . import structures  # registers every structure
+from ._checks import finite_checks
 from .linear import StructuredLinear, project
 from . import attention  # a callable package: mmm.attention(q, k, v, ...)
 from .attention import attention_error
@@ -37,6 +38,7 @@ __all__ = [
     "config_from_dict",
     "StructuredLinear",
     "project",
+    "finite_checks",
     "attention",
     "attention_error",
     "nn",

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_float_tensor, check_last_dim
+from ._checks import check_finite, check_finite_activations, check_float_tensor, check_last_dim, check_matches
 from .configs import DenseConfig, StructureConfig
 from .structures.base import build_structure, structure_class
 
@@ -47,6 +47,10 @@ class StructuredLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_float_tensor("x", x)
         check_last_dim("x", x, self.in_features)
+        # one clear error for every structure and device (the plain-PyTorch products raised the matmul's
+        # own error, the FFT ones computed in x's dtype); autocast, as for nn.Linear, takes mixed dtypes
+        check_matches("x", x, next(iter(self.structure._parameters.values())), "the layer's parameters")
+        check_finite_activations(x=x)
         y = self.structure(x)
         if self.bias is not None:
             y = y + self.bias

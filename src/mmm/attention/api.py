@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .._checks import check_float_tensor
+from .._checks import check_finite_activations, check_float_tensor
 from ._layout import compute_dtype, group_kv, group_q, ungroup
 from .exact import exact_attention, exact_backend
 from .feature_maps import FEATURE_MAPS, FeatureMap, HedgehogFeatureMap, make_feature_map
@@ -61,6 +61,7 @@ def check_qkv(q: object, k: object, v: object) -> None:
         )
     if d != dk or d < 1 or dv < 1:
         raise ValueError(f"q and k must have the same head_dim (dim 3) >= 1, got {d} and {dk} (v: {dv})")
+    check_finite_activations(q=q, k=k, v=v)
 
 
 def _check_positive_int(name: str, value: object) -> None:

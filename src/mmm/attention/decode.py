@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 
+from .._checks import check_finite_activations
 from .api import (DEFAULT_EPS, DEFAULT_WINDOW, _check_positive_int, attention, check_qkv, check_window_shape,
                   full_precision, resolve_feature_map)
 from .feature_maps import FeatureMap
@@ -157,6 +158,7 @@ def _step(q_t, k_t, v_t, state: DecodeState):
             raise ValueError(f"{name} must have shape {shape} [batch, kv_heads, dim] for this state, got {getattr(t, 'shape', t)}")
     if not isinstance(q_t, torch.Tensor) or q_t.dim() != 3 or q_t.shape[0] != b or q_t.shape[1] % hk or q_t.shape[2] != d:
         raise ValueError(f"q_t must be [batch={b}, heads (a multiple of {hk}), head_dim={d}], got {getattr(q_t, 'shape', q_t)}")
+    check_finite_activations(q_t=q_t, k_t=k_t, v_t=v_t)
     dt, fmap = state.s.dtype, state.feature_map
     g = q_t.shape[1] // hk
     fq, log_scale = fmap.features(q_t.to(dt), True)  # [B, H, F], [B, H] or None
