@@ -152,6 +152,35 @@ def test_ldr_projection_of_a_generic_matrix_is_a_stationary_point():
     assert max(g.abs().max().item() for g in grads) < 1e-6
 
 
+def test_ldr_projection_shows_its_progress(monkeypatch):
+    """The refinement can take minutes (1024 x 1024: ~5 min on a 2-core CPU): it drives a progress bar
+    (shown on a terminal), advanced per chunk of iterations with the current error, and closed."""
+    from mmm.structures import ldr
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            self.kwargs, self.n, self.postfix, self.closed = kwargs, 0, {}, False
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, refresh=True, **kwargs):
+            self.postfix = kwargs
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(ldr, "tqdm", Recorder)
+    layer = mmm.project(torch.randn(12, 12, dtype=f64), mmm.LDRConfig(rank=2))
+    (bar,) = bars
+    assert bar.closed and 0 < bar.n <= bar.kwargs["total"] == ldr._REFINE_ITERS
+    assert bar.kwargs["disable"] is None  # tqdm's choice: shown on a terminal only
+    assert float(bar.postfix["rel_err"]) == pytest.approx(layer.projection_error, rel=0.05)
+
+
 # --- projections of known matrices ---------------------------------------------------------------
 def test_circulant_projection_of_lower_triangular_ones():
     # Wrapped diagonals of the 4x4 lower-triangular ones hold 4, 3, 2, 1 ones: means 1, 3/4, 1/2,
