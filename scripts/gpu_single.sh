@@ -117,7 +117,7 @@ for phase in "$@"; do
         # recompute g v^T; more segments give back the parallelism), beside segsweep's autotuned one
         step "bksweep$bk" 120 env MMM_LA_CONFIG="bwd_dqdk_kernel=64,$bk,4,2" python scripts/gpu_linear_attention.py --sweep-only
       done ;;
-    hhfit) step hhfit 240 python scripts/gpu_hedgehog_fit.py ;;
+    hhfit) step hhfit 300 python scripts/gpu_hedgehog_fit.py ;;
     favor) step favor 150 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_attention_gpu.py \
         -k favor_through_the_kernel \
       && sed -i 's/^RESCALED_NORMALIZED_ON_KERNEL = False/RESCALED_NORMALIZED_ON_KERNEL = True/' src/mmm/attention/linear.py
