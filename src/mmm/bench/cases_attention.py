@@ -10,11 +10,12 @@ Gaussian (speed does not depend on the values). The quality column is `attention
 vs exact softmax on 1024 sampled query rows) on q/k/v captured from a trained model's attention layer
 at the case's T (`attention_inputs`: same heads and head dim as the case).
 
-The Hedgehog row's map is fitted (`train_hedgehog`, once per process) to the same trained layer's q/k
-on its *training* text (`training_qkv`, see `HedgehogFit`), then judged on the held-out q/k/v like every other
+The Hedgehog row's map is fitted (`train_hedgehog` on the output error, F = D features; `HedgehogFit`
+says why; once per process) to the same trained layer's q/k/v on its *training* text (`training_qkv`),
+then judged on the held-out q/k/v like every other
 row, so its error is beside elu+1's and FAVOR+'s on the same inputs; the fit's time and steps are in the
 row's info (not in its time). The Hedgehog row runs the fused kernel on features computed in PyTorch
-(key width = feature width, 2 D); the FAVOR+ row runs mmm's PyTorch path (its map rescales queries).
+(key width = feature width, D: one kernel call); the FAVOR+ row runs mmm's PyTorch path (its map rescales queries).
 The hybrid rows' far keys weigh exp(c_h) kappa, c_h fitted per head by `fit_hybrid` on the same training
 slices (`fitted_hybrid_map`): elu+1 with only c_h fitted (its info also holds the error with c_h = 0,
 "quality_uncalibrated"), and a Hedgehog map trained inside the hybrid together with c_h (LoLCATs' recipe).
@@ -88,7 +89,13 @@ class HedgehogFit:
     spread evenly over the first `text_len` tokens of training text (default: one slice at its start).
     Several slices cover several files and positions far past the model's training length, as the
     bench's long T does (on a CPU replica of the full-size layer, 2 x 128 heads: held-out error at
-    T = 32768 1.01 with 4 slices vs 1.05 with one 8192-token file; the same at T = 8192)."""
+    T = 32768 1.01 with 4 slices vs 1.05 with one 8192-token file; the same at T = 8192).
+    `loss`: "output" (train_hedgehog given the layer's v: the error the bench reports) or "weights" (the
+    paper's cross-entropy); `num_features` per sign (None: head_dim, F = 2 head_dim). Measured on one
+    full-size H100 layer (results/h100/2026-12-07-s23-hedgehog-fit.json, held-out error at 2k / 8k / 32k):
+    output loss at F = head_dim 0.546 / 0.570 / 0.561, cross-entropy at F = 2 head_dim (the bench's fit
+    before) 0.625 / 0.589 / 0.574, elu+1 0.618 / 0.625 / 0.592; and F = head_dim runs as one kernel call
+    of the head dim's width instead of two."""
 
     train_len: int
     steps: int
@@ -96,15 +103,20 @@ class HedgehogFit:
     sample_rows: int = 256
     segments: int = 1
     text_len: int | None = None
+    loss: str = "output"
+    num_features: int | None = None
 
     def __post_init__(self):
         if self.text_len is not None and self.text_len < self.segments * self.train_len:
             raise ValueError(f"text_len must be at least segments * train_len = {self.segments * self.train_len}, "
                              f"got {self.text_len}")
+        if self.loss not in ("output", "weights"):
+            raise ValueError(f"loss must be 'output' or 'weights', got {self.loss!r}")
 
 
-FULL_HEDGEHOG = HedgehogFit(train_len=8192, steps=300, lr=1e-2, sample_rows=128, segments=4, text_len=65536)
-QUICK_HEDGEHOG = HedgehogFit(train_len=512, steps=200, lr=2e-2)  # ~1-2 s on a CPU
+FULL_HEDGEHOG = HedgehogFit(train_len=8192, steps=300, lr=1e-2, sample_rows=128, segments=4, text_len=65536,
+                            num_features=64)
+QUICK_HEDGEHOG = HedgehogFit(train_len=512, steps=200, lr=2e-2, num_features=16)  # ~1-2 s on a CPU
 
 
 # --- cost model ---------------------------------------------------------------------------------------
@@ -275,14 +287,17 @@ def trained_hedgehog(quick: bool, device: torch.device) -> tuple[FeatureMap, dic
     key = (quick, str(device))
     if key not in _HEDGEHOG:
         fit = QUICK_HEDGEHOG if quick else FULL_HEDGEHOG
-        q, k, _, text = fit_slices(fit, quick, device)
+        q, k, v, text = fit_slices(fit, quick, device)
         start = time.perf_counter()
-        fmap = train_hedgehog(q, k, steps=fit.steps, lr=fit.lr, sample_rows=fit.sample_rows,
-                              progress=sys.stderr.isatty())
+        fmap = HedgehogFeatureMap(q.shape[-1], num_features=fit.num_features, num_heads=q.shape[2],
+                                  num_kv_heads=k.shape[2])
+        fmap = train_hedgehog(q, k, fmap, v=v if fit.loss == "output" else None, steps=fit.steps, lr=fit.lr,
+                              sample_rows=fit.sample_rows, progress=sys.stderr.isatty())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         info = {"hedgehog_train_seconds": round(seconds, 2), "hedgehog_steps": fit.steps, "hedgehog_lr": fit.lr,
+                "hedgehog_loss": fit.loss,
                 "hedgehog_sample_rows": fit.sample_rows, "hedgehog_train_inputs": text,
                 "hedgehog_feature_dim": fmap.feature_dim}
         _HEDGEHOG[key] = (fmap.requires_grad_(False), info)
@@ -382,7 +397,9 @@ def _causal_setup(t: int, sizes: Sizes):
                 label, mmm_path("linear", feature_map=fmap), inputs, grad, linear_flops(b, h, t, d, features), LINEAR_BWD,
                 info={"call": f"mmm.attention(method='linear', feature_map='{fmap}')"},
                 error_fn=mmm_error("linear", feature_map=fmap), real=real))
-        variants.append(hedgehog_variant("linear hedgehog (trained)", inputs, grad, linear_flops(b, h, t, d, 2 * d), quick, real))
+        hh_features = 2 * ((QUICK_HEDGEHOG if quick else FULL_HEDGEHOG).num_features or d)
+        variants.append(hedgehog_variant("linear hedgehog (trained)", inputs, grad, linear_flops(b, h, t, d, hh_features),
+                                         quick, real))
         for w in sizes.windows:
             variants.append(attention_variant(
                 f"window {w}", mmm_path("window", window=w), inputs, grad, softmax_flops(b, h, t, d, w), SOFTMAX_BWD,
