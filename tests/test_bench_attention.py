@@ -11,7 +11,9 @@ import torch
 
 from mmm.attention import attention, attention_error
 from mmm.bench import run_case
-from mmm.bench.attention_inputs import QUICK_SPEC, capture_qkv, read_stream, real_qkv, trained_model, training_qkv
+from mmm.bench import attention_inputs
+from mmm.bench.attention_inputs import (QUICK_SPEC, canonical_device, capture_qkv, read_stream, real_qkv, trained_model,
+                                        training_qkv)
 from mmm.bench.cases_attention import (
     QUALITY_KEY,
     QUICK_HEDGEHOG,
@@ -292,3 +294,17 @@ def test_attention_case_on_gpu():
     assert hybrid["quality"][QUALITY_KEY] <= 1.01 * hybrid["info"]["quality_uncalibrated"], hybrid
     assert rows["hybrid w=256 hedgehog (trained in the hybrid)"]["error"] is None
     assert rows["hybrid w=64 elu (calibrated)"]["info"]["path"] == "fused"
+
+
+def test_one_trained_layer_per_gpu_whatever_the_device_is_called(monkeypatch):
+    """The bench names its device "cuda" (the quality inputs) and its tensors' "cuda:0" (the Hedgehog and
+    hybrid fits): both must reach one trained layer, or each fit is judged on another layer than it was
+    fitted to (sessions 11-23, where Hedgehog tied elu+1 in every bench run)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert canonical_device("cuda") == canonical_device(torch.device("cuda:0")) == torch.device("cuda", 0)
+    assert canonical_device("cuda:1") == torch.device("cuda", 1)
+    assert canonical_device("cpu") == torch.device("cpu")
+    sentinel = object()
+    monkeypatch.setitem(attention_inputs._TRAINED, (QUICK_SPEC, "cuda:0"), sentinel)
+    assert trained_model(QUICK_SPEC, "cuda") is sentinel  # a cache hit: no second model is trained
+    assert trained_model(QUICK_SPEC, torch.device("cuda", 0)) is sentinel

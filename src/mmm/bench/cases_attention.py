@@ -55,7 +55,7 @@ from ..attention import attention, attention_error, exact_backend
 from ..attention.api import attention_path, exact_rows, sample_query_rows
 from ..attention.feature_maps import FeatureMap, HedgehogFeatureMap, make_feature_map
 from ..attention.fit import fit_hybrid, train_hedgehog
-from .attention_inputs import real_qkv, training_qkv
+from .attention_inputs import canonical_device, real_qkv, training_qkv
 from .graphs import capture, graphed, triton_launched
 from .registry import Variant, Workload, bench_case
 from .timing import FULL, QUICK, median_ms
@@ -284,7 +284,7 @@ def fit_slices(fit: HedgehogFit, quick: bool, device) -> tuple[torch.Tensor, tor
 def trained_hedgehog(quick: bool, device: torch.device) -> tuple[FeatureMap, dict]:
     """A Hedgehog map fitted to the real-input layer's q/k on its training text (first call per process
     and device; later calls return the cache), frozen, and info on the fit."""
-    key = (quick, str(device))
+    key = (quick, str(canonical_device(device)))
     if key not in _HEDGEHOG:
         fit = QUICK_HEDGEHOG if quick else FULL_HEDGEHOG
         q, k, v, text = fit_slices(fit, quick, device)
@@ -314,7 +314,7 @@ def fitted_hybrid_map(name: str, quick: bool, device: torch.device, window: int,
     fit's training slices, with that fit's steps: "elu" fits only the calibration c_h; "hedgehog" trains a
     new Hedgehog map inside the hybrid with it (LoLCATs' recipe). First call per (name, device, window,
     window shape); cached. Returns the frozen map and info on the fit."""
-    key = (name, quick, str(device), window, shape)
+    key = (name, quick, str(canonical_device(device)), window, shape)
     if key not in _HYBRID:
         fit = QUICK_HEDGEHOG if quick else FULL_HEDGEHOG
         q, k, v, text = fit_slices(fit, quick, device)
