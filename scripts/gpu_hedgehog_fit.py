@@ -1,12 +1,12 @@
-"""Why does the bench's Hedgehog row tie or lose to elu+1 on the full-size layer, when this script's fits
-beat it? And which fit (loss, feature count) wins there by a margin?
+"""Which Hedgehog fit (loss, feature count) beats elu+1 on the full-size layer, and by how much?
 
 History (H100, held-out error vs softmax at 8k, bf16): the bench's rows gave Hedgehog 0.614 / 0.708 /
 0.703 / 0.715 / 0.682 against elu+1's 0.577 / 0.681 / 0.693 / 0.720 / 0.682 (sessions 11-20), while this
 script, fitting with the bench's own recipe (FULL_HEDGEHOG, fit_slices) on its own process's layer, gave
 0.610 vs 0.695 (session 13) and 0.537 vs 0.589 (session 16). Both evaluate bf16 captures through the
-kernel, so only the layer (retrained in every process) or the path differed. This script now measures, on
-one layer:
+kernel, so only the layer or the path differed: the bench trained two layers, one per device name, and
+judged its fit on the other one (fixed in session 23, bench.timing.canonical_device). This script measures,
+on one layer:
   - "bench": the bench row's own map and measure (`trained_hedgehog`, `mmm_error` on inputs cast to the
     bench's dtype), so a gap between it and the same recipe fitted here would point at the bench's path;
   - each fit through the kernel and through the PyTorch path (linear.USE_TRITON_KERNEL off): a gap there
@@ -23,6 +23,7 @@ one layer:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -45,16 +46,14 @@ FITS = [("weights", 1), ("output", 1), ("output", 0.5), ("weights", 0.5)]
 HELD_OUT_T = (2048, 8192, 32768)
 
 
+@contextlib.contextmanager
 def pytorch_path():
-    """A context in which mmm.attention's linear path skips the Triton kernel."""
-    class _Off:
-        def __enter__(self):
-            self.saved, linear.USE_TRITON_KERNEL = linear.USE_TRITON_KERNEL, False
-
-        def __exit__(self, *exc):
-            linear.USE_TRITON_KERNEL = self.saved
-
-    return _Off()
+    """mmm.attention's linear path without the Triton kernel, inside the block."""
+    saved, linear.USE_TRITON_KERNEL = linear.USE_TRITON_KERNEL, False
+    try:
+        yield
+    finally:
+        linear.USE_TRITON_KERNEL = saved
 
 
 def main() -> None:
@@ -71,15 +70,14 @@ def main() -> None:
     held = {t: real_qkv(t, quick, dev) for t in lengths}
     d = q.shape[-1]
 
-    def errors(fmap, kernel_too=True):
+    def errors(fmap):
         """Held-out error per T as the bench measures it (inputs cast to its dtype), through the kernel
         and through the PyTorch path."""
         out = {}
         for t, x in held.items():
             args = [y.to(dtype) for y in (x.q, x.k, x.v)]
             with torch.no_grad():
-                if kernel_too:
-                    out[f"err_T{t}"] = round(mmm_error("linear", feature_map=fmap)(*args), 4)
+                out[f"err_T{t}"] = round(mmm_error("linear", feature_map=fmap)(*args), 4)
                 with pytorch_path():
                     out[f"err_T{t}_pytorch"] = round(mmm_error("linear", feature_map=fmap)(*args), 4)
         return out

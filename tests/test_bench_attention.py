@@ -12,8 +12,7 @@ import torch
 from mmm.attention import attention, attention_error
 from mmm.bench import run_case
 from mmm.bench import attention_inputs
-from mmm.bench.attention_inputs import (QUICK_SPEC, canonical_device, capture_qkv, read_stream, real_qkv, trained_model,
-                                        training_qkv)
+from mmm.bench.attention_inputs import QUICK_SPEC, capture_qkv, read_stream, real_qkv, trained_model, training_qkv
 from mmm.bench.cases_attention import (
     QUALITY_KEY,
     QUICK_HEDGEHOG,
@@ -28,7 +27,7 @@ from mmm.bench.cases_attention import (
     visible_pairs,
 )
 from mmm.bench.runner import measure_variant
-from mmm.bench.timing import TimerSettings
+from mmm.bench.timing import TimerSettings, canonical_device
 from mmm.cli import main
 
 FAST = TimerSettings(warmup_ms=0.0, rep_ms=0.0, min_reps=3, max_reps=3)

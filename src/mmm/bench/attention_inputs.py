@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .timing import canonical_device
+
 CAPTURE_LAYER = -1  # the last layer: its inputs have been through attention already
 
 
@@ -112,19 +114,6 @@ def _bar(total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0.5 if sys.stderr.isatty() else 30.0)
-
-
-def canonical_device(device: torch.device | str) -> torch.device:
-    """`device` with its index: "cuda" and a tensor's "cuda:0" name one GPU, and every cache keyed on a
-    device (the trained model here, the bench's fitted maps) must see one key for it. Before this, the
-    bench keyed the model by its case's "cuda" for the quality inputs and by a tensor's "cuda:0" for the
-    Hedgehog and hybrid fits: two models, trained apart (GPU training is not bitwise reproducible), so
-    every fit was judged on another layer than it was fitted to (sessions 11-23: Hedgehog tied elu+1 in
-    every bench, and beat it in every script that used one device name)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def trained_model(spec: ModelSpec, device: torch.device | str) -> _Trained:

@@ -55,10 +55,10 @@ from ..attention import attention, attention_error, exact_backend
 from ..attention.api import attention_path, exact_rows, sample_query_rows
 from ..attention.feature_maps import FeatureMap, HedgehogFeatureMap, make_feature_map
 from ..attention.fit import fit_hybrid, train_hedgehog
-from .attention_inputs import canonical_device, real_qkv, training_qkv
+from .attention_inputs import real_qkv, training_qkv
 from .graphs import capture, graphed, triton_launched
 from .registry import Variant, Workload, bench_case
-from .timing import FULL, QUICK, median_ms
+from .timing import FULL, QUICK, canonical_device, median_ms
 
 QUALITY_KEY = "rel. err vs softmax"
 QUALITY_ROWS = 1024  # query rows sampled by attention_error
@@ -117,6 +117,10 @@ class HedgehogFit:
 FULL_HEDGEHOG = HedgehogFit(train_len=8192, steps=300, lr=1e-2, sample_rows=128, segments=4, text_len=65536,
                             num_features=64)
 QUICK_HEDGEHOG = HedgehogFit(train_len=512, steps=200, lr=2e-2, num_features=16)  # ~1-2 s on a CPU
+
+
+def hedgehog_fit(quick: bool) -> HedgehogFit:
+    return QUICK_HEDGEHOG if quick else FULL_HEDGEHOG
 
 
 # --- cost model ---------------------------------------------------------------------------------------
@@ -286,7 +290,7 @@ def trained_hedgehog(quick: bool, device: torch.device) -> tuple[FeatureMap, dic
     and device; later calls return the cache), frozen, and info on the fit."""
     key = (quick, str(canonical_device(device)))
     if key not in _HEDGEHOG:
-        fit = QUICK_HEDGEHOG if quick else FULL_HEDGEHOG
+        fit = hedgehog_fit(quick)
         q, k, v, text = fit_slices(fit, quick, device)
         start = time.perf_counter()
         fmap = HedgehogFeatureMap(q.shape[-1], num_features=fit.num_features, num_heads=q.shape[2],
@@ -316,7 +320,7 @@ def fitted_hybrid_map(name: str, quick: bool, device: torch.device, window: int,
     window shape); cached. Returns the frozen map and info on the fit."""
     key = (name, quick, str(canonical_device(device)), window, shape)
     if key not in _HYBRID:
-        fit = QUICK_HEDGEHOG if quick else FULL_HEDGEHOG
+        fit = hedgehog_fit(quick)
         q, k, v, text = fit_slices(fit, quick, device)
         fmap = "elu" if name == "elu" else HedgehogFeatureMap(q.shape[-1], num_heads=q.shape[2], num_kv_heads=k.shape[2])
         start = time.perf_counter()
@@ -397,7 +401,7 @@ def _causal_setup(t: int, sizes: Sizes):
                 label, mmm_path("linear", feature_map=fmap), inputs, grad, linear_flops(b, h, t, d, features), LINEAR_BWD,
                 info={"call": f"mmm.attention(method='linear', feature_map='{fmap}')"},
                 error_fn=mmm_error("linear", feature_map=fmap), real=real))
-        hh_features = 2 * ((QUICK_HEDGEHOG if quick else FULL_HEDGEHOG).num_features or d)
+        hh_features = 2 * (hedgehog_fit(quick).num_features or d)
         variants.append(hedgehog_variant("linear hedgehog (trained)", inputs, grad, linear_flops(b, h, t, d, hh_features),
                                          quick, real))
         for w in sizes.windows:

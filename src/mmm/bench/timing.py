@@ -84,6 +84,16 @@ def _cpu_times(fn: Callable[[], object], n: int, grad_to_none) -> list[float]:
     return times
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """`device` with its index: "cuda" and a tensor's "cuda:0" name one GPU. The timers run on it, and
+    every cache keyed on a device (the bench's trained real-input layer, its fitted maps) must see one
+    key for it: keyed by both names, the bench trained two layers and judged its fits on the other one."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def median_ms(
     fn: Callable[[], object],
     device: torch.device | str,
@@ -91,10 +101,8 @@ def median_ms(
     grad_to_none: Sequence[torch.Tensor] = (),
 ) -> float:
     """Median time of one call of `fn` on `device` (see the module docstring for the protocol)."""
-    device = torch.device(device)
+    device = canonical_device(device)
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
 
         def times(n: int) -> list[float]:
             with torch.cuda.device(device):
@@ -119,10 +127,10 @@ def host_ms(fn: Callable[[], object], device: torch.device | str, reps: int = 10
             grad_to_none: Sequence[torch.Tensor] = ()) -> float | None:
     """Host time to issue one call of `fn`, in ms (None off CUDA): `reps` calls issued back to back after
     a warm one, the GPU left to run behind (only the last waits for it), as in a training loop."""
-    device = torch.device(device)
+    device = canonical_device(device)
     if device.type != "cuda":
         return None
-    with torch.cuda.device(device.index if device.index is not None else torch.cuda.current_device()):
+    with torch.cuda.device(device):
         _drop_grads(grad_to_none)
         fn()
         torch.cuda.synchronize()

@@ -56,9 +56,10 @@ except ImportError:  # CPU installs without triton use the reference
 
 MODES = ("torch", "packed", "packed16", "dft")
 DFT_PATH = False  # the "dft" path for bf16/fp16 on CUDA where it applies; off until timed on the GPU
-# The kernel's gradient summed in the backward's spectral pass when dy has one block (session 22; one read
-# of dy's spectrum and one launch fewer, untimed): MMM_FFT_FUSED_GRAD=0 takes spectral_corr's own pass
-# instead, for an A/B on the GPU (scripts/gpu_single.sh fftab).
+# The kernel's gradient summed in the backward's spectral pass when dy has one block (one read of dy's
+# spectrum and one launch fewer; H100, d = 16384, f+b: circulant 2.514 -> 2.399 ms, Toeplitz 5.674 ->
+# 5.455, results/h100/2026-12-07-s23-fftab-*): MMM_FFT_FUSED_GRAD=0 takes spectral_corr's own pass instead
+# (scripts/gpu_single.sh fftab times both).
 FUSED_KERNEL_GRADIENT = os.environ.get("MMM_FFT_FUSED_GRAD", "1") != "0"
 _precision = "fp16"
 _half_fft_works: dict[str, bool] = {}
