@@ -30,7 +30,8 @@
 # ~1 min; opdiag_old: on ../snap_old), hybrid (scripts/gpu_hybrid_fused.py: the fused hybrid
 # beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~3 min; its tests are in retests), hybridab
 # (the same, fused (sliding and block) and linear rows at 8k and 128k, on a carried ../snap_old checkout,
-# then on this one, ~4 min), la8k (the 8k bench's linear, window and hybrid rows, ~2 min), hylong (the
+# then on this one, ~4 min), la8k (the 8k bench's linear, window and hybrid rows, ~2 min), fitted8k / fitted32k (the rows
+# fitted on the bench's trained layer: Hedgehog and the calibrated hybrids, beside elu+1, ~2 min), hylong (the
 # fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min), fftab (the
 # circulant and Toeplitz rows of the linear bench with the FFT backward's kernel gradient in a pass of its
 # own, then in the mix's pass, ~3 min). Bench files land
@@ -49,6 +50,7 @@ bench() {  # bench PHASE MAX_S CASES [VARIANT GLOBS...]
     --markdown "$OUT/bench_$phase.md" --plot "$OUT/bench_$phase.png" ${1:+--variants "$@"}
 }
 LA_ROWS=("linear elu*" "linear relu*" "window 256" "hybrid w=256 elu*" "hybrid w=64 elu*" "hybrid block=64 elu*")
+FIT_ROWS=("linear elu*" "linear hedgehog*" "hybrid*")  # the rows fitted on the bench's trained layer
 
 tests() {  # eight pytest processes side by side (-v: a timeout still leaves each test's verdict)
   local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
@@ -125,6 +127,8 @@ for phase in "$@"; do
     la128k) bench la128k 200 attn.causal.T131072 "${LA_ROWS[@]}" ;;
     la32k) bench la32k 120 attn.causal.T32768 "${LA_ROWS[@]}" ;;
     la8k) bench la8k 150 attn.causal.T8192 "${LA_ROWS[@]}" ;;
+    fitted8k) bench fitted8k 200 attn.causal.T8192 "${FIT_ROWS[@]}" ;;
+    fitted32k) bench fitted32k 200 attn.causal.T32768 "${FIT_ROWS[@]}" ;;
     zdotab) for z in 0 chunk_state,dqdk 1; do  # the normaliser sums as dots: off, in the two kernels that
         # passed (session 14), in all three (fwd reworked since; run zdotbisect first)
         MMM_LA_ZDOT=$z bench "zdot_${z%%,*}" 120 attn.causal.T131072 "linear elu*" "linear relu*"; done ;;
