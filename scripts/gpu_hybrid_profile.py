@@ -5,9 +5,13 @@ On the H100 (results/h100/2026-12-06-s11-attn-causal-T131072.md) the hybrid took
 against 11.4 for linear and 7.3 for window 256: ~10.7 ms more than its two parts. This shows which
 kernels (flex with its log-sum-exp, the far part's kernels with drden, the compiled combine, copies)
 take it. FAVOR+ too (five 128-wide kernel calls on its 622 features plus the feature pass and the
-combine: 117 ms f+b at 128k on the H100, 2026-12-07), by kernel and by host op.
+combine: 117 ms f+b at 128k on the H100, 2026-12-07), by kernel and by host op. And Hedgehog (the bench's
+64 + 64 features per head, untrained: the same cost): its row took 2.58 ms f+b at 8k against elu+1's 0.84
+(H100, session 23). Each method also gets its wall time per f+b, host included: far above its kernels'
+sum means the host issues slower than the GPU runs.
 
-    PYTHONPATH=src python scripts/gpu_hybrid_profile.py [--t 131072] [--window 256]   (about a minute)
+    PYTHONPATH=src python scripts/gpu_hybrid_profile.py [--t 131072] [--window 256] [--labels "linear elu" hedgehog]
+    (about a minute; --labels: only the methods whose label holds one of these strings)
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import mmm  # noqa: E402
 from mmm.attention.api import attention_path  # noqa: E402
+from mmm.attention.feature_maps import HedgehogFeatureMap  # noqa: E402
 
 
 def kernel_ms(step, n: int = 3, by_op: bool = False) -> dict[str, float]:
@@ -44,10 +49,24 @@ def kernel_ms(step, n: int = 3, by_op: bool = False) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def wall_ms(step, n: int = 20) -> float:
+    """Wall ms per call of `step`, n calls back to back between two synchronizations (host included)."""
+    import time
+
+    step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--t", type=int, default=131072)
     ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--labels", nargs="+", default=None, help="run the methods whose label holds one of these (default all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
@@ -58,17 +77,22 @@ def main() -> None:
     methods = {"linear elu": dict(method="linear", feature_map="elu"),
                f"window {args.window}": dict(method="window", window=args.window),
                f"hybrid w={args.window} elu": dict(method="hybrid", window=args.window, feature_map="elu"),
-               "linear favor+": dict(method="linear", feature_map="favor")}
+               "linear favor+": dict(method="linear", feature_map="favor"),
+               "linear hedgehog": dict(method="linear", feature_map=HedgehogFeatureMap(128, 64, num_heads=16).cuda())}
+    if args.labels:
+        methods = {k_: kw for k_, kw in methods.items() if any(w in k_ for w in args.labels)}
     report = {}
     for label, kw in methods.items():
         def step():
             torch.autograd.grad(mmm.attention(q, k, v, **kw), (q, k, v), g)
 
         times = kernel_ms(step)
+        wall = wall_ms(step)
         # attention_path takes no window: only the method and the feature map decide the path
         path = attention_path(q, k, v, kw["method"], feature_map=kw.get("feature_map", "elu"))
-        report[label] = {"total_ms": round(sum(times.values()), 3), "kernels_ms": {k_: round(t, 3) for k_, t in times.items()}}
-        print(f"== {label}: {report[label]['total_ms']:.3f} ms of kernels per f+b "
+        report[label] = {"total_ms": round(sum(times.values()), 3), "wall_ms": round(wall, 3),
+                         "kernels_ms": {k_: round(t, 3) for k_, t in times.items()}}
+        print(f"== {label}: {report[label]['total_ms']:.3f} ms of kernels per f+b, {wall:.3f} ms wall "
               f"(path {path})")
         for name, t in list(times.items())[:14]:
             print(f"   {t:8.3f}  {name}")

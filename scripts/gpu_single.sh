@@ -31,7 +31,9 @@
 # beside linear and the flex hybrid, CUDA-graph times at 8k-128k, ~3 min; its tests are in retests), hybridab
 # (the same, fused (sliding and block) and linear rows at 8k and 128k, on a carried ../snap_old checkout,
 # then on this one, ~4 min), la8k (the 8k bench's linear, window and hybrid rows, ~2 min), fitted8k / fitted32k (the rows
-# fitted on the bench's trained layer: Hedgehog and the calibrated hybrids, beside elu+1, ~2 min), hylong (the
+# fitted on the bench's trained layer: Hedgehog and the calibrated hybrids, beside elu+1, ~2 min), hhprof
+# (gpu_hybrid_profile.py at 8k: CUDA time per kernel and wall time of linear elu+1 and Hedgehog, ~1 min),
+# compiletests (the linear-attention and hybrid torch.compile(fullgraph) GPU tests alone, ~3 min), hylong (the
 # fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min), fftab (the
 # circulant and Toeplitz rows of the linear bench with the FFT backward's kernel gradient in a pass of its
 # own, then in the mix's pass, ~3 min). Bench files land
@@ -79,6 +81,14 @@ retests() {  # session 17: whole chunks without row masks (FULL_CHUNKS, the benc
   grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*.log
 }
 
+compiletests() {  # the torch.compile(fullgraph) tests that retests' 270 s did not reach (session 23), alone
+  local t="timeout -k 5 250 python -m pytest -v --tb=short -m gpu -p no:cacheprovider"
+  $t tests/test_linear_attention_kernel.py -k torch_compile > "$OUT/t_la_compile.log" 2>&1 &
+  $t tests/test_hybrid_kernel.py -k torch_compile > "$OUT/t_hybrid_compile.log" 2>&1 &
+  wait
+  grep -hE "^(FAILED|ERROR)| passed| failed" "$OUT"/t_*compile.log
+}
+
 for phase in "$@"; do
   case $phase in
     tests) step tests 270 bash -c "$(declare -f tests); OUT=$OUT; tests" ;;
@@ -120,6 +130,8 @@ for phase in "$@"; do
         step "bksweep$bk" 120 env MMM_LA_CONFIG="bwd_dqdk_kernel=64,$bk,4,2" python scripts/gpu_linear_attention.py --sweep-only
       done ;;
     hhfit) step hhfit 300 python scripts/gpu_hedgehog_fit.py ;;
+    hhprof) step hhprof 150 python scripts/gpu_hybrid_profile.py --t 8192 --labels "linear elu" hedgehog ;;
+    compiletests) step compiletests 270 bash -c "$(declare -f compiletests); OUT=$OUT; compiletests" ;;
     favor) step favor 150 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_attention_gpu.py \
         -k favor_through_the_kernel \
       && sed -i 's/^RESCALED_NORMALIZED_ON_KERNEL = False/RESCALED_NORMALIZED_ON_KERNEL = True/' src/mmm/attention/linear.py
