@@ -278,8 +278,10 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
             for var in variants:
                 # whole chunks (T and segments multiples of MAX_BT, as at the bench's lengths): no row masks
                 consts = dict(DK=D, DV=DV, FEATURE=1, NORMALIZE=True, DOT_MODE=0, FULL_CHUNKS=True, BT=bt, **{tile: t}, **var)
-                if "HAS_LAG" in fn.arg_names:  # lag-free: the plain linear attention path
+                if "HAS_LAG" in fn.arg_names:  # lag-free, within-chunk terms on: the plain linear attention path
                     consts["HAS_LAG"] = False
+                if "INTRA" in fn.arg_names:
+                    consts["INTRA"] = True
                 sig = {a: "constexpr" if a in consts else ("*fp32" if a in fp32_ptrs else "*bf16") if a.endswith("_ptr")
                        else "fp32" if a in ("eps", "scale") else "i32" for a in fn.arg_names}
                 src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},

@@ -425,7 +425,8 @@ def _causal_setup(t: int, sizes: Sizes):
         if cuda:  # without host overhead (the fixed cost that dominates at short T)
             by_label = {v.label: v for v in variants}
             elu = by_label["linear elu (normalized)"]
-            graph_rows = [by_label["sdpa cudnn"], elu, by_label[f"window {sizes.windows[0]}"],
+            # Hedgehog: its features' compiled pass made the row host-bound (2.42 of 2.58 ms f+b at 8k, H100)
+            graph_rows = [by_label["sdpa cudnn"], elu, by_label["linear hedgehog (trained)"], by_label[f"window {sizes.windows[0]}"],
                           *(by_label[hybrid_label("elu", *x)] for x in ((w,), (fw,), (fw, "block")))]
             variants += [graphed(v) for v in graph_rows] + [triton_launched(elu)]
         # fla is GPU-only: listed on CUDA always (a missing install shows as an error), on CPU if installed
