@@ -267,7 +267,7 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
     print(f"DK={D} DV={DV}: kernel variant (BT,tile,warps,stages): shared bytes, registers, spill bytes, mma warpsPerCTA, flags")
     for name, tile in tiles.items():
         fn = getattr(kernels, name).fn
-        variants = ([{"BWD": bwd, "HAS_DRDEN": False, "ZDOT": z} for z in (False, True) for bwd in (False, True)]
+        variants = ([{"BWD": bwd, "HAS_DRDEN": False, "HAS_DELTA": False, "ZDOT": z} for z in (False, True) for bwd in (False, True)]
                     if name == "chunk_state_kernel"
                     else [{"CAUSAL": True, "PART": p, "ZDOT": z} for z in (False, True) for p in (1, 2)]
                     if name == "bwd_dqdk_kernel"
