@@ -34,7 +34,8 @@
 # fitted on the bench's trained layer: Hedgehog and the calibrated hybrids, beside elu+1, ~2 min), hhprof
 # (gpu_hybrid_profile.py at 8k: CUDA time per kernel and wall time of linear elu+1 and Hedgehog, ~1 min),
 # compiletests (the linear-attention and hybrid torch.compile(fullgraph) GPU tests alone, ~3 min), zdotdq
-# (gpu_la_ab.py with dq/dk's normaliser sums as dots, the default, then without: ~2 min), hylong (the
+# (gpu_la_ab.py with the normaliser sums as dots where the default has them, everywhere, and in chunk_state
+# only, ~3 min), zdottest (the ZDOT-everywhere bf16 GPU test, ~1 min), hylong (the
 # fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min), fftab (the
 # circulant and Toeplitz rows of the linear bench with the FFT backward's kernel gradient in a pass of its
 # own, then in the mix's pass, ~3 min). Bench files land
@@ -145,9 +146,12 @@ for phase in "$@"; do
     zdotab) for z in 0 chunk_state,dqdk 1; do  # the normaliser sums as dots: off, in the two kernels that
         # passed (session 14), in all three (fwd reworked since; run zdotbisect first)
         MMM_LA_ZDOT=$z bench "zdot_${z%%,*}" 120 attn.causal.T131072 "linear elu*" "linear relu*"; done ;;
-    zdotdq) for z in chunk_state,dqdk chunk_state; do  # dq/dk's normaliser sums as dots (the default) or not:
-        # on the sm_90 compiler ZDOT there spills 328 B in the loop (878 SASS a chunk vs 673 without, no spills)
+    zdotdq) for z in chunk_state,dqdk 1 chunk_state; do  # the normaliser sums as dots: the default, with fwd's
+        # too, without dq/dk's (session 24 rewrote both: sm_90 SASS per chunk dq/dk 613/665 vs 673/698 without
+        # ZDOT, fwd 1430 vs 1691)
         step "zdotdq_${z//,/+}" 95 env MMM_LA_ZDOT=$z python scripts/gpu_la_ab.py --label "zdot=$z"; done ;;
+    zdottest) step zdottest 120 env MMM_LA_ZDOT=1 python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
+        tests/test_linear_attention_kernel.py -k "normalizer_sums or bf16" ;;
     zdotbisect) for kern in chunk_state fwd dqdk; do  # which kernel's ZDOT is wrong: one process each
         step "zdot_$kern" 120 env MMM_LA_ZDOT=$kern python -m pytest -v --tb=line -m gpu -p no:cacheprovider \
           tests/test_linear_attention_kernel.py -k normalizer_sums; done ;;

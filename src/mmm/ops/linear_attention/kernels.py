@@ -325,6 +325,16 @@ def _row_sums(x_c, w, acc, like_ptr, DOT_MODE: tl.constexpr, EXACT: tl.constexpr
 
 
 @triton.jit
+def _dot_split(x_c, w, like_ptr, DOT_MODE: tl.constexpr):
+    """x_c w for fp32 w: in mode 0 as two dots, w in two bf16 parts (hi + lo, ~16 bits of w)."""
+    if DOT_MODE == 0:
+        hi = w.to(like_ptr.dtype.element_ty)
+        return tl.dot(x_c, (w - hi.to(tl.float32)).to(like_ptr.dtype.element_ty), tl.dot(x_c, hi))
+    else:
+        return _dot(x_c, w, DOT_MODE)
+
+
+@triton.jit
 def _col_sums(x_c, w, acc, like_ptr, BT: tl.constexpr, DOT_MODE: tl.constexpr, EXACT: tl.constexpr):
     """acc + W x_c for W [BT, BT] of equal rows w (a [BT] vector), as tensor-core dots: every row of acc
     [BT, width] gains the w-weighted sums over x_c's rows, laid out like the kernel's other [BT, width]
@@ -524,8 +534,13 @@ def fwd_kernel(
 ):
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
     chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps).
-    ZDOT: z's column sums as a tensor-core dot (see ZDOT above); a . z stays a row reduction.
-    a . z and (without ZDOT) z's sums take the fp32 features, before their rounding to the dot dtype:
+    ZDOT: the normalizer as tensor-core dots: z carried as [DK, ZW] equal columns (z's column sums a dot),
+    a . z a dot of the rounded features with z rounded to the dot dtype (its rounding moves den by
+    ~2^-9 / sqrt(DK) relative, under the features' own), the within-chunk sums a dot of the rounded
+    scores (those num uses); den read off den_w's equal columns once per chunk. No fp32 feature tile
+    stays live: sm_90 SASS per chunk 1430 at (64, 64, 4, 2), 152 B of stack, against 1691 and 224 B
+    without ZDOT; 1284 and no spills at (64, 32, 4, 2), against 1521.
+    Without ZDOT, a . z and z's sums take the fp32 features, before their rounding to the dot dtype:
     summing the rounded copy unpacked it to fp32 again and kept ptxas from packing the features in pairs
     (static SASS per loop 1943 -> 1691). The normalizer then differs from one of rounded features by
     ~2^-9 / sqrt(DK) relative, far inside the bf16 rounding of o.
@@ -547,6 +562,7 @@ def fwd_kernel(
     z = tl.zeros([DK], dtype=tl.float32)
     if NORMALIZE:
         z = tl.load(base + DK * DV + offs_dk)
+    Zc = tl.zeros([DK, ZW], dtype=tl.float32) + z[:, None]  # ZDOT's z, in every column
     ones = tl.full([BT, ZW], 1.0, tl.float32)
     q_base = q_ptr + rowk0
     k_base = k_ptr + rowk0 - lag_k
@@ -554,10 +570,15 @@ def fwd_kernel(
     o_base = o_ptr + rowv0
     for t0 in range(0, t_len, BT):
         mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
-        a32 = _phi(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), scale, FEATURE)
-        if NORMALIZE:  # a row reduction (within a warp's threads): no dot needed
-            den = tl.sum(a32 * z[None, :], axis=1)
-        a_c = _cast(a32, q_ptr, DOT_MODE)
+        if ZDOT:  # a . z as a dot on the rounded features: every column of den_w holds it
+            a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
+            if NORMALIZE:
+                den_w = _dot(a_c, _cast(Zc, q_ptr, DOT_MODE), DOT_MODE)
+        else:
+            a32 = _phi(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), scale, FEATURE)
+            if NORMALIZE:  # a row reduction (within a warp's threads): no dot needed
+                den = tl.sum(a32 * z[None, :], axis=1)
+            a_c = _cast(a32, q_ptr, DOT_MODE)
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
             mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
@@ -566,16 +587,19 @@ def fwd_kernel(
             b_c = _cast(b32, q_ptr, DOT_MODE)
             v_c = _cast(tl.load(v_base + tile_v, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
             A = tl.where(causal, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
-            num += _dot(_cast(A, q_ptr, DOT_MODE), v_c, DOT_MODE)
+            A_c = _cast(A, q_ptr, DOT_MODE)
+            num += _dot(A_c, v_c, DOT_MODE)
             S += _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
-                den += tl.sum(A, axis=1)
-                if ZDOT:  # the column sums (across warps) as a dot, read back into z at once
-                    zsum = _row_sums(b_c, ones, tl.zeros([DK, ZW], dtype=tl.float32), q_ptr, DOT_MODE, True)
-                    z += tl.sum(zsum, axis=1) * (1.0 / ZW)
+                if ZDOT:  # the within-chunk sums and z's column sums as dots too
+                    den_w = tl.dot(A_c, ones.to(A_c.dtype), den_w)
+                    Zc = _row_sums(b_c, ones, Zc, q_ptr, DOT_MODE, True)
                 else:
+                    den += tl.sum(A, axis=1)
                     z += tl.sum(b32, axis=0)
         if NORMALIZE:
+            if ZDOT:
+                den = tl.sum(den_w, axis=1) * (1.0 / ZW)
             rd = 1.0 / (den + tl.cast(eps, tl.float32))  # (fp64 when traced: see _phi)
             num = num * rd[:, None]
             if i_v == 0:
