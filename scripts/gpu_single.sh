@@ -122,7 +122,7 @@ for phase in "$@"; do
       done ;;
     laab) for side in old new; do  # A/B of the linear-attention op: ../snap_old (carried) vs this tree
         src=src; [ $side = old ] && src=../snap_old/src
-        step laab_$side 95 env PYTHONPATH=$src python scripts/gpu_la_ab.py --label $side
+        step laab_$side 150 env PYTHONPATH=$src python scripts/gpu_la_ab.py --label $side
       done ;;
     opdiag) step opdiag 90 python scripts/gpu_opcheck_diag.py ;;  # opcheck's eager-vs-AOT forward, ~1 min
     opdiag_old) step opdiag_old 90 env PYTHONPATH=../snap_old/src python scripts/gpu_opcheck_diag.py ;;
@@ -149,7 +149,7 @@ for phase in "$@"; do
     zdotdq) for z in chunk_state,dqdk 1 chunk_state; do  # the normaliser sums as dots: the default, with fwd's
         # too, without dq/dk's (session 24 rewrote both: sm_90 SASS per chunk dq/dk 613/665 vs 673/698 without
         # ZDOT, fwd 1430 vs 1691)
-        step "zdotdq_${z//,/+}" 95 env MMM_LA_ZDOT=$z python scripts/gpu_la_ab.py --label "zdot=$z"; done ;;
+        step "zdotdq_${z//,/+}" 120 env MMM_LA_ZDOT=$z python scripts/gpu_la_ab.py --label "zdot=$z"; done ;;
     zdottest) step zdottest 120 env MMM_LA_ZDOT=1 python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
         tests/test_linear_attention_kernel.py -k "normalizer_sums or bf16" ;;
     zdotbisect) for kern in chunk_state fwd dqdk; do  # which kernel's ZDOT is wrong: one process each
