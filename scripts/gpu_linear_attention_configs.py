@@ -60,10 +60,15 @@ RETIRED = {
 # nothing or little under it (sm_90 report with --ir-maxnreg, 2026-12-07). One stage (no prefetch within a
 # program: the other resident programs hide the latency instead) halves the shared memory of the BT = 64
 # tiles, so 3-4 programs fit (fwd 64x32: 53 KB, 464 B spilled at 168; dv 64x32: 53 KB, 40 B).
+# (128, 128, 8, 2) for fwd and dv (session 24): every dot has 128 rows (no replicated-row conversion) and one
+# V tile computes the features and scores once instead of per tile: sm_90 SASS per token and 128 value
+# columns 119 warp-instructions for fwd with ZDOT (vs 179 at (64, 64, 4, 2)), 107 for dv (vs 156), but
+# 584 / 400 B spilled and one program per SM (196-200 KB of shared memory). Untimed, never run.
 CANDIDATES = {"fwd_kernel": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (16, 32, 4, 2, 168), (16, 32, 4, 2, 128),
-                             (64, 32, 4, 1, 168)],
+                             (64, 32, 4, 1, 168), (128, 128, 8, 2)],
               "bwd_dqdk_kernel": [(64, 64, 4, 3), (64, 16, 4, 3, 168), (64, 16, 4, 2, 168), (64, 16, 4, 1, 168)],
-              "bwd_dv_kernel": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 2, 168), (64, 32, 4, 1, 168)],
+              "bwd_dv_kernel": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 2, 168), (64, 32, 4, 1, 168),
+                                (128, 128, 8, 2)],
               "chunk_state_kernel": [(64, 128, 8, 2, 168), (64, 32, 4, 3, 168), (64, 32, 4, 3, 128), (64, 32, 4, 1, 128)]}
 VARIANTS = [("elu", True, True), (None, False, True), ("relu", True, False)]
 # smallest relative error a dtype is held to: fp16 inputs use tf32 dots (DOT_MODE 1), which are less

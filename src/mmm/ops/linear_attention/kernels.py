@@ -82,21 +82,18 @@ LIBDEVICE = tl.constexpr(not INTERPRET)  # the interpreter has no libdevice func
 # recompute the features and the [BT, BT] scores for fewer tiles. (64, 128, 8, 2) was faster still for fwd
 # and dv (2.42, 1.72) but has the replicated-row layout conversion behind the 2026-11-28 fault (--ir
 # report of gpu_linear_attention_configs.py): not used. (16, 32, 4, 2) is for DK = 256 (Hedgehog), where
-# the forward took 13.6 ms instead of 21.5 with the others. (128, 128, 8, 2) for fwd and dv (session 24,
-# untimed, for the autotuner to try): every dot has 128 rows (no replicated-row conversion), one V tile
-# (the features and scores computed once, not per V tile): sm_90 SASS per token and 128 value columns
-# 119 warp-instructions for fwd with ZDOT (vs 179 at (64, 64, 4, 2)), 107 for dv (vs 156), but 584 / 400 B
-# spilled and one program per SM (196-200 KB of shared memory).
+# the forward took 13.6 ms instead of 21.5 with the others. (128, 128, 8, 2) for fwd and dv is a candidate
+# (gpu_linear_attention_configs.py), not listed until a GPU has run it: see CANDIDATES there.
 CONFIGS = {
     # one dot: 8 warps are fine here (no layout conversion between dots). (128, 128, 8, 3): untimed, for
     # the autotuner to try (one program per SM either way by registers; a third stage may hide more of
     # the load latency: 172/198 KB of shared memory forward/backward, spills as with 2 stages)
     "chunk_state_kernel": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)],
     # several dots: 4 warps (see the module docstring); BT = 32 dots run on the mma v2 path
-    "fwd_kernel": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2), (128, 128, 8, 2)],
+    "fwd_kernel": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2)],
     # (64, 64, 4, 2) only for the split launches (one state each: see bwd_dqdk_kernel's PART)
     "bwd_dqdk_kernel": [(64, 16, 4, 3), (64, 16, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
-    "bwd_dv_kernel": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 128, 8, 2)],
+    "bwd_dv_kernel": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
 }
 INTERPRET_CONFIG = (16, 16, 1, 1)
 # dq and dk in two launches of bwd_dqdk_kernel (PART 1 and 2) instead of one (PART 0): at T = 128k the
