@@ -35,7 +35,8 @@
 # (gpu_hybrid_profile.py at 8k: CUDA time per kernel and wall time of linear elu+1 and Hedgehog, ~1 min),
 # compiletests (the linear-attention and hybrid torch.compile(fullgraph) GPU tests alone, ~3 min), zdotdq
 # (gpu_la_ab.py with the normaliser sums as dots where the default has them, everywhere, and in chunk_state
-# only, ~3 min), zdottest (the ZDOT-everywhere bf16 GPU test, ~1 min), hylong (the
+# only, ~3 min), zdottest (the ZDOT-everywhere bf16 GPU test, ~1 min), cand128 (fwd and dv at
+# (128, 128, 8, 2), each forced against the baseline: correctness and time, ~3 min), hylong (the
 # fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min), fftab (the
 # circulant and Toeplitz rows of the linear bench with the FFT backward's kernel gradient in a pass of its
 # own, then in the mix's pass, ~3 min). Bench files land
@@ -150,6 +151,8 @@ for phase in "$@"; do
         # too, without dq/dk's (session 24 rewrote both: sm_90 SASS per chunk dq/dk 613/665 vs 673/698 without
         # ZDOT, fwd 1430 vs 1691)
         step "zdotdq_${z//,/+}" 120 env MMM_LA_ZDOT=$z python scripts/gpu_la_ab.py --label "zdot=$z"; done ;;
+    cand128) step cand128 240 python scripts/gpu_linear_attention_configs.py --budget-s 180 \
+        --only fwd_kernel=128,128,8,2 bwd_dv_kernel=128,128,8,2 ;;  # session 24's one-V-tile candidates
     zdottest) step zdottest 120 env MMM_LA_ZDOT=1 python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
         tests/test_linear_attention_kernel.py -k "normalizer_sums or bf16" ;;
     zdotbisect) for kern in chunk_state fwd dqdk; do  # which kernel's ZDOT is wrong: one process each
