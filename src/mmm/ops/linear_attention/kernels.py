@@ -82,8 +82,7 @@ LIBDEVICE = tl.constexpr(not INTERPRET)  # the interpreter has no libdevice func
 # recompute the features and the [BT, BT] scores for fewer tiles. (64, 128, 8, 2) was faster still for fwd
 # and dv (2.42, 1.72) but has the replicated-row layout conversion behind the 2026-11-28 fault (--ir
 # report of gpu_linear_attention_configs.py): not used. (16, 32, 4, 2) is for DK = 256 (Hedgehog), where
-# the forward took 13.6 ms instead of 21.5 with the others. (128, 128, 8, 2) for fwd and dv is a candidate
-# (gpu_linear_attention_configs.py), not listed until a GPU has run it: see CANDIDATES there.
+# the forward took 13.6 ms instead of 21.5 with the others.
 CONFIGS = {
     # one dot: 8 warps are fine here (no layout conversion between dots). (128, 128, 8, 3): untimed, for
     # the autotuner to try (one program per SM either way by registers; a third stage may hide more of
@@ -110,6 +109,12 @@ ZW = tl.constexpr(16)
 # dqdk's passed. fwd's was reworked and all three passed their bf16 GPU tests on the H100 (2026-12-07).
 # Default: chunk_state and dqdk, the fastest there (results/h100/2026-12-07-s15-zdot-*: elu+1 f+b at
 # 128k 9.06 ms vs 9.30 with fwd too and 9.75 off; relu 7.98 / 7.94 / 8.33): fwd's dot cost elu+1 0.26 ms.
+# Session 24 (H100, results/h100/2026-12-07-s24-la-ab.jsonl) tried and reverted two rewrites, from the
+# sm_90 compiler's counts: dq/dk's sums as [BT, BK] dots whose rows all hold z (613 / 665 SASS per chunk
+# and no spills, against 878 / 990 and ~350 B here) ran slower, dqdk 2.53 -> 2.75 ms at 128k (plain sums:
+# 2.99); the forward's a . z and within-chunk sums as dots too (SASS 1691 -> 1430) ran faster, fwd_kernel
+# 1.83 -> 1.56 ms at D = 128, but faulted (illegal address) while autotuning at D = 64: kept as
+# notes/la_fwd_zdot_dots.patch (on top of the dq/dk rewrite), not here.
 ZDOT_KERNELS = ("chunk_state", "fwd", "dqdk")
 ZDOT_DEFAULT = "chunk_state,dqdk"
 _ZDOT = os.environ.get("MMM_LA_ZDOT", ZDOT_DEFAULT).strip()
@@ -326,34 +331,6 @@ def _row_sums(x_c, w, acc, like_ptr, DOT_MODE: tl.constexpr, EXACT: tl.constexpr
 
 
 @triton.jit
-def _dot_split(x_c, w, like_ptr, DOT_MODE: tl.constexpr):
-    """x_c w for fp32 w: in mode 0 as two dots, w in two bf16 parts (hi + lo, ~16 bits of w)."""
-    if DOT_MODE == 0:
-        hi = w.to(like_ptr.dtype.element_ty)
-        return tl.dot(x_c, (w - hi.to(tl.float32)).to(like_ptr.dtype.element_ty), tl.dot(x_c, hi))
-    else:
-        return _dot(x_c, w, DOT_MODE)
-
-
-@triton.jit
-def _col_sums(x_c, w, acc, like_ptr, BT: tl.constexpr, DOT_MODE: tl.constexpr, EXACT: tl.constexpr):
-    """acc + W x_c for W [BT, BT] of equal rows w (a [BT] vector), as tensor-core dots: every row of acc
-    [BT, width] gains the w-weighted sums over x_c's rows, laid out like the kernel's other [BT, width]
-    dot results, so it adds to them with no reduction or layout conversion. (`_row_sums` gives [width, ZW]
-    instead: an M = width dot, on the mma v2 path at width 16, and a cross-thread reduction to read it.)
-    In mode 0 W goes in as bf16, in two parts (hi + lo, ~16 bits of w) unless EXACT (w exact in bf16)."""
-    W = tl.broadcast_to(w[None, :], [BT, BT])
-    if DOT_MODE == 0:
-        hi = W.to(like_ptr.dtype.element_ty)
-        acc = tl.dot(hi, x_c, acc)
-        if not EXACT:
-            acc = tl.dot((W - hi.to(tl.float32)).to(like_ptr.dtype.element_ty), x_c, acc)
-        return acc
-    else:
-        return acc + _dot(W, x_c, DOT_MODE)
-
-
-@triton.jit
 def _program(NT: tl.constexpr, NS, L, T, H, DK: tl.constexpr, DV: tl.constexpr):
     """1-D grid (no 65535 limit on B*H), tile index fastest, so the tiles of one (head, segment), which
     read the same rows, run side by side and share them through L2. Returns the tile, the flat
@@ -535,13 +512,8 @@ def fwd_kernel(
 ):
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
     chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps).
-    ZDOT: the normalizer as tensor-core dots: z carried as [DK, ZW] equal columns (z's column sums a dot),
-    a . z a dot of the rounded features with z rounded to the dot dtype (its rounding moves den by
-    ~2^-9 / sqrt(DK) relative, under the features' own), the within-chunk sums a dot of the rounded
-    scores (those num uses); den read off den_w's equal columns once per chunk. No fp32 feature tile
-    stays live: sm_90 SASS per chunk 1430 at (64, 64, 4, 2), 152 B of stack, against 1691 and 224 B
-    without ZDOT; 1284 and no spills at (64, 32, 4, 2), against 1521.
-    Without ZDOT, a . z and z's sums take the fp32 features, before their rounding to the dot dtype:
+    ZDOT: z's column sums as a tensor-core dot (see ZDOT above); a . z stays a row reduction.
+    a . z and (without ZDOT) z's sums take the fp32 features, before their rounding to the dot dtype:
     summing the rounded copy unpacked it to fp32 again and kept ptxas from packing the features in pairs
     (static SASS per loop 1943 -> 1691). The normalizer then differs from one of rounded features by
     ~2^-9 / sqrt(DK) relative, far inside the bf16 rounding of o.
@@ -563,7 +535,6 @@ def fwd_kernel(
     z = tl.zeros([DK], dtype=tl.float32)
     if NORMALIZE:
         z = tl.load(base + DK * DV + offs_dk)
-    Zc = tl.zeros([DK, ZW], dtype=tl.float32) + z[:, None]  # ZDOT's z, in every column
     ones = tl.full([BT, ZW], 1.0, tl.float32)
     q_base = q_ptr + rowk0
     k_base = k_ptr + rowk0 - lag_k
@@ -571,15 +542,10 @@ def fwd_kernel(
     o_base = o_ptr + rowv0
     for t0 in range(0, t_len, BT):
         mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
-        if ZDOT:  # a . z as a dot on the rounded features: every column of den_w holds it
-            a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
-            if NORMALIZE:
-                den_w = _dot(a_c, _cast(Zc, q_ptr, DOT_MODE), DOT_MODE)
-        else:
-            a32 = _phi(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), scale, FEATURE)
-            if NORMALIZE:  # a row reduction (within a warp's threads): no dot needed
-                den = tl.sum(a32 * z[None, :], axis=1)
-            a_c = _cast(a32, q_ptr, DOT_MODE)
+        a32 = _phi(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), scale, FEATURE)
+        if NORMALIZE:  # a row reduction (within a warp's threads): no dot needed
+            den = tl.sum(a32 * z[None, :], axis=1)
+        a_c = _cast(a32, q_ptr, DOT_MODE)
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
             mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
@@ -588,19 +554,16 @@ def fwd_kernel(
             b_c = _cast(b32, q_ptr, DOT_MODE)
             v_c = _cast(tl.load(v_base + tile_v, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
             A = tl.where(causal, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
-            A_c = _cast(A, q_ptr, DOT_MODE)
-            num += _dot(A_c, v_c, DOT_MODE)
+            num += _dot(_cast(A, q_ptr, DOT_MODE), v_c, DOT_MODE)
             S += _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
-                if ZDOT:  # the within-chunk sums and z's column sums as dots too
-                    den_w = tl.dot(A_c, ones.to(A_c.dtype), den_w)
-                    Zc = _row_sums(b_c, ones, Zc, q_ptr, DOT_MODE, True)
+                den += tl.sum(A, axis=1)
+                if ZDOT:  # the column sums (across warps) as a dot, read back into z at once
+                    zsum = _row_sums(b_c, ones, tl.zeros([DK, ZW], dtype=tl.float32), q_ptr, DOT_MODE, True)
+                    z += tl.sum(zsum, axis=1) * (1.0 / ZW)
                 else:
-                    den += tl.sum(A, axis=1)
                     z += tl.sum(b32, axis=0)
         if NORMALIZE:
-            if ZDOT:
-                den = tl.sum(den_w, axis=1) * (1.0 / ZW)
             rd = 1.0 / (den + tl.cast(eps, tl.float32))  # (fp64 when traced: see _phi)
             num = num * rd[:, None]
             if i_v == 0:
@@ -635,10 +598,8 @@ def bwd_dqdk_kernel(
     forward does). PART 0 must go in reverse for dS, so it walks S backwards from the prefix of the next
     segment (S -= b^T v): each subtraction leaves rounding of the size of the larger state, so the first
     rows' dq lose precision in proportion to the segment length (in fp32: ~7x PyTorch's error at 640
-    tokens; hidden by bf16's own error). ZDOT: the sums into z and dz as tensor-core dots (`_col_sums`:
-    carried as [BT, BK] tiles whose rows all equal z or dz, added to da and db as they are; sm_90 SASS
-    per chunk at BK = 16, dq / dk: 613 / 665 instructions, no spills, against 878 / 990 and 328 / 376
-    spilled bytes with session 15's [BK, ZW] columns, and 673 / 698 with plain sums). LAG: k and v read, dk
+    tokens; hidden by bf16's own error). ZDOT: the sums into z and dz as tensor-core dots (carried as
+    [BK, ZW] equal columns, read back as their mean where used; see ZDOT above). LAG: k and v read, dk
     stored, LAG rows back (`_key_lag`; causal only). g_ptr: g as the dots take it (do * rden written by the
     backward chunk_state_kernel when normalizing, do otherwise). INTRA off (causal): no tril(...) terms,
     i.e. query t sees the keys of earlier chunks only (`with_chunk` sets the chunks)."""
@@ -671,9 +632,9 @@ def bwd_dqdk_kernel(
         dz = tl.zeros([BK], dtype=tl.float32)
         if NORMALIZE:
             dz = tl.load(bbase + DK * DV + offs_k)
-        dZr = tl.zeros([BT, BK], dtype=tl.float32) + dz[None, :]  # ZDOT's dz, in every row
+        dZw = tl.zeros([BK, ZW], dtype=tl.float32) + dz[:, None]  # ZDOT's dz
     if PART != 2:
-        Zr = tl.zeros([BT, BK], dtype=tl.float32) + z[None, :]  # ZDOT's z, in every row
+        Zw = tl.zeros([BK, ZW], dtype=tl.float32) + z[:, None]  # ZDOT's z
     n_blk = tl.cdiv(t_len, BT)
     for j in range(0, n_blk):
         if PART == 1:
@@ -690,13 +651,13 @@ def bwd_dqdk_kernel(
         else:  # padding rows meet v = 0, dA = 0 (do, r = 0 on those rows) and ZDOT's zero weights
             b_c = _features(k_c, None, q_ptr, scale, FEATURE, DOT_MODE)
         if ZDOT:
-            keys = tl.where(mk, 1.0, 0.0)
+            ones = tl.broadcast_to(tl.where(mk, 1.0, 0.0)[:, None], [BT, ZW])
         v_c = _cast(tl.load(v_ptr + off_v - lag_v + tile_dv, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
         if CAUSAL and PART == 0:
             S -= _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
                 if ZDOT:
-                    Zr = _col_sums(b_c, -keys, Zr, q_ptr, BT, DOT_MODE, True)
+                    Zw = _row_sums(b_c, -ones, Zw, q_ptr, DOT_MODE, True)
                 else:
                     z -= tl.sum(b_c.to(tl.float32), axis=0)
         g_c = _cast(tl.load(g_ptr + off_v + tile_dv, mask=mt[:, None], other=0.0), q_ptr, DOT_MODE)
@@ -713,9 +674,8 @@ def bwd_dqdk_kernel(
             da = _dot(g_c, tl.trans(_cast(S, q_ptr, DOT_MODE)), DOT_MODE)
             if NORMALIZE:
                 if ZDOT:
-                    da += rr[:, None] * Zr
-                else:
-                    da += rr[:, None] * z[None, :]
+                    z = tl.sum(Zw, axis=1) * (1.0 / ZW)
+                da += rr[:, None] * z[None, :]
             if CAUSAL and INTRA:
                 da += _dot(dA_c, b_c, DOT_MODE)
             if FEATURE != 0:
@@ -725,16 +685,15 @@ def bwd_dqdk_kernel(
             S += _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
                 if ZDOT:
-                    Zr = _col_sums(b_c, keys, Zr, q_ptr, BT, DOT_MODE, True)
+                    Zw = _row_sums(b_c, ones, Zw, q_ptr, DOT_MODE, True)
                 else:
                     z += tl.sum(b_c.to(tl.float32), axis=0)
         if PART != 1:  # dk
             db = _dot(v_c, tl.trans(_cast(dS, q_ptr, DOT_MODE)), DOT_MODE)
             if NORMALIZE:
                 if ZDOT:
-                    db += dZr
-                else:
-                    db += dz[None, :]
+                    dz = tl.sum(dZw, axis=1) * (1.0 / ZW)
+                db += dz[None, :]
             if CAUSAL and INTRA:
                 db += _dot(tl.trans(dA_c), a_c, DOT_MODE)
             if FEATURE != 0:
@@ -744,7 +703,7 @@ def bwd_dqdk_kernel(
             dS += _dot(tl.trans(a_c), g_c, DOT_MODE)
             if NORMALIZE:
                 if ZDOT:
-                    dZr = _col_sums(a_c, rr, dZr, q_ptr, BT, DOT_MODE, False)
+                    dZw = _row_sums(a_c, tl.broadcast_to(rr[:, None], [BT, ZW]), dZw, q_ptr, DOT_MODE, False)
                 else:
                     dz += tl.sum(a_c.to(tl.float32) * rr[:, None], axis=0)
 
