@@ -148,8 +148,7 @@ for phase in "$@"; do
         # passed (session 14), in all three (fwd reworked since; run zdotbisect first)
         MMM_LA_ZDOT=$z bench "zdot_${z%%,*}" 120 attn.causal.T131072 "linear elu*" "linear relu*"; done ;;
     zdotdq) for z in chunk_state,dqdk 1 chunk_state; do  # the normaliser sums as dots: the default, with fwd's
-        # too, without dq/dk's (session 24 rewrote both: sm_90 SASS per chunk dq/dk 613/665 vs 673/698 without
-        # ZDOT, fwd 1430 vs 1691)
+        # too, without dq/dk's (session 24 ran it on rewrites of both: results/h100/2026-12-07-s24-la-ab.jsonl)
         step "zdotdq_${z//,/+}" 120 env MMM_LA_ZDOT=$z python scripts/gpu_la_ab.py --label "zdot=$z"; done ;;
     cand128) step cand128 240 python scripts/gpu_linear_attention_configs.py --budget-s 180 \
         --only fwd_kernel=128,128,8,2 bwd_dv_kernel=128,128,8,2 ;;  # session 24's one-V-tile candidates
