@@ -254,7 +254,7 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
     """Compiles each config (bf16, elu, normalized, causal; chunk_state in both directions) for sm_90 and
     prints shared memory, registers and spill bytes (cuobjdump -res-usage), the static SASS instruction
     count with its commonest opcodes (cuobjdump -sass: session 16 cut elu+1's ~14 instructions per element
-    to ~7 by reading these), the mma layouts (warpsPerCTA),
+    to ~7 by reading these), the kernel's mma v2 (HMMA) and wgmma (HGMMA) instructions, the mma layouts (warpsPerCTA),
     and the pattern behind the H200 fault: a dot result whose mma layout has more warps along M than it
     has 16-row groups (replicated rows), converted to another mma layout or dot operand."""
     import tempfile
@@ -315,9 +315,11 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
                 flags = sorted({f"{shape} [{full[src_]}]->{'dot' if op_ else 'mma'}[{full[dst]}]" for shape, src_, op_, dst in re.findall(
                     r"convert_layout .* : tensor<([0-9x]+)x\w+, (#mma\d*)> -> tensor<[0-9x]+x\w+, (#ttg.dot_op<\{opIdx = \d, parent = )?(#mma\d*)", ttgir)
                     if src_ in replicated and full[src_] != full[dst]})
+                # mma v2 (HMMA) vs wgmma (HGMMA): session 24's dq/dk rewrite moved to wgmma and ran slower
+                mma = collections.Counter(op for op in opcodes if op in ("HMMA", "HGMMA"))
                 print(f"{label}: {c.metadata.shared} B, {m[1] if m else '?'} regs, {m[2] if m else '?'} B spilled, "
                       f"{sorted(set(full.values()))}, {len(opcodes)} SASS instructions, {loop_instructions(sass)} in the "
-                      f"chunk loop ({top})"
+                      f"chunk loop ({top}; HMMA {mma['HMMA']}, HGMMA {mma['HGMMA']})"
                       f"{'  RISKY: replicated rows converted ' + ', '.join(flags) if flags else ''}", flush=True)
 
 
