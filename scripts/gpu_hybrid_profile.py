@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -51,8 +52,6 @@ def kernel_ms(step, n: int = 3, by_op: bool = False) -> dict[str, float]:
 
 def wall_ms(step, n: int = 20) -> float:
     """Wall ms per call of `step`, n calls back to back between two synchronizations (host included)."""
-    import time
-
     step()
     torch.cuda.synchronize()
     t0 = time.perf_counter()

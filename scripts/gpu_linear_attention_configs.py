@@ -61,9 +61,10 @@ RETIRED = {
 # program: the other resident programs hide the latency instead) halves the shared memory of the BT = 64
 # tiles, so 3-4 programs fit (fwd 64x32: 53 KB, 464 B spilled at 168; dv 64x32: 53 KB, 40 B).
 # (128, 128, 8, 2) for fwd and dv (session 24): every dot has 128 rows (no replicated-row conversion) and one
-# V tile computes the features and scores once instead of per tile: sm_90 SASS per token and 128 value
-# columns 119 warp-instructions for fwd with ZDOT (vs 179 at (64, 64, 4, 2)), 107 for dv (vs 156), but
-# 584 / 400 B spilled and one program per SM (196-200 KB of shared memory). Untimed, never run.
+# V tile computes the features and scores once instead of per tile. sm_90 SASS per chunk: dv 1710 (107
+# warp-instructions per token over all 128 value columns, vs 156 at (64, 64, 4, 2)) with 400 B spilled;
+# fwd as it is (no ZDOT) 2411 (151 per token, vs 211) with 800 B spilled. One program per SM (196-200 KB of
+# shared memory). Untimed, never run.
 CANDIDATES = {"fwd_kernel": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (16, 32, 4, 2, 168), (16, 32, 4, 2, 128),
                              (64, 32, 4, 1, 168), (128, 128, 8, 2)],
               "bwd_dqdk_kernel": [(64, 64, 4, 3), (64, 16, 4, 3, 168), (64, 16, 4, 2, 168), (64, 16, 4, 1, 168)],

@@ -22,8 +22,7 @@
 # ~3 min), zdotbisect (ZDOT's GPU test with ZDOT on in one kernel at a
 # time, ~3 min), favor (normalised FAVOR+'s GPU test on the kernel; when it passes, the kernel is switched
 # on in this copy (linear.RESCALED_NORMALIZED_ON_KERNEL) for the phases after it), la128k / la32k (the
-# bench's linear, FAVOR+, window and hybrid rows only, ~2 min), zdotab (the 128k bench's linear rows with ZDOT
-# off, on in chunk_state and dqdk, on everywhere, ~3 min), zdotsan (fwd_kernel's ZDOT fault under
+# bench's linear, FAVOR+, window and hybrid rows only, ~2 min), zdotsan (fwd_kernel's ZDOT fault under
 # compute-sanitizer memcheck, ~2 min), capsweep (the register-capped configs of gpu_linear_attention_configs.py's
 # candidates, each forced against the baseline, ~4 min), laab (scripts/gpu_la_ab.py on a carried ../snap_old
 # checkout, then on this one: the linear-attention op side by side, ~2 min), opdiag (scripts/gpu_opcheck_diag.py,
@@ -144,11 +143,9 @@ for phase in "$@"; do
     la8k) bench la8k 150 attn.causal.T8192 "${LA_ROWS[@]}" ;;
     fitted8k) bench fitted8k 200 attn.causal.T8192 "${FIT_ROWS[@]}" ;;
     fitted32k) bench fitted32k 200 attn.causal.T32768 "${FIT_ROWS[@]}" ;;
-    zdotab) for z in 0 chunk_state,dqdk 1; do  # the normaliser sums as dots: off, in the two kernels that
-        # passed (session 14), in all three (fwd reworked since; run zdotbisect first)
-        MMM_LA_ZDOT=$z bench "zdot_${z%%,*}" 120 attn.causal.T131072 "linear elu*" "linear relu*"; done ;;
     zdotdq) for z in chunk_state,dqdk 1 chunk_state; do  # the normaliser sums as dots: the default, with fwd's
-        # too, without dq/dk's (session 24 ran it on rewrites of both: results/h100/2026-12-07-s24-la-ab.jsonl)
+        # too, without dq/dk's, timed per kernel at 8k-128k (it replaces session 15's zdotab, which ran the
+        # bench rows; session 24 ran it on rewrites of both: results/h100/2026-12-07-s24-la-ab.jsonl)
         step "zdotdq_${z//,/+}" 120 env MMM_LA_ZDOT=$z python scripts/gpu_la_ab.py --label "zdot=$z"; done ;;
     cand128) step cand128 240 python scripts/gpu_linear_attention_configs.py --budget-s 180 \
         --only fwd_kernel=128,128,8,2 bwd_dv_kernel=128,128,8,2 ;;  # session 24's one-V-tile candidates
