@@ -252,7 +252,8 @@ def loop_instructions(sass: str) -> int:
 
 
 def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None:
-    """Compiles each config (bf16, elu, normalized, causal; chunk_state in both directions) for sm_90 and
+    """Compiles each config (bf16, elu, normalized, causal; chunk_state in both directions; the features
+    written once and read as they are, as in training) for sm_90 and
     prints shared memory, registers and spill bytes (cuobjdump -res-usage), the static SASS instruction
     count with its commonest opcodes (cuobjdump -sass: session 16 cut elu+1's ~14 instructions per element
     to ~7 by reading these), the kernel's mma v2 (HMMA) and wgmma (HGMMA) instructions, the mma layouts (warpsPerCTA),
@@ -273,12 +274,15 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
     print(f"DK={D} DV={DV}: kernel variant (BT,tile,warps,stages): shared bytes, registers, spill bytes, mma warpsPerCTA, flags")
     for name, tile in tiles.items():
         fn = getattr(kernels, name).fn
-        variants = ([{"BWD": bwd, "HAS_DRDEN": False, "HAS_DELTA": False, "ZDOT": z} for z in (False, True) for bwd in (False, True)]
+        # the training path: each map's features written once (op.features_written) and read as they are
+        # by the later kernels (FEATURE_GIVEN = 3)
+        variants = ([{"BWD": bwd, "HAS_DRDEN": False, "HAS_DELTA": False, "ZDOT": z, "WRITE_F": True}
+                     for z in (False, True) for bwd in (False, True)]
                     if name == "chunk_state_kernel"
-                    else [{"CAUSAL": True, "PART": p, "ZDOT": z} for z in (False, True) for p in (1, 2)]
+                    else [{"CAUSAL": True, "PART": p, "ZDOT": z, "PHI": 3} for z in (False, True) for p in (1, 2)]
                     if name == "bwd_dqdk_kernel"
-                    else [{"CAUSAL": True, "ZDOT": z} for z in (False, True)] if name == "fwd_kernel"
-                    else [{"CAUSAL": True}])
+                    else [{"CAUSAL": True, "ZDOT": z, "PHI_K": 3} for z in (False, True)] if name == "fwd_kernel"
+                    else [{"CAUSAL": True, "FEATURE": 3}])
         options = kernels.CONFIGS[name] + RETIRED.get(name, []) + CANDIDATES.get(name, [])
         for bt, t, w, st, *cap in options:
             for var in variants:

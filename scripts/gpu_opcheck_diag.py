@@ -26,7 +26,7 @@ def caches() -> dict:
 def main() -> None:
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    args = (q, k, v, 1, True, True, 1e-6, 128, 0.5, 5)
+    args = (q, k, v, 1, True, True, 1e-6, 128, 0.5, 5, False)  # lag 5: the keys' features are not written
     op = torch.ops.mmm.linear_attention_fwd.default
     o1 = op(*args)[0]
     o2 = op(*args)[0]

@@ -99,16 +99,16 @@ class _Bodies(torch.autograd.Function):
     torch.library layers (custom-op dispatch, register_autograd's generated Function) add."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cfg, eps):
-        o, rden, states = la_op.linear_attention_fwd._init_fn(q, k, v, *cfg[:3], eps, *cfg[3:])
-        ctx.save_for_backward(q, k, v, o, rden, states)
-        ctx.cfg = cfg
+    def forward(ctx, q, k, v, cfg, eps, written):
+        o, rden, states, fk = la_op.linear_attention_fwd._init_fn(q, k, v, *cfg[:3], eps, *cfg[3:], written)
+        ctx.save_for_backward(q, fk if written else k, v, o, rden, states)  # as the op saves them
+        ctx.cfg, ctx.written = cfg, written
         return o
 
     @staticmethod
     def backward(ctx, do):
-        dq, dk, dv = la_op.linear_attention_bwd._init_fn(do.contiguous(), *ctx.saved_tensors, *ctx.cfg)
-        return dq, dk, dv, None, None
+        dq, dk, dv = la_op.linear_attention_bwd._init_fn(do.contiguous(), *ctx.saved_tensors, *ctx.cfg, None, ctx.written)
+        return dq, dk, dv, None, None, None
 
 
 def measure(B, T, H, D, dtype, device, n, sync, feature_map="elu", normalize=True, causal=True) -> dict:
@@ -119,25 +119,27 @@ def measure(B, T, H, D, dtype, device, n, sync, feature_map="elu", normalize=Tru
     eps = 1e-6
     fwd_body = la_op.linear_attention_fwd._init_fn
     bwd_body = la_op.linear_attention_bwd._init_fn
-    o, rden, states = la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0, 0)
+    written = la_op.features_written(feature, causal, 0, True)
+    o, rden, states, fk = la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0, 0, written)
+    kb = fk if written else k  # what the backward reads: the keys' features where the forward wrote them
     cfg = (feature, normalize, causal, seg, 1.0, 0)  # scale 1, lag 0
 
     def fwd_bwd():
         torch.autograd.grad(linear_attention(qg, kg, vg, feature_map, normalize, causal), (qg, kg, vg), go)
 
     def bodies_fwd_bwd():
-        torch.autograd.grad(_Bodies.apply(qg, kg, vg, cfg, eps), (qg, kg, vg), go)
+        torch.autograd.grad(_Bodies.apply(qg, kg, vg, cfg, eps, written), (qg, kg, vg), go)
 
     def base_fwd_bwd():
         torch.autograd.grad(_Trivial.apply(qg, kg, vg)[0], (qg, kg, vg), go)
 
     cases = {
-        "fwd_body": lambda: fwd_body(q, k, v, feature, normalize, causal, eps, seg, 1.0, 0),
-        "fwd_op": lambda: la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0, 0),
+        "fwd_body": lambda: fwd_body(q, k, v, feature, normalize, causal, eps, seg, 1.0, 0, written),
+        "fwd_op": lambda: la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0, 0, written),
         "fwd_nograd": lambda: linear_attention(q, k, v, feature_map, normalize, causal),
         "fwd_grad": lambda: linear_attention(qg, kg, vg, feature_map, normalize, causal),
-        "bwd_body": lambda: bwd_body(go, q, k, v, o, rden, states, *cfg),
-        "bwd_op": lambda: la_op.linear_attention_bwd(go, q, k, v, o, rden, states, *cfg),
+        "bwd_body": lambda: bwd_body(go, q, kb, v, o, rden, states, *cfg, None, written),
+        "bwd_op": lambda: la_op.linear_attention_bwd(go, q, kb, v, o, rden, states, *cfg, None, written),
         "fwd_bwd": fwd_bwd,
         "bodies_fwd_bwd": bodies_fwd_bwd,
         "base:empty_like": lambda: torch.empty_like(q),

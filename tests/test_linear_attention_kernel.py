@@ -74,6 +74,27 @@ def test_input_scale_applied_in_the_kernel(feature_map, normalize, causal, poiso
 
 
 @needs_kernel
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("written", [True, False], ids=["features-written", "features-recomputed"])
+def test_features_written_once_or_recomputed(feature_map, causal, written, poisoned_empty, monkeypatch):
+    """The kernels that first compute phi(s k) (the forward's chunk_state) and phi(s q) (the backward's)
+    write them as the dots take them for the later kernels to read (`op.features_written`); otherwise
+    each kernel recomputes them (a key lag, the hybrid's, always does). Both match fp64, and the backward
+    keeps q and the keys' features in the first case, q and k in the second."""
+    if not written:
+        monkeypatch.setattr(op, "features_written", lambda *args: False)
+    q, k, v = make_inputs(1, 100, 2, 16, feature_map, True)
+    check_against_fp64(q, k, v, feature_map, True, causal, seg_len=32, tol=2e-5, scale=0.37)
+    qs, ks = (t.clone().requires_grad_() for t in (q, k))
+    o = op._kernel_forward(qs, ks, v, feature_map, True, causal, seg_len=32, scale=0.37)
+    phi = torch.relu if feature_map == "relu" else (lambda x: torch.nn.functional.elu(x) + 1)
+    want = (q, phi(0.37 * k)) if written else (q, k)
+    for got, expected in zip(o.grad_fn.saved_tensors[:2], want):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
 @pytest.mark.parametrize("only", ["chunk_state", "fwd", "dqdk"])
 def test_normalizer_sums_as_dots_in_one_kernel(only, monkeypatch):
     """ZDOT limited to one kernel (MMM_LA_ZDOT=<name>, for bisecting a GPU failure): that kernel alone
@@ -679,16 +700,16 @@ def _pin_tile_configs(monkeypatch, more_tuners=()):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("normalize,causal", [(True, True), (False, False)])
-def test_gpu_opcheck(normalize, causal, monkeypatch):
+@pytest.mark.parametrize("normalize,causal,lag,written", [(True, True, 5, False), (False, False, 0, False), (True, True, 0, True)])
+def test_gpu_opcheck(normalize, causal, lag, written, monkeypatch):
     q, k, v = (torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    lag = 5 if causal else 0
-    args = (q, k, v, 1, normalize, causal, 1e-6, 128, 0.5, lag)
-    o, rden, states = torch.ops.mmm.linear_attention_fwd(*args)
+    args = (q, k, v, 1, normalize, causal, 1e-6, 128, 0.5, lag, written)
+    o, rden, states, fk = torch.ops.mmm.linear_attention_fwd(*args)
     do = torch.randn_like(o)
-    # rden is a differentiable output: detach it and the states, or opcheck differentiates the backward op
-    bwd_args = (do, q.detach(), k.detach(), v.detach(), o.detach(), rden.detach(), states.detach(), 1, normalize, causal,
-                128, 0.5, lag)
+    # rden is a differentiable output: detach it and the states, or opcheck differentiates the backward op;
+    # with the keys' features written the backward takes them in place of k
+    bwd_args = (do, q.detach(), fk if written else k.detach(), v.detach(), o.detach(), rden.detach(), states.detach(),
+                1, normalize, causal, 128, 0.5, lag, None, written)
     torch.ops.mmm.linear_attention_bwd(*bwd_args)  # every kernel launched (and tuned) once before pinning
     _pin_tile_configs(monkeypatch)
     torch.library.opcheck(torch.ops.mmm.linear_attention_fwd.default, args)

@@ -23,7 +23,10 @@ All states and accumulations are fp32; operands of tl.dot are cast to the input 
 
 Bytes, in units of one [B, T, H, D] bf16 tensor: forward reads k, v (states) then q, k, v and writes o:
 6 (the minimum is 4); backward reads q, do, o (states, r; normalizing, it writes g = do * rden), then q,
-k, v, g and writes dq, dk, then q, k, g and writes dv: 13, 14 with g (minimum 8). Plus the fp32 segment
+k, v, g and writes dq, dk, then q, k, g and writes dv: 13, 14 with g (minimum 8). With elu or relu the
+first kernel to compute a map's features writes them (b by the forward's chunk_state, a by the
+backward's) and the later ones read them in place of k or q (op.features_written): one unit more each
+way, for fewer instructions in every later kernel (the kernels are issue-bound). Plus the fp32 segment
 states, small unless segments are short. At T=128k, H=16, D=128 a unit is 0.54 GB, so about 0.8 ms forward
 and 1.7 ms backward at 4.2 TB/s; the FLOPs
 (~0.1 MFLOP per token and head forward, ~2.5x that backward) take about a third of that at 775
@@ -72,6 +75,9 @@ SCAN_BLOCK = 1024
 # length multiples of it, every chunk is whole and the kernels drop their row masks (FULL_CHUNKS).
 MAX_BT = 128
 FEATURE_CODES = {None: 0, "identity": 0, "elu": 1, "relu": 2}
+# The map code for inputs that are features already, used as loaded (no scale): the forward's saved
+# features, which the backward reads instead of q and k (op.py: `save_features`).
+FEATURE_GIVEN = 3
 LOG2E = tl.constexpr(1.4426950408889634)
 LIBDEVICE = tl.constexpr(not INTERPRET)  # the interpreter has no libdevice functions
 
@@ -282,8 +288,10 @@ def _features(x, mt, like_ptr, scale, FEATURE: tl.constexpr, DOT_MODE: tl.conste
     inside bf16's rounding of the features), then the pack to bf16; dropping the min took 6-9% off the
     fwd and dv loops. mt None: no mask, where the rows outside it only ever meet zeros or feed
     rows that are not stored (each call says why): query rows (their do, rden and r load as 0), and key
-    rows wherever their value rows (loaded as 0) and zero weights in the normalizer's dots cover them."""
-    x = _phi(x, scale, FEATURE)
+    rows wherever their value rows (loaded as 0) and zero weights in the normalizer's dots cover them.
+    FEATURE_GIVEN: x is features already, used as loaded (no round trip through fp32)."""
+    if FEATURE != 3:  # FEATURE_GIVEN
+        x = _phi(x, scale, FEATURE)
     if mt is not None:
         x = tl.where(mt[:, None], x, 0.0)
     return _cast(x, like_ptr, DOT_MODE)
@@ -300,6 +308,8 @@ def _phi(x, scale, FEATURE: tl.constexpr):
         return tl.where(x > 0, x * scale + 1.0, _exp2(x * (scale * LOG2E)))
     elif FEATURE == 2:
         return tl.maximum(x, 0.0) * scale
+    elif FEATURE == 3:  # FEATURE_GIVEN
+        return x
     else:
         return x * scale
 
@@ -394,10 +404,10 @@ def _key_rows(mt, offs_t, t0, first, HAS_LAG: tl.constexpr):
 )
 @triton.jit
 def chunk_state_kernel(
-    x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, g_ptr, delta_ptr, st_ptr,
+    x_ptr, y_ptr, o_ptr, rden_ptr, r_ptr, drden_ptr, g_ptr, delta_ptr, st_ptr, f_ptr,
     T, H, L, NS, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, BWD: tl.constexpr,
-    HAS_DRDEN: tl.constexpr, HAS_DELTA: tl.constexpr, ZDOT: tl.constexpr,
+    HAS_DRDEN: tl.constexpr, HAS_DELTA: tl.constexpr, ZDOT: tl.constexpr, WRITE_F: tl.constexpr,
     HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """One segment's local sum of phi(x)^T y (a BK-row tile of the DK x DV state, full V) and of the
@@ -410,7 +420,9 @@ def chunk_state_kernel(
     HAS_DELTA (backward): also writes delta = do . o per row (the hybrid's band kernels need it).
     ZDOT: the vector's sums as dots
     (`_row_sums`, see ZDOT above). LAG (forward only; 0 in the backward, whose x and y are query rows):
-    x and y are read LAG rows back (`_key_lag`)."""
+    x and y are read LAG rows back (`_key_lag`). WRITE_F (no LAG): also stores the features of x as the
+    dots take them (b forward, a backward) to f_ptr ([B, T, H, DK], this program's BK columns), for the
+    later kernels to read instead of k or q (op.py's `features_written`)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
@@ -422,6 +434,7 @@ def chunk_state_kernel(
     y_base = y_ptr + rowv0 - lag_v
     o_base = o_ptr + rowv0
     g_base = g_ptr + rowv0
+    f_base = f_ptr + rowk0
     acc = tl.zeros([BK, DV], dtype=tl.float32)
     vec = tl.zeros([BK], dtype=tl.float32)
     vec_w = tl.zeros([BK, ZW], dtype=tl.float32)  # ZDOT: the vector in each of its ZW equal columns
@@ -433,6 +446,8 @@ def chunk_state_kernel(
             x_c = _features(x, mx, x_ptr, scale, FEATURE, DOT_MODE)
         else:  # they meet y = 0 in the state, and r = 0 or a zero weight in the vector's dots
             x_c = _features(x, None, x_ptr, scale, FEATURE, DOT_MODE)
+        if WRITE_F:
+            tl.store(f_base + tile_k, x_c.to(f_ptr.dtype.element_ty), mask=mt[:, None])
         y = tl.load(y_base + tile_dv, mask=mx[:, None], other=0.0)
         if NORMALIZE:
             if BWD:
@@ -468,6 +483,7 @@ def chunk_state_kernel(
         y_base += BT * H * DV
         o_base += BT * H * DV
         g_base += BT * H * DV
+        f_base += BT * H * DK
     base = st_ptr + (i_bh * (NS + 1) + i_s) * (DK * DV + DK)
     tl.store(base + offs_k[:, None] * DV + offs_dv[None, :], acc)
     if ZDOT:
@@ -507,8 +523,8 @@ def fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rden_ptr, st_ptr,
     T, H, L, NS, eps, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
-    ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, BT: tl.constexpr,
-    BV: tl.constexpr,
+    ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr,
+    PHI_K: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
     chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps).
@@ -517,7 +533,9 @@ def fwd_kernel(
     summing the rounded copy unpacked it to fp32 again and kept ptxas from packing the features in pairs
     (static SASS per loop 1943 -> 1691). The normalizer then differs from one of rounded features by
     ~2^-9 / sqrt(DK) relative, far inside the bf16 rounding of o.
-    LAG: keys and values read LAG rows back (`_key_lag`; causal only)."""
+    LAG: keys and values read LAG rows back (`_key_lag`; causal only). PHI_K: the map applied to the keys
+    as loaded, FEATURE or FEATURE_GIVEN (k_ptr holds the features chunk_state_kernel wrote: none to
+    compute; static sm_90 SASS per chunk 1691 -> 1358 at (64, 64, 4, 2), elu+1)."""
     i_v, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DV // BV, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
@@ -549,7 +567,7 @@ def fwd_kernel(
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
             mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
-            b32 = _phi(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), scale, FEATURE)
+            b32 = _phi(tl.load(k_base + tile_dk, mask=mk[:, None], other=0.0), scale, PHI_K)
             b32 = tl.where(mk[:, None], b32, 0.0)
             b_c = _cast(b32, q_ptr, DOT_MODE)
             v_c = _cast(tl.load(v_base + tile_v, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
@@ -586,7 +604,7 @@ def bwd_dqdk_kernel(
     T, H, L, NS, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, PART: tl.constexpr,
-    INTRA: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    INTRA: tl.constexpr, PHI: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """dq and dk for one K-tile of one segment:
       da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
@@ -602,7 +620,9 @@ def bwd_dqdk_kernel(
     [BK, ZW] equal columns, read back as their mean where used; see ZDOT above). LAG: k and v read, dk
     stored, LAG rows back (`_key_lag`; causal only). g_ptr: g as the dots take it (do * rden written by the
     backward chunk_state_kernel when normalizing, do otherwise). INTRA off (causal): no tril(...) terms,
-    i.e. query t sees the keys of earlier chunks only (`with_chunk` sets the chunks)."""
+    i.e. query t sees the keys of earlier chunks only (`with_chunk` sets the chunks). PHI: the map applied
+    to q and k as loaded, FEATURE or FEATURE_GIVEN (the forward's saved features); phi' and the scale of
+    dq and dk still follow FEATURE."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
@@ -647,9 +667,9 @@ def bwd_dqdk_kernel(
         mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
         k_c = tl.load(k_ptr + off_k - lag_k + tile_k, mask=mk[:, None], other=0.0)
         if HAS_LAG or (NORMALIZE and not ZDOT):  # lagged keys' missing rows meet dA in da; the plain z sums
-            b_c = _features(k_c, mk, q_ptr, scale, FEATURE, DOT_MODE)
+            b_c = _features(k_c, mk, q_ptr, scale, PHI, DOT_MODE)
         else:  # padding rows meet v = 0, dA = 0 (do, r = 0 on those rows) and ZDOT's zero weights
-            b_c = _features(k_c, None, q_ptr, scale, FEATURE, DOT_MODE)
+            b_c = _features(k_c, None, q_ptr, scale, PHI, DOT_MODE)
         if ZDOT:
             ones = tl.broadcast_to(tl.where(mk, 1.0, 0.0)[:, None], [BT, ZW])
         v_c = _cast(tl.load(v_ptr + off_v - lag_v + tile_dv, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
@@ -668,7 +688,7 @@ def bwd_dqdk_kernel(
             if NORMALIZE:
                 dA += rr[:, None]
             dA_c = _cast(tl.where(causal, dA, 0.0), q_ptr, DOT_MODE)
-        a_c = _features(tl.load(q_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE,
+        a_c = _features(tl.load(q_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), None, q_ptr, scale, PHI,
                         DOT_MODE)
         if PART != 2:  # dq
             da = _dot(g_c, tl.trans(_cast(S, q_ptr, DOT_MODE)), DOT_MODE)

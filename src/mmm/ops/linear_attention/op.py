@@ -95,35 +95,54 @@ if HAVE_TRITON:
     def _forward_launches(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         feature: int, normalize: bool, causal: bool, eps: float, seg_len: int, scale: float, lag: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        write_features: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k [B,T,H,DK], v [B,T,H,DV]; the features are phi(scale * q), phi(scale * k); query t sees the
         keys s <= t - lag (causal; lag 0: s <= t). Returns o
-        [B,T,H,DV], rden = 1/(den+eps) [B,H,T] fp32 (zeros when not normalizing) and the exclusive
-        per-segment prefix states [B*H, NS+1, DK*DV+DK] fp32 (entry NS = total), kept for backward.
-        Every element of o, rden and states is written: states 0..NS-1 by
-        chunk_state_kernel (all DK/BK row tiles of every segment), entry NS by the scan, rden by fwd_kernel
-        when normalizing."""
+        [B,T,H,DV], rden = 1/(den+eps) [B,H,T] fp32 (zeros when not normalizing), the exclusive
+        per-segment prefix states [B*H, NS+1, DK*DV+DK] fp32 (entry NS = total), kept for backward, and
+        the keys' features b = phi(s k) as the dots take them (`write_features`, see `features_written`:
+        shaped like k; empty otherwise). Every element of o, rden, states and b is written: states
+        0..NS-1 and b by chunk_state_kernel (all DK/BK row tiles of every segment), entry NS by the scan,
+        rden by fwd_kernel when normalizing."""
         B, T, H, _ = q.shape
         o = torch.empty_like(v)
         alloc = torch.empty if normalize else torch.zeros
         rden = alloc((B, H, T), dtype=torch.float32, device=q.device)
         common = _shared_args(q, v, seg_len, scale, feature, normalize)
         lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys
-        states = prefix_states(k, v, common, lagged)
+        fk = torch.empty_like(k) if write_features else k.new_empty(0)
+        states = prefix_states(k, v, common, lagged, fk if write_features else None)
+        # with the keys' features written, fwd_kernel reads them instead of computing them again
         launcher(kernels.fwd_kernel)[_grid(v.shape[-1], common["NS"] * B * H, "BV")](
-            q, k, v, o, rden, states, eps=eps, CAUSAL=causal, ZDOT=kernels.zdot("fwd"), **lagged, **common)
-        return o, rden, states
+            q, fk if write_features else k, v, o, rden, states, eps=eps, CAUSAL=causal, ZDOT=kernels.zdot("fwd"),
+            PHI_K=kernels.FEATURE_GIVEN if write_features else feature, **lagged, **common)
+        return o, rden, states, fk
 
-    def prefix_states(k: torch.Tensor, v: torch.Tensor, common: dict, lagged: dict) -> torch.Tensor:
+    def features_written(feature: int, causal: bool, lag: int, needs_grad: bool) -> bool:
+        """Whether the kernels that compute a map's features first write them as the dots take them, for
+        the later kernels to read in place of the inputs: the forward's chunk_state_kernel writes b =
+        phi(s k) (one more tensor write) for fwd_kernel (causal) and the backward (needs_grad), the
+        backward's writes a = phi(s q) for the dq/dk and dv kernels. Worth it for maps that cost
+        instructions (elu, relu: ~5 an element; the kernels are issue-bound): static sm_90 SASS per chunk
+        (elu+1, bf16, D = 128, default configs) fwd 1691 -> 1358, dq 878 -> 781, dk 990 -> 899, dv
+        1251 -> 476, the backward chunk_state 1389 -> 975 (the forward's 646 -> 704). Not with a key lag
+        (the hybrid's far part, whose keys are shifted)."""
+        return (causal or needs_grad) and lag == 0 and feature in (kernels.FEATURE_CODES["elu"], kernels.FEATURE_CODES["relu"])
+
+    def prefix_states(k: torch.Tensor, v: torch.Tensor, common: dict, lagged: dict,
+                      features: torch.Tensor | None = None) -> torch.Tensor:
         """The exclusive per-segment prefix states [B*H, NS+1, DK*DV+DK] fp32 (entry NS = the total) of the
         (lagged) keys and values: chunk_state_kernel writes every segment's local sums, the scan turns
-        them into prefixes. common: `_shared_args`; lagged: the LAG / HAS_LAG launch arguments."""
+        them into prefixes. common: `_shared_args`; lagged: the LAG / HAS_LAG launch arguments. features
+        (no lag): a tensor like k that receives phi(s k) as the dots take it."""
         B, _, H, DK = k.shape
         NS, M = common["NS"], DK * v.shape[-1] + DK
         states = torch.empty((B * H, NS + 1, M), dtype=torch.float32, device=k.device)
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            k, v, v, states, states, states, v, states, states, BWD=False, HAS_DRDEN=False, HAS_DELTA=False,
-            ZDOT=kernels.zdot("chunk_state"), **lagged, **common)
+            k, v, v, states, states, states, v, states, states, k if features is None else features, BWD=False,
+            HAS_DRDEN=False, HAS_DELTA=False, ZDOT=kernels.zdot("chunk_state"), WRITE_F=features is not None,
+            **lagged, **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             states, NS, M, REVERSE=False, BLOCK=kernels.SCAN_BLOCK)
         return states
@@ -132,16 +151,18 @@ if HAVE_TRITON:
         do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
         rden: torch.Tensor, states: torch.Tensor,
         feature: int, normalize: bool, causal: bool, seg_len: int, scale: float, lag: int,
-        drden: torch.Tensor | None = None,
+        drden: torch.Tensor | None = None, given: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """dq, dk, dv from the forward's saved o, rden and prefix states (`backward_kernels`)."""
-        return backward_kernels(do, q, k, v, o, rden, states, feature, normalize, causal, seg_len, scale, lag, drden)
+        """dq, dk, dv from the forward's saved o, rden and prefix states (`backward_kernels`); given: k is
+        the forward's keys' features."""
+        return backward_kernels(do, q, k, v, o, rden, states, feature, normalize, causal, seg_len, scale, lag, drden,
+                                given=given)
 
     def backward_kernels(
         do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
         rden: torch.Tensor, states: torch.Tensor,
         feature: int, normalize: bool, causal: bool, seg_len: int, scale: float, lag: int,
-        drden: torch.Tensor | None = None, block: int = 0, delta: torch.Tensor | None = None,
+        drden: torch.Tensor | None = None, block: int = 0, delta: torch.Tensor | None = None, given: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv from the forward's saved o, rden and prefix states. r (the normalizer's gradient) is
         written by chunk_state_kernel and read only when normalizing; zeros otherwise. drden: the gradient
@@ -150,7 +171,9 @@ if HAVE_TRITON:
         For hybrid_op (not arguments of the registered op): block > 0 (causal, lag 0): query t saw only the
         keys of the blocks of `block` rows before its own (the kernels' chunks set to the blocks, without
         their within-chunk terms); delta ([B, H, T] fp32, normalizing): filled with do . o per row, which
-        chunk_state_kernel computes anyway."""
+        chunk_state_kernel computes anyway. given (no lag): k holds the forward's features b; chunk_state
+        writes a likewise, and the dq/dk and dv kernels read both as they are (dq, dk still take phi',
+        read off a and b, and the scale)."""
         B, T, H, DK = q.shape
         DV = v.shape[-1]
         NS = cdiv(T, seg_len)
@@ -159,14 +182,16 @@ if HAVE_TRITON:
         r = (torch.empty if normalize else torch.zeros)((B, H, T), dtype=torch.float32, device=q.device)
         dstates = torch.empty_like(states)
         common = _shared_args(q, v, seg_len, scale, feature, normalize)
+        phi = kernels.FEATURE_GIVEN if given else feature  # the map the dq/dk and dv kernels apply as they read
+        fq = torch.empty_like(q) if given else q  # a = phi(s q), written by chunk_state when given
         dot_mode = common["DOT_MODE"]
         lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys (not chunk_state's: q, do)
         # normalizing: g = do * rden in the dots' dtype, written once by chunk_state for the later kernels
         g = torch.empty(do.shape, dtype=do.dtype if dot_mode == 0 else torch.float32, device=do.device) if normalize else do
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
-            q, do, o, rden, r, rden if drden is None else drden, g, r if delta is None else delta, dstates, LAG=0,
+            q, do, o, rden, r, rden if drden is None else drden, g, r if delta is None else delta, dstates, fq, LAG=0,
             HAS_LAG=False, BWD=True, HAS_DRDEN=normalize and drden is not None, HAS_DELTA=delta is not None,
-            ZDOT=kernels.zdot("chunk_state"), **common)
+            ZDOT=kernels.zdot("chunk_state"), WRITE_F=given, **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         dqdk_kernel, dv_kernel = kernels.bwd_dqdk_kernel, kernels.bwd_dv_kernel
@@ -174,33 +199,35 @@ if HAVE_TRITON:
             dqdk_kernel, dv_kernel = kernels.with_chunk(dqdk_kernel, block), kernels.with_chunk(dv_kernel, block)
         for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
             launcher(dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
-                q, k, v, g, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.zdot("dqdk"),
-                INTRA=not block, **lagged, **common)
+                fq, k, v, g, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.zdot("dqdk"),
+                INTRA=not block, PHI=phi, **lagged, **common)
         launcher(dv_kernel)[_grid(DV, NS * B * H, "BV")](
-            q, k, g, dstates, dv, CAUSAL=causal, INTRA=not block, **lagged, **common)
+            fq, k, g, dstates, dv, CAUSAL=causal, INTRA=not block, **lagged, **{**common, "FEATURE": phi})
         if lag:  # (every row when lag >= T: no query sees a key)
             dk[:, max(T - lag, 0):].zero_()
             dv[:, max(T - lag, 0):].zero_()
         return dq, dk, dv
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, feature, normalize, causal, eps, seg_len, scale, lag = inputs
-        o, rden, states = output
-        ctx.save_for_backward(q, k, v, o, rden, states)
+        q, k, v, feature, normalize, causal, eps, seg_len, scale, lag, write_features = inputs
+        o, rden, states, fk = output
+        # with the keys' features written the backward reads them in place of k (which it then never needs)
+        ctx.save_for_backward(q, fk if write_features else k, v, o, rden, states)
         ctx.config = (feature, normalize, causal, seg_len, scale, lag)
+        ctx.given = write_features
         # rden = 1 / (den + eps) is differentiable: hybrid attention reads the denominator off it.
-        ctx.mark_non_differentiable(states)
+        ctx.mark_non_differentiable(states, fk)
         # Without this, autograd allocates and zero-fills gradients for rden and states (states is
         # [B*H, NS+1, DK*DV+DK] fp32) on every backward, only for _backward to ignore them.
         ctx.set_materialize_grads(False)
 
     def _gradients(backward_launches):
-        def backward(ctx, do, drden, _dstates):
+        def backward(ctx, do, drden, _dstates, _dfk):
             q, k, v, o, rden, states = ctx.saved_tensors
             do = torch.zeros_like(o) if do is None else do.contiguous()
             drden = None if drden is None else drden.contiguous()
-            dq, dk, dv = backward_launches(do, q, k, v, o, rden, states, *ctx.config, drden)
-            return dq, dk, dv, None, None, None, None, None, None, None
+            dq, dk, dv = backward_launches(do, q, k, v, o, rden, states, *ctx.config, drden, ctx.given)
+            return dq, dk, dv, None, None, None, None, None, None, None, None
 
         return backward
 
@@ -265,9 +292,11 @@ def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps
         seg_len = segment_len(T, B * H)
     elif seg_len <= 0 or seg_len % kernels.SEGMENT_MULTIPLE:
         raise ValueError(f"seg_len must be a positive multiple of {kernels.SEGMENT_MULTIPLE}, got {seg_len}")
-    args = (q, k, v, kernels.FEATURE_CODES[feature_map], normalize, causal, float(eps), seg_len, float(scale),
-            min(int(lag), T))
-    o, rden, _ = (_EagerLinearAttention.apply if plain_eager(q, k, v) else linear_attention_fwd)(*args)
+    feature, lag = kernels.FEATURE_CODES[feature_map], min(int(lag), T)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    args = (q, k, v, feature, normalize, causal, float(eps), seg_len, float(scale), lag,
+            features_written(feature, causal, lag, needs_grad))
+    o, rden, *_ = (_EagerLinearAttention.apply if plain_eager(q, k, v) else linear_attention_fwd)(*args)
     return (o, rden) if with_rden else o
 
 
