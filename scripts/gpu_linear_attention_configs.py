@@ -279,7 +279,8 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
         variants = ([{"BWD": bwd, "HAS_DRDEN": False, "HAS_DELTA": False, "ZDOT": z, "WRITE_F": True}
                      for z in (False, True) for bwd in (False, True)]
                     if name == "chunk_state_kernel"
-                    else [{"CAUSAL": True, "PART": p, "ZDOT": z, "PHI": 3} for z in (False, True) for p in (1, 2)]
+                    else [{"CAUSAL": True, "PART": p, "ZDOT": z, "PHI_Q": 3, "PHI_K": 3, "WRITE_F": False}
+                          for z in (False, True) for p in (1, 2)]
                     if name == "bwd_dqdk_kernel"
                     else [{"CAUSAL": True, "ZDOT": z, "PHI_K": 3} for z in (False, True)] if name == "fwd_kernel"
                     else [{"CAUSAL": True, "FEATURE": 3}])
@@ -287,7 +288,7 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
         for bt, t, w, st, *cap in options:
             for var in variants:
                 # whole chunks (T and segments multiples of MAX_BT, as at the bench's lengths): no row masks
-                consts = dict(DK=D, DV=DV, FEATURE=1, NORMALIZE=True, DOT_MODE=0, FULL_CHUNKS=True, BT=bt, **{tile: t}, **var)
+                consts = {**dict(DK=D, DV=DV, FEATURE=1, NORMALIZE=True, DOT_MODE=0, FULL_CHUNKS=True, BT=bt, **{tile: t}), **var}
                 if "HAS_LAG" in fn.arg_names:  # lag-free, within-chunk terms on: the plain linear attention path
                     consts["HAS_LAG"] = False
                 if "INTRA" in fn.arg_names:

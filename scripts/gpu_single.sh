@@ -34,7 +34,8 @@
 # (gpu_hybrid_profile.py at 8k: CUDA time per kernel and wall time of linear elu+1 and Hedgehog, ~1 min),
 # compiletests (the linear-attention and hybrid torch.compile(fullgraph) GPU tests alone, ~3 min), zdotdq
 # (gpu_la_ab.py with the normaliser sums as dots where the default has them, everywhere, and in chunk_state
-# only, ~3 min), zdotfwdcfg (the forward ZDOT patch's D = 64 test, one forced fwd config per process, on a
+# only, ~3 min), feattests (session 25's features written once: the linear-attention and hybrid bf16 GPU
+# tests and opcheck, ~3 min), zdotfwdcfg (the forward ZDOT patch's D = 64 test, one forced fwd config per process, on a
 # carried ../snap_z, ~3 min), zdottest (the ZDOT-everywhere bf16 GPU test, ~1 min), cand128 (fwd and dv at
 # (128, 128, 8, 2), each forced against the baseline: correctness and time, ~3 min), hylong (the
 # fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min), fftab (the
@@ -150,6 +151,8 @@ for phase in "$@"; do
         step "zdotdq_${z//,/+}" 120 env MMM_LA_ZDOT=$z python scripts/gpu_la_ab.py --label "zdot=$z"; done ;;
     cand128) step cand128 240 python scripts/gpu_linear_attention_configs.py --budget-s 180 \
         --only fwd_kernel=128,128,8,2 bwd_dv_kernel=128,128,8,2 ;;  # session 24's one-V-tile candidates
+    feattests) step feattests 270 python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
+        tests/test_linear_attention_kernel.py tests/test_hybrid_kernel.py -k "bf16 or opcheck" ;;  # session 25
     zdotfwdcfg) for c in 64,64,4,2 64,32,4,2 32,64,4,2 16,32,4,2; do  # notes/la_fwd_zdot_dots.patch applied in a
         # carried ../snap_z: its D = 64 autotuning fault (session 24), one forced fwd config per process
         step "zdotfwd_${c//,/_}" 90 env PYTHONPATH=../snap_z/src MMM_LA_ZDOT=1 MMM_LA_CONFIG="fwd_kernel=$c" \

@@ -76,12 +76,12 @@ def test_input_scale_applied_in_the_kernel(feature_map, normalize, causal, poiso
 @needs_kernel
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("written", [True, False], ids=["features-written", "features-recomputed"])
-def test_features_written_once_or_recomputed(feature_map, causal, written, poisoned_empty, monkeypatch):
-    """The kernels that first compute phi(s k) (the forward's chunk_state) and phi(s q) (the backward's)
-    write them as the dots take them for the later kernels to read (`op.features_written`); otherwise
-    each kernel recomputes them (a key lag, the hybrid's, always does). Both match fp64, and the backward
-    keeps q and the keys' features in the first case, q and k in the second."""
+@pytest.mark.parametrize("written", [True, False], ids=["keys-featured-forward", "keys-featured-backward"])
+def test_features_written_once(feature_map, causal, written, poisoned_empty, monkeypatch):
+    """The kernel that first computes a map's features writes them as the dots take them for the later
+    kernels to read: phi(s q) the backward's chunk_state; phi(s k) the forward's chunk_state
+    (`op.features_written`), or else (a key lag, the hybrid's) the backward's first dq/dk launch. Both
+    match fp64, and the backward keeps q and the keys' features in the first case, q and k in the second."""
     if not written:
         monkeypatch.setattr(op, "features_written", lambda *args: False)
     q, k, v = make_inputs(1, 100, 2, 16, feature_map, True)

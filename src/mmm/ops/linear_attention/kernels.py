@@ -600,11 +600,12 @@ def fwd_kernel(
 )
 @triton.jit
 def bwd_dqdk_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr,
+    q_ptr, k_ptr, v_ptr, g_ptr, r_ptr, st_ptr, dst_ptr, dq_ptr, dk_ptr, f_ptr,
     T, H, L, NS, scale, LAG, TUNE_BUCKET,
     DK: tl.constexpr, DV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
     ZDOT: tl.constexpr, HAS_LAG: tl.constexpr, DOT_MODE: tl.constexpr, FULL_CHUNKS: tl.constexpr, PART: tl.constexpr,
-    INTRA: tl.constexpr, PHI: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    INTRA: tl.constexpr, PHI_Q: tl.constexpr, PHI_K: tl.constexpr, WRITE_F: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """dq and dk for one K-tile of one segment:
       da = g S_prev^T + r z_prev + tril(g v^T + r) b          (contracts over V: full V here)
@@ -620,9 +621,10 @@ def bwd_dqdk_kernel(
     [BK, ZW] equal columns, read back as their mean where used; see ZDOT above). LAG: k and v read, dk
     stored, LAG rows back (`_key_lag`; causal only). g_ptr: g as the dots take it (do * rden written by the
     backward chunk_state_kernel when normalizing, do otherwise). INTRA off (causal): no tril(...) terms,
-    i.e. query t sees the keys of earlier chunks only (`with_chunk` sets the chunks). PHI: the map applied
-    to q and k as loaded, FEATURE or FEATURE_GIVEN (the forward's saved features); phi' and the scale of
-    dq and dk still follow FEATURE."""
+    i.e. query t sees the keys of earlier chunks only (`with_chunk` sets the chunks). PHI_Q, PHI_K: the
+    maps applied to q and to k as loaded, FEATURE or FEATURE_GIVEN (features written by an earlier
+    kernel); phi' and the scale of dq and dk still follow FEATURE. WRITE_F: also stores the key features
+    b as the dots take them to f_ptr (at the rows dk goes to), for the launches after this one."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
@@ -667,9 +669,11 @@ def bwd_dqdk_kernel(
         mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
         k_c = tl.load(k_ptr + off_k - lag_k + tile_k, mask=mk[:, None], other=0.0)
         if HAS_LAG or (NORMALIZE and not ZDOT):  # lagged keys' missing rows meet dA in da; the plain z sums
-            b_c = _features(k_c, mk, q_ptr, scale, PHI, DOT_MODE)
+            b_c = _features(k_c, mk, q_ptr, scale, PHI_K, DOT_MODE)
         else:  # padding rows meet v = 0, dA = 0 (do, r = 0 on those rows) and ZDOT's zero weights
-            b_c = _features(k_c, None, q_ptr, scale, PHI, DOT_MODE)
+            b_c = _features(k_c, None, q_ptr, scale, PHI_K, DOT_MODE)
+        if WRITE_F:
+            tl.store(f_ptr + off_k - lag_k + tile_k, b_c.to(f_ptr.dtype.element_ty), mask=mk[:, None])
         if ZDOT:
             ones = tl.broadcast_to(tl.where(mk, 1.0, 0.0)[:, None], [BT, ZW])
         v_c = _cast(tl.load(v_ptr + off_v - lag_v + tile_dv, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
@@ -688,7 +692,7 @@ def bwd_dqdk_kernel(
             if NORMALIZE:
                 dA += rr[:, None]
             dA_c = _cast(tl.where(causal, dA, 0.0), q_ptr, DOT_MODE)
-        a_c = _features(tl.load(q_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), None, q_ptr, scale, PHI,
+        a_c = _features(tl.load(q_ptr + off_k + tile_k, mask=mt[:, None], other=0.0), None, q_ptr, scale, PHI_Q,
                         DOT_MODE)
         if PART != 2:  # dq
             da = _dot(g_c, tl.trans(_cast(S, q_ptr, DOT_MODE)), DOT_MODE)

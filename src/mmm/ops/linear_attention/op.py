@@ -119,16 +119,20 @@ if HAVE_TRITON:
             PHI_K=kernels.FEATURE_GIVEN if write_features else feature, **lagged, **common)
         return o, rden, states, fk
 
+    def map_costs(feature: int) -> bool:
+        """Whether the kernel that first computes this map's features should write them (as the dots take
+        them) for the later kernels to read in place of q or k: elu and relu cost ~5 instructions an
+        element, in every kernel, and the kernels are issue-bound. Static sm_90 SASS per chunk (elu+1,
+        bf16, D = 128, default configs), each map computed once: fwd 1691 -> 1358, dq 878 -> 781, dk 990
+        -> 899, dv 1251 -> 476, the backward chunk_state 1389 -> 1520, the forward's 646 -> 704; one more
+        tensor write each way."""
+        return feature in (kernels.FEATURE_CODES["elu"], kernels.FEATURE_CODES["relu"])
+
     def features_written(feature: int, causal: bool, lag: int, needs_grad: bool) -> bool:
-        """Whether the kernels that compute a map's features first write them as the dots take them, for
-        the later kernels to read in place of the inputs: the forward's chunk_state_kernel writes b =
-        phi(s k) (one more tensor write) for fwd_kernel (causal) and the backward (needs_grad), the
-        backward's writes a = phi(s q) for the dq/dk and dv kernels. Worth it for maps that cost
-        instructions (elu, relu: ~5 an element; the kernels are issue-bound): static sm_90 SASS per chunk
-        (elu+1, bf16, D = 128, default configs) fwd 1691 -> 1358, dq 878 -> 781, dk 990 -> 899, dv
-        1251 -> 476, the backward chunk_state 1389 -> 975 (the forward's 646 -> 704). Not with a key lag
-        (the hybrid's far part, whose keys are shifted)."""
-        return (causal or needs_grad) and lag == 0 and feature in (kernels.FEATURE_CODES["elu"], kernels.FEATURE_CODES["relu"])
+        """Whether the forward's chunk_state_kernel writes b = phi(s k) (`map_costs`) for fwd_kernel
+        (causal) and the backward (needs_grad) to read in place of k; not with a key lag (the hybrid's
+        far part: its backward writes b itself)."""
+        return (causal or needs_grad) and lag == 0 and map_costs(feature)
 
     def prefix_states(k: torch.Tensor, v: torch.Tensor, common: dict, lagged: dict,
                       features: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,9 +175,10 @@ if HAVE_TRITON:
         For hybrid_op (not arguments of the registered op): block > 0 (causal, lag 0): query t saw only the
         keys of the blocks of `block` rows before its own (the kernels' chunks set to the blocks, without
         their within-chunk terms); delta ([B, H, T] fp32, normalizing): filled with do . o per row, which
-        chunk_state_kernel computes anyway. given (no lag): k holds the forward's features b; chunk_state
-        writes a likewise, and the dq/dk and dv kernels read both as they are (dq, dk still take phi',
-        read off a and b, and the scale)."""
+        chunk_state_kernel computes anyway. given (no lag): k holds the forward's features b.
+        With elu or relu the first kernel to compute each map's features writes them and the later ones
+        read them as they are (`map_costs`): chunk_state writes a = phi(s q); unless given, the dk launch
+        (first) writes b. dq and dk still take phi' (read off a and b) and the scale."""
         B, T, H, DK = q.shape
         DV = v.shape[-1]
         NS = cdiv(T, seg_len)
@@ -182,8 +187,10 @@ if HAVE_TRITON:
         r = (torch.empty if normalize else torch.zeros)((B, H, T), dtype=torch.float32, device=q.device)
         dstates = torch.empty_like(states)
         common = _shared_args(q, v, seg_len, scale, feature, normalize)
-        phi = kernels.FEATURE_GIVEN if given else feature  # the map the dq/dk and dv kernels apply as they read
-        fq = torch.empty_like(q) if given else q  # a = phi(s q), written by chunk_state when given
+        write = map_costs(feature)
+        phi = kernels.FEATURE_GIVEN if write else feature  # the map applied once features are written
+        fq = torch.empty_like(q) if write else q  # a, written by chunk_state
+        fk = torch.empty_like(k) if write and not given else k  # b, written by the first dq/dk launch
         dot_mode = common["DOT_MODE"]
         lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys (not chunk_state's: q, do)
         # normalizing: g = do * rden in the dots' dtype, written once by chunk_state for the later kernels
@@ -191,18 +198,20 @@ if HAVE_TRITON:
         launcher(kernels.chunk_state_kernel)[_grid(DK, NS * B * H, "BK")](
             q, do, o, rden, r, rden if drden is None else drden, g, r if delta is None else delta, dstates, fq, LAG=0,
             HAS_LAG=False, BWD=True, HAS_DRDEN=normalize and drden is not None, HAS_DELTA=delta is not None,
-            ZDOT=kernels.zdot("chunk_state"), WRITE_F=given, **common)
+            ZDOT=kernels.zdot("chunk_state"), WRITE_F=write, **common)
         launcher(kernels.scan_kernel)[(cdiv(M, kernels.SCAN_BLOCK) * B * H,)](
             dstates, NS, M, REVERSE=True, BLOCK=kernels.SCAN_BLOCK)
         dqdk_kernel, dv_kernel = kernels.bwd_dqdk_kernel, kernels.bwd_dv_kernel
         if block:
             dqdk_kernel, dv_kernel = kernels.with_chunk(dqdk_kernel, block), kernels.with_chunk(dv_kernel, block)
-        for part in (1, 2) if kernels.SPLIT_DQDK else (0,):
+        for i, part in enumerate((2, 1) if kernels.SPLIT_DQDK else (0,)):  # dk first: it may write b for dq
+            first_writes = write and not given and i == 0
             launcher(dqdk_kernel)[_grid(DK, NS * B * H, "BK")](
-                fq, k, v, g, r, states, dstates, dq, dk, CAUSAL=causal, PART=part, ZDOT=kernels.zdot("dqdk"),
-                INTRA=not block, PHI=phi, **lagged, **common)
+                fq, k if first_writes else fk, v, g, r, states, dstates, dq, dk, fk, CAUSAL=causal, PART=part,
+                ZDOT=kernels.zdot("dqdk"), INTRA=not block, PHI_Q=phi, PHI_K=feature if first_writes else phi,
+                WRITE_F=first_writes, **lagged, **common)
         launcher(dv_kernel)[_grid(DV, NS * B * H, "BV")](
-            fq, k, g, dstates, dv, CAUSAL=causal, INTRA=not block, **lagged, **{**common, "FEATURE": phi})
+            fq, fk, g, dstates, dv, CAUSAL=causal, INTRA=not block, **lagged, **{**common, "FEATURE": phi})
         if lag:  # (every row when lag >= T: no query sees a key)
             dk[:, max(T - lag, 0):].zero_()
             dv[:, max(T - lag, 0):].zero_()
