@@ -119,7 +119,7 @@ def measure(B, T, H, D, dtype, device, n, sync, feature_map="elu", normalize=Tru
     eps = 1e-6
     fwd_body = la_op.linear_attention_fwd._init_fn
     bwd_body = la_op.linear_attention_bwd._init_fn
-    written = la_op.features_written(feature, causal, 0, True)
+    written = la_op.features_written(feature, dtype, causal, 0, True)
     o, rden, states, fk = la_op.linear_attention_fwd(q, k, v, feature, normalize, causal, eps, seg, 1.0, 0, written)
     kb = fk if written else k  # what the backward reads: the keys' features where the forward wrote them
     cfg = (feature, normalize, causal, seg, 1.0, 0)  # scale 1, lag 0

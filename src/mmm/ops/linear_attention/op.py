@@ -119,20 +119,21 @@ if HAVE_TRITON:
             PHI_K=kernels.FEATURE_GIVEN if write_features else feature, **lagged, **common)
         return o, rden, states, fk
 
-    def map_costs(feature: int) -> bool:
+    def map_costs(feature: int, dtype: torch.dtype) -> bool:
         """Whether the kernel that first computes this map's features should write them (as the dots take
-        them) for the later kernels to read in place of q or k: elu and relu cost ~5 instructions an
-        element, in every kernel, and the kernels are issue-bound. Static sm_90 SASS per chunk (elu+1,
-        bf16, D = 128, default configs), each map computed once: fwd 1691 -> 1358, dq 878 -> 781, dk 990
-        -> 899, dv 1251 -> 476, the backward chunk_state 1389 -> 1520, the forward's 646 -> 704; one more
-        tensor write each way."""
-        return feature in (kernels.FEATURE_CODES["elu"], kernels.FEATURE_CODES["relu"])
+        them, in the inputs' dtype) for the later kernels to read in place of q or k: elu and relu cost ~5
+        instructions an element, in every kernel, and the kernels are issue-bound. Static sm_90 SASS per
+        chunk (elu+1, bf16, D = 128, default configs), each map computed once: fwd 1691 -> 1358, dq 878
+        -> 781, dk 990 -> 899, dv 1251 -> 476, the backward chunk_state 1389 -> 1520, the forward's 646
+        -> 704; one more tensor write each way. Not for fp16 inputs: fp16's range would flush elu's small
+        features (exp(s x) < 6e-8) to zero, where the kernels keep them in fp32."""
+        return dtype != torch.float16 and feature in (kernels.FEATURE_CODES["elu"], kernels.FEATURE_CODES["relu"])
 
-    def features_written(feature: int, causal: bool, lag: int, needs_grad: bool) -> bool:
+    def features_written(feature: int, dtype: torch.dtype, causal: bool, lag: int, needs_grad: bool) -> bool:
         """Whether the forward's chunk_state_kernel writes b = phi(s k) (`map_costs`) for fwd_kernel
         (causal) and the backward (needs_grad) to read in place of k; not with a key lag (the hybrid's
         far part: its backward writes b itself)."""
-        return (causal or needs_grad) and lag == 0 and map_costs(feature)
+        return (causal or needs_grad) and lag == 0 and map_costs(feature, dtype)
 
     def prefix_states(k: torch.Tensor, v: torch.Tensor, common: dict, lagged: dict,
                       features: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,7 +188,7 @@ if HAVE_TRITON:
         r = (torch.empty if normalize else torch.zeros)((B, H, T), dtype=torch.float32, device=q.device)
         dstates = torch.empty_like(states)
         common = _shared_args(q, v, seg_len, scale, feature, normalize)
-        write = map_costs(feature)
+        write = map_costs(feature, q.dtype)
         phi = kernels.FEATURE_GIVEN if write else feature  # the map applied once features are written
         fq = torch.empty_like(q) if write else q  # a, written by chunk_state
         fk = torch.empty_like(k) if write and not given else k  # b, written by the first dq/dk launch
@@ -304,7 +305,7 @@ def _kernel_forward(q, k, v, feature_map="elu", normalize=True, causal=True, eps
     feature, lag = kernels.FEATURE_CODES[feature_map], min(int(lag), T)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     args = (q, k, v, feature, normalize, causal, float(eps), seg_len, float(scale), lag,
-            features_written(feature, causal, lag, needs_grad))
+            features_written(feature, q.dtype, causal, lag, needs_grad))
     o, rden, *_ = (_EagerLinearAttention.apply if plain_eager(q, k, v) else linear_attention_fwd)(*args)
     return (o, rden) if with_rden else o
 
