@@ -76,20 +76,23 @@ def test_input_scale_applied_in_the_kernel(feature_map, normalize, causal, poiso
 @needs_kernel
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("written", [True, False], ids=["keys-featured-forward", "keys-featured-backward"])
-def test_features_written_once(feature_map, causal, written, poisoned_empty, monkeypatch):
+@pytest.mark.parametrize("writer", ["forward", "backward", "none"])
+def test_features_written_once(feature_map, causal, writer, poisoned_empty, monkeypatch):
     """The kernel that first computes a map's features writes them as the dots take them for the later
     kernels to read: phi(s q) the backward's chunk_state; phi(s k) the forward's chunk_state
-    (`op.features_written`), or else (a key lag, the hybrid's) the backward's first dq/dk launch. Both
-    match fp64, and the backward keeps q and the keys' features in the first case, q and k in the second."""
-    if not written:
+    (`op.features_written`), or else (a key lag, the hybrid's) the backward's first dq/dk launch; with
+    MMM_LA_WRITE_FEATURES=0 (`op.WRITE_FEATURES`) none, each kernel computing them. All match fp64, and the
+    backward keeps q and the keys' features in the first case, q and k in the others."""
+    if writer == "backward":
         monkeypatch.setattr(op, "features_written", lambda *args: False)
+    elif writer == "none":
+        monkeypatch.setattr(op, "WRITE_FEATURES", False)
     q, k, v = make_inputs(1, 100, 2, 16, feature_map, True)
     check_against_fp64(q, k, v, feature_map, True, causal, seg_len=32, tol=2e-5, scale=0.37)
     qs, ks = (t.clone().requires_grad_() for t in (q, k))
     o = op._kernel_forward(qs, ks, v, feature_map, True, causal, seg_len=32, scale=0.37)
     phi = torch.relu if feature_map == "relu" else (lambda x: torch.nn.functional.elu(x) + 1)
-    want = (q, phi(0.37 * k)) if written else (q, k)
+    want = (q, phi(0.37 * k)) if writer == "forward" else (q, k)
     for got, expected in zip(o.grad_fn.saved_tensors[:2], want):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 

@@ -8,6 +8,7 @@ reference otherwise (CPU, float64 inputs, empty sequences, or Triton not install
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -26,6 +27,12 @@ FEATURE_MAPS = ("elu", "relu", None, "identity")
 # Untimed at other batch*head counts.
 _TARGET_SEGMENTS = 128
 _MIN_SEGMENT = 256
+# MMM_LA_WRITE_FEATURES=0 (read at import; diagnosis and A/Bs only): every kernel computes the map's
+# features itself again, as before session 25 (`map_costs`).
+_WRITE = os.environ.get("MMM_LA_WRITE_FEATURES", "1").strip()
+if _WRITE not in ("0", "1"):
+    raise ValueError(f"MMM_LA_WRITE_FEATURES must be 0 or 1 (the default), got {_WRITE!r}")
+WRITE_FEATURES = _WRITE == "1"
 
 try:
     from torch.library import triton_op
@@ -127,7 +134,7 @@ if HAVE_TRITON:
         -> 781, dk 990 -> 899, dv 1251 -> 476, the backward chunk_state 1389 -> 1520, the forward's 646
         -> 704; one more tensor write each way. Not for fp16 inputs: fp16's range would flush elu's small
         features (exp(s x) < 6e-8) to zero, where the kernels keep them in fp32."""
-        return dtype != torch.float16 and feature in (kernels.FEATURE_CODES["elu"], kernels.FEATURE_CODES["relu"])
+        return WRITE_FEATURES and dtype != torch.float16 and feature in (kernels.FEATURE_CODES["elu"], kernels.FEATURE_CODES["relu"])
 
     def features_written(feature: int, dtype: torch.dtype, causal: bool, lag: int, needs_grad: bool) -> bool:
         """Whether the forward's chunk_state_kernel writes b = phi(s k) (`map_costs`) for fwd_kernel
