@@ -10,8 +10,8 @@ Everything is warmed up (autotuned, compiled) before cudaProfilerStart, so ncu (
 sees exactly one forward+backward per workload, each kernel replayed for its counters
 (--clock-control none: the clocks stay as they are, see the device tool's METHOD.md). Writes
 $OUT/ncu_raw.csv (every metric of the sections below, one row per kernel launch) and prints, per kernel:
-duration, DRAM and SM throughput (% of peak), achieved occupancy, registers, and its three largest warp
-stall reasons (cycles per issued instruction).
+duration, DRAM, L2, L1 and SM throughput and issue-slot use (% of peak), achieved occupancy, registers,
+and its three largest warp stall reasons (cycles per issued instruction).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 
-SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "MemoryWorkloadAnalysis")
+SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "Occupancy", "LaunchStats", "WarpStateStats", "MemoryWorkloadAnalysis")
 LA_SHAPE = dict(B=1, T=32768, H=16, D=128)  # 32k: each kernel a few ms at most, replayed ~40 times
 
 
@@ -86,17 +86,23 @@ def summary(path: str) -> str:
         return _number(r[col[name]]) if name in col else None
 
     stall_cols = [c for c in header if c.startswith("smsp__average_warps_issue_stalled_") and c.endswith("_per_issue_active.ratio")]
-    out = [f"{'kernel':<44} {'us':>8} {'dram%':>6} {'sm%':>6} {'occ%':>6} {'regs':>5}  top stalls (cycles per issued instruction)"]
+    out = [f"{'kernel':<44} {'us':>8} {'dram%':>6} {'l2%':>6} {'l1%':>6} {'sm%':>6} {'issue%':>6} {'occ%':>6} {'regs':>5}  "
+           "top stalls (cycles per issued instruction)"]
     for r in data:
         stalls = sorted(((get(r, c) or 0.0, c.removeprefix("smsp__average_warps_issue_stalled_").removesuffix("_per_issue_active.ratio"))
                          for c in stall_cols), reverse=True)[:3]
         dur_ns = get(r, "gpu__time_duration.sum")
+        # L2 and L1 too: dq/dk's K-tile programs each load the full-V g and v tiles (session 25's lead: L2-bound?)
         fields = [get(r, "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"),
+                  get(r, "lts__throughput.avg.pct_of_peak_sustained_elapsed"),
+                  get(r, "l1tex__throughput.avg.pct_of_peak_sustained_active"),
                   get(r, "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
+                  get(r, "sm__inst_issued.avg.pct_of_peak_sustained_active"),
                   get(r, "sm__warps_active.avg.pct_of_peak_sustained_active"),
                   get(r, "launch__registers_per_thread")]
         shown = ["-" if v is None else f"{v:.0f}" for v in fields]
-        out.append(f"{r[col['Kernel Name']][:44]:<44} {(dur_ns or 0) / 1e3:>8.1f} {shown[0]:>6} {shown[1]:>6} {shown[2]:>6} {shown[3]:>5}  "
+        out.append(f"{r[col['Kernel Name']][:44]:<44} {(dur_ns or 0) / 1e3:>8.1f} "
+                   + " ".join(f"{x:>6}" for x in shown[:-1]) + f" {shown[-1]:>5}  "
                    + ", ".join(f"{name} {v:.1f}" for v, name in stalls))
     return "\n".join(out)
 
