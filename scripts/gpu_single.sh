@@ -36,7 +36,7 @@
 # (gpu_la_ab.py with the normaliser sums as dots where the default has them, everywhere, and in chunk_state
 # only, ~3 min), feattests (session 25's features written once: the linear-attention and hybrid bf16 GPU
 # tests and opcheck, ~3 min), zdotfwdcfg (the forward ZDOT patch's D = 64 test, one forced fwd config per process, on a
-# carried ../snap_z, ~3 min), zdottest (the ZDOT-everywhere bf16 GPU test, ~1 min), cand128 (fwd and dv at
+# ~3 min), zdottest (the ZDOT-everywhere bf16 GPU test, ~1 min), cand128 (fwd and dv at
 # (128, 128, 8, 2), each forced against the baseline: correctness and time, ~3 min), hylong (the
 # fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min), fftab (the
 # circulant and Toeplitz rows of the linear bench with the FFT backward's kernel gradient in a pass of its
@@ -153,9 +153,9 @@ for phase in "$@"; do
         --only fwd_kernel=128,128,8,2 bwd_dv_kernel=128,128,8,2 ;;  # session 24's one-V-tile candidates
     feattests) step feattests 270 python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
         tests/test_linear_attention_kernel.py tests/test_hybrid_kernel.py -k "bf16 or opcheck" ;;  # session 25
-    zdotfwdcfg) for c in 64,64,4,2 64,32,4,2 32,64,4,2 16,32,4,2; do  # notes/la_fwd_zdot_dots.patch applied in a
-        # carried ../snap_z: its D = 64 autotuning fault (session 24), one forced fwd config per process
-        step "zdotfwd_${c//,/_}" 90 env PYTHONPATH=../snap_z/src MMM_LA_ZDOT=1 MMM_LA_CONFIG="fwd_kernel=$c" \
+    zdotfwdcfg) for c in 64,64,4,2 64,32,4,2 32,64,4,2 16,32,4,2; do  # fwd's ZDOT (session 24's rewrite, in
+        # since session 25): its D = 64 autotuning fault, one forced fwd config per process
+        step "zdotfwd_${c//,/_}" 90 env MMM_LA_ZDOT=1 MMM_LA_CONFIG="fwd_kernel=$c" \
           python -m pytest -q --tb=line -m gpu -p no:cacheprovider tests/test_linear_attention_kernel.py \
           -k "gpu_normalizer_sums_as_dots_bf16 and 64"; done ;;
     zdottest) step zdottest 120 env MMM_LA_ZDOT=1 python -m pytest -v --tb=short -m gpu -p no:cacheprovider \

@@ -105,8 +105,8 @@ INTERPRET_CONFIG = (16, 16, 1, 1)
 # backward kernel took 3.94 ms instead of 4.87 (f+b 10.22 vs 11.19 ms, scripts/gpu_la_tune.py, H200)
 SPLIT_DQDK = True  # the interpreter runs one config (autotuning several fails there)
 # The normalizer's sums (z = sum b, and sum r a in the backward) as tensor-core dots x^T W with W [BT, ZW]
-# of equal columns (ones; r in two bf16 parts), z carried as [.., ZW] equal columns (in fwd: a vector,
-# only its column sums as a dot), instead of fp32 copies of whole feature tiles summed over their rows. Why:
+# of equal columns (ones; r in two bf16 parts), z carried as [.., ZW] equal columns (in fwd also a . z and
+# the within-chunk sums as dots), instead of fp32 copies of whole feature tiles summed over their rows. Why:
 # at T = 128k normalizing took identity features from 4.6 to 8.0 ms f+b, chunk_state from 0.55 to 1.74 ms
 # (H200, results/h200/2026-11-28-la-breakdown.log): a cross-warp reduction every chunk.
 ZW = tl.constexpr(16)
@@ -119,8 +119,9 @@ ZW = tl.constexpr(16)
 # sm_90 compiler's counts: dq/dk's sums as [BT, BK] dots whose rows all hold z (613 / 665 SASS per chunk
 # and no spills, against 878 / 990 and ~350 B here) ran slower, dqdk 2.53 -> 2.75 ms at 128k (plain sums:
 # 2.99); the forward's a . z and within-chunk sums as dots too (SASS 1691 -> 1430) ran faster, fwd_kernel
-# 1.83 -> 1.56 ms at D = 128, but faulted (illegal address) while autotuning at D = 64: kept as
-# notes/la_fwd_zdot_dots.patch (on top of the dq/dk rewrite), not here.
+# 1.83 -> 1.56 ms at D = 128, but faulted (illegal address) while autotuning at D = 64. Session 25 put
+# that forward rewrite in as fwd's ZDOT (off by default until the fault is found: gpu_single.sh
+# zdotfwdcfg); with the keys given as features it compiles to 1117 SASS per chunk against 1358.
 ZDOT_KERNELS = ("chunk_state", "fwd", "dqdk")
 ZDOT_DEFAULT = "chunk_state,dqdk"
 _ZDOT = os.environ.get("MMM_LA_ZDOT", ZDOT_DEFAULT).strip()
@@ -528,8 +529,14 @@ def fwd_kernel(
 ):
     """Outputs of one segment for one V-tile: o = (a S_prev + tril(a b^T) v) / (a z_prev + rowsum + eps),
     chunk by chunk, S (DK x BV) and z carried in registers. Without CAUSAL, o = a S_total / (a z_total + eps).
-    ZDOT: z's column sums as a tensor-core dot (see ZDOT above); a . z stays a row reduction.
-    a . z and (without ZDOT) z's sums take the fp32 features, before their rounding to the dot dtype:
+    ZDOT: the normalizer as tensor-core dots (see ZDOT above): z carried as [DK, ZW] equal columns (its
+    column sums a dot), a . z a dot of the rounded features with z rounded to the dot dtype (which moves
+    den by ~2^-9 / sqrt(DK) relative, under the features' own rounding), the within-chunk sums a dot of
+    the rounded scores (those num uses); den read off den_w's equal columns once a chunk. No fp32
+    feature tile stays live. Session 24 measured this on the H100 before the keys came as features:
+    fwd_kernel 1.83 -> 1.56 ms at 128k (D = 128), but an illegal address while autotuning at D = 64
+    (gpu_single.sh zdotfwdcfg forces one config per process to find which).
+    Without ZDOT, a . z and z's sums take the fp32 features, before their rounding to the dot dtype:
     summing the rounded copy unpacked it to fp32 again and kept ptxas from packing the features in pairs
     (static SASS per loop 1943 -> 1691). The normalizer then differs from one of rounded features by
     ~2^-9 / sqrt(DK) relative, far inside the bf16 rounding of o.
@@ -553,6 +560,7 @@ def fwd_kernel(
     z = tl.zeros([DK], dtype=tl.float32)
     if NORMALIZE:
         z = tl.load(base + DK * DV + offs_dk)
+    Zc = tl.zeros([DK, ZW], dtype=tl.float32) + z[:, None]  # ZDOT's z, in every column
     ones = tl.full([BT, ZW], 1.0, tl.float32)
     q_base = q_ptr + rowk0
     k_base = k_ptr + rowk0 - lag_k
@@ -560,10 +568,15 @@ def fwd_kernel(
     o_base = o_ptr + rowv0
     for t0 in range(0, t_len, BT):
         mt = _chunk_rows(offs_t, t_len - t0, BT, FULL_CHUNKS)
-        a32 = _phi(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), scale, FEATURE)
-        if NORMALIZE:  # a row reduction (within a warp's threads): no dot needed
-            den = tl.sum(a32 * z[None, :], axis=1)
-        a_c = _cast(a32, q_ptr, DOT_MODE)
+        if ZDOT:  # a . z as a dot of the rounded features: every column of den_w holds it
+            a_c = _features(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), None, q_ptr, scale, FEATURE, DOT_MODE)
+            if NORMALIZE:
+                den_w = _dot(a_c, _cast(Zc, q_ptr, DOT_MODE), DOT_MODE)
+        else:
+            a32 = _phi(tl.load(q_base + tile_dk, mask=mt[:, None], other=0.0), scale, FEATURE)
+            if NORMALIZE:  # a row reduction (within a warp's threads): no dot needed
+                den = tl.sum(a32 * z[None, :], axis=1)
+            a_c = _cast(a32, q_ptr, DOT_MODE)
         num = _dot(a_c, _cast(S, q_ptr, DOT_MODE), DOT_MODE)
         if CAUSAL:
             mk = _key_rows(mt, offs_t, t0, first, HAS_LAG)
@@ -572,16 +585,19 @@ def fwd_kernel(
             b_c = _cast(b32, q_ptr, DOT_MODE)
             v_c = _cast(tl.load(v_base + tile_v, mask=mk[:, None], other=0.0), q_ptr, DOT_MODE)
             A = tl.where(causal, _dot(a_c, tl.trans(b_c), DOT_MODE), 0.0)
-            num += _dot(_cast(A, q_ptr, DOT_MODE), v_c, DOT_MODE)
+            A_c = _cast(A, q_ptr, DOT_MODE)
+            num += _dot(A_c, v_c, DOT_MODE)
             S += _dot(tl.trans(b_c), v_c, DOT_MODE)
             if NORMALIZE:
-                den += tl.sum(A, axis=1)
-                if ZDOT:  # the column sums (across warps) as a dot, read back into z at once
-                    zsum = _row_sums(b_c, ones, tl.zeros([DK, ZW], dtype=tl.float32), q_ptr, DOT_MODE, True)
-                    z += tl.sum(zsum, axis=1) * (1.0 / ZW)
+                if ZDOT:  # the within-chunk sums and z's column sums as dots too
+                    den_w += _dot(A_c, _cast(ones, q_ptr, DOT_MODE), DOT_MODE)
+                    Zc = _row_sums(b_c, ones, Zc, q_ptr, DOT_MODE, True)
                 else:
+                    den += tl.sum(A, axis=1)
                     z += tl.sum(b32, axis=0)
         if NORMALIZE:
+            if ZDOT:
+                den = tl.sum(den_w, axis=1) * (1.0 / ZW)  # ZW equal columns: their mean is exact
             rd = 1.0 / (den + tl.cast(eps, tl.float32))  # (fp64 when traced: see _phi)
             num = num * rd[:, None]
             if i_v == 0:
