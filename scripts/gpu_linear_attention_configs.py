@@ -316,11 +316,15 @@ def ir_report(D: int, DV: int | None = None, maxnreg: int | None = None) -> None
                 ttgir = c.asm["ttgir"]
                 mmas = dict(re.findall(r"(#mma\d*) = #ttg.nvidia_mma<\{versionMajor = \d, versionMinor = \d, warpsPerCTA = \[(\d+), \d+\]", ttgir))
                 full = dict(re.findall(r"(#mma\d*) = #ttg.nvidia_mma<\{versionMajor = \d, versionMinor = \d, warpsPerCTA = \[(\d+, \d+)\]", ttgir))
-                replicated = {mm for rows, mm in re.findall(r"warp_group_dot .* -> tensor<(\d+)x\d+x\w+, (#mma\d*)>", ttgir)
+                # wgmma and mma v2 results alike (session 25: fwd's ZDOT at BT = 16 / 32 lays mma v2 dots on
+                # [4, 1]); converted to another mma layout, to an operand of another parent, or to a blocked
+                # layout (through shared memory)
+                replicated = {mm for rows, mm in re.findall(r"(?:warp_group_dot|tt\.dot) .* -> tensor<(\d+)x\d+x\w+, (#mma\d*)>", ttgir)
                               if 16 * int(mmas[mm]) > int(rows)}
-                flags = sorted({f"{shape} [{full[src_]}]->{'dot' if op_ else 'mma'}[{full[dst]}]" for shape, src_, op_, dst in re.findall(
-                    r"convert_layout .* : tensor<([0-9x]+)x\w+, (#mma\d*)> -> tensor<[0-9x]+x\w+, (#ttg.dot_op<\{opIdx = \d, parent = )?(#mma\d*)", ttgir)
-                    if src_ in replicated and full[src_] != full[dst]})
+                flags = sorted({f"{shape} [{full[src_]}]->{'dot' if op_ else 'mma' if dst else 'blocked'}[{full.get(dst, '')}]"
+                                for shape, src_, op_, dst in re.findall(
+                    r"convert_layout .* : tensor<([0-9x]+)x\w+, (#mma\d*)> -> tensor<[0-9x]+x\w+, (#ttg.dot_op<\{opIdx = \d, parent = )?(#mma\d*)?", ttgir)
+                    if src_ in replicated and (not dst or full[src_] != full[dst])})
                 # mma v2 (HMMA) vs wgmma (HGMMA): session 24's dq/dk rewrite moved to wgmma and ran slower
                 mma = collections.Counter(op for op in opcodes if op in ("HMMA", "HGMMA"))
                 print(f"{label}: {c.metadata.shared} B, {m[1] if m else '?'} regs, {m[2] if m else '?'} B spilled, "

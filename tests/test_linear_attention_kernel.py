@@ -602,6 +602,18 @@ def test_pruner_uses_the_width_each_tile_splits(dk, dv):
     assert all(c.kwargs["BV"] <= 32 for c in prune([cfg, cfg], {}, DK=128, DV=32))
 
 
+@pytest.mark.skipif(triton is None or not op.HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("D", [64, 128])
+def test_pruner_keeps_whole_row_groups_for_fwd_zdot(D):
+    """fwd_kernel with ZDOT keeps only chunks of >= 16 rows per warp (its 16- and 32-row chunks lay mma
+    dots with rows replicated across warps and convert them: kernels._pruner), without ZDOT every config."""
+    prune = op.kernels.fwd_kernel.early_config_prune
+    cfgs = [triton.Config({"BT": bt, "BV": t}, num_warps=w, num_stages=s) for bt, t, w, s in op.kernels.CONFIGS["fwd_kernel"]]
+    with_zdot = prune(cfgs, {}, DK=D, DV=D, ZDOT=True)
+    assert with_zdot and all(c.kwargs["BT"] >= 16 * c.num_warps for c in with_zdot), with_zdot
+    assert {c.kwargs["BT"] for c in prune(cfgs, {}, DK=D, DV=D, ZDOT=False)} == {bt for bt, *_ in op.kernels.CONFIGS["fwd_kernel"]}
+
+
 @pytest.mark.skipif(not op.HAVE_TRITON, reason="needs triton")
 def test_forced_config_parsing(monkeypatch):
     assert op.kernels._forced_configs("fwd_kernel=64,32,4,2; bwd_dv_kernel=32,64,4,2") == {

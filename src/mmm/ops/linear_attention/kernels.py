@@ -206,7 +206,7 @@ def with_chunk(kernel, bt: int):
     return _WITH_CHUNK[key]
 
 
-def _pruner(tile: str, n_states, max_tile_rows: int, state_rows: str | None = None):
+def _pruner(tile: str, n_states, max_tile_rows: int, state_rows: str | None = None, whole_row_groups=None):
     """Keep configs whose tile fits its width, whose fp32 state(s) (n_states of them: a number, or a
     function of the kernel's arguments) need <= 64 registers a thread and whose
     full-width [BT, W] row tiles have <= max_tile_rows * 128 elements (these limits keep ptxas from spilling
@@ -214,7 +214,12 @@ def _pruner(tile: str, n_states, max_tile_rows: int, state_rows: str | None = No
     ("full": the state is tile x full, its full-width row tiles are BT x full).
     state_rows, for kernels with several dots: the rows of their state-update dots ("full" or the tile, or
     a function of the kernel's arguments giving one or None); more than 4 warps then need every dot to
-    have >= 16 rows per warp (the module docstring says why).
+    have >= 16 rows per warp (the module docstring says why). whole_row_groups (a function of the
+    kernel's arguments): when true, BT >= 16 rows per warp at any warp count. fwd_kernel's ZDOT has a dot
+    with N = ZW, and at BT = 16 or 32 on 4 warps Triton then lays its mma v2 dots along M over all warps
+    ([4, 1]: rows replicated across warps) and converts their results to dot operands and, through
+    shared memory, to blocked layouts: the pattern of the 2026-11-28 fault, and fwd's ZDOT faulted while
+    autotuning at D = 64 (session 24). At BT = 64 the same kernel has no such conversion (sm_90 ttgir).
     With nothing left, the smallest tile and fewest warps, the tile cut to its width. (Triton calls this
     only when a kernel has more than one config.)"""
 
@@ -232,12 +237,14 @@ def _pruner(tile: str, n_states, max_tile_rows: int, state_rows: str | None = No
         tiled, full = widths(named_args, kwargs)
         states = n_states({**named_args, **kwargs}) if callable(n_states) else n_states
         rows_of = state_rows({**named_args, **kwargs}) if callable(state_rows) else state_rows
+        whole = bool(whole_row_groups and whole_row_groups({**named_args, **kwargs}))
         keep = [
             c for c in configs
             if c.kwargs[tile] <= tiled
             and states * c.kwargs[tile] * full <= 64 * 32 * c.num_warps
             and c.kwargs["BT"] * full <= max_tile_rows * 128
             and safe_warps(c, full, rows_of)
+            and (not whole or c.kwargs["BT"] >= 16 * c.num_warps)
         ]
         if keep:
             return keep
@@ -517,7 +524,8 @@ def scan_kernel(st_ptr, NS, M, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
 @triton.autotune(
     configs=_configs("fwd_kernel", "BV"),
     key=["DK", "DV", "TUNE_BUCKET"],
-    prune_configs_by={"early_config_prune": _pruner("BV", 1, 128, state_rows="full")},
+    prune_configs_by={"early_config_prune": _pruner("BV", 1, 128, state_rows="full",
+                                                    whole_row_groups=lambda kw: kw.get("ZDOT"))},
 )
 @triton.jit
 def fwd_kernel(

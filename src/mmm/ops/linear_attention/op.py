@@ -120,10 +120,12 @@ if HAVE_TRITON:
         lagged = dict(LAG=lag, HAS_LAG=lag > 0)  # for the launches that read keys
         fk = torch.empty_like(k) if write_features else k.new_empty(0)
         states = prefix_states(k, v, common, lagged, fk if write_features else None)
-        # with the keys' features written, fwd_kernel reads them instead of computing them again
+        # with the keys' features written, fwd_kernel reads them instead of computing them again; its ZDOT
+        # keeps 64-row chunks (kernels._pruner), which at DK = 256 leave only its slowest config
         launcher(kernels.fwd_kernel)[_grid(v.shape[-1], common["NS"] * B * H, "BV")](
-            q, fk if write_features else k, v, o, rden, states, eps=eps, CAUSAL=causal, ZDOT=kernels.zdot("fwd"),
-            PHI_K=kernels.FEATURE_GIVEN if write_features else feature, **lagged, **common)
+            q, fk if write_features else k, v, o, rden, states, eps=eps, CAUSAL=causal,
+            ZDOT=kernels.zdot("fwd") and q.shape[-1] <= 128, PHI_K=kernels.FEATURE_GIVEN if write_features else feature,
+            **lagged, **common)
         return o, rden, states, fk
 
     def map_costs(feature: int, dtype: torch.dtype) -> bool:
