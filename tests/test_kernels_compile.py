@@ -50,20 +50,21 @@ KERNELS = {
                                  dict(BO1=32, BI1=32, BO2=32, BC=32, PRECISION="ieee")),
     # linear attention, bf16, DK = DV = 128, elu features, normalised, causal; fp32 states and row factors;
     # whole chunks (FULL_CHUNKS) in three of them, masked in dq/dk; the default path (ZDOT in chunk_state and dqdk: kernels.ZDOT_DEFAULT; gpu_linear_attention_configs.py --ir
-    # compiles it both ways)
+    # compiles it both ways); each map's features written once (op.map_costs): chunk_state writes them,
+    # the later kernels read them as they are (FEATURE_GIVEN = 3)
     "chunk_state_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "r_ptr": "*fp32", "drden_ptr": "*fp32",
                                                      "delta_ptr": "*fp32", "st_ptr": "*fp32"},
                            dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, BWD=True, HAS_DRDEN=True, HAS_DELTA=True, DOT_MODE=0,
-                                ZDOT=True, HAS_LAG=False, FULL_CHUNKS=True)),
+                                ZDOT=True, HAS_LAG=False, FULL_CHUNKS=True, WRITE_F=True)),
     "scan_kernel": ("linear_attention", "*fp32", {}, dict(REVERSE=True, BLOCK="SCAN_BLOCK")),
     "fwd_kernel": ("linear_attention", "*bf16", {"rden_ptr": "*fp32", "st_ptr": "*fp32"},
                    dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, ZDOT=False, HAS_LAG=False,
-                        FULL_CHUNKS=True)),
+                        FULL_CHUNKS=True, PHI_K=3)),
     "bwd_dqdk_kernel": ("linear_attention", "*bf16", {"r_ptr": "*fp32", "st_ptr": "*fp32", "dst_ptr": "*fp32"},
                         dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, PART=1, ZDOT=True,
-                             HAS_LAG=True, FULL_CHUNKS=False, INTRA=True)),
+                             HAS_LAG=True, FULL_CHUNKS=False, INTRA=True, PHI_Q=3, PHI_K=3, WRITE_F=False)),
     "bwd_dv_kernel": ("linear_attention", "*bf16", {"dst_ptr": "*fp32"},
-                      dict(DK=128, DV=128, FEATURE=1, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, HAS_LAG=True,
+                      dict(DK=128, DV=128, FEATURE=3, NORMALIZE=True, CAUSAL=True, DOT_MODE=0, HAS_LAG=True,
                            FULL_CHUNKS=True, INTRA=True)),
     # fused causal hybrid, bf16, DK = DV = 128, elu, window (chunk) 64, whole chunks; fp32 lse / row factors
     "hybrid_fwd_kernel": ("linear_attention.hybrid_kernels", "*bf16",
@@ -88,10 +89,14 @@ KERNELS = {
 }
 # Variants compiled as well: "kernel:variant" -> constexprs that replace the kernel's entry in KERNELS.
 # block: the block hybrid (hybrid_op, window_shape='block'): its forward, and the unlagged far-part
-# backward without the within-chunk terms, at its chunk of 64.
+# backward without the within-chunk terms, at its chunk of 64. writes_keys, zdot: see there.
 VARIANTS = {
     "hybrid_fwd_kernel:block": dict(BLOCK=True),
     "bwd_dqdk_kernel:block": dict(HAS_LAG=False, INTRA=False),
+    # the lagged backward's first launch (dk) writes the key features for the later ones
+    "bwd_dqdk_kernel:writes_keys": dict(PART=2, PHI_K=1, WRITE_F=True),
+    # fwd's ZDOT (off by default): the dots that stand in for the normalizer's sums
+    "fwd_kernel:zdot": dict(ZDOT=True),
     "bwd_dv_kernel:block": dict(HAS_LAG=False, INTRA=False),
     "spectral_mix_kernel:forward": dict(CONJ=False, CORR=False, HAS_SCALE=False, BT="BT_MIX"),
 }
