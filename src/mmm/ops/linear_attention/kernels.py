@@ -25,7 +25,7 @@ Bytes, in units of one [B, T, H, D] bf16 tensor: forward reads k, v (states) the
 6 (the minimum is 4); backward reads q, do, o (states, r; normalizing, it writes g = do * rden), then q,
 k, v, g and writes dq, dk, then q, k, g and writes dv: 13, 14 with g (minimum 8). With elu or relu the
 first kernel to compute a map's features writes them (b by the forward's chunk_state, a by the
-backward's) and the later ones read them in place of k or q (op.features_written): one unit more each
+backward's) and the later ones read them in place of k or q (op.map_costs): one unit more each
 way, for fewer instructions in every later kernel (the kernels are issue-bound). Plus the fp32 segment
 states, small unless segments are short. At T=128k, H=16, D=128 a unit is 0.54 GB, so about 0.8 ms forward
 and 1.7 ms backward at 4.2 TB/s; the FLOPs
@@ -75,8 +75,8 @@ SCAN_BLOCK = 1024
 # length multiples of it, every chunk is whole and the kernels drop their row masks (FULL_CHUNKS).
 MAX_BT = 128
 FEATURE_CODES = {None: 0, "identity": 0, "elu": 1, "relu": 2}
-# The map code for inputs that are features already, used as loaded (no scale): the forward's saved
-# features, which the backward reads instead of q and k (op.py: `save_features`).
+# The map code for inputs that are features already, used as loaded (no scale): features an earlier
+# kernel wrote as its dots take them, which the later kernels read in place of q or k (op.map_costs).
 FEATURE_GIVEN = 3
 LOG2E = tl.constexpr(1.4426950408889634)
 LIBDEVICE = tl.constexpr(not INTERPRET)  # the interpreter has no libdevice functions
@@ -120,8 +120,9 @@ ZW = tl.constexpr(16)
 # and no spills, against 878 / 990 and ~350 B here) ran slower, dqdk 2.53 -> 2.75 ms at 128k (plain sums:
 # 2.99); the forward's a . z and within-chunk sums as dots too (SASS 1691 -> 1430) ran faster, fwd_kernel
 # 1.83 -> 1.56 ms at D = 128, but faulted (illegal address) while autotuning at D = 64. Session 25 put
-# that forward rewrite in as fwd's ZDOT (off by default until the fault is found: gpu_single.sh
-# zdotfwdcfg); with the keys given as features it compiles to 1117 SASS per chunk against 1358.
+# that forward rewrite in as fwd's ZDOT, kept to 64-row chunks (`_pruner`: a likely cause of the fault)
+# and off by default until its GPU tests pass (gpu_single.sh zdottest; zdotfwdcfg forces one config per
+# process); with the keys given as features it compiles to 1117 SASS per chunk against 1358.
 ZDOT_KERNELS = ("chunk_state", "fwd", "dqdk")
 ZDOT_DEFAULT = "chunk_state,dqdk"
 _ZDOT = os.environ.get("MMM_LA_ZDOT", ZDOT_DEFAULT).strip()
