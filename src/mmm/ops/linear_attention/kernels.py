@@ -102,8 +102,14 @@ CONFIGS = {
 }
 INTERPRET_CONFIG = (16, 16, 1, 1)
 # dq and dk in two launches of bwd_dqdk_kernel (PART 1 and 2) instead of one (PART 0): at T = 128k the
-# backward kernel took 3.94 ms instead of 4.87 (f+b 10.22 vs 11.19 ms, scripts/gpu_la_tune.py, H200)
-SPLIT_DQDK = True  # the interpreter runs one config (autotuning several fails there)
+# backward kernel took 3.94 ms instead of 4.87 (f+b 10.22 vs 11.19 ms, scripts/gpu_la_tune.py, H200,
+# 2026-12-04: features computed in every kernel). To time again (MMM_LA_SPLIT_DQDK=0, read at import):
+# with the features given, PART 0 without ZDOT compiles to 883 SASS per chunk and no spills at (64, 16,
+# 4, 2), against 781 + 899 and ~400 B of spills for the two ZDOT launches, and loads g and v once.
+_SPLIT = os.environ.get("MMM_LA_SPLIT_DQDK", "1").strip()
+if _SPLIT not in ("0", "1"):
+    raise ValueError(f"MMM_LA_SPLIT_DQDK must be 0 or 1 (the default), got {_SPLIT!r}")
+SPLIT_DQDK = _SPLIT == "1"  # the interpreter runs one config (autotuning several fails there)
 # The normalizer's sums (z = sum b, and sum r a in the backward) as tensor-core dots x^T W with W [BT, ZW]
 # of equal columns (ones; r in two bf16 parts), z carried as [.., ZW] equal columns (in fwd also a . z and
 # the within-chunk sums as dots), instead of fp32 copies of whole feature tiles summed over their rows. Why:
