@@ -34,9 +34,9 @@
 # (gpu_hybrid_profile.py at 8k: CUDA time per kernel and wall time of linear elu+1 and Hedgehog, ~1 min),
 # compiletests (the linear-attention and hybrid torch.compile(fullgraph) GPU tests alone, ~3 min), zdotdq
 # (gpu_la_ab.py with the normaliser sums as dots where the default has them, everywhere, and in chunk_state
-# only, ~3 min), dqdkab (gpu_la_ab.py with dq/dk in two launches or one, each with and without ZDOT's
-# sums, ~5 min), feattests (session 25's features written once: the linear-attention and hybrid bf16 GPU
-# tests and opcheck, ~3 min), zdotfwdcfg (the forward ZDOT patch's D = 64 test, one forced fwd config per process, on a
+# only, ~3 min), dqdkab (the same with dq/dk in one launch, with and without ZDOT's sums: zdotdq's rows
+# are the two-launch side, ~2 min), feattests (session 25's features written once: the linear-attention and hybrid bf16 GPU
+# tests and opcheck, ~3 min), zdotfwdcfg (fwd's ZDOT D = 64 test, one forced fwd config per process,
 # ~3 min), zdottest (the ZDOT-everywhere bf16 GPU test, ~1 min), cand128 (fwd and dv at
 # (128, 128, 8, 2), each forced against the baseline: correctness and time, ~3 min), hylong (the
 # fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min), fftab (the
@@ -159,10 +159,10 @@ for phase in "$@"; do
         step "zdotfwd_${c//,/_}" 90 env MMM_LA_ZDOT=1 MMM_LA_CONFIG="fwd_kernel=$c" \
           python -m pytest -q --tb=line -m gpu -p no:cacheprovider tests/test_linear_attention_kernel.py \
           -k "gpu_normalizer_sums_as_dots_bf16 and 64"; done ;;
-    dqdkab) for s in "1 chunk_state,dqdk" "1 chunk_state" "0 chunk_state" "0 chunk_state,dqdk"; do
-        read -r split z <<< "$s"  # session 25: dq/dk in one launch or two, with and without ZDOT's sums
-        step "dqdkab_split${split}_${z//,/+}" 120 env MMM_LA_SPLIT_DQDK=$split MMM_LA_ZDOT=$z \
-          python scripts/gpu_la_ab.py --label "split=$split zdot=$z"; done ;;
+    dqdkab) for z in chunk_state chunk_state,dqdk; do  # session 25: dq/dk in one launch, without and with
+        # ZDOT's sums (zdotdq times the same settings with two launches, the default)
+        step "dqdkab_onelaunch_${z//,/+}" 120 env MMM_LA_SPLIT_DQDK=0 MMM_LA_ZDOT=$z \
+          python scripts/gpu_la_ab.py --label "split=0 zdot=$z"; done ;;
     zdottest) step zdottest 120 env MMM_LA_ZDOT=1 python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
         tests/test_linear_attention_kernel.py -k "normalizer_sums or bf16" ;;
     zdotbisect) for kern in chunk_state fwd dqdk; do  # which kernel's ZDOT is wrong: one process each

@@ -304,9 +304,9 @@ def _features(x, mt, like_ptr, scale, FEATURE: tl.constexpr, DOT_MODE: tl.conste
     fwd and dv loops. mt None: no mask, where the rows outside it only ever meet zeros or feed
     rows that are not stored (each call says why): query rows (their do, rden and r load as 0), and key
     rows wherever their value rows (loaded as 0) and zero weights in the normalizer's dots cover them.
-    FEATURE_GIVEN: x is features already, used as loaded (no round trip through fp32)."""
-    if FEATURE != 3:  # FEATURE_GIVEN
-        x = _phi(x, scale, FEATURE)
+    FEATURE_GIVEN: x is features already (_phi returns them; the compiler drops the fp32 round trip:
+    the same sm_90 SASS as skipping it)."""
+    x = _phi(x, scale, FEATURE)
     if mt is not None:
         x = tl.where(mt[:, None], x, 0.0)
     return _cast(x, like_ptr, DOT_MODE)
@@ -437,7 +437,7 @@ def chunk_state_kernel(
     (`_row_sums`, see ZDOT above). LAG (forward only; 0 in the backward, whose x and y are query rows):
     x and y are read LAG rows back (`_key_lag`). WRITE_F (no LAG): also stores the features of x as the
     dots take them (b forward, a backward) to f_ptr ([B, T, H, DK], this program's BK columns), for the
-    later kernels to read instead of k or q (op.py's `features_written`)."""
+    later kernels to read instead of k or q (op.py's `map_costs`)."""
     i_k, i_s, i_bh, rowk0, rowv0, trow0, t_len = _program(DK // BK, NS, L, T, H, DK, DV)
     lag_k, lag_v, first = _key_lag(i_s, L, LAG, H, DK, DV, HAS_LAG)
     offs_t = tl.arange(0, BT)
