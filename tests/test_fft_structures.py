@@ -1,6 +1,7 @@
 """Circulant, Toeplitz and LDR: agreement with their textbook definitions, the known special cases
 that tie them together, projections of known matrices, and that the forward really is O(n log n)."""
 
+import contextlib
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from mmm.structures import LDR, Circulant, Toeplitz
 from mmm.structures._fft import fast_len
 from mmm.linear import relative_error
 
-from conftest import OpNames, rel_err
+from conftest import OpNames, grads, rel_err
 
 f64 = torch.float64
 
@@ -342,12 +343,16 @@ FFT_CASES = [
     (Circulant, mmm.CirculantConfig(block_size=6), (12, 18)),
     (Toeplitz, mmm.ToeplitzConfig(), (12, 20)),
     (Toeplitz, mmm.ToeplitzConfig(), (21, 8)),  # L = 30: not a power of two
+    (LDR, mmm.LDRConfig(rank=2), (16, 16)),
+    (LDR, mmm.LDRConfig(rank=2, block_size=4), (8, 12)),  # two input blocks, three output blocks
+    (LDR, mmm.LDRConfig(rank=3, block_size=6), (12, 6)),
 ]
 ODD_CASES = [  # odd FFT lengths: only the torch path takes them
     (Circulant, mmm.CirculantConfig(), (9, 9)),
     (Circulant, mmm.CirculantConfig(block_size=3), (6, 9)),
     (Toeplitz, mmm.ToeplitzConfig(), (7, 13)),  # in + out - 1 = 19 -> L = 20, even
     (Toeplitz, mmm.ToeplitzConfig(), (1, 1)),  # L = 1
+    (LDR, mmm.LDRConfig(rank=2), (9, 9)),  # step 1 of even length 18, step 2 of odd length 9
 ]
 
 
@@ -366,20 +371,22 @@ def _fresh(cls, cfg, shape, dtype):
 
 
 def _dense_reference(s64, x64, g64):
-    """y, dx and the parameter's gradient of sum(y * g) through the dense matrix, in fp64."""
-    (p,) = list(s64.parameters())
+    """y, dx and every parameter's gradient of sum(y * g) through the dense matrix, in fp64."""
     x = x64.clone().requires_grad_(True)
     y = x @ s64.to_dense().T
-    dx, dp = torch.autograd.grad((y * g64).sum(), [x, p])
-    return y.detach(), dx, dp
+    return (y.detach(), *torch.autograd.grad((y * g64).sum(), [x, *s64.parameters()]))
 
 
 def _run(module, x, g):
+    """y, dx and every parameter's gradient of sum(y * g) through the module."""
     x = x.clone().requires_grad_(True)
     y = module(x)
     (y * g).sum().backward()
-    (p,) = list(module.parameters())
-    return y.detach(), x.grad, p.grad
+    return (y.detach(), x.grad, *(p.grad for p in module.parameters()))
+
+
+def _names(module):
+    return ["y", "dx", *(f"d{name}" for name, _ in module.named_parameters())]
 
 
 @pytest.mark.parametrize("cls,cfg,shape", FFT_CASES + ODD_CASES, ids=_ids(FFT_CASES + ODD_CASES))
@@ -393,7 +400,7 @@ def test_fft_conv_forward_and_gradients_match_dense_fp64(cls, cfg, shape, mode, 
     ref = _dense_reference(s64, x64, g64)
     with force_mode(mode):
         got = _run(s, x64.to(dtype), g64.to(dtype))
-    for name, a, b in zip(["y", "dx", "dparam"], got, ref):
+    for name, a, b in zip(_names(s), got, ref, strict=True):
         assert a.dtype == dtype and a.shape == b.shape, name
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
 
@@ -439,7 +446,7 @@ def test_spectral_kernels_with_other_tiles(cls, cfg, shape, tiles, monkeypatch):
         s.zero_grad()
         with force_mode(mode):
             got = _run(s, x, g)
-        for name, a, b in zip(["y", "dx", "dparam"], got, results[ref]):
+        for name, a, b in zip(_names(s), got, results[ref], strict=True):
             assert rel_err(a, b) < tol, (mode, name, rel_err(a, b))
 
 
@@ -494,6 +501,22 @@ def test_kernel_gradient_fused_into_the_backward_pass_matches_its_own_kernel(mod
     assert torch.isfinite(grads[0]).all() and rel_err(grads[0], grads[1]) < 1e-6
 
 
+@pytest.mark.parametrize("p,q", [(1, 1), (1, 3), (3, 1)])
+def test_gradients_under_a_dispatch_mode_match(p, q):
+    """FlopCounterMode (a dispatch mode) runs fft_conv through its custom op: same output and gradients
+    as a plain call (a lazy conj() in the backward came out wrong there)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kernel = torch.fft.rfft(torch.randn(p, q, 16, dtype=f64), dim=-1)
+    x, gy = torch.randn(5, q * 12, dtype=f64), torch.randn(5, p * 10, dtype=f64)
+    results = []
+    for mode in (contextlib.nullcontext(), FlopCounterMode(display=False)):
+        with mode:
+            results.append(grads(lambda x, k: fft_op.fft_conv(x, k, 12, 16, 10), [x, kernel], gy))
+    for a, b in zip(*results, strict=True):
+        assert rel_err(a, b) < 1e-13
+
+
 def test_fft_conv_opcheck():
     kernel = torch.fft.rfft(torch.randn(2, 3, 8), dim=-1).requires_grad_(True)
     x = torch.randn(5, 3 * 8, requires_grad=True)
@@ -537,20 +560,18 @@ def test_fp16_gains_kernel_matches_the_torch_formula(transpose):
 
 
 def test_torch_compile_fullgraph_traces_the_structures():
-    for cls, cfg, shape in [(Circulant, mmm.CirculantConfig(block_size=4), (8, 12)), (Toeplitz, mmm.ToeplitzConfig(), (6, 10))]:
+    cases = [(Circulant, mmm.CirculantConfig(block_size=4), (8, 12)), (Toeplitz, mmm.ToeplitzConfig(), (6, 10)),
+             (LDR, mmm.LDRConfig(rank=2, block_size=4), (8, 12))]
+    for cls, cfg, shape in cases:
         s = cls(*shape, cfg)
-        x = torch.randn(3, shape[0], requires_grad=True)
-        compiled = torch.compile(s, fullgraph=True, backend="aot_eager")
-        y = compiled(x)
-        y.square().sum().backward()
-        (p,) = list(s.parameters())
-        x2 = x.detach().clone().requires_grad_(True)
+        x = torch.randn(3, shape[0])
+        g = torch.randn(3, shape[1])
+        got = _run(torch.compile(s, fullgraph=True, backend="aot_eager"), x, g)
+        s.zero_grad()
         with mmm.ops.reference_only():
-            y2 = s(x2)
-        dp = p.grad.clone()
-        p.grad = None
-        y2.square().sum().backward()
-        assert rel_err(y, y2) < 1e-5 and rel_err(x.grad, x2.grad) < 1e-5 and rel_err(dp, p.grad) < 1e-5
+            want = _run(s, x, g)
+        for name, a, b in zip(_names(s), got, want, strict=True):
+            assert rel_err(a, b) < 1e-5, (cls.__name__, name)
 
 
 # --- the parameters' spectrum cache ------------------------------------------------------------------
@@ -632,24 +653,27 @@ def test_spectrum_cache_in_inference_mode():
     assert torch.allclose(y, y2.detach()) and s.c.grad is not None
 
 
-# --- LDR in chunks ------------------------------------------------------------------------------
-def test_ldr_chunked_forward_and_backward_match_and_stay_bounded(monkeypatch):
-    s64, s = _fresh(LDR, mmm.LDRConfig(rank=2, block_size=4), (8, 12), f64)
-    x64 = torch.randn(2, 13, 8, dtype=f64)
-    g64 = torch.randn(2, 13, 12, dtype=f64)
-    per_token = 3 * 2 * 2 * 4  # p q r g
-    monkeypatch.setattr(ldr_module, "CHUNK_ELEMENTS", 5 * per_token)  # 5 tokens a chunk: 6 chunks
-    xr = x64.clone().requires_grad_(True)
-    with _LargestTensor() as seen:
-        y = s(xr)
-        (y * g64).sum().backward()
-    assert seen.largest <= 2 * 5 * per_token  # a chunk's complex intermediates (real views double)
-    w = s64.to_dense()
-    x_ref = x64.clone().requires_grad_(True)
-    grads_ref = torch.autograd.grad(((x_ref @ w.T) * g64).sum(), [x_ref, s64.G, s64.H])
-    assert rel_err(y, x64 @ w.T) < 1e-12
-    for a, b in zip([xr.grad, s.G.grad, s.H.grad], grads_ref):
-        assert rel_err(a, b) < 1e-10
+# --- LDR as two fft_conv products ------------------------------------------------------------------
+def test_ldr_runs_two_fft_conv_products_without_complex_intermediates_per_term(monkeypatch):
+    """The kernels' path is two fft_conv products holding the intermediate u (r times x's size per
+    block pair) and the two ops' spectra, never the reference's [tokens, out/g, in/g, r, g] complex
+    tensors; and it matches the reference, forward and all gradients, with one output block and several."""
+    calls = []
+    monkeypatch.setattr(ldr_module, "fft_conv", lambda *a: calls.append(a[3]) or fft_op.fft_conv(*a))
+    for shape, cfg in (((64, 64), mmm.LDRConfig(rank=3)), ((32, 96), mmm.LDRConfig(rank=2, block_size=32))):
+        _, s = _fresh(LDR, cfg, shape, f64)
+        x, g = torch.randn(20, shape[0], dtype=f64), torch.randn(20, shape[1], dtype=f64)
+        calls.clear()
+        with _LargestTensor() as seen:
+            got = _run(s, x, g)
+        assert calls == [2 * s.block_size, s.block_size]  # the skew step (length 2g), then the circulant one
+        p, q, r, block = s.G.shape
+        assert seen.largest <= 20 * p * q * r * (block + 2) * 2  # u's spectrum (length 2g), as reals
+        s.zero_grad()
+        with mmm.ops.reference_only():
+            want = _run(s, x, g)
+        for name, a, b in zip(_names(s), got, want, strict=True):
+            assert rel_err(a, b) < 1e-12, (shape, name)
 
 
 # --- fp16 FFT: range guard and error ------------------------------------------------------------
@@ -682,15 +706,15 @@ def _torch_dense_error(x64, w64, g64, dtype, s64):
     """PyTorch's own error in `dtype` for the same product: y, dx and the parameter's gradient
     (the dense weight gradient in `dtype` mapped to the parameter through to_dense in fp64)."""
     xd, wd, gd = x64.to(dtype), w64.to(dtype), g64.to(dtype)
-    y_ref, dx_ref, dp_ref = _dense_reference(s64, x64, g64)
-    (p,) = list(s64.parameters())
+    y_ref, dx_ref, *dp_ref = _dense_reference(s64, x64, g64)
     dw = (gd.reshape(-1, gd.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])).double()
-    dp = torch.autograd.grad(s64.to_dense(), p, dw)[0]
-    return [rel_err(xd @ wd.T, y_ref), rel_err(gd @ wd, dx_ref), rel_err(dp, dp_ref)]
+    dp = torch.autograd.grad(s64.to_dense(), list(s64.parameters()), dw)
+    return [rel_err(xd @ wd.T, y_ref), rel_err(gd @ wd, dx_ref), *map(rel_err, dp, dp_ref)]
 
 
 @pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (256, 256)), (Toeplitz, mmm.ToeplitzConfig(), (200, 313)),
-                                           (Circulant, mmm.CirculantConfig(block_size=64), (128, 192))])
+                                           (Circulant, mmm.CirculantConfig(block_size=64), (128, 192)),
+                                           (LDR, mmm.LDRConfig(rank=4), (256, 256)), (LDR, mmm.LDRConfig(rank=2, block_size=64), (128, 64))])
 @pytest.mark.parametrize("stage_rounding", [False, True])
 def test_fp16_fft_error_within_twice_pytorch_bf16_error(cls, cfg, shape, stage_rounding, monkeypatch):
     """The fp16-FFT path on CPU with cuFFT's half transform emulated (fp16 in and out, or every
@@ -708,7 +732,7 @@ def test_fp16_fft_error_within_twice_pytorch_bf16_error(cls, cfg, shape, stage_r
     with force_mode("packed16"):
         got = _run(s, x64.bfloat16(), g64.bfloat16())
     errs = [rel_err(a, b) for a, b in zip(got, ref)]
-    for name, e, t in zip(["y", "dx", "dparam"], errs, torch_err):
+    for name, e, t in zip(_names(s), errs, torch_err, strict=True):
         assert e <= 2 * t, (name, e, t)
 
 
@@ -738,7 +762,8 @@ def test_fp16_fft_never_overflows(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (2048, 2048)), (Circulant, mmm.CirculantConfig(block_size=512), (1024, 2048)),
-                                           (Toeplitz, mmm.ToeplitzConfig(), (2048, 2049)), (Toeplitz, mmm.ToeplitzConfig(), (1000, 1500))])
+                                           (Toeplitz, mmm.ToeplitzConfig(), (2048, 2049)), (Toeplitz, mmm.ToeplitzConfig(), (1000, 1500)),
+                                           (LDR, mmm.LDRConfig(rank=4), (2048, 2048)), (LDR, mmm.LDRConfig(rank=2, block_size=512), (2048, 1024))])
 @pytest.mark.parametrize("mode", ["torch", "packed", "packed16", None])
 def test_cuda_fft_paths_within_twice_pytorch_bf16_error(cls, cfg, shape, mode):
     s64 = cls(*shape, cfg, dtype=f64)
@@ -755,7 +780,7 @@ def test_cuda_fft_paths_within_twice_pytorch_bf16_error(cls, cfg, shape, mode):
     torch_err = _torch_dense_error(x64, s64.to_dense().detach(), g64, torch.bfloat16, s64)
     with force_mode(mode):
         got = _run(s, x64.to("cuda", torch.bfloat16), g64.to("cuda", torch.bfloat16))
-    for name, a, b, t in zip(["y", "dx", "dparam"], got, ref, torch_err):
+    for name, a, b, t in zip(_names(s), got, ref, torch_err, strict=True):
         assert rel_err(a.cpu(), b) <= 2 * t, (name, rel_err(a.cpu(), b), t)
 
 
@@ -770,19 +795,17 @@ def test_cuda_fft_conv_opcheck(mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (1024, 1024)), (Toeplitz, mmm.ToeplitzConfig(), (1024, 1025))])
+@pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (1024, 1024)), (Toeplitz, mmm.ToeplitzConfig(), (1024, 1025)),
+                                           (LDR, mmm.LDRConfig(rank=4), (1024, 1024))])
 def test_cuda_torch_compile_fullgraph(cls, cfg, shape):
     s = cls(*shape, cfg, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(64, shape[0], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    compiled = torch.compile(s, fullgraph=True)
-    y = compiled(x)
-    y.float().square().sum().backward()
-    (p,) = list(s.parameters())
-    dx, dp = x.grad.clone(), p.grad.clone()
-    x.grad, p.grad = None, None
-    y2 = s(x)
-    y2.float().square().sum().backward()
-    assert rel_err(y, y2) < 1e-2 and rel_err(dx, x.grad) < 1e-2 and rel_err(dp, p.grad) < 1e-2
+    x = torch.randn(64, shape[0], device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(64, shape[1], device="cuda", dtype=torch.bfloat16)
+    got = _run(torch.compile(s, fullgraph=True), x, g)
+    s.zero_grad()
+    want = _run(s, x, g)
+    for name, a, b in zip(_names(s), got, want, strict=True):
+        assert rel_err(a, b) < 1e-2, name
 
 
 def test_an_optimizer_step_that_leaves_the_version_counter_invalidates_the_spectrum():

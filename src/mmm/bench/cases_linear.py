@@ -126,12 +126,12 @@ def _linear_setup(n: int, d_in: int, d_out: int):
         if device.type == "cuda" and d_in == d_out and d_in in COMPILED_REFERENCE_DIMS:
             # the same layers without host overhead: what their kernels take (launch-bound rows differ)
             variants += [graphed(linear_variant("dense nn.Linear", x, grad))]
-            variants += [graphed(linear_variant(label, x, grad, config))
-                         for label, config in configs if not isinstance(config, LDRConfig)]
+            variants += [graphed(linear_variant(label, x, grad, config)) for label, config in configs]
             variants += [triton_launched(linear_variant(label, x, grad, config))
                          for label, config in configs if label in LAUNCH_BOUND_ROWS]
         if d_in == d_out and d_in in COMPILED_REFERENCE_DIMS:
             # what a user gets today without mmm's kernels: torch.compile of the plain PyTorch structure
+            # (not LDR's: its per-term reference holds [tokens, r, d] complex intermediates, ~4 GB each here)
             variants += [linear_variant(f"{label} [compiled ref]", x, grad, config, compile=True, reference=True)
                          for label, config in configs if not isinstance(config, LDRConfig)]
         return variants

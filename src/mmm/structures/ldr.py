@@ -16,10 +16,23 @@ J the reversal (the last row of Z_{-1}(h) is J h). The operator M -> Z_1 M - M Z
 whose displacement has rank <= r is of this form: Toeplitz matrices and inverses of Toeplitz
 matrices (rank 2), circulant and skew-circulant ones (rank 1), and sums of such (ranks add).
 
-Forward, O(r g log g) per block and row: Z_{-1}(h) x is a skew-circular convolution, which becomes a
-circular one after scaling by w^k, w = exp(i pi / g) a 2g-th root of unity:
-Z_{-1}(h) x = w^-k * ifft(fft(w^k h) fft(w^k x)). The product by Z_1(g) is an ordinary circular
-convolution, and the sums over rank terms and input blocks are taken in its frequency domain.
+Forward, O(r g log g) per block and row, as two products of `mmm.ops.fft.fft_conv` (the circulant
+and Toeplitz layers' op: fused cuFFT path on CUDA, frequency-domain backward, nothing recomputed):
+ 1. u_{o,j,i} = Z_{-1}(h_{o,j,i}) x_j for every block (o, j) and rank term i. A skew-circulant is a
+    Toeplitz matrix (entry (a, b) is h[a - b] for a >= b, -h[a - b + g] below), so u is the first g
+    entries of the circular convolution of length 2g of x_j, zero-padded, with [h, -h];
+ 2. y_o = sum_{j,i} Z_1(g_{o,j,i}) u_{o,j,i}: block circulants of length g, summed over the
+    intermediate blocks in the frequency domain.
+u is [tokens, out/g * in/g * r * g] in x's dtype (one more rounding for bf16/fp16: y and dx stay
+within 1.1x and G, H's gradients within 1.3x of PyTorch's own bf16 error for the dense product, CPU
+emulation of the fp16 FFTs). The backward keeps the two ops' saved spectra, x's at length 2g and u's:
+r + 2 times x's size on the fp16 path of a square layer.
+Blocks that do not meet (o != o' or j != j') get zero kernels: with several input blocks step 1's
+spectral products do in/g times the needed work, with several output blocks step 2's out/g times
+(square layers have one block, the default). The plain PyTorch reference (`_product`, used by
+`reference_forward`) computes the same product per term instead: Z_{-1}(h) x is a skew-circular
+convolution, a circular one after scaling by w^k, w = exp(i pi / g) a 2g-th root of unity:
+Z_{-1}(h) x = w^-k * ifft(fft(w^k h) fft(w^k x)), then each Z_1(g) term through rfft / irfft.
 
 to_dense, O(r g^2) per block without building either factor: the displacement equation read column
 by column, M[:, b+1] = Z_1 M[:, b] - D[:, b], unrolls (see `_dense_blocks`) into a cumulative sum.
@@ -50,7 +63,8 @@ from tqdm.auto import tqdm
 from .._checks import check_last_dim
 from ..configs import LDRConfig
 from ..ops import kernels_enabled
-from ._fft import blocks_of, cached_spectrum, complex_fft_flops, from_blocks, real_fft_flops, work_dtype
+from ..ops.fft import fft_conv
+from ._fft import blocks_of, cached_spectrum, from_blocks, real_fft_flops, work_dtype
 from .base import Structure, register
 
 # The projection's L-BFGS refinement runs in chunks of _REFINE_CHUNK iterations until a chunk lowers
@@ -58,13 +72,6 @@ from .base import Structure, register
 _REFINE_ITERS = 1000
 _REFINE_CHUNK = 50
 _REFINE_STALL = 1e-12
-# The forward and backward run over chunks of tokens whose [tokens, out/g, in/g, r, g] complex
-# intermediates hold at most this many elements (64 MB each in complex64), 8x more on CUDA: each chunk
-# issues ~30 kernels, and with 64 MB chunks the H200 bench (d = 16384, r = 4, 8192 tokens: 64 chunks)
-# spent 108 ms of host time issuing a forward+backward whose kernels took 94 ms. About five such
-# intermediates are alive at once in the backward: ~2.5 GB per chunk on CUDA.
-CHUNK_ELEMENTS = 1 << 23
-CUDA_CHUNK_ELEMENTS = 1 << 26
 
 
 def _twiddle(g: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -93,46 +100,18 @@ def _product(x: torch.Tensor, gf: torch.Tensor, hf: torch.Tensor, out_features: 
     return torch.fft.irfft(yf, n=g, dim=-1).reshape(N, out_features)
 
 
-class _ChunkedProduct(torch.autograd.Function):
-    """`_product` over chunks of tokens (CHUNK_ELEMENTS, CUDA_CHUNK_ELEMENTS), keeping only x and the
-    spectra for the backward, which recomputes each chunk under autograd: memory stays bounded by one
-    chunk."""
-
-    @staticmethod
-    def forward(ctx, x, gf, hf, out_features):
-        ctx.save_for_backward(x, gf, hf)
-        ctx.out_features = out_features
-        work = gf.real.dtype
-        return torch.cat([_product(xc.to(work), gf, hf, out_features).to(x.dtype) for xc in _chunks(x, hf)])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, gf, hf = ctx.saved_tensors
-        need_x, need_gf, need_hf = ctx.needs_input_grad[:3]
-        work = gf.real.dtype
-        dx = torch.empty_like(x) if need_x else None
-        dgf, dhf = torch.zeros_like(gf), torch.zeros_like(hf)
-        start = 0
-        for xc, dyc in zip(_chunks(x, hf), _chunks(dy, hf)):
-            with torch.enable_grad():
-                leaves = [xc.detach().to(work).requires_grad_(need_x), gf.detach().requires_grad_(need_gf), hf.detach().requires_grad_(need_hf)]
-                yc = _product(leaves[0], leaves[1], leaves[2], ctx.out_features)
-                wanted = [t for t in leaves if t.requires_grad]
-                grads = iter(torch.autograd.grad(yc, wanted, dyc.to(work)))
-            if need_x:
-                dx[start : start + xc.shape[0]] = next(grads)
-            if need_gf:
-                dgf += next(grads)
-            if need_hf:
-                dhf += next(grads)
-            start += xc.shape[0]
-        return dx, (dgf if need_gf else None), (dhf if need_hf else None), None
-
-
-def _chunks(t: torch.Tensor, hf: torch.Tensor):
-    per_token = hf.numel()  # p * q * r * g intermediates per token
-    budget = CUDA_CHUNK_ELEMENTS if t.is_cuda else CHUNK_ELEMENTS
-    return t.split(max(1, budget // per_token))
+def _factor_kernels(G: torch.Tensor, H: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two fft_conv kernels of the forward (module docstring), from G, H [p, q, r, g]:
+    step 1's [p q r, q, g + 1] (length 2g: rfft of [h, -h], placed at the block's own input j) and
+    step 2's [p, p q r, g//2 + 1] (length g: rfft of g, placed at the block's own output o)."""
+    p, q, r, g = G.shape
+    skew = torch.fft.rfft(torch.cat([H, -H], dim=-1).to(dtype), dim=-1)  # [p, q, r, g + 1]
+    eye_q = torch.eye(q, device=G.device, dtype=dtype)
+    k1 = skew[:, :, :, None, :] * eye_q[None, :, None, :, None]  # [p, q, r, q', F]
+    circ = torch.fft.rfft(G.to(dtype), dim=-1)  # [p, q, r, g//2 + 1]
+    eye_p = torch.eye(p, device=G.device, dtype=dtype)
+    k2 = eye_p[:, :, None, None, None] * circ[None]  # [p, p', q, r, F]
+    return k1.reshape(p * q * r, q, g + 1), k2.reshape(p, p * q * r, g // 2 + 1)
 
 
 def _dense_blocks(G: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -176,26 +155,28 @@ class LDR(Structure):
 
     def spectrum(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(rfft(G) [out/g, in/g, r, g//2 + 1], fft(w^k H) [out/g, in/g, r, g]), complex, computed in
-        `dtype`: the circulant and the (scaled) skew-circulant factors' eigenvalues. The only place
-        the parameters enter the forward, so a cached spectrum can replace it."""
+        `dtype`: the circulant and the (scaled) skew-circulant factors' eigenvalues, as the plain
+        reference (`reference_forward`) takes them."""
         return _spectra(self.G, self.H, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:  # MKL's FFT rejects empty batches
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        if not kernels_enabled() or torch.compiler.is_compiling():
+        if not kernels_enabled():
             return self.reference_forward(x)
-        check_last_dim("x", x, self.in_features)
-        work = work_dtype(x.dtype)
-        gf, hf = cached_spectrum(self, f"ldr-{work}", lambda G, H: _spectra(G, H, work), self.G, self.H)
-        y = _ChunkedProduct.apply(x.reshape(-1, self.in_features), gf, hf, self.out_features)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        # Two mmm::fft_conv products (module docstring); their kernels are cached between calls while
+        # G and H are unchanged.
+        g, work = self.block_size, work_dtype(x.dtype)
+        skew, circ = cached_spectrum(self, f"ldr-{work}", lambda G, H: _factor_kernels(G, H, work), self.G, self.H)
+        u = fft_conv(x, skew, g, 2 * g, g)
+        return fft_conv(u, circ, g, g, g)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The product in one piece, differentiated by autograd: it holds [tokens, out/g, in/g, r, g]
-        complex intermediates."""
+        """The product in one piece in plain PyTorch ops, differentiated by autograd: it holds
+        [tokens, out/g, in/g, r, g] complex intermediates."""
         gf, hf = self.spectrum(work_dtype(x.dtype))
         lead = x.shape[:-1]
+        check_last_dim("x", x, self.in_features)
         y = _product(x.reshape(-1, self.in_features).to(gf.real.dtype), gf, hf, self.out_features)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
@@ -220,15 +201,15 @@ class LDR(Structure):
         self.H.copy_(H)
 
     def flops(self, num_tokens: int) -> int:
-        # Per row: scaling and a complex FFT per input block; per block and rank term a complex
-        # product, an inverse complex FFT, the scaling back with the real part taken, a real FFT,
-        # and a complex multiply-add; an irfft per output block. The parameters' spectra do not grow
-        # with the number of rows (and are cached on the GPU path), so they are left out.
+        # Per row, the forward's two fft_conv products: a real FFT of length 2g per input block; per
+        # block and rank term a complex product (8 real flops with the sum) per frequency of each
+        # product, an inverse real FFT of length 2g and a real FFT of length g; an inverse real FFT
+        # of length g per output block. The zero kernels of blocks that do not meet are left out (they
+        # cost bandwidth, not arithmetic worth counting), and so are the parameters' spectra (cached).
         g, r = self.block_size, self.rank
         p, q = self.out_features // g, self.in_features // g
-        f = g // 2 + 1
-        per_term = 6 * g + complex_fft_flops(g) + 3 * g + real_fft_flops(g) + 8 * f
-        per_row = q * (2 * g + complex_fft_flops(g)) + p * q * r * per_term + p * real_fft_flops(g)
+        per_term = 8 * (g + 1) + real_fft_flops(2 * g) + real_fft_flops(g) + 8 * (g // 2 + 1)
+        per_row = q * real_fft_flops(2 * g) + p * q * r * per_term + p * real_fft_flops(g)
         return num_tokens * round(per_row)
 
 

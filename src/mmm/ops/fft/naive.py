@@ -51,6 +51,8 @@ def conv_backward(dy: torch.Tensor, X: torch.Tensor, kernel: torch.Tensor, n_in:
     p, q, _ = kernel.shape
     work = kernel.real.dtype
     DY = torch.fft.rfft(dy.to(work).reshape(N, p, -1), n=L, dim=-1)
-    dx = torch.fft.irfft(mix(DY, kernel.conj().transpose(0, 1)), n=L, dim=-1)[..., :n_in]
-    dK = torch.einsum("njf,npf->pjf", X.conj(), DY) * (hermitian_weights(L, DY.device, work) / L)
+    # conj_physical, not conj: inside the custom op run under a dispatch mode (FlopCounterMode, op
+    # loggers) torch 2.13 on CPU lost the lazy conjugate bit and returned a wrong dx
+    dx = torch.fft.irfft(mix(DY, kernel.conj_physical().transpose(0, 1)), n=L, dim=-1)[..., :n_in]
+    dK = torch.einsum("njf,npf->pjf", X.conj_physical(), DY) * (hermitian_weights(L, DY.device, work) / L)
     return dx.reshape(N, q * n_in).to(dy.dtype).contiguous(), dK
