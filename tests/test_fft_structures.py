@@ -517,12 +517,72 @@ def test_gradients_under_a_dispatch_mode_match(p, q):
         assert rel_err(a, b) < 1e-13
 
 
+def _skew_reference(x, kernel, n_in, L, n_out):
+    """fft_conv(..., odd=True) built from its definition: per block pair the skew-circulant matrix of
+    the time-domain kernel k = irfft_L(K with even frequencies zeroed) (S[a, b] = k[a - b] for a >= b,
+    -k[a - b + n] below, n = L/2), differentiable in x and the kernel."""
+    n = L // 2
+    f = torch.arange(kernel.shape[-1])
+    k = torch.fft.irfft(kernel * (f % 2 == 1), n=L)[..., :n]  # [p, q, n]
+    a = torch.arange(n)
+    diff = a[:, None] - a[None, :]
+    S = torch.where(diff >= 0, k[..., diff % n], -k[..., diff % n])[..., :n_out, :n_in]  # [p, q, n_out, n_in]
+    N = x.shape[0]
+    return torch.einsum("pqab,nqb->npa", S, x.reshape(N, -1, n_in)).reshape(N, -1)
+
+
+# (p, q, L, n_in, n_out): one block and several, rows shorter than L/2, and L = 12 (L/4 odd: the
+# length-L product with the even frequencies zeroed)
+ODD_CONV_CASES = [(1, 1, 32, 16, 16), (2, 3, 32, 12, 10), (3, 1, 64, 32, 32), (1, 2, 16, 5, 8), (2, 1, 12, 6, 5)]
+
+
+@pytest.mark.parametrize("p,q,L,n_in,n_out", ODD_CONV_CASES)
+@pytest.mark.parametrize("mode,dtype,tol", [("torch", f64, 1e-12), ("packed", torch.float32, 2e-6)])
+def test_odd_fft_conv_is_the_skew_circulant_product(p, q, L, n_in, n_out, mode, dtype, tol):
+    """fft_conv(odd=True) against dense skew-circulant matrices: y, dx and the kernel's gradient (zero at
+    the even frequencies), with dx and the kernel's gradient together (one pass over dy's spectrum when
+    p = 1) and the kernel's gradient alone."""
+    kernel = torch.fft.rfft(torch.randn(p, q, L, dtype=f64), dim=-1)
+    x, gy = torch.randn(37, q * n_in, dtype=f64), torch.randn(37, p * n_out, dtype=f64)
+    want = grads(lambda x, k: _skew_reference(x, k, n_in, L, n_out), [x, kernel], gy)
+    cdtype = torch.complex128 if dtype == f64 else torch.complex64
+    with force_mode(mode):
+        got = grads(lambda x, k: fft_op.fft_conv(x, k, n_in, L, n_out, odd=True), [x.to(dtype), kernel.to(cdtype)], gy.to(dtype))
+        k_only = kernel.to(cdtype).requires_grad_(True)
+        y = fft_op.fft_conv(x.to(dtype), k_only, n_in, L, n_out, odd=True)
+        (dk_only,) = torch.autograd.grad(y, k_only, gy.to(dtype))
+    for name, a, b in zip(["y", "dx", "dkernel"], got, want, strict=True):
+        assert rel_err(a.to(b.dtype), b) < tol, (name, rel_err(a.to(b.dtype), b))
+    assert rel_err(dk_only.to(want[2].dtype), want[2]) < tol
+    assert torch.all(got[2][..., 0::2] == 0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_odd_spectral_kernels_with_small_tiles(fused, monkeypatch):
+    """The odd-frequency pairs over many frequency tiles, several row tiles per program and a partial last
+    chunk, fp32 and fp16 spectra, against the torch path."""
+    for name, value in zip(("BT_MIX", "BF_MIX", "MIX_ROWS", "WARPS_MIX", "BT_CORR", "BF_CORR", "CORR_ROWS", "WARPS_CORR"),
+                           (4, 2, 8, 1, 4, 2, 12, 1)):
+        monkeypatch.setattr(fft_kernels, name, value)
+    monkeypatch.setattr(fft_op, "FUSED_KERNEL_GRADIENT", fused)
+    kernel = torch.fft.rfft(torch.randn(1, 2, 64), dim=-1)
+    x, gy = torch.randn(37, 2 * 32), torch.randn(37, 30)
+    results = {}
+    for mode in ("torch", "packed", "packed16"):
+        with force_mode(mode):
+            results[mode] = grads(lambda x, k: fft_op.fft_conv(x, k, 32, 64, 30, odd=True), [x, kernel], gy)
+    for mode, tol in (("packed", 1e-5), ("packed16", 3e-3)):
+        for name, a, b in zip(["y", "dx", "dkernel"], results[mode], results["torch"], strict=True):
+            assert rel_err(a, b) < tol, (mode, name, rel_err(a, b))
+
+
 def test_fft_conv_opcheck():
     kernel = torch.fft.rfft(torch.randn(2, 3, 8), dim=-1).requires_grad_(True)
     x = torch.randn(5, 3 * 8, requires_grad=True)
     torch.library.opcheck(fft_op.fft_conv_op, (x, kernel, 8, 8, 8, "torch"))
     t = torch.fft.rfft(torch.randn(1, 1, 16), dim=-1).requires_grad_(True)
     torch.library.opcheck(fft_op.fft_conv_op, (torch.randn(4, 7, requires_grad=True), t, 7, 16, 10, "torch"))
+    torch.library.opcheck(fft_op.fft_conv_op, (torch.randn(4, 7, requires_grad=True), t, 7, 16, 6, "torch", True))
 
 
 @pytest.mark.parametrize("mode", ["torch", "packed"])
@@ -659,14 +719,14 @@ def test_ldr_runs_two_fft_conv_products_without_complex_intermediates_per_term(m
     block pair) and the two ops' spectra, never the reference's [tokens, out/g, in/g, r, g] complex
     tensors; and it matches the reference, forward and all gradients, with one output block and several."""
     calls = []
-    monkeypatch.setattr(ldr_module, "fft_conv", lambda *a: calls.append(a[3]) or fft_op.fft_conv(*a))
+    monkeypatch.setattr(ldr_module, "fft_conv", lambda *a, **kw: calls.append((a[3], kw.get("odd", False))) or fft_op.fft_conv(*a, **kw))
     for shape, cfg in (((64, 64), mmm.LDRConfig(rank=3)), ((32, 96), mmm.LDRConfig(rank=2, block_size=32))):
         _, s = _fresh(LDR, cfg, shape, f64)
         x, g = torch.randn(20, shape[0], dtype=f64), torch.randn(20, shape[1], dtype=f64)
         calls.clear()
         with _LargestTensor() as seen:
             got = _run(s, x, g)
-        assert calls == [2 * s.block_size, s.block_size]  # the skew step (length 2g), then the circulant one
+        assert calls == [(2 * s.block_size, True), (s.block_size, False)]  # the skew step (odd frequencies of 2g), the circulant one
         p, q, r, block = s.G.shape
         assert seen.largest <= 20 * p * q * r * (block + 2) * 2  # u's spectrum (length 2g), as reals
         s.zero_grad()
@@ -790,6 +850,8 @@ def test_cuda_fft_conv_opcheck(mode):
     kernel = torch.fft.rfft(torch.randn(2, 3, 64, device="cuda"), dim=-1).requires_grad_(True)
     x = torch.randn(33, 3 * 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     torch.library.opcheck(fft_op.fft_conv_op, (x, kernel, 64, 64, 64, mode), atol=5e-2, rtol=5e-2)
+    skew = torch.fft.rfft(torch.randn(2, 3, 128, device="cuda"), dim=-1).requires_grad_(True)
+    torch.library.opcheck(fft_op.fft_conv_op, (x, skew, 64, 128, 64, mode, True), atol=5e-2, rtol=5e-2)
     t = torch.fft.rfft(torch.randn(1, 1, 128, device="cuda"), dim=-1).requires_grad_(True)
     torch.library.opcheck(fft_op.fft_conv_op, (torch.randn(5, 60, device="cuda", requires_grad=True), t, 60, 128, 50, mode if mode != "packed16" else "packed"))
 

@@ -25,15 +25,15 @@ import sys
 # also get the kwargs, warps and stages of their first GPU config.
 KERNELS = {
     # FFT path: bf16 x in, fp16 work rows (the scaled "packed16" mode), fp32 spectra, bf16 out
-    "cast_in_kernel": ("fft", "*bf16", {"out_ptr": "*fp16", "scale_ptr": "*fp32"}, dict(SCALE=True, BLOCK="CAST_BLOCK")),
+    "cast_in_kernel": ("fft", "*bf16", {"out_ptr": "*fp16", "scale_ptr": "*fp32"}, dict(SCALE=True, TWIST=False, BLOCK="CAST_BLOCK")),
     "spectral_mix_kernel": ("fft", "*fp16", {"k_ptr": "*fp32", "gain_ptr": "*fp32", "sx_ptr": "*fp32", "sdy_ptr": "*fp32",
                                              "part_ptr": "*fp32"},
-                            dict(CONJ=True, CORR=True, HAS_SCALE=True, BT=16, BF="BF_MIX")),  # the fused backward (BT_MIX / 2)
+                            dict(CONJ=True, CORR=True, HAS_SCALE=True, ODD=False, BT=16, BF="BF_MIX")),  # the fused backward (BT_MIX / 2)
     "spectral_corr_kernel": ("fft", "*fp16", {"sx_ptr": "*fp32", "sdy_ptr": "*fp32", "part_ptr": "*fp32"},
-                             dict(HAS_SCALE=True, BT="BT_CORR", BF="BF_CORR")),
-    "cast_out_kernel": ("fft", "*fp32", {"out_ptr": "*bf16"}, dict(ROWSCALE=True, BLOCK="CAST_BLOCK")),
+                             dict(HAS_SCALE=True, ODD=False, BT="BT_CORR", BF="BF_CORR")),
+    "cast_out_kernel": ("fft", "*fp32", {"out_ptr": "*bf16"}, dict(ROWSCALE=True, TWIST=False, BLOCK="CAST_BLOCK")),
     "gains_kernel": ("fft", "*fp32", {}, dict(BLOCK="GAIN_BLOCK")),
-    "corr_finish_kernel": ("fft", "*fp32", {}, dict(BLOCK="CAST_BLOCK")),
+    "corr_finish_kernel": ("fft", "*fp32", {}, dict(ODD=False, BLOCK="CAST_BLOCK")),
     # block-diagonal / Monarch stages, bf16 (the weight gradient's fp32 slots for dw)
     "block_gemm_kernel": ("blockdiag", "*bf16", {}, dict(SPLIT_A=1, SPLIT_B=False, SPLIT_C=True, UPCAST=False, FP32_IEEE=False)),
     "block_bwd_fused_kernel": ("blockdiag", "*bf16", {"dw_ptr": "*fp32"},
@@ -99,6 +99,12 @@ VARIANTS = {
     "fwd_kernel:zdot": dict(ZDOT=True),
     "bwd_dv_kernel:block": dict(HAS_LAG=False, INTRA=False),
     "spectral_mix_kernel:forward": dict(CONJ=False, CORR=False, HAS_SCALE=False, BT="BT_MIX"),
+    # fft_conv(odd=True) (LDR's skew-circulant step): twisted rows, odd-frequency pairs
+    "cast_in_kernel:odd": dict(TWIST=True),
+    "spectral_mix_kernel:odd": dict(ODD=True),
+    "spectral_corr_kernel:odd": dict(ODD=True),
+    "cast_out_kernel:odd": dict(TWIST=True, BLOCK=512),  # CAST_BLOCK // 4
+    "corr_finish_kernel:odd": dict(ODD=True),
 }
 FLOAT_SCALARS = {"bound", "eps", "scale", "sm_scale"}  # every other non-constexpr argument is an int (i32)
 # Kernels launched through torch.library ops: traced by torch.compile, inductor passes their float

@@ -20,7 +20,9 @@ Forward, O(r g log g) per block and row, as two products of `mmm.ops.fft.fft_con
 and Toeplitz layers' op: fused cuFFT path on CUDA, frequency-domain backward, nothing recomputed):
  1. u_{o,j,i} = Z_{-1}(h_{o,j,i}) x_j for every block (o, j) and rank term i. A skew-circulant is a
     Toeplitz matrix (entry (a, b) is h[a - b] for a >= b, -h[a - b + g] below), so u is the first g
-    entries of the circular convolution of length 2g of x_j, zero-padded, with [h, -h];
+    entries of the circular convolution of length 2g of x_j, zero-padded, with [h, -h]. That kernel
+    is anti-periodic, so its even frequencies are zero, and fft_conv(odd=True) transforms rows of g,
+    not 2g (the odd frequencies only);
  2. y_o = sum_{j,i} Z_1(g_{o,j,i}) u_{o,j,i}: block circulants of length g, summed over the
     intermediate blocks in the frequency domain.
 u is [tokens, out/g * in/g * r * g] in x's dtype (one more rounding for bf16/fp16: y and dx stay
@@ -168,7 +170,7 @@ class LDR(Structure):
         # G and H are unchanged.
         g, work = self.block_size, work_dtype(x.dtype)
         skew, circ = cached_spectrum(self, f"ldr-{work}", lambda G, H: _factor_kernels(G, H, work), self.G, self.H)
-        u = fft_conv(x, skew, g, 2 * g, g)
+        u = fft_conv(x, skew, g, 2 * g, g, odd=True)
         return fft_conv(u, circ, g, g, g)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

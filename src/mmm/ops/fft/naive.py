@@ -28,6 +28,14 @@ def hermitian_weights(L: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.where((f == 0) | (2 * f == L), 1.0, 2.0).to(dtype)
 
 
+def odd_frequencies(kernel: torch.Tensor) -> torch.Tensor:
+    """The kernel with its even frequencies zeroed (fft_conv's odd=True): with L = 2n, the product is
+    then the skew-circular convolution of length n (anti-periodic: y[a] = sum_b k[a - b] x[b] with
+    k[m - n] = -k[m]) for n_in, n_out <= n."""
+    f = torch.arange(kernel.shape[-1], device=kernel.device)
+    return kernel * (f % 2 == 1).to(kernel.real.dtype)
+
+
 def mix(X: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """sum_j X[:, j] * K[i, j] per frequency: X [N, q, F], K [p, q, F] -> [N, p, F]."""
     if K.shape[0] == 1 and K.shape[1] == 1:  # one block: a plain product, no batched matmul
