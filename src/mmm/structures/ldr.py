@@ -203,15 +203,16 @@ class LDR(Structure):
         self.H.copy_(H)
 
     def flops(self, num_tokens: int) -> int:
-        # Per row, the forward's two fft_conv products: a real FFT of length 2g per input block; per
-        # block and rank term a complex product (8 real flops with the sum) per frequency of each
-        # product, an inverse real FFT of length 2g and a real FFT of length g; an inverse real FFT
-        # of length g per output block. The zero kernels of blocks that do not meet are left out (they
-        # cost bandwidth, not arithmetic worth counting), and so are the parameters' spectra (cached).
+        # Per row, the forward's two fft_conv products: a transform of length g per input block (the
+        # twisted one of the skew step: a real FFT's cost); per block and rank term a complex product
+        # (8 real flops with the sum) per frequency of each product (g/2 odd ones, then g/2 + 1), an
+        # inverse transform of length g (skew) and a real FFT of length g; an inverse real FFT of length
+        # g per output block. The zero kernels of blocks that do not meet are left out (they cost
+        # bandwidth, not arithmetic worth counting), and so are the parameters' spectra (cached).
         g, r = self.block_size, self.rank
         p, q = self.out_features // g, self.in_features // g
-        per_term = 8 * (g + 1) + real_fft_flops(2 * g) + real_fft_flops(g) + 8 * (g // 2 + 1)
-        per_row = q * real_fft_flops(2 * g) + p * q * r * per_term + p * real_fft_flops(g)
+        per_term = 8 * (g // 2) + 2 * real_fft_flops(g) + 8 * (g // 2 + 1)
+        per_row = q * real_fft_flops(g) + p * q * r * per_term + p * real_fft_flops(g)
         return num_tokens * round(per_row)
 
 
