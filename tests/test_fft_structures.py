@@ -820,6 +820,26 @@ def test_fp16_fft_never_overflows(monkeypatch):
         assert rel_err(y[t], ref[t]) < 5e-3, t
 
 
+def test_fp16_odd_fft_never_overflows(monkeypatch):
+    """The same for the odd-frequency product (LDR's skew step): extreme rows, a constant row and a spike
+    against a kernel with a large gain stay finite and accurate in fp16."""
+    monkeypatch.setattr(fft_op, "HALF_FFT_STAGE_ROUNDING", True)
+    kernel = (torch.fft.rfft(torch.randn(2, 1, 1024, dtype=f64), dim=-1) * 1e3).to(torch.complex64)
+    x = torch.randn(8, 512)
+    x[0] = 3e4
+    x[1] *= 1e-30
+    x[2] *= 1e30
+    x[3, 7] = 6e4
+    xr = x.clone().requires_grad_(True)
+    with force_mode("packed16"):
+        y = fft_op.fft_conv(xr, kernel, 512, 1024, 512, odd=True)
+        y.backward(torch.ones_like(y) * 1e-3)
+    assert torch.isfinite(y).all() and torch.isfinite(xr.grad).all()
+    ref = _skew_reference(x.double(), kernel.to(torch.complex128), 512, 1024, 512)
+    for t in range(8):
+        assert rel_err(y[t], ref[t]) < 5e-3, t
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (2048, 2048)), (Circulant, mmm.CirculantConfig(block_size=512), (1024, 2048)),
                                            (Toeplitz, mmm.ToeplitzConfig(), (2048, 2049)), (Toeplitz, mmm.ToeplitzConfig(), (1000, 1500)),
