@@ -37,8 +37,9 @@ def autograd_node_names(y: torch.Tensor) -> set[str]:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in fp64."""
-    a, b = a.detach().double(), b.detach().double()
+    """||a - b|| / ||b|| in fp64 (complex128 when either is complex: both parts count)."""
+    wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
+    a, b = a.detach().to(wide), b.detach().to(wide)
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
