@@ -19,10 +19,11 @@ Paths (`mode`), see naive.py for the operation itself:
   product at d = 256..16384 (tests/test_fft_structures.py); scripts/gpu_fft_structures.py measures it.
 - odd=True (LDR's skew-circulant factors): the kernel's even frequencies are zero, so y is a
   skew-circular convolution of length n = L/2 and only the L/4 odd frequencies of the length-L
-  transform are needed (for L a multiple of 8; other L take the length-L product). The packed path twists each row, pair m (x[2m] + i x[2m+1]) times
+  transform are needed. The packed path twists each row, pair m (x[2m] + i x[2m+1]) times
   exp(-i pi m / H), H = n/2, takes a length-H complex FFT and unpacks the odd frequencies with the
   partner m = H - 1 - k and w^(k + 1/2) (kernels.py), so its transforms and spectra are half the size
-  of the length-L product's. The torch path runs the length-L product with the even frequencies zeroed.
+  of the length-L product's. That pairs H/2 distinct frequencies, so it needs L % 8 == 0; other L, and
+  the torch path, run the length-L product with the even frequencies zeroed.
 - "dft": single-block circulant / Toeplitz products with the FFT as tensor-core GEMMs in one Triton
   kernel per direction (dft.py, dft_kernels.py); its own ops mmm::fft_dft_conv(_backward). Taken for
   bf16/fp16 x on CUDA where dft.plan accepts the sizes, only while DFT_PATH is True (off until timed
@@ -287,14 +288,14 @@ def _(dy, saved, scale, kernel, n_in, L, mode, need_dx, need_dkernel, odd=False)
 
 
 def _setup(ctx, inputs, output):
-    x, kernel, n_in, L, n_out, mode, *odd = inputs
+    x, kernel, n_in, L, n_out, mode, odd = inputs
     _, saved, scale = output
     ctx.mark_non_differentiable(saved, scale)
     # saved (the input's spectrum, as large as x or larger) gets no gradient: without this, autograd
     # would allocate and zero-fill one for it on every backward
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(saved, scale, kernel)
-    ctx.n_in, ctx.L, ctx.mode, ctx.odd = n_in, L, mode, bool(odd and odd[0])
+    ctx.n_in, ctx.L, ctx.mode, ctx.odd = n_in, L, mode, odd
 
 
 def _gradients(backward):
@@ -339,8 +340,8 @@ def fft_conv(x: torch.Tensor, kernel: torch.Tensor, n_in: int, L: int, n_out: in
         return x.new_zeros(*lead, p * n_out)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if odd and L % 8:  # the odd transform pairs frequencies k, H - 1 - k of rows of H = L/4 pairs: H even, else
-        kernel, odd = naive.odd_frequencies(kernel), False  # the length-L product with the even ones zeroed
+    if odd and L % 8:  # (module docstring)
+        kernel, odd = naive.odd_frequencies(kernel), False
     mode = pick_mode(x2, L) if kernels_enabled() else "torch"
     auto_dft = mode != "torch" and _forced_mode is None and DFT_PATH and _precision == "fp16" and x2.dtype in (torch.float16, torch.bfloat16)
     if (mode == "dft" or auto_dft) and not odd:
