@@ -83,7 +83,7 @@ def build(kind: str, d_in: int, d_out: int, dtype):
 
 
 def fft_len(s):
-    return s.fft_size if isinstance(s, Toeplitz) else s.block_size
+    return s.product_length if isinstance(s, Toeplitz) else s.block_size
 
 
 # --------------------------------------------------------------------------------------------------

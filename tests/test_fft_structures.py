@@ -65,6 +65,18 @@ def test_toeplitz_non_power_of_two_sizes(shape):
     assert s.fft_size >= shape[0] + shape[1] - 1
 
 
+@pytest.mark.parametrize("shape,block", [((16, 64), 16), ((64, 16), 16), ((32, 48), 16), ((8, 24), 8), ((16, 16), None),
+                                         ((12, 20), None), ((1000, 1500), None), ((16, 512), None), ((4, 12), None)])
+def test_toeplitz_grid_of_blocks(shape, block):
+    """Power-of-two multiples (FFN shapes) take the grid of blocks (2 to 16 of them, b >= 8), the rest one
+    product; both are the dense matrix's product, forward and gradients (the torch path, fp64)."""
+    s64, s = _fresh(Toeplitz, mmm.ToeplitzConfig(), shape, f64)
+    assert s.block == block and s.product_length == (2 * block if block else s.fft_size)
+    x, g = torch.randn(3, shape[0], dtype=f64), torch.randn(3, shape[1], dtype=f64)
+    for name, a, b in zip(_names(s), _run(s, x, g), _dense_reference(s64, x, g), strict=True):
+        assert rel_err(a, b) < 1e-12, name
+
+
 def test_fast_len_is_the_next_235_smooth_number():
     def smooth(m):
         for p in (2, 3, 5):
@@ -343,6 +355,8 @@ FFT_CASES = [
     (Circulant, mmm.CirculantConfig(block_size=6), (12, 18)),
     (Toeplitz, mmm.ToeplitzConfig(), (12, 20)),
     (Toeplitz, mmm.ToeplitzConfig(), (21, 8)),  # L = 30: not a power of two
+    (Toeplitz, mmm.ToeplitzConfig(), (16, 64)),  # a grid of 16 x 16 blocks, one input block
+    (Toeplitz, mmm.ToeplitzConfig(), (48, 32)),  # 2 x 3 blocks
     (LDR, mmm.LDRConfig(rank=2), (16, 16)),
     (LDR, mmm.LDRConfig(rank=2, block_size=4), (8, 12)),  # two input blocks, three output blocks
     (LDR, mmm.LDRConfig(rank=3, block_size=6), (12, 6)),
@@ -393,7 +407,7 @@ def _names(module):
 @pytest.mark.parametrize("mode,dtype,tol", [("torch", torch.float64, 1e-12), ("torch", torch.float32, 1e-5), ("packed", torch.float32, 1e-5)])
 def test_fft_conv_forward_and_gradients_match_dense_fp64(cls, cfg, shape, mode, dtype, tol):
     s64, s = _fresh(cls, cfg, shape, dtype)
-    if mode == "packed" and (s.fft_size if cls is Toeplitz else s.block_size) % 2:
+    if mode == "packed" and (s.product_length if cls is Toeplitz else s.block_size) % 2:
         pytest.skip("the packed path takes even FFT lengths only")
     x64 = torch.randn(2, 3, shape[0], dtype=f64)  # leading dims
     g64 = torch.randn(2, 3, shape[1], dtype=f64)
@@ -774,6 +788,7 @@ def _torch_dense_error(x64, w64, g64, dtype, s64):
 
 @pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (256, 256)), (Toeplitz, mmm.ToeplitzConfig(), (200, 313)),
                                            (Circulant, mmm.CirculantConfig(block_size=64), (128, 192)),
+                                           (Toeplitz, mmm.ToeplitzConfig(), (64, 256)),
                                            (LDR, mmm.LDRConfig(rank=4), (256, 256)), (LDR, mmm.LDRConfig(rank=2, block_size=64), (128, 64))])
 @pytest.mark.parametrize("stage_rounding", [False, True])
 def test_fp16_fft_error_within_twice_pytorch_bf16_error(cls, cfg, shape, stage_rounding, monkeypatch):
@@ -843,6 +858,7 @@ def test_fp16_odd_fft_never_overflows(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (2048, 2048)), (Circulant, mmm.CirculantConfig(block_size=512), (1024, 2048)),
                                            (Toeplitz, mmm.ToeplitzConfig(), (2048, 2049)), (Toeplitz, mmm.ToeplitzConfig(), (1000, 1500)),
+                                           (Toeplitz, mmm.ToeplitzConfig(), (1024, 4096)),
                                            (LDR, mmm.LDRConfig(rank=4), (2048, 2048)), (LDR, mmm.LDRConfig(rank=2, block_size=512), (2048, 1024))])
 @pytest.mark.parametrize("mode", ["torch", "packed", "packed16", None])
 def test_cuda_fft_paths_within_twice_pytorch_bf16_error(cls, cfg, shape, mode):
@@ -851,7 +867,7 @@ def test_cuda_fft_paths_within_twice_pytorch_bf16_error(cls, cfg, shape, mode):
         s64.load_state_dict({k: v.bfloat16().double() for k, v in s64.state_dict().items()})
     s = cls(*shape, cfg, device="cuda", dtype=torch.bfloat16)
     s.load_state_dict(s64.state_dict())
-    L = s.fft_size if cls is Toeplitz else s.block_size
+    L = s.product_length if cls is Toeplitz else s.block_size
     if mode == "packed16" and L & (L - 1):
         pytest.skip("fp16 FFTs take power-of-two lengths")
     x64 = torch.randn(4, 129, shape[0], dtype=f64)
