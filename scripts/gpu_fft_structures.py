@@ -82,8 +82,9 @@ def build(kind: str, d_in: int, d_out: int, dtype):
     return LDR(d_in, d_out, mmm.LDRConfig(rank=4), device=dev, dtype=dtype)
 
 
-def fft_len(s):
-    return s.product_length if isinstance(s, Toeplitz) else s.block_size
+def fft_len(s, x):
+    """The length of s's FFT product for input x (Toeplitz's depends on x's path)."""
+    return s.product_length(x) if isinstance(s, Toeplitz) else s.block_size
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,11 +121,11 @@ def check(kind, d_in, d_out, tokens, rows):
     for name in VARIANTS:
         if name.endswith("-nc"):
             continue
-        r = dict(kind=kind, d_in=d_in, d_out=d_out, tokens=tokens, dtype="bfloat16", variant=name, L=fft_len(s),
+        r = dict(kind=kind, d_in=d_in, d_out=d_out, tokens=tokens, dtype="bfloat16", variant=name, L=fft_len(s, xb),
                  torch_bf16_err=dict(zip(["y", "dx", "dparam"], torch_err)))
         try:
             with variant(name):
-                r["mode"] = fft_op.pick_mode(xb, fft_len(s)) if name != "reference" else "reference"
+                r["mode"] = fft_op.pick_mode(xb, fft_len(s, xb)) if name != "reference" else "reference"
                 got = grads_of(s, xb, gb)
             errs = [rel(a, b) for a, b in zip(got, ref)]
             r["err"] = dict(zip(["y", "dx", "dparam"], errs))
@@ -138,7 +139,7 @@ def check(kind, d_in, d_out, tokens, rows):
     # fp32 inputs and parameters on the packed path: fp32 accuracy expected
     s32 = build(kind, d_in, d_out, torch.float32)
     s32.load_state_dict(s64.state_dict())
-    r = dict(kind=kind, d_in=d_in, d_out=d_out, tokens=tokens, dtype="float32", variant="packed-fp32", L=fft_len(s))
+    r = dict(kind=kind, d_in=d_in, d_out=d_out, tokens=tokens, dtype="float32", variant="packed-fp32", L=fft_len(s32, x64.float()))
     try:
         with force_mode("packed"):
             got = grads_of(s32, x64.float(), g64.float())
@@ -182,13 +183,16 @@ def check_range(rows):
 # timing
 # --------------------------------------------------------------------------------------------------
 
-def pipeline_bytes(s, tokens: int, name: str) -> tuple[float, float] | None:
-    """(forward, forward+backward) bytes moved by the packed path's passes for bf16 in and out."""
+def pipeline_bytes(s, tokens: int, name: str, L: int) -> tuple[float, float] | None:
+    """(forward, forward+backward) bytes moved by the packed path's passes for bf16 in and out, at FFT
+    length L."""
     if not name.startswith("packed") or isinstance(s, LDR):
         return None
     w = 2 if "fp16" in name else 4  # bytes of one real in the FFTs and spectra
-    L = fft_len(s)
-    if isinstance(s, Toeplitz):
+    if isinstance(s, Toeplitz) and s.block:
+        g = s.block
+        p, q, n_in, n_out = s.out_features // g, s.in_features // g, g, g
+    elif isinstance(s, Toeplitz):
         p = q = 1
         n_in, n_out = s.in_features, s.out_features
     else:
@@ -247,9 +251,10 @@ def time_case(kind, d_in, d_out, rates, rows, names):
     floor_f = max(flops / (rates["matmul_tflops"] * 1e12), min_fwd / bw) * 1e3
     floor_fb = max(3 * flops / (rates["matmul_tflops"] * 1e12), min_fb / bw) * 1e3
     for name in names:
-        r = dict(kind=kind, d_in=d_in, d_out=d_out, variant=name, L=fft_len(s) if not isinstance(s, LDR) else s.block_size)
+        r = dict(kind=kind, d_in=d_in, d_out=d_out, variant=name)
         try:
             with variant(name):
+                r["L"] = fft_len(s, x)
                 r["mode"] = fft_op.pick_mode(x, r["L"]) if kind != "ldr" and name != "reference" else name
 
                 def fb():
@@ -262,7 +267,7 @@ def time_case(kind, d_in, d_out, rates, rows, names):
             r["floor_fwd_ms"], r["floor_fwd_bwd_ms"] = floor_f, floor_fb
             r["fwd_over_floor"] = r["fwd_ms"] / floor_f
             r["fwd_bwd_over_floor"] = r["fwd_bwd_ms"] / floor_fb
-            pb = pipeline_bytes(s, N, name)
+            pb = pipeline_bytes(s, N, name, r["L"])
             if pb:
                 r["pipe_fwd_ms"], r["pipe_fwd_bwd_ms"] = pb[0] / bw * 1e3, pb[1] / bw * 1e3
                 r["fwd_over_pipe"] = r["fwd_ms"] / r["pipe_fwd_ms"]

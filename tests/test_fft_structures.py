@@ -71,10 +71,26 @@ def test_toeplitz_grid_of_blocks(shape, block):
     """Power-of-two multiples (FFN shapes) take the grid of blocks (2 to 16 of them, b >= 8), the rest one
     product; both are the dense matrix's product, forward and gradients (the torch path, fp64)."""
     s64, s = _fresh(Toeplitz, mmm.ToeplitzConfig(), shape, f64)
-    assert s.block == block and s.product_length == (2 * block if block else s.fft_size)
     x, g = torch.randn(3, shape[0], dtype=f64), torch.randn(3, shape[1], dtype=f64)
+    assert s.block == block and s.product_length(x) == (2 * block if block else s.fft_size)
     for name, a, b in zip(_names(s), _run(s, x, g), _dense_reference(s64, x, g), strict=True):
         assert rel_err(a, b) < 1e-12, name
+
+
+def test_toeplitz_takes_a_power_of_two_where_the_fp16_path_does():
+    """One product of in + out - 1 = 1535: fft_size 1536 (2,3-smooth) on the fp32 paths, 2048 where x takes
+    the fp16 path (fewer bytes moved); both are the dense product (fp16 FFTs emulated on CPU)."""
+    s64, s = _fresh(Toeplitz, mmm.ToeplitzConfig(), (768, 768), torch.float32)
+    x, g = torch.randn(5, 768, dtype=f64), torch.randn(5, 768, dtype=f64)
+    lengths = {}
+    for mode, dtype in (("packed", torch.float32), ("packed16", torch.bfloat16)):
+        s.to(dtype).zero_grad()
+        with force_mode(mode):
+            lengths[mode] = s.product_length(x.to(dtype))
+            got = _run(s, x.to(dtype), g.to(dtype))
+        for name, a, b in zip(_names(s), got, _dense_reference(s64, x, g), strict=True):
+            assert rel_err(a, b) < (1e-5 if mode == "packed" else 2e-2), (mode, name)
+    assert lengths == {"packed": 1536, "packed16": 2048}
 
 
 def test_fast_len_is_the_next_235_smooth_number():
@@ -407,9 +423,11 @@ def _names(module):
 @pytest.mark.parametrize("mode,dtype,tol", [("torch", torch.float64, 1e-12), ("torch", torch.float32, 1e-5), ("packed", torch.float32, 1e-5)])
 def test_fft_conv_forward_and_gradients_match_dense_fp64(cls, cfg, shape, mode, dtype, tol):
     s64, s = _fresh(cls, cfg, shape, dtype)
-    if mode == "packed" and (s.product_length if cls is Toeplitz else s.block_size) % 2:
-        pytest.skip("the packed path takes even FFT lengths only")
     x64 = torch.randn(2, 3, shape[0], dtype=f64)  # leading dims
+    with force_mode(mode):
+        L = s.product_length(x64.to(dtype)) if cls is Toeplitz else s.block_size
+    if mode == "packed" and L % 2:
+        pytest.skip("the packed path takes even FFT lengths only")
     g64 = torch.randn(2, 3, shape[1], dtype=f64)
     ref = _dense_reference(s64, x64, g64)
     with force_mode(mode):
@@ -788,7 +806,7 @@ def _torch_dense_error(x64, w64, g64, dtype, s64):
 
 @pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (256, 256)), (Toeplitz, mmm.ToeplitzConfig(), (200, 313)),
                                            (Circulant, mmm.CirculantConfig(block_size=64), (128, 192)),
-                                           (Toeplitz, mmm.ToeplitzConfig(), (64, 256)),
+                                           (Toeplitz, mmm.ToeplitzConfig(), (64, 256)), (Toeplitz, mmm.ToeplitzConfig(), (384, 384)),
                                            (LDR, mmm.LDRConfig(rank=4), (256, 256)), (LDR, mmm.LDRConfig(rank=2, block_size=64), (128, 64))])
 @pytest.mark.parametrize("stage_rounding", [False, True])
 def test_fp16_fft_error_within_twice_pytorch_bf16_error(cls, cfg, shape, stage_rounding, monkeypatch):
@@ -867,10 +885,11 @@ def test_cuda_fft_paths_within_twice_pytorch_bf16_error(cls, cfg, shape, mode):
         s64.load_state_dict({k: v.bfloat16().double() for k, v in s64.state_dict().items()})
     s = cls(*shape, cfg, device="cuda", dtype=torch.bfloat16)
     s.load_state_dict(s64.state_dict())
-    L = s.product_length if cls is Toeplitz else s.block_size
+    x64 = torch.randn(4, 129, shape[0], dtype=f64)
+    with force_mode(mode):  # Toeplitz picks a power of two where the fp16 path takes it
+        L = s.product_length(x64[:1, :1].to("cuda", torch.bfloat16)) if cls is Toeplitz else s.block_size
     if mode == "packed16" and L & (L - 1):
         pytest.skip("fp16 FFTs take power-of-two lengths")
-    x64 = torch.randn(4, 129, shape[0], dtype=f64)
     g64 = torch.randn(4, 129, shape[1], dtype=f64)
     ref = _dense_reference(s64, x64, g64)
     torch_err = _torch_dense_error(x64, s64.to_dense().detach(), g64, torch.bfloat16, s64)

@@ -25,6 +25,7 @@ from torch import nn
 from ..configs import ToeplitzConfig
 from ..ops import kernels_enabled
 from ..ops.fft import fft_conv
+from ..ops.fft.op import pick_mode
 from ._fft import cached_spectrum, fast_len, real_fft_flops, work_dtype
 from .base import Structure, register
 
@@ -48,15 +49,20 @@ class Toeplitz(Structure):
         The only place the parameters enter the forward, so a cached spectrum can replace it."""
         return torch.fft.rfft(self.t.to(dtype), n=self.fft_size)
 
-    def window_spectrum(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[1, 1, fft_size//2 + 1]: the spectrum of t times the phase that moves the kept window
-        [in - 1, in - 1 + out) of the convolution to its start, so that y = irfft(rfft(x) K)[:out]."""
-        return _shifted_spectrum(t, self.fft_size, self.in_features - 1, dtype).reshape(1, 1, -1)
+    def window_spectrum(self, t: torch.Tensor, dtype: torch.dtype, L: int | None = None) -> torch.Tensor:
+        """[1, 1, L//2 + 1] (L: fft_size unless given, >= in + out - 1): the spectrum of t times the phase
+        that moves the kept window [in - 1, in - 1 + out) of the convolution to its start, so that
+        y = irfft(rfft(x) K)[:out]."""
+        return _shifted_spectrum(t, L or self.fft_size, self.in_features - 1, dtype).reshape(1, 1, -1)
 
-    @property
-    def product_length(self) -> int:
-        """The L of the fused path's fft_conv: 2b for a grid of blocks, else fft_size."""
-        return 2 * self.block if self.block else self.fft_size
+    def product_length(self, x: torch.Tensor) -> int:
+        """The L of the fused path's fft_conv for input x: 2b for a grid of blocks; else in + out - 1
+        rounded up to a power of two where x takes the fp16 path at that length (it moves fewer bytes
+        than any fp32 length: 2 bytes times < 2n against 4 bytes times >= n), and fft_size otherwise."""
+        if self.block:
+            return 2 * self.block
+        pow2 = 1 << (self.in_features + self.out_features - 2).bit_length()
+        return pow2 if pick_mode(x, pow2) == "packed16" else self.fft_size
 
     def block_spectra(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[out/b, in/b, b + 1]: block (i, j)'s window spectrum (module docstring), one per block
@@ -78,8 +84,9 @@ class Toeplitz(Structure):
         if self.block:
             kernel = cached_spectrum(self, f"blocks-{work}", lambda t: self.block_spectra(t, work), self.t)
             return fft_conv(x, kernel, self.block, 2 * self.block, self.block)
-        kernel = cached_spectrum(self, f"window-{work}", lambda t: self.window_spectrum(t, work), self.t)
-        return fft_conv(x, kernel, self.in_features, self.fft_size, self.out_features)
+        L = self.product_length(x)
+        kernel = cached_spectrum(self, f"window-{work}-{L}", lambda t: self.window_spectrum(t, work, L), self.t)
+        return fft_conv(x, kernel, self.in_features, L, self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The product in plain PyTorch ops, differentiated by autograd."""
