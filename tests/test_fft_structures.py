@@ -653,7 +653,7 @@ def test_fp16_gains_kernel_matches_the_torch_formula(transpose):
 
 def test_torch_compile_fullgraph_traces_the_structures():
     cases = [(Circulant, mmm.CirculantConfig(block_size=4), (8, 12)), (Toeplitz, mmm.ToeplitzConfig(), (6, 10)),
-             (LDR, mmm.LDRConfig(rank=2, block_size=4), (8, 12))]
+             (Toeplitz, mmm.ToeplitzConfig(), (16, 32)), (LDR, mmm.LDRConfig(rank=2, block_size=4), (8, 12))]
     for cls, cfg, shape in cases:
         s = cls(*shape, cfg)
         x = torch.randn(3, shape[0])
@@ -913,7 +913,7 @@ def test_cuda_fft_conv_opcheck(mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls,cfg,shape", [(Circulant, mmm.CirculantConfig(), (1024, 1024)), (Toeplitz, mmm.ToeplitzConfig(), (1024, 1025)),
-                                           (LDR, mmm.LDRConfig(rank=4), (1024, 1024))])
+                                           (Toeplitz, mmm.ToeplitzConfig(), (1024, 2048)), (LDR, mmm.LDRConfig(rank=4), (1024, 1024))])
 def test_cuda_torch_compile_fullgraph(cls, cfg, shape):
     s = cls(*shape, cfg, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(64, shape[0], device="cuda", dtype=torch.bfloat16)
