@@ -2,7 +2,8 @@
 
 y = W x is a slice of the linear convolution t * x: y[i] = (t * x)[i + in - 1]. The convolution is
 computed as a circular one of length L >= in + out - 1 (so nothing wraps onto the entries kept),
-with L a 2,3,5-smooth size that FFT libraries transform fast: O(L log L) per row.
+with L a 2,3,5-smooth size that FFT libraries transform fast, or a power of two where the input takes
+the fp16 path (`product_length`): O(L log L) per row.
 
 Rectangular layers whose sides are multiples of a power of two b = gcd(in, out) >= 8 (FFN shapes:
 d -> 4d, 4d -> d) are instead a grid of b x b Toeplitz blocks, block (i, j) the window of 2b - 1
