@@ -41,9 +41,10 @@
 # (128, 128, 8, 2), each forced against the baseline: correctness and time, ~3 min), hylong (the
 # fused hybrid's GPU test at window 256, which faulted, under compute-sanitizer, ~2 min), fftab (the
 # circulant and Toeplitz rows of the linear bench with the FFT backward's kernel gradient in a pass of its
-# own, then in the mix's pass, ~3 min), fftnew (session 26's LDR as two fft_conv products and Toeplitz FFN shapes as
-# grids of blocks: the FFT structures' and no-sync GPU tests, then the linear bench's dense, LDR, circulant and
-# Toeplitz rows at d = 16384, then every row of d = 4096 -> 16384, ~7 min). Bench files land
+# own, then in the mix's pass, ~3 min), ffttests and fftbench (session 26's LDR as two fft_conv products and
+# Toeplitz FFN shapes as grids of blocks: the FFT structures' and no-sync GPU tests, ~3 min; then the linear
+# bench's dense, LDR, circulant and Toeplitz rows at d = 16384 and every row of d = 4096 -> 16384, ~5 min).
+# Bench files land
 # as bench_<phase>.{md,json,png}.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_single}
@@ -107,9 +108,9 @@ for phase in "$@"; do
     linear) bench linear 150 linear.square.d16384 ;;
     fftab) for f in 0 1; do  # the FFT backward's kernel gradient in its own pass (0), then in the mix's (1)
         MMM_FFT_FUSED_GRAD=$f bench "fftab_$f" 100 linear.square.d16384 "circulant*" "toeplitz*"; done ;;
-    fftnew) step fftnewtests 200 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_fft_structures.py \
-        tests/test_no_host_sync.py -k "not attention"
-      bench fftnew_square 150 linear.square.d16384 "dense nn.Linear*" "ldr*" "circulant*" "toeplitz*"
+    ffttests) step ffttests 200 python -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_fft_structures.py \
+        tests/test_no_host_sync.py -k "not attention" ;;
+    fftbench) bench fftnew_square 150 linear.square.d16384 "dense nn.Linear*" "ldr*" "circulant*" "toeplitz*"
       bench fftnew_up4x 180 linear.up4x.d4096 ;;  # every structure: no FFN-shaped case has run on a GPU yet
     host) step host 90 python scripts/gpu_host_profile.py ;;
     launch) step launch 40 python scripts/gpu_launch_paths.py
