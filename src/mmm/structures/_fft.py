@@ -37,11 +37,6 @@ def real_fft_flops(n: int) -> float:
     return 2.5 * n * math.log2(n) if n > 1 else 0.0
 
 
-def complex_fft_flops(n: int) -> float:
-    """Real flops of one complex FFT (or inverse) of length n: the usual ~5 n log2 n."""
-    return 5.0 * n * math.log2(n) if n > 1 else 0.0
-
-
 def blocks_of(weight: torch.Tensor, block: int) -> torch.Tensor:
     """[out, in] -> [out/block, in/block, block, block], block (i, j) = weight[i*b:(i+1)*b, j*b:(j+1)*b]."""
     out_features, in_features = weight.shape

@@ -176,9 +176,9 @@ class LDR(Structure):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The product in one piece in plain PyTorch ops, differentiated by autograd: it holds
         [tokens, out/g, in/g, r, g] complex intermediates."""
+        check_last_dim("x", x, self.in_features)
         gf, hf = self.spectrum(work_dtype(x.dtype))
         lead = x.shape[:-1]
-        check_last_dim("x", x, self.in_features)
         y = _product(x.reshape(-1, self.in_features).to(gf.real.dtype), gf, hf, self.out_features)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
